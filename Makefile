@@ -1,0 +1,52 @@
+# dimkit: two commands do all the set-up.
+#   make demo   create .venv if missing, install the kit, run every numbered notebook on the sample
+#   make test   create .venv if missing and run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET ?= sample
+RUNS ?= runs
+STAMP := $(VENV)/.dimkit-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test notebooks sync-notebooks bench clean lab
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned exactly in pyproject.toml; see README "Environment".
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	TQDM_DISABLE=1 $(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+demo: $(STAMP)
+	@mkdir -p $(RUNS)/notebooks
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb (dataset=$(DATASET))"; \
+	  $(PY) -m papermill --log-output -k python3 --cwd notebooks $$nb $(RUNS)/notebooks/$$(basename $$nb) -p dataset $(DATASET); \
+	done
+	@echo "executed notebooks are in $(RUNS)/notebooks/"
+
+# Re-pair after editing a notebook's .py (or .ipynb) so the two never drift.
+sync-notebooks: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[lab]'
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf $(RUNS) .cache .pytest_cache

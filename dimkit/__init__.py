@@ -1,0 +1,11 @@
+"""dimkit: a notebook reproduction kit for DIM (Song et al., PRCV 2024, arXiv 2407.12019).
+
+The package does the work; the numbered notebooks in ``notebooks/`` tell the story:
+``00_data`` (:mod:`dimkit.datasets`, :mod:`dimkit.prepare`, :mod:`dimkit.images`,
+:mod:`dimkit.candidates`), ``01_augment``, ``02_expert_cues``, ``03_train``, ``04_tables``,
+``05_figure2``.
+"""
+__version__ = "0.1.0"
+
+from .datasets import Dataset, load  # noqa: E402,F401
+from .errors import DataError, DimkitError  # noqa: E402,F401

@@ -1,0 +1,81 @@
+"""The ``dimkit`` command line: one sub-command per stage, each a thin wrapper over the package."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DimkitError
+
+#: sub-command -> module exposing ``add_arguments(parser)`` and ``run_cli(args) -> int``.
+#: Modules are imported only when their command runs, so ``dimkit --help`` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("dimkit.prepare", "convert a released dataset into dimkit's prepared form"),
+    "candidates": ("dimkit.candidates", "build top-k fuzzy candidate lists (DIM's search_top100)"),
+    "images": ("dimkit.images", "check every image of a dataset and report unusable ones"),
+    "sample": ("dimkit.sample", "regenerate the bundled synthetic sample"),
+    "info": ("dimkit.cli", "show a prepared dataset's counts and the environment"),
+}
+
+
+def register(name: str, module: str, help: str) -> None:
+    """Add a sub-command (used by stage modules that live outside this table)."""
+    COMMANDS[name] = (module, help)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dimkit info``."""
+    parser.add_argument("dataset", nargs="?", help="dataset name (e.g. sample, rich+)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``dimkit info``: environment and, if named, a dataset's counts."""
+    from .env import environment_info
+    for k, v in environment_info().items():
+        print(f"{k:>14}: {v}")
+    if args.dataset:
+        from . import datasets
+        ds = datasets.load(args.dataset)
+        print(f"\n{ds.name} ({ds.root})")
+        for k, v in ds.counts().items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimkit", description="DIM reproduction kit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(_module=module)
+        p.set_defaults(_configure=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # First pass finds the command; its module then adds its own arguments.
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help") and not argv[0].startswith("-"):
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module_name, help = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"dimkit {name}", description=help)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run_cli(args) or 0)
+    except DimkitError as exc:
+        print(f"dimkit {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dimkit {name}: interrupted; what was stored so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The one prepared form of every dataset, and how to load it (notebook ``00_data``).
+
+A prepared dataset is a folder ``$DIMKIT_DATA/<name>/`` of parquet files readable with plain pandas:
+
+- ``mentions.parquet``: ``mention_id``, ``split`` (train/dev/test), ``sentence``, ``mention``,
+  ``image`` (path relative to the dataset folder, or null), ``qid`` (gold, null for NIL), plus
+  optional source columns (``entity_name``, ``mention_type``, ...).
+- ``entities.parquet``: ``qid``, ``name``, ``description``, ``description_source``, ``images``
+  (list of paths relative to the dataset folder), plus ``description_original`` in ``+`` datasets.
+- ``candidates.parquet`` once built: ``mention_id``, ``qids`` (ranked list).
+- ``meta.json``: source layout, source path, counts; written last, so its presence marks a
+  complete dataset.
+
+For WikiDiverse, whose release has no Wikidata ids, ``qid`` holds the entity's Wikipedia title:
+it is the KB key, whatever its form.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+import pandas as pd
+
+from . import paths
+from .errors import DataError, DimkitError
+
+SPLITS = ("train", "dev", "test")
+
+MENTION_COLUMNS = ("mention_id", "split", "sentence", "mention", "image", "qid")
+ENTITY_COLUMNS = ("qid", "name", "description", "description_source", "images")
+CANDIDATE_COLUMNS = ("mention_id", "qids")
+
+#: Names used across the kit. ``+`` marks the LLM-augmented variant of a dataset.
+KNOWN_DATASETS = (
+    "sample", "sample+",
+    "wikimel", "richpediamel", "wikidiverse",
+    "wikimel+", "richpediamel+", "wikidiverse+",
+)
+ALIASES = {
+    "wiki+": "wikimel+",
+    "rich+": "richpediamel+",
+    "diverse+": "wikidiverse+",
+    "wiki": "wikimel",
+    "rich": "richpediamel",
+    "diverse": "wikidiverse",
+    "wikimel_plus": "wikimel+",
+    "richpediamel_plus": "richpediamel+",
+    "wikidiverse_plus": "wikidiverse+",
+}
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*\+?$")
+
+
+def canonical_name(name: str) -> str:
+    """Map a dataset name or alias (``rich+``) to its canonical folder name (``richpediamel+``)."""
+    if not isinstance(name, str) or not name.strip():
+        raise DimkitError(f"dataset name must be a non-empty string, got {name!r}")
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if not _NAME_RE.match(key):
+        raise DimkitError(
+            f"invalid dataset name {name!r}: use lower-case letters, digits, '_', '-', '.', "
+            f"optionally ending in '+' (known: {', '.join(KNOWN_DATASETS)})")
+    return key
+
+
+def base_name(name: str) -> str:
+    """The original dataset of a ``+`` variant (``richpediamel+`` -> ``richpediamel``)."""
+    key = canonical_name(name)
+    return key[:-1] if key.endswith("+") else key
+
+
+def is_augmented(name: str) -> bool:
+    """True for the LLM-augmented ``+`` datasets."""
+    return canonical_name(name).endswith("+")
+
+
+def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
+    """Folder of the prepared dataset ``name``."""
+    root = Path(data_dir) if data_dir is not None else paths.data_dir()
+    return root / canonical_name(name)
+
+
+def check_relative_path(value: str, *, file: str | Path, record: object, field: str) -> str:
+    """Validate a dataset-relative path: no absolute paths, no '..' escaping the dataset root."""
+    if not isinstance(value, str) or not value:
+        raise DataError("expected a non-empty relative path", file=file, record=record, field=field)
+    p = PurePosixPath(value.replace("\\", "/"))
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", value):
+        raise DataError(f"image path {value!r} is absolute; it must stay inside the dataset root",
+                        file=file, record=record, field=field)
+    depth = 0
+    for part in p.parts:
+        if part == "..":
+            depth -= 1
+        elif part not in (".", ""):
+            depth += 1
+        if depth < 0:
+            raise DataError(f"image path {value!r} escapes the dataset root",
+                            file=file, record=record, field=field)
+    return str(p)
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset: mentions, entities (the KB), optional candidates and meta."""
+
+    name: str
+    root: Path
+    mentions: pd.DataFrame
+    entities: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+    _candidates: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def candidates(self) -> pd.DataFrame | None:
+        """Ranked candidate lists (``mention_id``, ``qids``), or None if not built yet."""
+        if self._candidates is None:
+            p = self.root / "candidates.parquet"
+            if p.exists():
+                self._candidates = pd.read_parquet(p)
+        return self._candidates
+
+    def split(self, split: str) -> pd.DataFrame:
+        """Mentions of one split."""
+        if split not in SPLITS:
+            raise DimkitError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.mentions[self.mentions["split"] == split].reset_index(drop=True)
+
+    def image_path(self, rel: str | None) -> Path | None:
+        """Absolute path of a dataset-relative image path (None stays None)."""
+        if rel is None or (isinstance(rel, float) and rel != rel):
+            return None
+        return self.root / rel
+
+    def counts(self) -> dict:
+        """Mentions per split, entities, mentions with an image, NIL mentions."""
+        m = self.mentions
+        out = {f"mentions_{s}": int((m["split"] == s).sum()) for s in SPLITS}
+        out["mentions"] = int(len(m))
+        out["entities"] = int(len(self.entities))
+        out["mentions_with_image"] = int(m["image"].notna().sum())
+        out["nil_mentions"] = int(m["qid"].isna().sum())
+        return out
+
+    @property
+    def entity_index(self) -> dict[str, int]:
+        """qid -> row of ``entities``."""
+        return {q: i for i, q in enumerate(self.entities["qid"].tolist())}
+
+
+def load(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load the prepared dataset ``name`` (the bundled ``sample`` is prepared on first use)."""
+    key = canonical_name(name)
+    root = dataset_dir(key, data_dir)
+    if not (root / "meta.json").exists():
+        if key == "sample":
+            from .prepare import prepare
+            prepare(paths.sample_source_dir(), name="sample", data_dir=data_dir)
+        else:
+            hint = ""
+            if key.endswith("+"):
+                hint = (f" Build it with `dimkit augment {key[:-1]} --out {key}` "
+                        "or prepare a released '+' dataset with `dimkit prepare SRC --name NAME`.")
+            else:
+                hint = f" Prepare it first: `dimkit prepare SRC --name {key}`."
+            raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
+    meta = json.loads((root / "meta.json").read_text())
+    mentions = pd.read_parquet(root / "mentions.parquet")
+    entities = pd.read_parquet(root / "entities.parquet")
+    return Dataset(name=key, root=root, mentions=mentions, entities=entities, meta=meta)
+
+
+def validate(mentions: pd.DataFrame, entities: pd.DataFrame, *, source: str | Path = "<dataset>",
+             candidates: pd.DataFrame | None = None) -> None:
+    """Check the prepared form; raise DataError naming the table, record and field."""
+    mfile = f"{source}: mentions"
+    efile = f"{source}: entities"
+    for col in MENTION_COLUMNS:
+        if col not in mentions.columns:
+            raise DataError("missing column", file=mfile, field=col)
+    for col in ENTITY_COLUMNS:
+        if col not in entities.columns:
+            raise DataError("missing column", file=efile, field=col)
+    dup = entities["qid"][entities["qid"].duplicated()]
+    if len(dup):
+        raise DataError("duplicate entity id", file=efile, record=dup.iloc[0], field="qid")
+    if entities["qid"].isna().any():
+        raise DataError("entity without id", file=efile, record=int(entities["qid"].isna().idxmax()),
+                        field="qid")
+    dup = mentions["mention_id"][mentions["mention_id"].duplicated()]
+    if len(dup):
+        raise DataError("duplicate mention id", file=mfile, record=dup.iloc[0], field="mention_id")
+    bad = ~mentions["split"].isin(SPLITS)
+    if bad.any():
+        row = mentions[bad].iloc[0]
+        raise DataError(f"split {row['split']!r} is not one of {SPLITS}", file=mfile,
+                        record=row["mention_id"], field="split")
+    kb = set(entities["qid"].tolist())
+    missing = mentions["qid"].notna() & ~mentions["qid"].isin(kb)
+    if missing.any():
+        row = mentions[missing].iloc[0]
+        raise DataError(f"answer {row['qid']!r} is not in the knowledge base "
+                        f"({int(missing.sum())} such mention(s))", file=mfile,
+                        record=row["mention_id"], field="qid")
+    for col in ("sentence", "mention"):
+        empty = mentions[col].isna()
+        if empty.any():
+            raise DataError("missing value", file=mfile,
+                            record=mentions.loc[empty.idxmax(), "mention_id"], field=col)
+    for mid, img in zip(mentions["mention_id"], mentions["image"]):
+        if img is not None and img == img:
+            check_relative_path(img, file=mfile, record=mid, field="image")
+    if candidates is not None:
+        known = set(mentions["mention_id"].tolist())
+        unknown = ~candidates["mention_id"].isin(known)
+        if unknown.any():
+            raise DataError("candidate list for an unknown mention", file=f"{source}: candidates",
+                            record=candidates.loc[unknown.idxmax(), "mention_id"], field="mention_id")
+
+
+def _normalise(mentions: pd.DataFrame, entities: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    mentions = mentions.copy()
+    entities = entities.copy()
+    for col in ("mention_id", "split", "sentence", "mention"):
+        mentions[col] = mentions[col].astype(str)
+    for col in ("image", "qid"):
+        mentions[col] = mentions[col].astype(object).where(mentions[col].notna(), None)
+    entities["qid"] = entities["qid"].astype(str)
+    entities["name"] = entities["name"].astype(str)
+    entities["description"] = entities["description"].astype(object).where(
+        entities["description"].notna(), None)
+    entities["images"] = [list(x) if x is not None and not (isinstance(x, float)) else []
+                          for x in entities["images"]]
+    return mentions.reset_index(drop=True), entities.reset_index(drop=True)
+
+
+def write_candidates(root: Path, candidates: pd.DataFrame) -> Path:
+    """Write ``candidates.parquet`` atomically into a prepared dataset folder."""
+    candidates = candidates[list(CANDIDATE_COLUMNS)].copy()
+    candidates["qids"] = [list(map(str, q)) for q in candidates["qids"]]
+    target = Path(root) / "candidates.parquet"
+    atomic_write_parquet(candidates, target)
+    return target
+
+
+def atomic_write_parquet(df: pd.DataFrame, target: Path) -> None:
+    """Write a parquet file through a temporary file and a rename: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, target: Path) -> None:
+    """Write a text file through a temporary file and a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_prepared(root: str | Path, mentions: pd.DataFrame, entities: pd.DataFrame, meta: dict,
+                   candidates: pd.DataFrame | None = None, *, source: str | Path = "<dataset>",
+                   extra_files: Iterable[tuple[str, str]] = ()) -> Path:
+    """Validate and write a prepared dataset; on any failure nothing new is left behind.
+
+    Files are staged in a hidden folder inside ``root`` and moved in at the end; ``meta.json``
+    goes last, so a dataset without it is incomplete and :func:`load` refuses it.
+    """
+    root = Path(root)
+    mentions, entities = _normalise(mentions, entities)
+    validate(mentions, entities, source=source, candidates=candidates)
+    meta = dict(meta)
+    meta.setdefault("counts", {})
+    counts = {f"mentions_{s}": int((mentions["split"] == s).sum()) for s in SPLITS}
+    counts.update(mentions=int(len(mentions)), entities=int(len(entities)),
+                  mentions_with_image=int(mentions["image"].notna().sum()),
+                  nil_mentions=int(mentions["qid"].isna().sum()))
+    meta["counts"].update(counts)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        mentions.to_parquet(stage / "mentions.parquet", index=False)
+        entities.to_parquet(stage / "entities.parquet", index=False)
+        names = ["mentions.parquet", "entities.parquet"]
+        if candidates is not None:
+            c = candidates[list(CANDIDATE_COLUMNS)].copy()
+            c["qids"] = [list(map(str, q)) for q in c["qids"]]
+            c.to_parquet(stage / "candidates.parquet", index=False)
+            names.append("candidates.parquet")
+        for fname, text in extra_files:
+            (stage / fname).write_text(text)
+            names.append(fname)
+        (stage / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        # An older meta.json must not vouch for a mixture of old and new files while we move them.
+        (root / "meta.json").unlink(missing_ok=True)
+        if candidates is None:
+            (root / "candidates.parquet").unlink(missing_ok=True)
+        for fname in names:
+            os.replace(stage / fname, root / fname)
+        os.replace(stage / "meta.json", root / "meta.json")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return root

@@ -1,0 +1,54 @@
+"""Stamp the environment: the first cell of every notebook prints this."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception as exc:  # an optional library that fails to import is reported, not raised
+        return f"not importable ({type(exc).__name__})"
+
+
+def pick_device(preference: str = "auto") -> str:
+    """'cuda' if available, else 'mps', else 'cpu' (or the explicit preference)."""
+    if preference != "auto":
+        return preference
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def environment_info(feature_model: str | None = None, weights_real: bool | None = None) -> dict:
+    """Versions of python, torch, transformers, open_clip, the device and the feature model."""
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(terse=True),
+        "dimkit": _version("dimkit"),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "open_clip": _version("open_clip"),
+        "pandas": _version("pandas"),
+        "device": pick_device(),
+        "hf_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
+    }
+    if feature_model is not None:
+        info["feature_model"] = feature_model
+        if weights_real is not None:
+            info["weights"] = ("pretrained" if weights_real
+                               else "NOT pretrained (random or sample-trained): numbers are not comparable to the paper")
+    return info
+
+
+def print_environment(feature_model: str | None = None, weights_real: bool | None = None) -> None:
+    """Print :func:`environment_info` as aligned lines."""
+    for k, v in environment_info(feature_model, weights_real).items():
+        print(f"{k:>14}: {v}")

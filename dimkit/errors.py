@@ -1,0 +1,31 @@
+"""Errors dimkit raises on purpose: each names the file, the record and the field at fault."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DimkitError(Exception):
+    """An error the user can act on; the CLI prints its message and exits non-zero."""
+
+
+class DataError(DimkitError):
+    """Bad input data: the message says which file, which record and which field."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None, record: object = None,
+                 field: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.record = record
+        self.field = field
+        self.reason = message
+        where = []
+        if self.file is not None:
+            where.append(self.file)
+        if record is not None:
+            where.append(f"record {record!r}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class ConfigError(DimkitError):
+    """An unknown option name or a value out of range."""

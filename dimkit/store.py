@@ -1,0 +1,221 @@
+"""A durable, resumable key-value store for every expensive step (LLM answers, expert cues, ...).
+
+Each value is stored the moment it is computed, under a key made of model id + prompt/template
+version + input content (:func:`make_key`). The store is one SQLite file in WAL mode with full
+synchronous commits: a crash or ``kill -9`` loses at most the values not yet ``put``; a committed
+value is never half-written; several processes may write to the same store at once. Values are
+JSON (no pickle). Failures are recorded beside successes, so a report can count them, but
+:meth:`Store.get` only ever returns successful values, and a failed key is retried on the next run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from . import paths
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    item TEXT NOT NULL,
+    value TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    item TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_kind ON records(kind, model, version);
+"""
+
+
+def content_hash(content: Any) -> str:
+    """SHA-256 of a JSON-serialisable value (or bytes), stable across runs and machines."""
+    if isinstance(content, bytes):
+        data = content
+    else:
+        data = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_key(kind: str, model: str, version: str, content: Any) -> str:
+    """The store key of one expensive computation: kind, model id, prompt version and input."""
+    return content_hash({"kind": kind, "model": model, "version": version, "content": content})
+
+
+def default_store_path(name: str) -> Path:
+    """``$DIMKIT_CACHE/<name>.sqlite``."""
+    return paths.cache_dir() / f"{name}.sqlite"
+
+
+class Store:
+    """SQLite-backed store of JSON values; safe for threads and for several processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        with self._conn() as con:
+            con.executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
+                                  check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=60000")
+            self._local.con = con
+        return con
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------
+    def get(self, key: str) -> Any | None:
+        """The stored value of ``key``, or None if absent (failures are never returned)."""
+        row = self._conn().execute("SELECT value FROM records WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def __contains__(self, key: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM records WHERE key=?", (key,)).fetchone() is not None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Stored values of the given keys (absent keys are left out)."""
+        keys = list(dict.fromkeys(keys))
+        out: dict[str, Any] = {}
+        con = self._conn()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            q = f"SELECT key, value FROM records WHERE key IN ({','.join('?' * len(chunk))})"
+            for k, v in con.execute(q, chunk):
+                out[k] = json.loads(v)
+        return out
+
+    def failures(self, kind: str | None = None) -> list[dict]:
+        """Recorded failures whose key has no successful value yet."""
+        q = ("SELECT f.key, f.kind, f.model, f.version, f.item, f.reason, f.detail, f.attempts "
+             "FROM failures f LEFT JOIN records r ON r.key = f.key WHERE r.key IS NULL")
+        args: tuple = ()
+        if kind is not None:
+            q += " AND f.kind=?"
+            args = (kind,)
+        cols = ("key", "kind", "model", "version", "item", "reason", "detail", "attempts")
+        return [dict(zip(cols, row)) for row in self._conn().execute(q, args)]
+
+    def items(self, kind: str | None = None) -> Iterator[dict]:
+        """Every successful record, as dicts with key, kind, model, version, item and value."""
+        q = "SELECT key, kind, model, version, item, value, created FROM records"
+        args: tuple = ()
+        if kind is not None:
+            q += " WHERE kind=?"
+            args = (kind,)
+        q += " ORDER BY kind, model, version, item"
+        for key, k, model, version, item, value, created in self._conn().execute(q, args):
+            yield {"key": key, "kind": k, "model": model, "version": version, "item": item,
+                   "value": json.loads(value), "created": created}
+
+    def count(self, kind: str | None = None) -> int:
+        """Number of successful records (of one kind)."""
+        if kind is None:
+            return self._conn().execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        return self._conn().execute("SELECT COUNT(*) FROM records WHERE kind=?", (kind,)).fetchone()[0]
+
+    # -- writing -------------------------------------------------------------------------------
+    def put(self, key: str, value: Any, *, kind: str, model: str, version: str, item: str) -> None:
+        """Store one value durably (committed before this returns)."""
+        self.put_many([(key, value, item)], kind=kind, model=model, version=version)
+
+    def put_many(self, rows: Iterable[tuple[str, Any, str]], *, kind: str, model: str,
+                 version: str) -> int:
+        """Store several ``(key, value, item)`` rows in one transaction; returns how many."""
+        now = time.time()
+        data = [(k, kind, model, version, str(item), json.dumps(v, ensure_ascii=False), now)
+                for k, v, item in rows]
+        if not data:
+            return 0
+        con = self._conn()
+        with self._lock:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany(
+                    "INSERT OR REPLACE INTO records(key, kind, model, version, item, value, created) "
+                    "VALUES (?,?,?,?,?,?,?)", data)
+                keys = [d[0] for d in data]
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i:i + 500]
+                    con.execute(f"DELETE FROM failures WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return len(data)
+
+    def put_failure(self, key: str, *, kind: str, model: str, version: str, item: str, reason: str,
+                    detail: str | None = None) -> None:
+        """Record that computing ``key`` failed (reason is a short category, detail free text)."""
+        con = self._conn()
+        with self._lock:
+            con.execute(
+                "INSERT INTO failures(key, kind, model, version, item, reason, detail, attempts, updated) "
+                "VALUES (?,?,?,?,?,?,?,1,?) ON CONFLICT(key) DO UPDATE SET reason=excluded.reason, "
+                "detail=excluded.detail, attempts=failures.attempts+1, updated=excluded.updated",
+                (key, kind, model, version, str(item), reason, detail, time.time()))
+
+    # -- exchange ------------------------------------------------------------------------------
+    def export_jsonl(self, path: str | Path, kind: str | None = None) -> int:
+        """Write successful records as JSON lines (sorted, so the file diffs cleanly)."""
+        n = 0
+        path = Path(path)
+        with open(path, "w", encoding="utf-8") as fh:
+            for rec in self.items(kind):
+                rec = {k: rec[k] for k in ("key", "kind", "model", "version", "item", "value")}
+                fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+                n += 1
+        return n
+
+    def import_jsonl(self, path: str | Path) -> int:
+        """Load records written by :meth:`export_jsonl` (existing keys are overwritten)."""
+        groups: dict[tuple[str, str, str], list[tuple[str, Any, str]]] = {}
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    groups.setdefault((rec["kind"], rec["model"], rec["version"]), []).append(
+                        (rec["key"], rec["value"], rec["item"]))
+                except (json.JSONDecodeError, KeyError) as exc:
+                    from .errors import DataError
+                    raise DataError(f"not a store record: {exc}", file=path, record=f"line {lineno}")
+        n = 0
+        for (kind, model, version), rows in groups.items():
+            n += self.put_many(rows, kind=kind, model=model, version=version)
+        return n

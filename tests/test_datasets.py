@@ -1,0 +1,107 @@
+"""The prepared form: names, validation, atomic writes."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from dimkit import datasets
+from dimkit.errors import DataError, DimkitError
+
+
+def _tables():
+    mentions = pd.DataFrame({
+        "mention_id": ["m1", "m2", "m3"],
+        "split": ["train", "dev", "test"],
+        "sentence": ["Jordan scored.", "Jordan flows.", "Who is Jordan?"],
+        "mention": ["Jordan", "Jordan", "Jordan"],
+        "image": ["img/1.png", None, "img/3.png"],
+        "qid": ["Q1", "Q2", None],
+    })
+    entities = pd.DataFrame({
+        "qid": ["Q1", "Q2"],
+        "name": ["Jordan", "Jordan"],
+        "description": ["a player", None],
+        "description_source": ["wikipedia", "none"],
+        "images": [["kb/1.png"], []],
+    })
+    return mentions, entities
+
+
+@pytest.mark.parametrize("alias,canonical", [
+    ("rich+", "richpediamel+"), ("wiki+", "wikimel+"), ("diverse+", "wikidiverse+"),
+    ("Sample", "sample"), ("sample+", "sample+"), ("wikimel", "wikimel"),
+])
+def test_canonical_names(alias, canonical):
+    assert datasets.canonical_name(alias) == canonical
+
+
+def test_bad_name_is_refused():
+    with pytest.raises(DimkitError, match="invalid dataset name"):
+        datasets.canonical_name("../etc")
+    assert datasets.base_name("rich+") == "richpediamel"
+    assert datasets.is_augmented("diverse+") and not datasets.is_augmented("wikidiverse")
+
+
+def test_write_and_load_roundtrip(kit_dirs):
+    mentions, entities = _tables()
+    cands = pd.DataFrame({"mention_id": ["m1"], "qids": [["Q1", "Q2"]]})
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities,
+                                   {"layout": "test"}, cands)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "candidates.parquet", "entities.parquet", "mentions.parquet", "meta.json"]
+    ds = datasets.load("toy")
+    assert ds.counts() == {"mentions_train": 1, "mentions_dev": 1, "mentions_test": 1,
+                           "mentions": 3, "entities": 2, "mentions_with_image": 2, "nil_mentions": 1}
+    assert list(ds.candidates["qids"][0]) == ["Q1", "Q2"]
+    assert ds.split("dev")["mention_id"].tolist() == ["m2"]
+    assert ds.image_path(None) is None and ds.image_path("img/1.png") == root / "img/1.png"
+    assert json.loads((root / "meta.json").read_text())["counts"]["entities"] == 2
+    # plain pandas reads the prepared form
+    assert pd.read_parquet(root / "entities.parquet")["images"].map(len).tolist() == [1, 0]
+
+
+def test_unknown_dataset_says_how_to_prepare(kit_dirs):
+    with pytest.raises(DimkitError, match="dimkit prepare"):
+        datasets.load("wikimel")
+    with pytest.raises(DimkitError, match="dimkit augment"):
+        datasets.load("rich+")
+
+
+@pytest.mark.parametrize("mutate,field,record", [
+    (lambda m, e: m.__setitem__("qid", ["Q1", "Q9", None]), "qid", "m2"),
+    (lambda m, e: m.__setitem__("mention_id", ["m1", "m1", "m3"]), "mention_id", "m1"),
+    (lambda m, e: e.__setitem__("qid", ["Q1", "Q1"]), "qid", "Q1"),
+    (lambda m, e: m.__setitem__("image", ["../../etc/passwd", None, None]), "image", "m1"),
+    (lambda m, e: m.__setitem__("image", ["/abs/x.png", None, None]), "image", "m1"),
+    (lambda m, e: m.__setitem__("split", ["train", "valid", "test"]), "split", "m2"),
+])
+def test_validation_names_record_and_field(kit_dirs, mutate, field, record):
+    mentions, entities = _tables()
+    mutate(mentions, entities)
+    target = datasets.dataset_dir("bad")
+    with pytest.raises(DataError) as err:
+        datasets.write_prepared(target, mentions, entities, {})
+    assert err.value.field == field and err.value.record == record
+    assert field in str(err.value) and str(record) in str(err.value)
+    assert not target.exists(), "nothing half-written is left behind"
+
+
+def test_failed_rewrite_keeps_previous_good_output(kit_dirs):
+    mentions, entities = _tables()
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"v": 1})
+    bad = mentions.copy()
+    bad["qid"] = ["Q1", "Q404", None]
+    with pytest.raises(DataError):
+        datasets.write_prepared(root, bad, entities, {"v": 2})
+    assert json.loads((root / "meta.json").read_text())["v"] == 1
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert datasets.load("toy").mentions["qid"].tolist()[:2] == ["Q1", "Q2"]
+
+
+def test_paths_follow_environment(kit_dirs):
+    from dimkit import paths
+    assert paths.data_dir() == kit_dirs["data"]
+    assert paths.cache_dir() == kit_dirs["cache"]
+    assert paths.runs_dir() == kit_dirs["runs"]
