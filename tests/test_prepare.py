@@ -1,0 +1,511 @@
+"""dimkit.prepare: every reader on fixtures built like the released files, and every bad input."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fixtures_prepare as fx
+from dimkit import cli, datasets, paths
+from dimkit.errors import DataError, DimkitError
+from dimkit.prepare import detect_layout, prepare, seeded_split
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    monkeypatch.setenv("DIMKIT_DATA", str(out))
+    return out
+
+
+def _resolve(ds: datasets.Dataset, rel) -> Path | None:
+    return ds.image_path(rel)
+
+
+def _present(value) -> bool:
+    return isinstance(value, str)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout detection
+
+
+def test_detect_layout_of_each_source(tmp_path):
+    root = fx.build_dim_wiki(tmp_path / "dim")
+    assert detect_layout(root) == ("dim", "wikipedia")
+    assert detect_layout(root / "wikipedia") == ("dim", "wikipedia")
+    fx.build_dim_rich(root)
+    assert detect_layout(root) == ("dim", None)  # two subsets: the caller must choose
+    assert detect_layout(root / "richpedia") == ("dim", "richpedia")
+    assert detect_layout(fx.build_mimic(tmp_path / "mimic")) == ("mimic", "RichpediaMEL")
+    assert detect_layout(fx.build_melbench_wikidata(tmp_path / "mb")) == ("melbench", "Wikidata-MEL")
+    assert detect_layout(fx.build_melbench_richpedia(tmp_path / "mb")) == ("melbench", "Richpedia-MEL")
+    # a dataset folder with an unfamiliar name is told apart by its records
+    diverse = fx.build_dim_diverse(tmp_path / "d")
+    os.rename(diverse / "wikidiverse", diverse / "mydiverse")
+    assert detect_layout(diverse / "mydiverse") == ("dim", "wikidiverse")
+    with pytest.raises(DataError, match="cannot tell the layout"):
+        detect_layout(tmp_path / "mb" / "..")
+    with pytest.raises(DataError, match="source not found"):
+        detect_layout(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# DIM release layout
+
+
+def test_dim_wikimel(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wikimel")
+    assert root == data_dir / "wikimel"
+    ds = datasets.load("wikimel")
+    m = ds.mentions
+    assert list(m.columns[:6]) == list(datasets.MENTION_COLUMNS)
+    assert ds.counts()["mentions_train"] == 6 and ds.counts()["mentions_dev"] == 2
+    assert ds.counts()["mentions_test"] == 3
+    row = m.set_index("mention_id").loc["train-10"]
+    assert row["split"] == "train" and row["mention"] == "Ada Lovelace" and row["qid"] == "Q1001"
+    assert row["entity_name"] == "Ada Lovelace"
+    # the 'c' glitch is remapped as DIM's dataset.py does, and recorded
+    assert m.set_index("mention_id").loc["train-14", "qid"] == "Q5729149"
+    assert ds.meta["reader"]["answer_glitches_remapped"] == 1
+    assert any("Q5729149" in n for n in ds.meta["notes"])
+    # images: relative, through the images/ link, resolvable; the absent one is counted
+    assert row["image"] == "images/wikipedia/10.jpg"
+    assert (root / "images").is_symlink()
+    assert _resolve(ds, row["image"]).is_file()
+    assert ds.meta["images_missing"] == 1
+    assert not _resolve(ds, m.set_index("mention_id").loc["test-32", "image"]).exists()
+    # entities: KB = qids_ordered.json; names from ne2qid; brief text after "[SEP]. "; "None" -> None
+    e = ds.entities.set_index("qid")
+    assert list(ds.entities["qid"]) == sorted(fx.WIKI_ENTITIES)
+    assert e.loc["Q1002", "name"] == "Alan Turing"
+    assert e.loc["Q1002", "description"] == "English computer scientist."
+    assert e.loc["Q1004", "description"] is None or pd.isna(e.loc["Q1004", "description"])
+    assert e.loc["Q1002", "description_source"] == "wikipedia (released)"
+    assert e.loc["Q1004", "description_source"] == "none"
+    assert list(e.loc["Q1001", "images"]) == []
+    # candidates from search_top100.json, one list per mention, unknown qids dropped and counted
+    c = ds.candidates.set_index("mention_id")
+    assert len(c) == len(m)
+    assert list(c.loc["dev-20", "qids"]) == ["Q1002", "Q1001", "Q1003"]
+    assert ds.meta["candidates"]["source"] == "release"
+    assert ds.meta["candidates"]["unknown_qids_dropped"] == 1
+    # meta
+    assert ds.meta["layout"] == "dim" and ds.meta["subset"] == "wikipedia"
+    assert ds.meta["dataset"] == "wikimel" and ds.meta["seed"] == 114514
+    assert ds.meta["source"] == str(src)
+
+
+def test_dim_dataset_folder_as_source_finds_imgdata_beside_it(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim") / "wikipedia"
+    ds = datasets.load(prepare(src, "w").name)
+    assert ds.meta["images"]["root"] == str((tmp_path / "dim" / "ImgData").resolve())
+    assert ds.image_path(ds.mentions["image"].iloc[0]).is_file()
+
+
+def test_dim_wiki_plus_has_llm_and_original_descriptions(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim", llm=True)
+    root = prepare(src, "wiki+")
+    assert root.name == "wikimel+"
+    ds = datasets.load("wiki+")
+    e = ds.entities.set_index("qid")
+    assert e.loc["Q1001", "description"] == "LLM: Ada Lovelace is notable."
+    assert e.loc["Q1001", "description_source"] == "llm (released)"
+    assert e.loc["Q1001", "description_original"] == "English mathematician and writer."
+    assert ds.meta["description_source"] == "llm (released)"
+
+
+def test_dim_plus_without_brief_is_an_error(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    (src / "wikipedia" / "brief.json").unlink()
+    with pytest.raises(DataError, match="brief.json") as err:
+        prepare(src, "wikimel+")
+    assert err.value.file.endswith("brief.json")
+    # without '+', brief.json is optional (descriptions then absent, noted)
+    ds = datasets.load(prepare(src, "wikimel").name)
+    assert ds.entities["description"].isna().all()
+
+
+def test_dim_richpedia_carves_dev_and_keeps_all_jpgs(tmp_path, data_dir):
+    src = fx.build_dim_rich(tmp_path / "dim")
+    fx.build_dim_wiki(src)  # a data root holding two subsets: the name picks one
+    ds = datasets.load(prepare(src, "richpediamel").name)
+    assert ds.meta["subset"] == "richpedia"
+    counts = ds.counts()
+    assert (counts["mentions_train"], counts["mentions_dev"], counts["mentions_test"]) == (9, 1, 2)
+    assert ds.meta["reader"]["dev_carved_from_train"] == 1
+    assert any("no dev.json" in n for n in ds.meta["notes"])
+    dev_ids = ds.split("dev")["mention_id"].tolist()
+    assert all(i.startswith("train-") for i in dev_ids)  # ids do not depend on the seed
+    m = ds.mentions.set_index("mention_id")
+    # only .jpg kept (case-insensitive, as prepare_richpedia.py), image = the first one
+    assert list(m.loc["train-Q201", "images"]) == ["images/richpedia/images/Q201_1.jpg",
+                                                   "images/richpedia/images/Q201_2.JPG"]
+    assert m.loc["train-Q201", "image"] == "images/richpedia/images/Q201_1.jpg"
+    assert ds.image_path(m.loc["train-Q201", "image"]).is_file()
+    assert not _present(m.loc["train-Q200", "image"]) and list(m.loc["train-Q200", "images"]) == []
+    assert ds.meta["reader"]["non_jpg_images_dropped"] == 11
+    assert ds.meta["images_missing"] == 0
+    # the carve is deterministic and follows the seed
+    again = datasets.load(prepare(src, "rich2", subset="rich").name)
+    assert again.split("dev")["mention_id"].tolist() == dev_ids
+    other = [datasets.load(prepare(src, f"rich-s{s}", subset="richpedia", seed=s).name)
+             .split("dev")["mention_id"].tolist() for s in (1, 2)]
+    assert any(o != dev_ids for o in other)
+
+
+def test_dim_root_with_several_subsets_needs_a_choice(tmp_path, data_dir):
+    src = fx.build_dim_rich(tmp_path / "dim")
+    fx.build_dim_wiki(src)
+    with pytest.raises(DimkitError, match="--subset"):
+        prepare(src, "mydata")
+    with pytest.raises(DimkitError, match="unknown subset"):
+        prepare(src, "mydata", subset="wikidiverse")
+    assert datasets.load(prepare(src, "mydata", subset="WIKIMEL").name).meta["subset"] == "wikipedia"
+
+
+def test_dim_wikidiverse(tmp_path, data_dir):
+    src = fx.build_dim_diverse(tmp_path / "dim")
+    ds = datasets.load(prepare(src, "diverse").name)
+    assert ds.name == "wikidiverse" and ds.meta["subset"] == "wikidiverse"
+    m = ds.mentions.set_index("mention_id")
+    assert list(m.index) == ["train-0", "train-1", "train-2", "dev-0", "test-0", "test-1"]
+    assert any("valid.json" in n for n in ds.meta["notes"])
+    assert m.loc["train-0", "qid"] == "Barack Obama"  # the KB key is the title
+    assert m.loc["train-0", "mention_type"] == "Person" and m.loc["dev-0", "topic"] == "politics"
+    assert m.loc["train-1", "image"] == "images/wikidiverse/c3d4.png"
+    assert not _present(m.loc["train-2", "image"])
+    e = ds.entities.set_index("qid")
+    assert set(e.index) == set(fx.DIVERSE_ENTITIES)
+    assert e.loc["Chicago", "name"] == "Chicago"
+    assert e.loc["Chicago", "description"] == "City in Illinois."
+    c = ds.candidates.set_index("mention_id")
+    # keyed by the gold entity (label leakage): both "Obama" mentions get Barack Obama's list
+    assert list(c.loc["train-0", "qids"]) == ["Michelle Obama", "Chicago", "Chicago Bulls"]
+    assert list(c.loc["test-0", "qids"]) == list(c.loc["train-0", "qids"])
+    assert "leakage" in ds.meta["candidates"]["note"]
+    assert ds.meta["candidates"]["unknown_qids_dropped"] == 1
+
+
+def test_dim_wikidiverse_plus(tmp_path, data_dir):
+    src = fx.build_dim_diverse(tmp_path / "dim", llm=True)
+    ds = datasets.load(prepare(src, "diverse+").name)
+    e = ds.entities.set_index("qid")
+    assert e.loc["Chicago", "description"] == "LLM text on Chicago."
+    assert e.loc["Chicago", "description_original"] == "City in Illinois."
+    assert e.loc["Chicago", "description_source"] == "llm (released)"
+
+
+# ---------------------------------------------------------------------------------------------
+# MIMIC and MELBench
+
+
+def test_mimic_richpediamel_with_the_mention_images_trap(tmp_path, data_dir):
+    src = fx.build_mimic(tmp_path / "RichpediaMEL")
+    ds = datasets.load(prepare(src, "mimic-rich").name)
+    assert ds.meta["layout"] == "mimic" and ds.meta["subset"] == "RichpediaMEL"
+    assert ds.meta["dataset"] == "richpediamel"
+    assert ds.meta["reader"]["mention_image_folder"] == "mention_images"
+    assert any("MIMIC issue #2" in n for n in ds.meta["notes"])
+    assert ds.meta["reader"]["nil_skipped"] == 1
+    m = ds.mentions.set_index("mention_id")
+    assert list(m.index) == ["train-0", "train-1", "dev-0", "test-0"]  # the NIL train-2 skipped
+    assert m.loc["train-1", "mention"] == "Paris Hilton"  # URL-unquoted
+    assert m.loc["train-1", "image"] == "images/mention_images/m_1.jpg"  # stem + .jpg
+    assert ds.image_path(m.loc["train-0", "image"]).is_file()
+    assert not _present(m.loc["dev-0", "image"])
+    assert ds.meta["images"]["mention_images_missing"] == 1  # m_4.jpg
+    e = ds.entities
+    assert list(e["qid"]) == ["Q501", "Q502", "Q503"]  # sorted by KB id, not file order
+    assert e.set_index("qid").loc["Q502", "name"] == "Paris Hilton"
+    assert e.set_index("qid").loc["Q503", "description"] == "city in France"
+    assert list(e.set_index("qid").loc["Q503", "images"]) == ["images/kb_image/Q503_0.jpg",
+                                                              "images/kb_image/Q503_1.jpg"]
+    assert ds.meta["images"]["entity_images_missing"] == 0
+    assert ds.candidates is None
+
+
+def test_mimic_wikimel_prefix_and_mention_image_folder(tmp_path, data_dir):
+    src = fx.build_mimic(tmp_path / "WikiMEL", prefix="WIKIMEL", mention_folder="mention_image")
+    ds = datasets.load(prepare(src, "mimic-wiki").name)
+    assert ds.meta["subset"] == "WIKIMEL" and ds.meta["dataset"] == "wikimel"
+    assert ds.mentions["image"].iloc[0] == "images/mention_image/m_0.jpg"
+    assert not any("issue #2" in n for n in ds.meta["notes"])
+
+
+def test_melbench_wikidata_split_by_sentence_and_deterministic(tmp_path, data_dir):
+    src = fx.build_melbench_wikidata(tmp_path)
+    ds = datasets.load(prepare(src, "wdmel").name)
+    m = ds.mentions
+    assert len(m) == 25  # 20 sentences, 5 of them with two mentions
+    assert m["image"].isna().all()
+    assert set(m.loc[m["mention_id"].str.startswith("1000-"), "mention"]) == {"Person 0", "Person 1"}
+    per_sentence = m.groupby(m["mention_id"].str.split("-").str[0])["split"].nunique()
+    assert (per_sentence == 1).all()
+    sentences = m.drop_duplicates("sentence")
+    assert sentences["split"].value_counts().to_dict() == {"train": 14, "dev": 2, "test": 4}
+    e = ds.entities
+    assert len(e) == 20 and e["description"].isna().all() and (e["description_source"] == "none").all()
+    assert e.set_index("qid").loc["Q7001", "name"] == "Person 1 (x)"
+    assert ds.meta["seed"] == 114514 and ds.meta["images"]["root"] is None
+    again = datasets.load(prepare(src, "wdmel2").name).mentions
+    assert again[["mention_id", "split"]].equals(m[["mention_id", "split"]])
+    other = datasets.load(prepare(src, "wdmel3", seed=7).name).mentions
+    assert not other["split"].equals(m["split"])
+
+
+def test_melbench_richpedia(tmp_path, data_dir):
+    src = fx.build_melbench_richpedia(tmp_path)
+    ds = datasets.load(prepare(src, "rpmel").name)
+    assert ds.meta["subset"] == "Richpedia-MEL" and ds.meta["dataset"] == "richpediamel"
+    assert ds.mentions["mention_id"].tolist()[:2] == ["Q8000-0", "Q8001-0"]
+    assert ds.counts()["mentions"] == 10 and ds.counts()["entities"] == 10
+    assert ds.split("train").shape[0] == 7
+    # a NIL answer is skipped and counted; the other sentences keep their split
+    _edit_json(src, lambda d: d["Q8004"].update(answer="nil"))
+    nil = datasets.load(prepare(src, "rpmel-nil").name)
+    assert nil.counts()["mentions"] == 9 and nil.meta["reader"]["nil_skipped"] == 1
+    kept = ds.mentions[ds.mentions["mention_id"] != "Q8004-0"].reset_index(drop=True)
+    assert nil.mentions["split"].tolist() == kept["split"].tolist()
+
+
+def test_seeded_split_proportions_and_independence_from_order():
+    keys = [f"k{i}" for i in range(100)]
+    a = seeded_split(keys, 3)
+    b = seeded_split(list(reversed(keys)), 3)
+    assert a == b
+    assert pd.Series(a).value_counts().to_dict() == {"train": 70, "test": 20, "dev": 10}
+
+
+# ---------------------------------------------------------------------------------------------
+# images placement
+
+
+def test_images_inside_the_output_folder_are_referenced_in_place(tmp_path, data_dir):
+    # the bundled sample's shape: data/<name>/source/ holds the release layout
+    src = fx.build_dim_wiki(data_dir / "mini" / "source")
+    ds = datasets.load(prepare(src, "mini").name)
+    assert ds.mentions["image"].iloc[0] == "source/ImgData/wikipedia/10.jpg"
+    assert not (ds.root / "images").exists()
+    assert ds.image_path(ds.mentions["image"].iloc[0]).is_file()
+    assert (src / "wikipedia" / "train.json").is_file()  # the source is untouched
+    assert ds.meta["images"]["placement"].startswith("inside")
+
+
+def test_copy_images_instead_of_linking(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wcopy", link_images=False)
+    assert (root / "images").is_dir() and not (root / "images").is_symlink()
+    assert (root / "images" / "wikipedia" / "10.jpg").is_file()
+    assert sorted(p.name for p in (root / "images" / "wikipedia").iterdir())[:2] == ["10.jpg", "11.jpg"]
+    # rerun with a link: the copy is replaced, no staging folders left
+    prepare(src, "wcopy")
+    assert (root / "images").is_symlink()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_explicit_images_root(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    moved = tmp_path / "elsewhere" / "imgs"
+    moved.parent.mkdir()
+    os.rename(src / "ImgData", moved)
+    ds = datasets.load(prepare(src, "wimg", images=moved).name)
+    assert ds.image_path(ds.mentions["image"].iloc[0]).is_file()
+    with pytest.raises(DataError, match="images folder not found"):
+        prepare(src, "wimg2", images=tmp_path / "nowhere")
+    assert not (data_dir / "wimg2").exists()
+
+
+def test_sample_source_prepares_through_load(tmp_path):
+    if not (paths.sample_source_dir() / "wikipedia" / "train.json").is_file():
+        pytest.skip("data/sample/source is not generated yet")
+    ds = datasets.load("sample", data_dir=tmp_path)
+    assert ds.counts()["mentions"] > 0 and ds.meta["layout"] == "dim"
+    assert ds.image_path(ds.mentions["image"].dropna().iloc[0]) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each names file, record and field; non-zero CLI exit; nothing left behind
+
+
+def _edit_json(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _wiki(tmp_path):
+    return fx.build_dim_wiki(tmp_path / "dim")
+
+
+def _mimic(tmp_path):
+    return fx.build_mimic(tmp_path / "mimic")
+
+
+def _append_raw_entry(path: Path, key: str, value) -> None:
+    text = path.read_text().rstrip()
+    assert text.endswith("}")
+    path.write_text(text[:-1].rstrip() + f',\n  "{key}": {json.dumps(value)}\n}}\n')
+
+
+def _replace_once(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+
+
+def _del(d, *keys):
+    for k in keys[:-1]:
+        d = d[k]
+    del d[keys[-1]]
+
+
+BAD_INPUTS = {
+    # name: (build, src subpath, mutate(src), file suffix, record, field, message fragment)
+    "missing split file": (
+        _wiki, "", lambda s: (s / "wikipedia" / "test.json").unlink(),
+        "wikipedia/test.json", None, None, "file not found"),
+    "missing kb file": (
+        _mimic, "", lambda s: (s / "kb_entity.json").unlink(),
+        "kb_entity.json", None, None, "file not found"),
+    "malformed json": (
+        _wiki, "", lambda s: (s / "wikipedia" / "dev.json").write_text('{\n  "20": {"sentence": "x",\n'),
+        "wikipedia/dev.json", None, None, "malformed JSON at line 3, column 1"),
+    "record without sentence": (
+        _wiki, "", lambda s: _edit_json(s / "wikipedia" / "train.json", lambda d: _del(d, "11", "sentence")),
+        "wikipedia/train.json", "11", "sentence", "required field is missing"),
+    "wiki record without imgPath": (
+        _wiki, "", lambda s: _edit_json(s / "wikipedia" / "test.json", lambda d: _del(d, "31", "imgPath")),
+        "wikipedia/test.json", "31", "imgPath", "required field is missing"),
+    "mimic record without answer": (
+        _mimic, "", lambda s: _edit_json(s / "RichpediaMEL_dev.json", lambda d: _del(d, 0, "answer")),
+        "RichpediaMEL_dev.json", 0, "answer", "required field is missing"),
+    "diverse record without entity": (
+        lambda t: fx.build_dim_diverse(t / "dim"), "",
+        lambda s: _edit_json(s / "wikidiverse" / "test.json", lambda d: _del(d, 1, "entity")),
+        "wikidiverse/test.json", 1, "entity", "required field is missing"),
+    "melbench record without answer": (
+        lambda t: fx.build_melbench_wikidata(t).parent, "Wikidata-MEL.json",
+        lambda s: _edit_json(s / "Wikidata-MEL.json", lambda d: _del(d, "1003", "answer")),
+        "Wikidata-MEL.json", "1003", "answer", "required field is missing"),
+    "answer not in kb": (
+        _wiki, "", lambda s: _edit_json(s / "wikipedia" / "train.json",
+                                        lambda d: d["12"].update(answer="Q4242")),
+        "wikipedia/train.json", "12", "answer", "'Q4242' is not in the knowledge base"),
+    "mimic answer not in kb": (
+        _mimic, "", lambda s: _edit_json(s / "RichpediaMEL_test.json",
+                                         lambda d: d[0].update(answer="Q999")),
+        "RichpediaMEL_test.json", 0, "answer", "'Q999' is not in the knowledge base"),
+    "diverse answer not in kb": (
+        lambda t: fx.build_dim_diverse(t / "dim"), "",
+        lambda s: _edit_json(s / "wikidiverse" / "train.json", lambda d: d[2].update(entity="Atlantis")),
+        "wikidiverse/train.json", 2, "entity", "'Atlantis' is not in the knowledge base"),
+    "duplicate qid in qids_ordered": (
+        _wiki, "", lambda s: _edit_json(s / "wikipedia" / "qids_ordered.json", lambda d: d.append("Q1001")),
+        "qids_ordered.json", "Q1001", "qid", "duplicate qid"),
+    "duplicate key in a split file": (
+        _wiki, "", lambda s: _append_raw_entry(s / "wikipedia" / "train.json", "10",
+                                               fx.wiki_records()["train"]["11"]),
+        "wikipedia/train.json", "10", "key", "duplicate key"),
+    "duplicate field in a record": (
+        _wiki, "", lambda s: _replace_once(s / "wikipedia" / "train.json", '"answer": "Q1002"',
+                                           '"answer": "Q1002", "answer": "Q1001"'),
+        "wikipedia/train.json", "11", "answer", "duplicate field"),
+    "duplicate qid in qid2id": (
+        _mimic, "", lambda s: (s / "qid2id.json").write_text('{"Q501": 0, "Q502": 1, "Q501": 2}'),
+        "qid2id.json", "Q501", "qid", "duplicate key"),
+    "duplicate id in qid2id": (
+        _mimic, "", lambda s: (s / "qid2id.json").write_text('{"Q501": 0, "Q502": 1, "Q503": 1}'),
+        "qid2id.json", "Q503", "id", "duplicate id 1"),
+    "duplicate entity id in kb_entity": (
+        _mimic, "", lambda s: _edit_json(s / "kb_entity.json", lambda d: d[0].update(id=0)),
+        "kb_entity.json", 0, "id", "duplicate entity id"),
+    "duplicate melbench id": (
+        lambda t: fx.build_melbench_richpedia(t).parent, "Richpedia-MEL.json",
+        lambda s: _edit_json(s / "Richpedia-MEL.json", lambda d: d["Q8003"].update(id="Q8001")),
+        "Richpedia-MEL.json", "Q8003", "id", "duplicate id 'Q8001'"),
+    "image path escapes the root": (
+        _wiki, "", lambda s: _edit_json(s / "wikipedia" / "train.json",
+                                        lambda d: d["13"].update(imgPath="wikipedia/../../../etc/passwd")),
+        "wikipedia/train.json", "13", "imgPath", "escapes the dataset root"),
+    "absolute image path": (
+        _wiki, "", lambda s: _edit_json(s / "wikipedia" / "dev.json",
+                                        lambda d: d["21"].update(imgPath="/etc/passwd")),
+        "wikipedia/dev.json", "21", "imgPath", "is absolute"),
+    "rich img_list escapes": (
+        lambda t: fx.build_dim_rich(t / "dim"), "",
+        lambda s: _edit_json(s / "richpedia" / "test.json",
+                             lambda d: d["Q211"].update(img_list=["../../../../secret.jpg"])),
+        "richpedia/test.json", "Q211", "img_list", "escapes the dataset root"),
+    "diverse mention_image escapes": (
+        lambda t: fx.build_dim_diverse(t / "dim"), "",
+        lambda s: _edit_json(s / "wikidiverse" / "valid.json",
+                             lambda d: d[0].update(mention_image="../../x.jpg")),
+        "wikidiverse/valid.json", 0, "mention_image", "escapes the dataset root"),
+    "kb image path absolute": (
+        _mimic, "", lambda s: _edit_json(s / "kb_entity.json",
+                                         lambda d: d[1].update(image_list=["/abs/Q502.jpg"])),
+        "kb_entity.json", 1, "image_list", "is absolute"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_named_and_leaves_nothing(case, tmp_path, data_dir, capsys):
+    build, sub, mutate, file_suffix, record, field, fragment = BAD_INPUTS[case]
+    base = build(tmp_path)
+    mutate(base)
+    src = base / sub if sub else base
+    with pytest.raises(DataError) as err:
+        prepare(src, "broken")
+    exc = err.value
+    assert exc.file is not None and exc.file.endswith(file_suffix), exc.file
+    assert exc.record == record and exc.field == field, (exc.record, exc.field)
+    assert fragment in str(exc)
+    assert not (data_dir / "broken").exists()
+    # the CLI: same message on stderr, exit status 2, still nothing written
+    capsys.readouterr()
+    rc = cli.main(["prepare", str(src), "--name", "broken"])
+    assert rc == 2
+    stderr = capsys.readouterr().err
+    assert "dimkit prepare: error:" in stderr and Path(file_suffix).name in stderr
+    if field is not None:
+        assert f"field {field!r}" in stderr
+    assert not (data_dir / "broken").exists()
+
+
+def test_failure_keeps_the_previous_good_output(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wikimel")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    link = os.readlink(root / "images")
+    _edit_json(src / "wikipedia" / "test.json", lambda d: d["30"].update(answer="Q4242"))
+    assert cli.main(["prepare", str(src), "--name", "wikimel", "--copy-images"]) == 2
+    after = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    assert after == before
+    assert os.readlink(root / "images") == link
+    assert datasets.load("wikimel").counts()["mentions"] == 11
+
+
+def test_cli_prints_a_summary(tmp_path, data_dir, capsys):
+    src = fx.build_mimic(tmp_path / "mimic")
+    rc = cli.main(["prepare", str(src), "--name", "mimic-rich", "--seed", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "prepared 'mimic-rich'" in out and str(data_dir / "mimic-rich") in out
+    assert "mentions: 4 (train 2, dev 1, test 1); entities: 3" in out
+    assert "MIMIC issue #2" in out
+    assert json.loads((data_dir / "mimic-rich" / "meta.json").read_text())["seed"] == 3
+
+
+def test_cli_layout_and_name_errors(tmp_path, data_dir, capsys):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    assert cli.main(["prepare", str(src), "--name", "x", "--layout", "melbench"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert cli.main(["prepare", str(src), "--name", "Bad Name!"]) == 2
+    assert cli.main(["prepare", str(tmp_path / "absent"), "--name", "x"]) == 2
+    assert "source not found" in capsys.readouterr().err
+    assert not (data_dir / "x").exists()
