@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 DATASET ?= sample
 RUNS ?= runs
 STAMP := $(VENV)/.dimkit-installed
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -29,12 +28,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
-	@mkdir -p $(RUNS)/notebooks
-	@set -e; for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb (dataset=$(DATASET))"; \
-	  $(PY) -m papermill --log-output -k python3 --cwd notebooks $$nb $(RUNS)/notebooks/$$(basename $$nb) -p dataset $(DATASET); \
-	done
-	@echo "executed notebooks are in $(RUNS)/notebooks/"
+	$(PY) -m dimkit.cli notebooks --dataset $(DATASET) --out $(RUNS)/notebooks
 
 # Re-pair after editing a notebook's .py (or .ipynb) so the two never drift.
 sync-notebooks: $(STAMP)

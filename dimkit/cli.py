@@ -14,7 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "candidates": ("dimkit.candidates", "build top-k fuzzy candidate lists (DIM's search_top100)"),
     "images": ("dimkit.images", "check every image of a dataset and report unusable ones"),
     "sample": ("dimkit.sample", "regenerate the bundled synthetic sample"),
+    "augment": ("dimkit.augment", "ask an LLM about every entity and write the '+' dataset (Wiki+, Rich+, Diverse+)"),
     "info": ("dimkit.cli", "show a prepared dataset's counts and the environment"),
+    "notebooks": ("dimkit.notebooks", "execute the numbered notebooks headless (make demo)"),
 }
 
 

@@ -117,6 +117,12 @@ class Dataset:
     meta: dict = field(default_factory=dict)
     _candidates: pd.DataFrame | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        c = self.counts()
+        return (f"Dataset({self.name!r}: {c['mentions']} mentions (train {c['mentions_train']}, "
+                f"dev {c['mentions_dev']}, test {c['mentions_test']}), {c['entities']} entities, "
+                f"root={str(self.root)!r})")
+
     @property
     def candidates(self) -> pd.DataFrame | None:
         """Ranked candidate lists (``mention_id``, ``qids``), or None if not built yet."""

@@ -1,0 +1,73 @@
+"""Notebooks: paired with jupytext, committed without outputs, thin, and they run headless."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jupytext
+import pytest
+
+from dimkit import notebooks as nbrun
+
+ROOT = Path(__file__).resolve().parents[1]
+PY_FILES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+IPYNB_FILES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells if c.source.strip()]
+
+
+def test_there_are_notebooks():
+    assert PY_FILES and IPYNB_FILES
+    assert [p.stem for p in PY_FILES] == [p.stem for p in IPYNB_FILES], "every .py has its .ipynb and back"
+
+
+@pytest.mark.parametrize("py", PY_FILES, ids=lambda p: p.stem)
+def test_pair_in_sync(py):
+    ipynb = py.with_suffix(".ipynb")
+    assert _cells(jupytext.read(py)) == _cells(jupytext.read(ipynb)), (
+        f"{py.name} and {ipynb.name} drifted: run `make sync-notebooks`")
+
+
+@pytest.mark.parametrize("ipynb", IPYNB_FILES, ids=lambda p: p.stem)
+def test_committed_without_outputs(ipynb):
+    nb = json.loads(ipynb.read_text())
+    for cell in nb["cells"]:
+        assert not cell.get("outputs"), f"{ipynb.name} carries outputs: clear them"
+        assert cell.get("execution_count") is None, f"{ipynb.name} carries execution counts"
+
+
+@pytest.mark.parametrize("ipynb", IPYNB_FILES, ids=lambda p: p.stem)
+def test_one_flat_parameters_cell_and_environment_first(ipynb):
+    nb = jupytext.read(ipynb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    lines = [ln for ln in tagged[0].source.splitlines() if ln.strip() and not ln.startswith("#")]
+    for ln in lines:
+        assert ":" in ln.split("=")[0] and "=" in ln, f"parameter line not 'name: type = literal': {ln}"
+    assert any(ln.startswith("dataset: str") for ln in lines)
+    for secret in ("api_key", "OPENAI_API_KEY", "token", "password"):
+        assert secret not in tagged[0].source, "secrets never go in parameters"
+    assert "print_environment" in code[0].source, "the first code cell stamps the environment"
+
+
+def test_dataset_parameter_mapping():
+    by_name = {p.stem[:2]: p for p in IPYNB_FILES}
+    assert nbrun.dataset_for(by_name["00"], "rich") == "richpediamel"
+    for num in ("02", "03"):
+        if num in by_name:
+            assert nbrun.dataset_for(by_name[num], "sample") == "sample+"
+            assert nbrun.dataset_for(by_name[num], "rich+") == "richpediamel+"
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_on_the_sample(kit_dirs):
+    """What `make demo` does, in a scratch data/cache/runs folder."""
+    runs = nbrun.run_notebooks("sample", out_dir=kit_dirs["runs"] / "notebooks")
+    assert [r.notebook for r in runs] == [p.name for p in IPYNB_FILES]
+    for r in runs:
+        nb = json.loads(Path(r.output).read_text())
+        errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors
