@@ -1,0 +1,294 @@
+"""The table builder on hand-made metrics files, and the committed reference values."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dimkit import datasets, tables
+from dimkit.errors import DataError
+
+REF_HEADER = "dataset,protocol,method,ablation,metric,value,source,note\n"
+
+
+def write_run(root: Path, name: str, dataset: str, *, variant: str = "paper", ablation: str = "none",
+              status: str = "completed", weights_real: bool = True, test_h1: float = 0.5,
+              dev_h1: float = 0.4, kb_h1: float = 0.3, mtime: float | None = None,
+              feature_model: str = "ViT-B-32:openai", note: str = "") -> Path:
+    """A metrics.json in the format of dimkit.train._write_outputs."""
+    def dim(h1: float) -> dict:
+        return {"H@1": h1, "H@5": min(1.0, h1 + 0.2), "H@10": min(1.0, h1 + 0.3), "H@20": min(1.0, h1 + 0.4),
+                "MRR": h1 + 0.05, "MR": 3.5, "n": 10}
+
+    def kb(h1: float) -> dict:
+        return {"H@1": h1, "H@3": h1 + 0.1, "H@5": h1 + 0.15, "H@10": h1 + 0.2, "H@20": h1 + 0.25,
+                "MRR": h1 + 0.07, "MR": 12.0, "n": 10}
+
+    d = {
+        "run_name": name, "status": status, "dataset": dataset, "variant": variant, "ablation": ablation,
+        "protocol": {"dim": "...", "kb": "..."}, "rank_rule": "pessimistic",
+        "metrics": {"dev": {"dim": dim(dev_h1), "kb": kb(dev_h1 - 0.1)}, "test": {"dim": dim(test_h1), "kb": kb(kb_h1)}},
+        "best": {"step": 10, "epoch": 1.0}, "config": {"dataset": dataset, "variant": variant, "ablation": ablation,
+                                                       "clip": "default", "lr": 5e-5},
+        "seed": 114514, "feature_model": feature_model, "weights_real": weights_real, "note": note,
+        "wall_time_s": 1.0, "curve": {"train": [], "dev": []},
+    }
+    p = root / name / "metrics.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(d))
+    if mtime is not None:
+        os.utime(p, (mtime, mtime))
+    return p
+
+
+@pytest.fixture
+def reference(tmp_path) -> pd.DataFrame:
+    p = tmp_path / "ref.csv"
+    p.write_text(REF_HEADER
+                 + "wikimel+,dim,DIM,none,H@1,,DIM paper: fill from the PDF,unknown\n"
+                 + "richpediamel+,dim,DIM,none,H@1,40.0,made-up test source,\n"
+                 + "wikimel,kb,MIMIC,none,H@1,87.98,MIMIC paper,\n")
+    return tables.load_reference(p)
+
+
+def spec(name: str) -> tables.TableSpec:
+    return {s.name: s for s in tables.standard_tables()}[name]
+
+
+def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir, "wplus", "wiki+", test_h1=0.625)  # alias is canonicalised
+    runs = tables.collect_runs(runs_dir)
+    t = tables.build_table(spec("enhanced_dim"), runs, reference)
+    f = t.frame.set_index(["dataset", "method"])
+    paper = tables.VARIANT_LABELS["paper"]
+    assert f.loc[("wikimel+", paper), "H@1"] == pytest.approx(62.5)
+    assert f.loc[("wikimel+", paper), "run"] == "wplus"
+    assert math.isnan(f.loc[("wikimel+", paper), "H@1 ref"])  # the DIM paper value is empty
+    assert math.isnan(f.loc[("wikimel+", paper), "Δ H@1"])
+    assert math.isnan(f.loc[("wikidiverse+", paper), "H@1"])  # no run at all
+    assert f.loc[("wikidiverse+", paper), "runs matched"] == 0
+    # a reference value without a run: shown, difference n/a
+    assert f.loc[("richpediamel+", paper), "H@1 ref"] == pytest.approx(40.0)
+    assert math.isnan(f.loc[("richpediamel+", paper), "Δ H@1"])
+    assert len(t.frame) == 6  # 3 datasets x 2 variants, empty rows kept
+    md = t.to_markdown()
+    assert "| Wiki+ | DIM (dimkit, paper variant) | 62.50 | n/a | n/a |" in md
+    assert "n/a" in t.to_csv() and "Δ = dimkit − ref" in t.caption
+    assert not t.warnings  # real weights, no sample: nothing to warn about
+
+
+def test_difference_is_dimkit_minus_reference_in_points(tmp_path, reference):
+    write_run(tmp_path / "runs", "r", "rich+", test_h1=0.455)
+    t = tables.build_table(spec("enhanced_dim"), tables.collect_runs(tmp_path / "runs"), reference)
+    row = t.frame[(t.frame["dataset"] == "richpediamel+") & (t.frame["method"] == tables.VARIANT_LABELS["paper"])]
+    assert row["Δ H@1"].iloc[0] == pytest.approx(5.5)
+    assert "+5.50" in t.to_markdown()
+    assert "made-up test source" in t.caption  # the reference's source is named
+
+
+def test_protocols_never_share_a_table(tmp_path, reference):
+    write_run(tmp_path / "runs", "w", "wikimel", test_h1=0.9, kb_h1=0.25)
+    runs = tables.collect_runs(tmp_path / "runs")
+    dim = tables.build_table(spec("original_dim"), runs, reference).frame
+    kb = tables.build_table(spec("original_kb"), runs, reference).frame
+    assert list(dim.columns[2:5]) == ["H@1", "H@1 ref", "Δ H@1"] and "H@20" in dim and "MRR" not in dim
+    assert "H@3" in kb and "MRR" in kb and "H@20" not in kb
+    paper = tables.VARIANT_LABELS["paper"]
+    assert dim.set_index(["dataset", "method"]).loc[("wikimel", paper), "H@1"] == pytest.approx(90.0)
+    k = kb.set_index(["dataset", "method"])
+    assert k.loc[("wikimel", paper), "H@1"] == pytest.approx(25.0)
+    assert k.loc[("wikimel", paper), "MRR"] == pytest.approx(32.0)
+    # published whole-KB numbers get their own row, only in the whole-KB table
+    assert k.loc[("wikimel", "MIMIC (published)"), "H@1 ref"] == pytest.approx(87.98)
+    assert math.isnan(k.loc[("wikimel", "MIMIC (published)"), "H@1"])
+    assert "MIMIC (published)" not in set(dim["method"])
+
+
+def test_sample_run_caption_warns(tmp_path, reference):
+    write_run(tmp_path / "runs", "s", "sample+", test_h1=0.6)
+    runs = tables.collect_runs(tmp_path / "runs")
+    t = tables.build_table(spec("sample_dim"), runs, reference)
+    assert tables.SAMPLE_WARNING in t.caption
+    assert list(t.frame["dataset"]) == ["sample+"]  # empty sample rows are dropped
+    assert "sample+ (synthetic)" in t.to_markdown()
+    # a sample run in a custom table warns too, even when the spec is not the sample's
+    custom = tables.TableSpec("x", "x", ("sample+",), "dim", (tables.RowSpec("DIM"),))
+    assert tables.SAMPLE_WARNING in tables.build_table(custom, runs, reference).caption
+    # an empty sample table says so instead of showing nothing
+    empty = tables.build_table(spec("sample_dim"), runs.iloc[0:0], reference)
+    assert len(empty.frame) == 0 and "No finished" in empty.to_markdown()
+
+
+def test_weights_not_real_caption_warns(tmp_path, reference):
+    write_run(tmp_path / "runs", "w", "wikimel", weights_real=False, feature_model="ViT-B-32:random")
+    t = tables.build_table(spec("original_dim"), tables.collect_runs(tmp_path / "runs"), reference)
+    assert any("without real pretrained weights" in w and "ViT-B-32:random" in w for w in t.warnings)
+    assert "not comparable to the paper" in t.caption
+    assert "not comparable to the paper" in t.to_latex()
+
+
+def test_several_runs_per_cell_pick_is_deterministic(tmp_path, reference):
+    root = tmp_path / "runs"
+    write_run(root, "old-better-dev", "wikimel", test_h1=0.7, dev_h1=0.9, mtime=1_000_000)
+    write_run(root, "new-worse-dev", "wikimel", test_h1=0.5, dev_h1=0.6, mtime=2_000_000)
+    write_run(root, "released", "wikimel", variant="released", test_h1=0.1)  # another row
+    runs = tables.collect_runs(root)
+    paper = tables.VARIANT_LABELS["paper"]
+    latest = tables.build_table(spec("original_dim"), runs, reference, pick="latest")
+    row = latest.frame.set_index(["dataset", "method"]).loc[("wikimel", paper)]
+    assert row["run"] == "new-worse-dev" and row["runs matched"] == 2 and row["H@1"] == pytest.approx(50.0)
+    assert "matched several runs" in latest.caption and "latest" in latest.caption
+    best = tables.build_table(spec("original_dim"), runs, reference, pick="best_dev")
+    row = best.frame.set_index(["dataset", "method"]).loc[("wikimel", paper)]
+    assert row["run"] == "old-better-dev" and row["H@1"] == pytest.approx(70.0)
+    assert "best dev H@1" in best.caption
+    # equal times: the tie is broken by run name, the same on every call
+    write_run(root, "new-worse-dev-b", "wikimel", test_h1=0.3, mtime=2_000_000)
+    runs = tables.collect_runs(root)
+    picks = {tables.build_table(spec("original_dim"), runs, reference).frame.iloc[0]["run"] for _ in range(3)}
+    assert picks == {"new-worse-dev-b"}
+    # filters narrow the candidates by config keys
+    f = tables.build_table(spec("original_dim"), runs, reference, filters={"lr": 1.0})
+    assert f.frame["runs matched"].sum() == 0
+    with pytest.raises(Exception, match="pick"):
+        tables.build_table(spec("original_dim"), runs, reference, pick="median")
+
+
+def test_unfinished_and_broken_runs_are_listed_not_used(tmp_path, reference):
+    root = tmp_path / "runs"
+    (root / "diverged").mkdir(parents=True)
+    (root / "diverged" / "metrics.json").write_text(json.dumps(
+        {"run_name": "diverged", "status": "diverged", "error": "loss is nan", "config": {"dataset": "wikimel"}}))
+    (root / "broken").mkdir()
+    (root / "broken" / "metrics.json").write_text("{not json")
+    (root / "notebooks").mkdir()  # folders without metrics.json are not runs
+    runs = tables.collect_runs(root)
+    assert dict(zip(runs["run_name"], runs["status"])) == {"broken": "unreadable", "diverged": "diverged"}
+    assert "broken" in runs.set_index("run_name").loc["broken", "error"]
+    t = tables.build_table(spec("original_dim"), runs, reference)
+    assert t.frame["runs matched"].sum() == 0 and t.frame["H@1"].isna().all()
+    assert len(tables.runs_overview(runs)) == 2
+
+
+def test_finished_run_missing_fields_is_an_error_naming_the_field(tmp_path):
+    p = tmp_path / "r" / "metrics.json"
+    p.parent.mkdir()
+    p.write_text(json.dumps({"run_name": "r", "status": "completed", "dataset": "wikimel", "variant": "paper",
+                             "ablation": "none", "metrics": {}}))
+    with pytest.raises(DataError, match="metrics"):
+        tables.read_metrics(p)
+
+
+def test_write_tables_csv_markdown_latex(tmp_path, reference):
+    write_run(tmp_path / "runs", "s", "sample+", test_h1=0.6, weights_real=False, feature_model="sample-clip")
+    built = tables.build_tables(runs_dir=tmp_path / "runs", reference=tmp_path / "ref.csv")
+    assert set(built) == {f"{t}_{p}" for t in ("original", "enhanced", "ablations", "sample") for p in ("dim", "kb")}
+    files = tables.write_tables(built, tmp_path / "out")
+    names = {p.name for p in files}
+    assert {"sample_dim.csv", "sample_dim.md", "sample_dim.tex", "ablations_kb.tex", "index.md"} <= names
+    csv = pd.read_csv(tmp_path / "out" / "sample_dim.csv")  # n/a reads back as NaN
+    assert csv.loc[0, "H@1"] == pytest.approx(60.0) and math.isnan(csv.loc[0, "H@1 ref"])
+    tex = (tmp_path / "out" / "sample_dim.tex").read_text()
+    assert "\\begin{tabular}" in tex and "\\caption{" in tex and "sample+ (synthetic)" in tex
+    assert "sample-clip" in tex  # the weights warning reaches the LaTeX caption
+    ablations = pd.read_csv(tmp_path / "out" / "ablations_dim.csv")
+    assert len(ablations) == 3 * len(tables.ABLATION_LABELS)  # every cell, n/a where no run
+    assert "text only" in set(ablations["method"])
+    # the default folder is $DIMKIT_FIGURES/tables
+    assert tables.tables_dir().name == "tables"
+
+
+def test_missing_runs_lists_unfilled_cells(tmp_path, reference):
+    write_run(tmp_path / "runs", "w", "wikimel+")
+    runs = tables.collect_runs(tmp_path / "runs")
+    miss = tables.missing_runs([spec("ablations_dim")], runs, only=["wiki+"])
+    assert tables.RunKey("wikimel+", "paper", "none") not in miss
+    assert tables.RunKey("wikimel+", "paper", "no_cue") in miss
+    assert {k.dataset for k in miss} == {"wikimel+"}
+    assert tables.plan_runs(["rich+"], ["paper"], ["none", "no_cue"]) == [
+        tables.RunKey("richpediamel+", "paper", "none"), tables.RunKey("richpediamel+", "paper", "no_cue")]
+    # only '+' datasets keep original descriptions to ablate to
+    assert tables.plan_runs(["rich", "rich+"], ["paper"], ["original_descriptions"]) == [
+        tables.RunKey("richpediamel+", "paper", "original_descriptions")]
+
+
+def test_launch_missing_trains_only_what_it_can(kit_dirs, monkeypatch):
+    import dimkit
+
+    calls = []
+
+    class Cfg:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    def run(cfg):
+        if cfg.kw["ablation"] == "no_cue":
+            raise RuntimeError("boom")
+        calls.append(cfg.kw)
+        return types.SimpleNamespace(run_name=f"{cfg.kw['dataset']}-{cfg.kw['ablation']}")
+
+    fake = types.SimpleNamespace(config_for=lambda dataset, **kw: Cfg(dataset=dataset, **kw), run=run)
+    monkeypatch.setitem(sys.modules, "dimkit.train", fake)
+    monkeypatch.setattr(dimkit, "train", fake, raising=False)
+    # a tiny prepared dataset, so it counts as launchable
+    m = pd.DataFrame({"mention_id": ["m1"], "split": ["test"], "sentence": ["s"], "mention": ["a"], "image": [None],
+                      "qid": ["Q1"]})
+    e = pd.DataFrame({"qid": ["Q1"], "name": ["a"], "description": ["d"], "description_source": ["x"],
+                      "images": [[]]})
+    datasets.write_prepared(datasets.dataset_dir("wikimel+"), m, e, {"name": "wikimel+"})
+    write_run(kit_dirs["runs"], "done", "wikimel+", ablation="no_image")
+    keys = [tables.RunKey("wikimel+", "paper", "none"), tables.RunKey("wikimel+", "paper", "no_image"),
+            tables.RunKey("wikimel+", "paper", "no_cue"), tables.RunKey("wikidiverse", "paper", "none")]
+    rep = tables.launch_missing(keys, num_epochs=2)
+    assert rep.launched == ["wikimel+-none"] and calls[0]["num_epochs"] == 2
+    skipped = {k.ablation if k.dataset == "wikimel+" else k.dataset: why for k, why in rep.skipped}
+    assert skipped["no_image"] == "a finished run exists"
+    assert "not prepared" in skipped["wikidiverse"]
+    assert rep.failed[0][0].ablation == "no_cue" and "boom" in rep.failed[0][1]
+    assert "FAILED" in str(rep)
+
+
+# --- the committed reference file ----------------------------------------------------------------
+
+
+def test_committed_reference_has_sources_and_no_invented_dim_number():
+    ref = tables.load_reference()  # validates: numeric values, a source for each value, no duplicates
+    raw = pd.read_csv(tables.REFERENCE_FILE, dtype=str, keep_default_na=False)
+    filled = raw[raw["value"].str.strip() != ""]
+    assert len(filled) and (filled["source"].str.strip() != "").all()
+    dim_rows = ref[ref["method"] == "DIM"]
+    assert len(dim_rows) and dim_rows["value"].isna().all(), "never invent a DIM paper number"
+    assert (dim_rows["protocol"] == "dim").all()
+    # the published whole-KB H@1 of spec 8.3, with their source
+    got = {(r.method, r.dataset): r.value for r in ref[ref["value"].notna()].itertuples()}
+    assert got == {("MIMIC", "wikimel"): 87.98, ("MIMIC", "richpediamel"): 81.02, ("MIMIC", "wikidiverse"): 63.51,
+                   ("MMoE", "wikimel"): 90.77, ("MMoE", "richpediamel"): 85.51, ("MMoE", "wikidiverse"): 77.57}
+    assert set(ref.loc[ref["value"].notna(), "protocol"]) == {"kb"}
+
+
+@pytest.mark.parametrize("line, field", [
+    ("wikimel,kb,MIMIC,none,H@1,87.98,,\n", "source"),
+    ("wikimel,kb,MIMIC,none,H@1,about 88,somewhere,\n", "value"),
+    ("wikimel,top,MIMIC,none,H@1,,,\n", "protocol"),
+    ("Wiki Mel!,kb,MIMIC,none,H@1,,,\n", "dataset"),
+])
+def test_reference_validation_names_line_and_field(tmp_path, line, field):
+    p = tmp_path / "ref.csv"
+    p.write_text(REF_HEADER + line)
+    with pytest.raises(DataError) as err:
+        tables.load_reference(p)
+    assert field in str(err.value) and "line 2" in str(err.value)
+
+
+def test_reference_duplicates_are_rejected(tmp_path):
+    p = tmp_path / "ref.csv"
+    p.write_text(REF_HEADER + "wiki+,dim,DIM,none,H@1,,x,\nwikimel+,dim,DIM,,H@1,,x,\n")
+    with pytest.raises(DataError, match="two rows"):
+        tables.load_reference(p)
