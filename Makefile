@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test notebooks sync-notebooks bench clean lab
+.PHONY: venv demo test sync-notebooks bench clean lab reproduce reproduce-check
 
 venv: $(STAMP)
 
@@ -29,6 +29,21 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dimkit.cli notebooks --dataset $(DATASET) --out $(RUNS)/notebooks
+
+# The whole chain on released data (prepare, augment or replay, cues, features, train, tables, figure):
+#   make reproduce DATASETS="wiki+ rich+" [VARIANTS=paper,released] [ABLATIONS=none,no_cue,...]
+# It first checks every input and names what is missing. Real weights need the Hugging Face cache
+# filled, or HF_HUB_OFFLINE=0 on first use, or local files via REPRODUCE_ARGS="--clip FILE ...".
+DATASETS ?= sample+
+VARIANTS ?= paper
+ABLATIONS ?= none
+REPRODUCE_ARGS ?=
+
+reproduce-check: $(STAMP)
+	$(PY) -m dimkit.cli reproduce --check $(DATASETS) --variants $(VARIANTS) --ablations $(ABLATIONS) $(REPRODUCE_ARGS)
+
+reproduce: $(STAMP)
+	$(PY) -m dimkit.cli reproduce $(DATASETS) --variants $(VARIANTS) --ablations $(ABLATIONS) $(REPRODUCE_ARGS)
 
 # Re-pair after editing a notebook's .py (or .ipynb) so the two never drift.
 sync-notebooks: $(STAMP)
