@@ -1,0 +1,981 @@
+"""Train and evaluate DIM (notebook ``03_train``; ``dimkit train NAME``).
+
+``run(cfg) -> RunResult`` trains the mention encoder of :mod:`dimkit.model` on the frozen CLIP
+features of :func:`dimkit.features.load_features`, with the released N-pair loss and TF-IDF hard
+negatives by default, and the released optimisation (spec 2.6): AdamW (no weight decay on biases
+and LayerNorm weights), linear warm-up then linear decay to 0, gradient clipping.
+
+What dimkit adds to the released loop:
+
+- evaluation every ``eval_steps`` optimizer steps on dev under both protocols of
+  :mod:`dimkit.evaluate`; the best dev score (``select_protocol`` H@1) picks the model, whose dev and
+  test metrics are reported separately; early stopping after ``patience`` evaluations without a
+  better dev score (0 = never, as released);
+- a checkpoint at each evaluation, written atomically and loaded with ``weights_only=True``,
+  holding every RNG state (torch, CUDA, the shuffling generator, numpy's negative sampler) and the
+  position inside the epoch, so ``resume=True`` ends with exactly the metrics of an uninterrupted run
+  with the same seed (on the same device);
+- a non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`) and keeps the last
+  good checkpoint;
+- ``runs/<run-name>/metrics.json`` (results are data), ``predictions.parquet`` (per-mention ranks and
+  the top-5 KB entities) and ``model.pt`` (the selected weights).
+
+Presets (:data:`PRESETS`) copy the released scripts (spec 3.1); every key can be overridden and an
+unknown key raises :class:`dimkit.errors.ConfigError`. The run name defaults to
+``<dataset>-<variant>-<ablation>-s<seed>-<hash of the config>``, so a rerun with the same config
+finds its folder (and, with ``resume``, its checkpoint), and a changed config gets a new one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import datasets, paths
+from .errors import ConfigError, DataError, DimkitError
+from .evaluate import PROTOCOL_NOTES, PROTOCOLS, RULES, candidate_matrix, encode, evaluate_queries, kb_ranks
+from .losses import LOSSES, compute_loss
+from .model import ABLATIONS, VARIANTS, ModelConfig, build_model, parse_ablation
+from .negatives import SAMPLERS, CandidateNegativeSampler, RandomNegativeSampler, TfidfNegativeSampler
+
+CHECKPOINT_FORMAT = 1
+#: Bump when a change to the model, loss, sampler or loop changes results: older checkpoints of
+#: the same config are then trained again instead of resumed.
+CODE_VERSION = 1
+NOT_COMPARABLE = "not comparable to the paper"
+
+
+class TrainingDiverged(DimkitError):
+    """The loss (or the gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (defaults = the released WikiMEL script, spec 3.1)."""
+
+    dataset: str = "sample+"
+    variant: str = "paper"  # paper | released
+    ablation: str = "none"  # none | no_image | no_cue | no_attention | text_only | original_descriptions (comma-joined)
+    clip: str = "auto"  # feature model for load_features (auto: sample CLIP on the sample, ViT-B-32 else)
+    loss: str = "npair"  # npair (released, spec E3) | inbatch (textbook N-pair) | infonce
+    l2_reg: float = 0.02
+    temperature: float = 0.07  # infonce only
+    negatives: str = "tfidf"  # tfidf (released) | random | candidates
+    num_negatives: int = 1  # sampled negatives per sample; inbatch/infonce add them to the batch's (0 = none)
+    hard_prob: float = 0.95  # tfidf: probability of a TF-IDF draw instead of a uniform one
+    lr: float = 5e-5
+    weight_decay: float = 1e-3
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 100
+    dropout: float = 0.4
+    hidden: int | None = None  # None = the CLIP feature size: 512 with ViT-B/32 as in the scripts
+    heads: int = 8
+    separate_projections: bool = False
+    batch_size: int = 64
+    num_epochs: int = 300
+    eval_steps: int = 500  # evaluate + checkpoint every this many optimizer steps; 0 = every epoch
+    patience: int = 20  # evaluations without a better dev score before stopping; 0 = never
+    protocols: str = "dim,kb"
+    select_protocol: str = "dim"  # model selection on dev H@1 of this protocol
+    rank_rule: str = "pessimistic"  # pessimistic | strict (released)
+    candidate_limit: int | None = None  # keep the first k listed candidates (WikiDiverse: 79 + gold)
+    seed: int = 114514
+    device: str = "auto"  # auto | cpu | cuda | mps
+    num_threads: int | None = None  # CPU threads for torch during the run; None = torch's default
+    run_name: str | None = None
+    resume: bool = False
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-safe)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Check names, types and ranges; raise ConfigError on the first bad value."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            _check_type(f.name, f.type, v)
+        self.dataset = datasets.canonical_name(self.dataset)
+        choices = {"variant": VARIANTS, "loss": LOSSES, "negatives": SAMPLERS, "rank_rule": RULES,
+                   "select_protocol": PROTOCOLS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        self.ablation = ",".join(parse_ablation(self.ablation)) or "none"
+        protos = [p.strip() for p in self.protocols.split(",") if p.strip()]
+        bad = [p for p in protos if p not in PROTOCOLS]
+        if bad or not protos:
+            raise ConfigError(f"protocols={self.protocols!r}: use a comma list of {', '.join(PROTOCOLS)}")
+        if self.select_protocol not in protos:
+            raise ConfigError(f"select_protocol={self.select_protocol!r} is not among protocols={self.protocols!r}")
+        self.protocols = ",".join(protos)
+        if self.loss == "npair" and self.num_negatives < 1:
+            raise ConfigError("the released N-pair loss needs num_negatives >= 1")
+        for key in ("lr", "batch_size", "num_epochs", "hidden", "heads", "temperature", "num_threads"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("num_negatives", "weight_decay", "warmup_steps", "eval_steps", "patience", "l2_reg",
+                    "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.hard_prob <= 1.0:
+            raise ConfigError("dropout must be in [0, 1) and hard_prob in [0, 1]")
+        if self.hidden is not None and self.hidden % self.heads:
+            raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.candidate_limit is not None and self.candidate_limit < 1:
+            raise ConfigError("candidate_limit must be >= 1 or None")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ConfigError(f"run_name {self.run_name!r} must be a plain folder name")
+        ModelConfig.from_ablation(self.ablation, variant=self.variant)  # variant/ablation clash
+        return self
+
+    def fingerprint(self) -> str:
+        """Short hash of what changes the result (not device, run name or resume)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def name(self) -> str:
+        """The run folder name."""
+        if self.run_name:
+            return self.run_name
+        abl = self.ablation.replace(",", "+") if self.ablation != "none" else "full"
+        return f"{self.dataset}-{self.variant}-{abl}-s{self.seed}-{self.fingerprint()}"
+
+
+_NOT_IN_FINGERPRINT = ("device", "run_name", "resume", "num_threads")
+_SHARED = dict(weight_decay=1e-3, dropout=0.4, hidden=None, heads=8, seed=114514, warmup_steps=100,
+               eval_steps=500, patience=20, num_threads=None)
+#: Per-dataset presets (keyed by the base dataset name); all have the same keys.
+PRESETS: dict[str, dict[str, Any]] = {
+    # script/wwiki.sh, script/rich.sh
+    "wikimel": dict(_SHARED, lr=5e-5, batch_size=64, num_epochs=300, negatives="tfidf", candidate_limit=None),
+    "richpediamel": dict(_SHARED, lr=5e-5, batch_size=64, num_epochs=300, negatives="tfidf",
+                         candidate_limit=None),
+    # script/diverse.sh; released negatives come from the gold's candidate list, evaluation keeps
+    # the gold plus 79 candidates
+    "wikidiverse": dict(_SHARED, lr=5e-6, batch_size=128, num_epochs=500, negatives="candidates",
+                        candidate_limit=79),
+    # the bundled synthetic sample: a few hundred mentions, so a larger lr, evaluation every epoch
+    # and a short schedule that runs in about a minute on 2 CPU cores; its 64-d model is too small
+    # for threads to help, and on a shared machine a second thread makes each step 2-3x slower
+    "sample": dict(_SHARED, lr=1e-3, batch_size=32, num_epochs=30, negatives="tfidf",
+                   candidate_limit=None, warmup_steps=20, eval_steps=0, patience=0, num_threads=1),
+}
+
+
+def _check_type(name: str, typ: Any, value: Any) -> None:
+    typ = str(typ)
+    ok = True
+    if value is None:
+        ok = "None" in typ
+    elif typ.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif typ.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif typ.startswith("str"):
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{name}={value!r} has the wrong type (expected {typ})")
+
+
+def _coerce(name: str, text: str) -> Any:
+    """Turn the text of ``--set name=value`` into the field's type."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    if name not in fields:
+        raise ConfigError(f"unknown config key {name!r}; known: {', '.join(sorted(fields))}")
+    typ = fields[name]
+    if "None" in typ and text.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        if typ.startswith("bool"):
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return low in ("true", "1", "yes")
+        if typ.startswith("int"):
+            return int(text)
+        if typ.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {typ.split(' ')[0]}") from None
+    return text
+
+
+def config_for(dataset: str, **overrides: Any) -> TrainConfig:
+    """The preset of ``dataset`` (from the released scripts) with ``overrides`` applied and validated.
+
+    Overrides whose value is None keep the preset (so notebook parameters can default to None); to
+    set a field that accepts None (``candidate_limit``) to None, use ``dataclasses.replace``
+    afterwards, as ``dimkit train --set candidate_limit=none`` does.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    name = datasets.canonical_name(dataset)
+    preset = PRESETS.get(datasets.base_name(name), PRESETS["wikimel"])
+    values = dict(preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["dataset"] = name
+    return TrainConfig(**values).validate()
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-4", "patience=5"]`` -> typed overrides (unknown keys raise ConfigError)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = _coerce(k.strip(), v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class RunResult:
+    """What a run returns and writes to ``metrics.json``."""
+
+    run_name: str
+    run_dir: Path
+    dataset: str
+    variant: str
+    ablation: str
+    config: dict
+    metrics: dict  # {"dev": {"dim": {...}, "kb": {...}}, "test": {...}}
+    best: dict  # step, epoch, dev score of the selected checkpoint
+    curve: dict  # {"train": [{epoch, step, loss}], "dev": [{epoch, step, loss, dim: {...}, kb: {...}}]}
+    status: str  # completed | early_stopped
+    wall_time_s: float
+    feature_model: str
+    weights_real: bool
+    note: str = ""
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def metrics_path(self) -> Path:
+        """``runs/<run-name>/metrics.json``."""
+        return self.run_dir / "metrics.json"
+
+    def row(self) -> dict:
+        """One flat table row: names and the test (and dev) metrics of every protocol."""
+        out = {"dataset": self.dataset, "variant": self.variant, "ablation": self.ablation}
+        for split in ("test", "dev"):
+            for proto, ms in self.metrics.get(split, {}).items():
+                for k, v in ms.items():
+                    if k != "n":
+                        out[f"{split} {proto} {k}"] = v
+        out["best epoch"] = self.best.get("epoch")
+        out["status"] = self.status
+        return out
+
+    def __str__(self) -> str:
+        t = self.metrics.get("test", {})
+        parts = [f"{p} H@1 {m['H@1']:.3f}" for p, m in t.items() if m.get("H@1") is not None]
+        return (f"{self.run_name}: test {', '.join(parts)} (best epoch {self.best.get('epoch')}, "
+                f"{self.status}, {self.wall_time_s:.0f} s){'; ' + self.note if self.note else ''}")
+
+
+def results_table(results: list[RunResult], split: str = "test") -> pd.DataFrame:
+    """Runs side by side: H@k / MRR / MR of ``split`` under each protocol, as percentages."""
+    rows = []
+    for r in results:
+        row = {"variant": r.variant, "ablation": r.ablation}
+        for proto, ms in r.metrics.get(split, {}).items():
+            for k, v in ms.items():
+                if k == "n":
+                    continue
+                row[f"{proto} {k}"] = (100 * v if k.startswith("H@") or k == "MRR" else v) if v is not None else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_result(run_dir: str | Path) -> RunResult:
+    """Read a finished run's ``metrics.json`` back into a :class:`RunResult`."""
+    run_dir = Path(run_dir)
+    d = json.loads((run_dir / "metrics.json").read_text())
+    if d.get("status") not in ("completed", "early_stopped"):
+        raise DimkitError(f"{run_dir / 'metrics.json'}: run did not finish (status {d.get('status')!r})")
+    return RunResult(run_name=d["run_name"], run_dir=run_dir, dataset=d["dataset"], variant=d["variant"],
+                     ablation=d["ablation"], config=d["config"], metrics=d["metrics"], best=d["best"],
+                     curve=d["curve"], status=d["status"], wall_time_s=d["wall_time_s"],
+                     feature_model=d["feature_model"], weights_real=d["weights_real"], note=d.get("note", ""),
+                     counts=d.get("counts", {}))
+
+
+def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):
+    """Training loss per epoch and dev H@1 per evaluation, one line per run; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from .plots import set_style
+
+    set_style()
+    results = [results] if isinstance(results, RunResult) else list(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in results:
+        label = f"{r.variant}" + ("" if r.ablation == "none" else f" ({r.ablation})")
+        tr = r.curve.get("train", [])
+        ax1.plot([p["epoch"] for p in tr], [p["loss"] for p in tr], label=label)
+        dv = [p for p in r.curve.get("dev", []) if protocol in p]
+        ax2.plot([p["epoch"] for p in dv], [100 * p[protocol]["H@1"] for p in dv], marker=".", label=label)
+    ax1.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax2.set(xlabel="epoch", ylabel=f"dev H@1 (%), {protocol} protocol", title="dev H@1")
+    ax2.legend()
+    notes = {r.note for r in results if r.note}
+    if notes:
+        fig.suptitle("; ".join(sorted(notes)), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def attention_weights(run_dir: str | Path, dataset: datasets.Dataset, features: Any, split: str = "test",
+                      device: str = "cpu") -> pd.DataFrame:
+    """Per-mention attention weights of a ``paper`` run (mean over heads), one column per key.
+
+    Rows follow ``dataset.split(split)``; a masked key (unusable image, missing cue) has weight 0.
+    For the error-analysis notebook: which modality did the mention attend to?
+    """
+    model, cfg = load_model(run_dir, device)
+    if getattr(model, "key_names", None) is None or not model.cfg.use_attention:
+        raise ConfigError(f"run {Path(run_dir).name} has no attention weights (variant {cfg.variant}, "
+                          f"ablation {cfg.ablation})")
+    _check_features(dataset, features)
+    inputs = _inputs(features, device)
+    inputs.pop("stacked")
+    rows = np.flatnonzero((dataset.mentions["split"] == split).to_numpy())
+    _, w = encode(model, inputs, rows, attention=True)  # [N, heads, K]
+    df = pd.DataFrame(w.mean(1).cpu().numpy(), columns=model.key_names)
+    df.insert(0, "mention_id", dataset.mentions["mention_id"].to_numpy()[rows])
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+_ARRAYS = ("mention", "mention_sentence", "image", "cue")
+
+
+@dataclass
+class _Split:
+    rows: np.ndarray  # mention rows of the feature arrays
+    gold: np.ndarray  # entity indices
+    mention_ids: list[str]
+    cand: np.ndarray | None  # [N, C] gold first, -1 padded
+
+
+def _check_features(ds: datasets.Dataset, feats: Any) -> None:
+    src = f"features of {ds.name} ({getattr(feats, 'model_id', '?')})"
+    for name in ("model_id", "weights_real", "mention_ids", "entity_qids", "image_ok", "cue_ok", "entity",
+                 *_ARRAYS):
+        if not hasattr(feats, name):
+            raise DataError("FeatureSet lacks a field", file=src, field=name)
+    mids = ds.mentions["mention_id"].tolist()
+    if list(feats.mention_ids) != mids:
+        raise DataError(f"mention order differs from {ds.name}'s mentions.parquet "
+                        f"({len(feats.mention_ids)} feature rows, {len(mids)} mentions): recompute features",
+                        file=src, field="mention_ids")
+    if list(feats.entity_qids) != ds.entities["qid"].tolist():
+        raise DataError(f"entity order differs from {ds.name}'s entities.parquet: recompute features",
+                        file=src, field="entity_qids")
+    n, e = len(mids), len(feats.entity_qids)
+    for name in _ARRAYS:
+        a = getattr(feats, name)
+        if a is None and name == "cue":
+            continue
+        if np.shape(a)[0] != n:
+            raise DataError(f"{np.shape(a)[0]} rows for {n} mentions", file=src, field=name)
+    if np.shape(feats.entity)[0] != e:
+        raise DataError(f"{np.shape(feats.entity)[0]} rows for {e} entities", file=src, field="entity")
+    # a NaN feature would poison the loss (training stops) or silently rank last: name it up front
+    for name, ids in [(n, mids) for n in _ARRAYS] + [("entity", feats.entity_qids),
+                                                     ("entity_original", feats.entity_qids)]:
+        a = getattr(feats, name, None)
+        if a is None:
+            continue
+        bad = ~np.isfinite(np.asarray(a)).all(axis=1)
+        if bad.any():
+            raise DataError(f"non-finite feature values in {int(bad.sum())} row(s)", file=src,
+                            record=ids[int(np.argmax(bad))], field=name)
+
+
+def _split_data(ds: datasets.Dataset, split: str, cfg: TrainConfig, eindex: dict[str, int],
+                need_cand: bool) -> tuple[_Split, int]:
+    m = ds.mentions
+    mask = (m["split"] == split).to_numpy()
+    gold_q = m["qid"].to_numpy()
+    nil = int((mask & pd.isna(gold_q)).sum())
+    rows = np.flatnonzero(mask & ~pd.isna(gold_q))
+    mids = m["mention_id"].to_numpy()[rows].tolist()
+    gold = []
+    for mid, q in zip(mids, gold_q[rows]):
+        if q not in eindex:
+            raise DataError(f"gold {q!r} is not in the knowledge base", file=f"{ds.name}: mentions",
+                            record=mid, field="qid")
+        gold.append(eindex[q])
+    gold = np.asarray(gold, dtype=np.int64)
+    cand = None
+    if need_cand:
+        if ds.candidates is None:
+            raise ConfigError(f"{ds.name} has no candidate lists: run `dimkit candidates {ds.name}` "
+                              "or train with protocols=kb, select_protocol=kb and negatives other than candidates")
+        cand = candidate_matrix(ds.candidates, mids, gold, eindex, cfg.candidate_limit,
+                                source=f"{ds.root / 'candidates.parquet'}")
+    return _Split(rows, gold, mids, cand), nil
+
+
+def _inputs(feats: Any, device: str) -> dict[str, torch.Tensor]:
+    """Feature tensors on ``device``; the four inputs are views of one ``[N, 4, D]`` tensor."""
+    n = len(feats.mention_ids)
+    arrays = []
+    for name in _ARRAYS:
+        a = getattr(feats, name)
+        if a is None:  # a FeatureSet of a dataset without cues
+            a = np.zeros_like(np.asarray(feats.mention))
+        arrays.append(torch.as_tensor(np.asarray(a, dtype=np.float32)))
+    stacked = torch.stack(arrays, 1).to(device)  # [N, 4, D]: a batch is one gather
+    out = {name: stacked[:, i] for i, name in enumerate(_ARRAYS)}
+    out["stacked"] = stacked
+    cue_ok = feats.cue_ok if feats.cue_ok is not None else np.zeros(n, dtype=bool)
+    out["image_ok"] = torch.as_tensor(np.asarray(feats.image_ok, dtype=bool), device=device)
+    out["cue_ok"] = torch.as_tensor(np.asarray(cue_ok, dtype=bool), device=device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _atomic_torch_save(obj: Any, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no pickle code runs)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """The selected model of a finished run (``model.pt``) and its config, in eval mode."""
+    d = load_checkpoint(Path(run_dir) / "model.pt", device)
+    cfg = TrainConfig(**json.loads(d["config"]))
+    model = build_model(ModelConfig(**json.loads(d["model_config"]))).to(device)
+    model.load_state_dict(d["model"])
+    model.eval()
+    return model, cfg
+
+
+def _clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        # transformers' get_linear_schedule_with_warmup, which the released train.py uses
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    return f
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # The released code means "no decay on bias and LayerNorm.weight"; its name match misses the
+    # LayerNorms inside nn.Sequential, we exclude every norm weight and bias as intended.
+    norm_params = {id(p) for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)
+                   for p in mod.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or id(p) in norm_params else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _note(ds_name: str, weights_real: bool) -> str:
+    parts = []
+    if not weights_real:
+        parts.append("features from random / sample-trained CLIP weights")
+    if datasets.base_name(ds_name) == "sample":
+        parts.append("synthetic sample")
+    return f"{' and '.join(parts)}: {NOT_COMPARABLE}" if parts else ""
+
+
+def run(cfg: TrainConfig, *, dataset: datasets.Dataset | None = None, features: Any = None,
+        callback: Callable[[dict], None] | None = None, progress: bool = True) -> RunResult:
+    """Train, select on dev, evaluate dev and test under both protocols; write the run folder.
+
+    ``dataset`` and ``features`` default to ``datasets.load(cfg.dataset)`` and
+    ``features.load_features(...)``; tests pass their own. ``callback`` receives an event dict at
+    the start of each epoch (``"epoch_start"``), after every step (``"step"``: step, epoch, loss),
+    evaluation (``"eval"``: dev metrics) and epoch (``"epoch"``: mean loss), so a notebook can plot
+    live; an exception raised there stops the run like Ctrl-C (the last checkpoint stays).
+    """
+    cfg = copy.deepcopy(cfg).validate()
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run(cfg, dataset, features, callback, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
+         callback: Callable[[dict], None] | None, progress: bool) -> RunResult:
+    t_start = time.perf_counter()
+    from .env import pick_device
+    device = pick_device(cfg.device)
+    abl = parse_ablation(cfg.ablation)
+    protocols = cfg.protocols.split(",")
+    ds = dataset if dataset is not None else datasets.load(cfg.dataset)
+    if features is None:
+        from .features import load_features
+        features = load_features(ds, clip=cfg.clip)
+    _check_features(ds, features)
+    if "original_descriptions" in abl:
+        if getattr(features, "entity_original", None) is None:
+            raise ConfigError(f"ablation 'original_descriptions' needs original descriptions: {ds.name} "
+                              "is not an augmented ('+') dataset")
+        ent_np, desc_col = features.entity_original, "description_original"
+    else:
+        ent_np, desc_col = features.entity, "description"
+
+    run_name = cfg.name()
+    run_dir = paths.runs_dir() / run_name
+    ckpt_path = run_dir / "checkpoint.pt"
+
+    eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}
+    need_cand = "dim" in protocols or cfg.negatives == "candidates"
+    train, nil_train = _split_data(ds, "train", cfg, eindex, need_cand)
+    dev, nil_dev = _split_data(ds, "dev", cfg, eindex, need_cand)
+    test, nil_test = _split_data(ds, "test", cfg, eindex, need_cand)
+    if len(train.rows) == 0:
+        raise DataError("no training mention with a gold entity", file=f"{ds.name}: mentions", field="split")
+    if len(dev.rows) == 0:
+        raise DataError("no dev mention with a gold entity: model selection needs a dev split",
+                        file=f"{ds.name}: mentions", field="split")
+    image_ok = np.asarray(features.image_ok, dtype=bool)
+    cue_ok = np.asarray(features.cue_ok, dtype=bool) if features.cue_ok is not None else np.zeros(len(image_ok), bool)
+    counts = {"train": len(train.rows), "dev": len(dev.rows), "test": len(test.rows),
+              "nil_skipped": nil_train + nil_dev + nil_test, "entities": len(eindex),
+              "unusable_images": int((~image_ok).sum()), "missing_cues": int((~cue_ok).sum())}
+
+    inputs = _inputs(features, device)
+    entities = torch.as_tensor(np.asarray(ent_np, dtype=np.float32), device=device)
+    dim = int(entities.shape[1])
+    hidden = cfg.hidden if cfg.hidden is not None else dim
+    if hidden % cfg.heads:
+        raise ConfigError(f"hidden size {hidden} (the feature size unless set) is not divisible by "
+                          f"heads={cfg.heads}")
+    mcfg = ModelConfig.from_ablation(cfg.ablation, variant=cfg.variant, dim=dim, hidden=hidden,
+                                     heads=cfg.heads, dropout=cfg.dropout,
+                                     separate_projections=cfg.separate_projections)
+    if mcfg.use_cue and not cue_ok.any():
+        mcfg.use_cue = False  # e.g. WikiDiverse: the released code has no caption there (spec 6.5)
+
+    # --- state: fresh or from the checkpoint
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    # the fused kernel is about twice as fast as the per-tensor loop on CPU and CUDA
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon,
+                                  **({"fused": True} if device.split(":")[0] in ("cpu", "cuda") else {}))
+    steps_per_epoch = math.ceil(len(train.rows) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.num_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
+                 best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
+                 epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
+    ck = load_checkpoint(ckpt_path, device) if cfg.resume and ckpt_path.exists() else None
+    if ck is not None and (ck.get("format") != CHECKPOINT_FORMAT or ck.get("code_version") != CODE_VERSION
+                           or ck.get("feature_model") != str(features.model_id)):
+        # same config, but older code or other features: its numbers would be stale
+        print(f"checkpoint of {run_name} was made by other code or features "
+              f"({ck.get('feature_model')}, code v{ck.get('code_version')}): training again")
+        ck = None
+    if ck is not None:
+        old = json.loads(ck["config"])
+        diff = [k for k in old if k not in _NOT_IN_FINGERPRINT and old[k] != cfg.to_dict().get(k)]
+        if diff:
+            raise ConfigError(f"{ckpt_path} was written with a different config ({', '.join(diff)}); "
+                              "start a new run instead of --resume")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+        shuffle_gen.set_state(ck["rng"]["shuffle"].cpu())
+        np_rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
+        s = ck["state"]
+        perm = ck["perm"].cpu() if ck["perm"] is not None else None
+        state.update(step=s["step"], epoch=s["epoch"], pos=s["pos"], perm=perm,
+                     best_state=ck["best_state"], best_score=s["best_score"], best_step=s["best_step"],
+                     best_epoch=s["best_epoch"], best_dev=s["best_dev"], since_best=s["since_best"],
+                     curve=json.loads(s["curve"]), epoch_loss=s["epoch_loss"], eval_loss=s["eval_loss"],
+                     wall=s["wall"], finished=s["finished"], status=s["status"])
+        if state["finished"]:
+            print(f"{run_name} finished earlier ({state['status']}): evaluating its selected model")
+        else:
+            print(f"resuming {run_name} from step {state['step']} "
+                  f"(epoch {state['epoch'] + state['pos'] / steps_per_epoch:.2f})")
+    else:
+        if cfg.resume and not ckpt_path.exists():
+            print(f"no checkpoint in {run_dir}: starting {run_name} from scratch")
+        for stale in ("checkpoint.pt", "metrics.json", "model.pt", "predictions.parquet"):
+            (run_dir / stale).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    sampler = None
+    if cfg.num_negatives > 0:
+        if cfg.negatives == "tfidf":
+            descs = ds.entities[desc_col].tolist() if desc_col in ds.entities else [None] * len(eindex)
+            sampler = TfidfNegativeSampler.from_entities(ds.entities["name"].tolist(), descs,
+                                                         hard_prob=cfg.hard_prob)
+        elif cfg.negatives == "random":
+            sampler = RandomNegativeSampler(len(eindex))
+        else:
+            sampler = CandidateNegativeSampler([[int(e) for e in r[1:] if e >= 0] for r in train.cand],
+                                               len(eindex))
+
+    stacked = inputs.pop("stacked")
+    train_rows = torch.as_tensor(train.rows, device=device)
+    train_gold = torch.as_tensor(train.gold, device=device)
+
+    def evaluate_split(sp: _Split, model_: torch.nn.Module) -> tuple[dict, dict]:
+        q = encode(model_, inputs, sp.rows)
+        return evaluate_queries(q, entities, sp.gold, sp.cand, cfg.rank_rule, protocols)
+
+    def save_checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state(),
+               "numpy": json.dumps(np_rng.bit_generator.state),
+               "cuda": torch.cuda.get_rng_state_all() if device.startswith("cuda") else None}
+        s = {k: state[k] for k in ("step", "epoch", "pos", "best_score", "best_step", "best_epoch", "best_dev",
+                                   "since_best", "epoch_loss", "eval_loss", "finished", "status")}
+        s["curve"] = json.dumps(state["curve"])
+        s["wall"] = state["wall"] + (time.perf_counter() - t_start)
+        _atomic_torch_save({"format": CHECKPOINT_FORMAT, "code_version": CODE_VERSION,
+                            "feature_model": str(features.model_id), "config": json.dumps(cfg.to_dict()),
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "rng": rng, "perm": state["perm"],
+                            "best_state": state["best_state"], "state": s}, ckpt_path)
+
+    def emit(event: dict) -> None:
+        if callback is not None:
+            callback(event)
+
+    # --- the loop
+    model.train()
+    # no explicit disable=False: it would override TQDM_DISABLE, which CI sets
+    bar = tqdm(total=total_steps, initial=state["step"], desc=run_name, leave=False,
+               **({} if progress else {"disable": True}))
+    try:
+        while not state["finished"]:
+            if state["epoch"] >= cfg.num_epochs:
+                state.update(finished=True, status="completed")
+                break
+            if state["pos"] == 0 or state["perm"] is None:
+                state["perm"] = torch.randperm(len(train.rows), generator=shuffle_gen)
+            perm = state["perm"].to(device)
+            emit({"event": "epoch_start", "epoch": state["epoch"] + 1, "step": state["step"]})
+            while state["pos"] < steps_per_epoch:
+                b = perm[state["pos"] * cfg.batch_size:(state["pos"] + 1) * cfg.batch_size]
+                rows, gold = train_rows[b], train_gold[b]
+                x = stacked[rows]  # [B, 4, D]: one gather for the four inputs
+                batch = {k: x[:, i] for i, k in enumerate(_ARRAYS)}
+                batch["image_ok"], batch["cue_ok"] = inputs["image_ok"][rows], inputs["cue_ok"][rows]
+                neg = None
+                if sampler is not None:
+                    idx = sampler.sample(gold.cpu().numpy(), np_rng, rows=b.cpu().numpy(), k=cfg.num_negatives)
+                    neg = entities[torch.as_tensor(idx, device=device)]  # [B, D] or [B, K, D]
+                q = model(batch)
+                loss = compute_loss(cfg.loss, q, entities[gold], neg, gold, l2_reg=cfg.l2_reg,
+                                    temperature=cfg.temperature)
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    _diverged(f"loss is {lv}", state, cfg, ckpt_path, run_dir, run_name, steps_per_epoch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if not math.isfinite(float(gnorm)):
+                    _diverged(f"gradient norm is {float(gnorm)}", state, cfg, ckpt_path, run_dir, run_name,
+                              steps_per_epoch)
+                optimizer.step()
+                scheduler.step()
+                state["step"] += 1
+                state["pos"] += 1
+                for acc in (state["epoch_loss"], state["eval_loss"]):
+                    acc[0] += lv
+                    acc[1] += 1
+                bar.update(1)
+                emit({"event": "step", "step": state["step"], "epoch": state["epoch"] + 1, "loss": lv})
+                end_of_epoch = state["pos"] == steps_per_epoch
+                due = (cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or \
+                      (end_of_epoch and (cfg.eval_steps == 0 or state["epoch"] + 1 == cfg.num_epochs))
+                if end_of_epoch:
+                    el = state["epoch_loss"]
+                    state["curve"]["train"].append({"epoch": state["epoch"] + 1, "step": state["step"],
+                                                    "loss": el[0] / max(el[1], 1)})
+                    state["epoch_loss"] = [0.0, 0]
+                    state["epoch"] += 1
+                    state["pos"] = 0
+                    bar.set_postfix(loss=f"{state['curve']['train'][-1]['loss']:.3f}")
+                    emit({"event": "epoch", **state["curve"]["train"][-1]})
+                if due:
+                    if _evaluate_and_select(state, model, dev, evaluate_split, cfg, steps_per_epoch, emit):
+                        state.update(finished=True, status="early_stopped")
+                    elif state["epoch"] >= cfg.num_epochs:
+                        state.update(finished=True, status="completed")
+                    save_checkpoint()
+                    if state["finished"]:
+                        break
+                if end_of_epoch:
+                    break
+    finally:
+        bar.close()
+
+    # --- final: the selected model on dev and test
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    model.eval()
+    metrics = {}
+    ranks = {}
+    for split_name, sp in (("dev", dev), ("test", test)):
+        metrics[split_name], ranks[split_name] = evaluate_split(sp, model)
+    wall = state["wall"] + (time.perf_counter() - t_start)
+    note = _note(ds.name, bool(features.weights_real))
+    best = {"step": state["best_step"], "epoch": state["best_epoch"],
+            f"dev {cfg.select_protocol} H@1": state["best_score"] if state["best_step"] is not None else None}
+    result = RunResult(run_name=run_name, run_dir=run_dir, dataset=ds.name, variant=cfg.variant,
+                       ablation=cfg.ablation, config=cfg.to_dict(), metrics=metrics, best=best,
+                       curve=state["curve"], status=state["status"], wall_time_s=wall,
+                       feature_model=str(features.model_id), weights_real=bool(features.weights_real),
+                       note=note, counts=counts)
+    _write_outputs(result, cfg, model, mcfg, ds, entities, inputs, (dev, test), ranks, device, protocols)
+    write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # issue 7: what dimkit.link needs
+    return result
+
+
+def _evaluate_and_select(state: dict, model: torch.nn.Module, dev: _Split, evaluate_split, cfg: TrainConfig,
+                         steps_per_epoch: int, emit) -> bool:
+    """Evaluate on dev, keep the best weights; True when early stopping says stop."""
+    metrics, _ = evaluate_split(dev, model)
+    model.train()
+    el = state["eval_loss"]
+    point = {"epoch": round(state["epoch"] + state["pos"] / steps_per_epoch, 4), "step": state["step"],
+             "loss": el[0] / max(el[1], 1), **metrics}
+    state["eval_loss"] = [0.0, 0]
+    state["curve"]["dev"].append(point)
+    score = metrics[cfg.select_protocol]["H@1"]
+    if score is not None and score > state["best_score"]:
+        state.update(best_state=_clone_state(model), best_score=score, best_step=state["step"],
+                     best_epoch=point["epoch"], best_dev=json.dumps(metrics), since_best=0)
+    else:
+        state["since_best"] += 1
+    emit({"event": "eval", **point})
+    return bool(cfg.patience and state["since_best"] >= cfg.patience)
+
+
+def _diverged(what: str, state: dict, cfg: TrainConfig, ckpt_path: Path, run_dir: Path, run_name: str,
+              steps_per_epoch: int) -> None:
+    step = state["step"] + 1
+    epoch = state["epoch"] + 1
+    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+            else "no checkpoint had been written yet")
+    msg = (f"training stopped: {what} at step {step} (epoch {epoch}) of run {run_name}; {kept}. "
+           f"Try a lower lr (now {cfg.lr}) or check the features for NaN/inf values.")
+    datasets.atomic_write_text(json.dumps({"run_name": run_name, "status": "diverged", "error": msg,
+                                           "config": cfg.to_dict(), "curve": state["curve"]},
+                                          indent=2, default=str) + "\n", run_dir / "metrics.json")
+    raise TrainingDiverged(msg)
+
+
+def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, mcfg: ModelConfig,
+                   ds: datasets.Dataset, entities: torch.Tensor, inputs: dict, splits: tuple, ranks: dict,
+                   device: str, protocols: list[str]) -> None:
+    run_dir = result.run_dir
+    _atomic_torch_save({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
+                        "model": {k: v.cpu() for k, v in model.state_dict().items()}}, run_dir / "model.pt")
+    qids = ds.entities["qid"].to_numpy()
+    frames = []
+    for split_name, sp in zip(("dev", "test"), splits):
+        if not len(sp.rows):
+            continue
+        q = encode(model, inputs, sp.rows)
+        _, top = kb_ranks(q, entities, sp.gold, cfg.rank_rule, topk=5)
+        df = pd.DataFrame({"mention_id": sp.mention_ids, "split": split_name, "qid": qids[sp.gold]})
+        for p in protocols:
+            df[f"rank_{p}"] = ranks[split_name][p]
+        df["top5"] = [list(qids[t]) for t in top.cpu().numpy()]
+        frames.append(df)
+    if frames:
+        datasets.atomic_write_parquet(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+    import platform
+
+    from . import __version__
+    out = {
+        "run_name": result.run_name, "status": result.status, "dataset": result.dataset,
+        "variant": result.variant, "ablation": result.ablation,
+        "protocol": {p: PROTOCOL_NOTES[p] for p in protocols}, "rank_rule": cfg.rank_rule,
+        "selection": f"best dev H@1 ({cfg.select_protocol} protocol) over all evaluations",
+        "metrics": result.metrics, "best": result.best, "config": result.config, "seed": cfg.seed,
+        "feature_model": result.feature_model, "weights_real": result.weights_real, "note": result.note,
+        "wall_time_s": result.wall_time_s, "device": device, "counts": result.counts, "curve": result.curve,
+        # versions only of what training touches: importing transformers/open_clip here costs seconds
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "dimkit": __version__},
+    }
+    datasets.atomic_write_text(json.dumps(out, indent=2, default=str) + "\n", run_dir / "metrics.json")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dimkit train``."""
+    parser.add_argument("dataset", help="dataset name (sample+, wiki+, rich+, diverse+, wikimel, ...)")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help="paper (default) or released")
+    parser.add_argument("--epochs", type=int, default=None, dest="num_epochs", help="num_epochs (preset otherwise)")
+    parser.add_argument("--ablation", default=None,
+                        help=f"one of {', '.join(ABLATIONS)}, or several joined by commas")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, dest="batch_size")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--loss", choices=LOSSES, default=None)
+    parser.add_argument("--negatives", choices=SAMPLERS, default=None)
+    parser.add_argument("--rank-rule", choices=RULES, default=None, dest="rank_rule")
+    parser.add_argument("--clip", default=None,
+                        help="feature model for dimkit.features (default auto: the sample CLIP on the sample, "
+                             "ViT-B-32 elsewhere)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--run-name", default=None, dest="run_name")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key (repeatable), e.g. --set patience=5")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``dimkit train``: resolve the config, train, print the metrics."""
+    over = {k: getattr(args, k) for k in ("variant", "num_epochs", "ablation", "lr", "batch_size", "seed", "loss",
+                                          "negatives", "rank_rule", "clip", "device", "run_name")}
+    if args.resume:
+        over["resume"] = True
+    cfg = config_for(args.dataset, **over)
+    sets = parse_sets(args.set)
+    if sets:
+        cfg = dataclasses.replace(cfg, **sets).validate()
+    if args.show_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        print(f"run folder: {paths.runs_dir() / cfg.name()}")
+        return 0
+    result = run(cfg)
+    print(result)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        for split in ("dev", "test"):
+            print(f"\n{split}:")
+            print(results_table([result], split).round(2).to_string(index=False))
+    print(f"\nwrote {result.metrics_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Feature provenance for dimkit.link (issue 7): which CLIP, precision, expert and entity texts
+# the run was trained on, so new mentions get their features from the very same models.
+
+PROVENANCE_FILE = "features.json"
+PROVENANCE_FORMAT = "dimkit-run-features/1"
+
+
+def _portable_clip_spec(spec: str) -> str:
+    """A ``--clip`` value that still means the same model from another working directory."""
+    arch, sep, rest = spec.partition(":")
+    if Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser().resolve())
+    if sep and rest and Path(rest).expanduser().exists():
+        return f"{arch}:{Path(rest).expanduser().resolve()}"
+    return spec
+
+
+def feature_provenance(cfg: TrainConfig, ds: datasets.Dataset, features: Any, desc_col: str) -> dict:
+    """What ``features.json`` records; a spec that cannot be confirmed against the features is None."""
+    from .store import content_hash
+
+    meta = dict(getattr(features, "meta", None) or {})
+    model_id = str(getattr(features, "model_id", ""))
+    clip_spec = None
+    try:
+        if "feature_version" not in meta:  # not made by dimkit.features (e.g. a test's hand-built set)
+            raise DimkitError("features of unknown origin")
+        from .clip import parse_clip_spec
+        from .features import resolve_clip_name
+
+        spec = meta.get("clip_spec") or resolve_clip_name(ds.name, cfg.clip)
+        if parse_clip_spec(spec).model_id == model_id:
+            clip_spec = _portable_clip_spec(spec)
+    except DimkitError:
+        pass
+    expert_spec = None
+    if meta.get("cue_expert") is not None:
+        try:
+            from .cues import default_expert
+            from .experts import make_expert
+
+            spec = meta.get("cue_expert_spec") or default_expert(ds.name)
+            ex = make_expert(spec)
+            if ex.model_id == meta.get("cue_expert") and ex.version == meta.get("cue_prompt_version"):
+                expert_spec = spec
+        except DimkitError:
+            pass
+    return {
+        "format": PROVENANCE_FORMAT, "dataset": ds.name, "feature_model": model_id,
+        "clip_spec": clip_spec, "weights_real": bool(getattr(features, "weights_real", False)),
+        "precision": meta.get("precision"), "feature_version": meta.get("feature_version"),
+        "cue_expert": meta.get("cue_expert"), "cue_expert_spec": expert_spec,
+        "cue_prompt_version": meta.get("cue_prompt_version"), "synthetic_cues": meta.get("synthetic_cues"),
+        "missing_description": meta.get("missing_description", "name"),
+        "entity_column": desc_col, "entities": int(len(ds.entities)),
+        "entity_qids_sha256": content_hash(ds.entities["qid"].astype(str).tolist()),
+    }
+
+
+def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Dataset, features: Any,
+                             desc_col: str) -> Path:
+    """Write ``runs/<run-name>/features.json`` (read by :mod:`dimkit.link`)."""
+    target = Path(run_dir) / PROVENANCE_FILE
+    data = feature_provenance(cfg, ds, features, desc_col)
+    datasets.atomic_write_text(json.dumps(data, indent=2) + "\n", target)
+    return target

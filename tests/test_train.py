@@ -1,0 +1,243 @@
+"""Training runs end to end on synthetic problems: presets, resume, NaN stop, outputs (dimkit.train)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dimkit import cli, synthetic, train
+from dimkit.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: threads only add contention on the shared 2-core machines
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return synthetic.make_problem(n_mentions=500, n_groups=20, group_size=3, dim=32, seed=0)
+
+
+def _cfg(**kw):
+    base = dict(hidden=32, heads=4, lr=3e-3, batch_size=32, num_epochs=4, eval_steps=0, warmup_steps=5,
+                patience=0)
+    base.update(kw)
+    return train.config_for("synthetic", **base)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_presets_come_from_the_released_scripts():
+    wiki = train.config_for("wiki+")
+    assert wiki.dataset == "wikimel+"
+    assert (wiki.lr, wiki.batch_size, wiki.num_epochs, wiki.dropout, wiki.weight_decay) == (5e-5, 64, 300, 0.4, 1e-3)
+    # hidden None = the CLIP feature size: 512 with ViT-B/32, the scripts' value
+    assert (wiki.hidden, wiki.heads, wiki.seed, wiki.warmup_steps, wiki.max_grad_norm) == (None, 8, 114514, 100, 1.0)
+    assert (wiki.loss, wiki.l2_reg, wiki.negatives, wiki.num_negatives) == ("npair", 0.02, "tfidf", 1)
+    rich = train.config_for("rich+", variant="released", num_epochs=5)
+    assert (rich.lr, rich.batch_size, rich.num_epochs, rich.variant) == (5e-5, 64, 5, "released")
+    div = train.config_for("diverse+")
+    assert (div.lr, div.batch_size, div.num_epochs, div.candidate_limit) == (5e-6, 128, 500, 79)
+    keys = {frozenset(p) for p in train.PRESETS.values()}
+    assert len(keys) == 1, "every preset has the same keys"
+    assert train.config_for("sample+").num_epochs < 100
+
+
+def test_unknown_names_and_bad_values_fail():
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        train.config_for("wiki+", learning_rate=1e-3)
+    with pytest.raises(ConfigError, match="variant"):
+        train.config_for("wiki+", variant="fancy")
+    with pytest.raises(ConfigError, match="wrong type"):
+        train.config_for("wiki+", num_epochs="5")
+    with pytest.raises(ConfigError, match="ablation"):
+        train.config_for("wiki+", ablation="no_text")
+    with pytest.raises(ConfigError, match="no_attention"):
+        train.config_for("wiki+", variant="released", ablation="no_attention")
+    with pytest.raises(ConfigError):
+        train.config_for("wiki+", lr=-1.0)
+    with pytest.raises(ConfigError, match="select_protocol"):
+        train.config_for("wiki+", protocols="kb")
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        train.parse_sets(["nope=1"])
+    assert train.parse_sets(["lr=1e-4", "patience=3", "resume=true", "candidate_limit=none"]) == {
+        "lr": 1e-4, "patience": 3, "resume": True, "candidate_limit": None}
+    with pytest.raises(ConfigError, match="valid int"):
+        train.parse_sets(["patience=three"])
+
+
+def test_run_names_follow_the_config_not_the_device():
+    a = train.config_for("rich+", variant="released")
+    assert a.name().startswith("richpediamel+-released-full-s114514-")
+    assert dataclasses.replace(a, device="cpu", resume=True).name() == a.name()
+    assert dataclasses.replace(a, lr=1e-4).name() != a.name()
+    assert train.config_for("rich+", ablation="text_only").name().startswith("richpediamel+-paper-text_only-")
+
+
+def test_cli_registers_train_and_reports_bad_keys(capsys, kit_dirs):
+    assert "train" in cli.COMMANDS
+    assert cli.main(["train", "rich+", "--variant", "released", "--epochs", "5", "--set", "patience=3",
+                     "--show-config"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("\nrun folder")[0])
+    assert (shown["variant"], shown["num_epochs"], shown["patience"], shown["dataset"]) == (
+        "released", 5, 3, "richpediamel+")
+    assert cli.main(["train", "rich+", "--set", "bogus=1", "--show-config"]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_paper_beats_text_only_when_images_decide(problem, kit_dirs):
+    ds, fs = problem
+    full = train.run(_cfg(num_epochs=10, lr=1e-2), dataset=ds, features=fs)
+    text = train.run(_cfg(num_epochs=10, lr=1e-2, ablation="text_only"), dataset=ds, features=fs)
+    h_full, h_text = full.metrics["test"]["dim"]["H@1"], text.metrics["test"]["dim"]["H@1"]
+    assert h_full > h_text + 0.25, (h_full, h_text)
+    assert full.metrics["test"]["kb"]["H@1"] > text.metrics["test"]["kb"]["H@1"] + 0.2
+
+    # results are data: metrics.json holds everything a table needs
+    d = json.loads(full.metrics_path.read_text())
+    for key in ("dataset", "variant", "ablation", "protocol", "metrics", "config", "seed", "feature_model",
+                "weights_real", "wall_time_s", "curve", "note", "status", "best"):
+        assert key in d, key
+    assert d["status"] == "completed" and d["weights_real"] is False and "not comparable" in d["note"]
+    assert set(d["metrics"]) == {"dev", "test"} and set(d["metrics"]["test"]) == {"dim", "kb"}
+    assert {"H@1", "H@3", "H@5", "H@10", "H@20", "MRR", "MR"} <= set(d["metrics"]["test"]["kb"])
+    assert len(d["curve"]["train"]) == 10 and len(d["curve"]["dev"]) == 10
+    assert d["metrics"]["dev"]["dim"]["H@1"] == pytest.approx(max(p["dim"]["H@1"] for p in d["curve"]["dev"]))
+    assert train.load_result(full.run_dir).metrics == full.metrics
+
+    pred = pd.read_parquet(full.run_dir / "predictions.parquet")
+    test_pred = pred[pred.split == "test"]
+    assert len(test_pred) == full.metrics["test"]["kb"]["n"]
+    assert (test_pred.rank_kb == 1).mean() == pytest.approx(full.metrics["test"]["kb"]["H@1"])
+    assert ((test_pred.rank_kb == 1) == [t[0] == q for t, q in zip(test_pred.top5, test_pred.qid)]).all()
+
+    model, cfg = train.load_model(full.run_dir)
+    assert cfg.variant == "paper"
+    assert train.results_table([full, text]).shape[0] == 2
+
+
+def test_released_variant_runs_without_any_cue(problem, kit_dirs):
+    ds, fs = problem
+    no_cue = dataclasses.replace(fs, cue=None, cue_ok=np.zeros(len(fs.mention_ids), dtype=bool))
+    r = train.run(_cfg(variant="released", num_epochs=2), dataset=ds, features=no_cue)
+    assert r.counts["missing_cues"] == len(fs.mention_ids)
+    assert 0 <= r.metrics["test"]["dim"]["H@1"] <= 1
+
+
+def test_original_descriptions_ablation(problem, kit_dirs):
+    ds, fs = problem
+    r = train.run(_cfg(num_epochs=2, ablation="original_descriptions", negatives="random"), dataset=ds,
+                  features=fs)
+    assert r.ablation == "original_descriptions"
+    with pytest.raises(ConfigError, match="original descriptions"):
+        train.run(_cfg(ablation="original_descriptions"), dataset=ds,
+                  features=dataclasses.replace(fs, entity_original=None))
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(problem, kit_dirs, capsys):
+    ds, fs = problem
+    # evaluation (and checkpoint) every 5 steps, 11 steps an epoch: checkpoints fall mid-epoch
+    kw = dict(num_epochs=3, eval_steps=5, negatives="tfidf", variant="paper")
+    full = train.run(_cfg(run_name="full", **kw), dataset=ds, features=fs)
+
+    def stop_at_step_13(event):
+        if event["event"] == "step" and event["step"] == 13:
+            raise _Interrupt()  # like Ctrl-C after the checkpoint of step 10
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_cfg(run_name="cut", **kw), dataset=ds, features=fs, callback=stop_at_step_13)
+    ck = train.load_checkpoint(kit_dirs["runs"] / "cut" / "checkpoint.pt")
+    assert ck["state"]["step"] == 10 and not (kit_dirs["runs"] / "cut" / "metrics.json").exists()
+
+    steps = []
+    resumed = train.run(_cfg(run_name="cut", resume=True, **kw), dataset=ds, features=fs,
+                        callback=lambda e: steps.append(e["step"]) if e["event"] == "step" else None)
+    assert "resuming cut from step 10" in capsys.readouterr().out
+    assert steps[0] == 11
+    assert resumed.metrics == full.metrics
+    assert resumed.curve == full.curve
+    assert resumed.best == full.best
+
+    # a finished run resumes to its results without training again
+    steps.clear()
+    again = train.run(_cfg(run_name="cut", resume=True, **kw), dataset=ds, features=fs,
+                      callback=lambda e: steps.append(e))
+    assert steps == [] and again.metrics == full.metrics
+
+    # a different config never continues someone else's checkpoint
+    with pytest.raises(ConfigError, match="lr"):
+        train.run(_cfg(run_name="cut", resume=True, lr=1e-2, **kw), dataset=ds, features=fs)
+
+    # features from another model: the checkpoint is stale, the run trains again
+    other = dataclasses.replace(fs, model_id="another-clip")
+    steps.clear()
+    train.run(_cfg(run_name="cut", resume=True, **kw), dataset=ds, features=other,
+              callback=lambda e: steps.append(e["step"]) if e["event"] == "step" else None)
+    assert steps[0] == 1 and "training again" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(problem, kit_dirs, monkeypatch):
+    ds, fs = problem
+    real = train.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    cfg = _cfg(run_name="nan", eval_steps=3)
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 8 .*checkpoint.*is kept"):
+        train.run(cfg, dataset=ds, features=fs)
+    run_dir = kit_dirs["runs"] / "nan"
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    status = json.loads((run_dir / "metrics.json").read_text())
+    assert status["status"] == "diverged" and "step 8" in status["error"]
+    with pytest.raises(Exception, match="did not finish"):
+        train.load_result(run_dir)
+
+
+def test_early_stopping_on_dev_h1(problem, kit_dirs):
+    ds, fs = problem
+    r = train.run(_cfg(num_epochs=30, lr=1e-9, patience=2), dataset=ds, features=fs)
+    assert r.status == "early_stopped"
+    assert len(r.curve["dev"]) == 3  # the first evaluation is the best; two more without improvement
+    assert r.best["step"] == r.curve["dev"][0]["step"]
+
+
+def test_strict_rule_and_kb_only_selection(problem, kit_dirs):
+    ds, fs = problem
+    r = train.run(_cfg(num_epochs=1, rank_rule="strict", protocols="kb", select_protocol="kb",
+                       negatives="random"), dataset=ds, features=fs)
+    assert set(r.metrics["test"]) == {"kb"}
+    assert json.loads(r.metrics_path.read_text())["rank_rule"] == "strict"
+
+
+def test_non_finite_features_are_named_before_training(problem, kit_dirs):
+    ds, fs = problem
+    bad = fs.image.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(Exception, match=r"record 'm00007'.*field 'image'.*non-finite"):
+        train.run(_cfg(), dataset=ds, features=dataclasses.replace(fs, image=bad))
+    with pytest.raises(Exception, match="mention order"):
+        train.run(_cfg(), dataset=ds, features=dataclasses.replace(fs, mention_ids=fs.mention_ids[::-1]))
