@@ -1,0 +1,458 @@
+"""Where a trained run fails, and why (notebook ``06_errors``).
+
+For a run of :mod:`dimkit.train`, :func:`analyse` re-scores every mention of a split with the run's
+own model and stored features (through :class:`dimkit.link.Linker`, so no model is loaded when the
+features are stored) and returns one row per mention: the gold and the predicted entity with their
+descriptions and scores, the gold's rank, the expert cue, whether the image was usable, and, for the
+``paper`` variant, the attention weights over the modalities. Each failure gets one **error kind**,
+the first that applies:
+
+1. ``gold not in candidates`` -- the fuzzy candidate list (DIM's search_top100) missed the gold:
+   candidate generation failed, not the model (DIM's protocol still adds the gold back);
+2. ``image unusable`` -- the mention's image could not be used, so only text and no cue remained;
+3. ``name-alike entity chosen`` -- the prediction shares the gold's name: the ambiguity that the
+   image and the cue are meant to resolve was not resolved;
+4. ``other``.
+
+:func:`compare` sets two runs side by side (e.g. ``paper`` and its ``text_only`` ablation) on the
+mentions where their predictions differ. Run selection (:func:`find_runs`, :func:`ensure_run`)
+reads the runs' ``metrics.json``; nobody parses printed text.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import datasets, paths
+from .errors import ConfigError, DimkitError
+
+#: Error kinds, in the order they are assigned (the first that applies).
+ERROR_KINDS = ("gold not in candidates", "image unusable", "name-alike entity chosen", "other")
+PROTOCOLS = ("dim", "kb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding runs
+
+
+def find_runs(dataset: str | None = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
+    """Finished runs under ``$DIMKIT_RUNS`` (newest first): name, dataset, variant, ablation, test H@1."""
+    root = Path(runs_dir) if runs_dir is not None else paths.runs_dir()
+    want = datasets.canonical_name(dataset) if dataset else None
+    rows = []
+    for mf in root.glob("*/metrics.json"):
+        try:
+            m = json.loads(mf.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("status") not in ("completed", "early_stopped") or (want and m.get("dataset") != want):
+            continue
+        test = m.get("metrics", {}).get("test", {})
+        rows.append({"run": mf.parent.name, "dataset": m.get("dataset"), "variant": m.get("variant"),
+                     "ablation": m.get("ablation"),
+                     "test dim H@1": (test.get("dim") or {}).get("H@1"),
+                     "test kb H@1": (test.get("kb") or {}).get("H@1"),
+                     "linkable": all((mf.parent / f).is_file() for f in ("model.pt", "features.json")),
+                     "finished": mf.stat().st_mtime, "path": str(mf.parent)})
+    cols = ["run", "dataset", "variant", "ablation", "test dim H@1", "test kb H@1", "linkable", "finished", "path"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.sort_values("finished", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def latest_run(dataset: str, variant: str = "paper", ablation: str = "none") -> Path | None:
+    """The newest linkable run of ``dataset`` with this variant and ablation, or None."""
+    runs = find_runs(dataset)
+    hit = runs[(runs["variant"] == variant) & (runs["ablation"] == ablation) & runs["linkable"]]
+    return Path(hit["path"].iloc[0]) if len(hit) else None
+
+
+def ensure_run(dataset: str, variant: str = "paper", ablation: str = "none", *, run: str = "",
+               quick_epochs: int = 5, progress: bool = False) -> Path:
+    """``run`` if named, else the newest matching run, else a quick one trained now (``quick_epochs``)."""
+    if run:
+        from .link import resolve_run
+
+        return resolve_run(run)
+    found = latest_run(dataset, variant, ablation)
+    if found is not None:
+        return found
+    from . import train
+
+    print(f"no finished {variant}/{ablation} run of {dataset} in {paths.runs_dir()}: training a quick one "
+          f"({quick_epochs} epochs; notebook 03 trains the full schedule)")
+    cfg = train.config_for(dataset, variant=variant, ablation=ablation, num_epochs=quick_epochs, resume=True)
+    return Path(train.run(cfg, progress=progress).run_dir)
+
+
+def example_mention(linker: Any, split: str = "test") -> pd.Series:
+    """A mention of ``split`` with a usable image that the run ranked first (KB protocol), for demos;
+    the first mention with an image and a gold if the run ranked none first."""
+    ds = linker.dataset
+    m = ds.split(split).dropna(subset=["image", "qid"])
+    if "image_status" in m.columns:
+        m = m[m["image_status"] == "ok"]
+    if not len(m):
+        raise DimkitError(f"{ds.name} has no {split} mention with a usable image and a gold entity")
+    pred = pd.read_parquet(linker.run_dir / "predictions.parquet")
+    first = set(pred.loc[(pred["split"] == split) & (pred.get("rank_kb", pd.Series(0, index=pred.index)) == 1),
+                         "mention_id"])
+    hit = m[m["mention_id"].isin(first)]
+    return (hit if len(hit) else m).iloc[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class Analysis:
+    """A run's per-mention outcome on one split (``table``), under one protocol."""
+
+    run_name: str
+    variant: str
+    ablation: str
+    dataset: str
+    split: str
+    protocol: str
+    rank_rule: str
+    table: pd.DataFrame
+    attention_keys: list[str] = field(default_factory=list)
+    note: str = ""
+    linker: Any = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """``paper`` or ``paper (text_only)``."""
+        return self.variant + ("" if self.ablation == "none" else f" ({self.ablation})")
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        """Mentions whose gold is not ranked first."""
+        return self.table[~self.table["correct"]]
+
+    def worst(self, n: int = 8) -> pd.DataFrame:
+        """The ``n`` most confident failures: largest margin of the prediction over the gold."""
+        return self.failures.sort_values("margin", ascending=False, kind="stable").head(n)
+
+    def __str__(self) -> str:
+        t = self.table
+        return (f"{self.run_name} ({self.label}) on {self.dataset} {self.split}, {self.protocol} protocol: "
+                f"{int(t['correct'].sum())} of {len(t)} mentions right (H@1 {t['correct'].mean():.3f}), "
+                f"{len(self.failures)} failures" + (f"\nnote: {self.note}" if self.note else ""))
+
+
+def _expert(linker) -> Any:
+    """The run's cue expert: its recorded spec, or the expert the linker was given, or none."""
+    return linker.info.cue_expert_spec or linker.expert or "none"
+
+
+def _dataset_features(linker, progress: bool):
+    """The run dataset's FeatureSet from the stores, with the run's CLIP, precision and expert."""
+    from .features import compute_features
+
+    info = linker.info
+    fs, _ = compute_features(linker.dataset, info.clip_spec, expert=_expert(linker), precision=info.precision,
+                             missing_description=info.missing_description, progress=progress, write_report=False)
+    if fs.model_id != info.feature_model:
+        raise DimkitError(f"the dataset's features are of {fs.model_id}, the run's of {info.feature_model}")
+    return fs
+
+
+def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any = None, features: Any = None,
+            progress: bool = False, chunk: int = 512) -> Analysis:
+    """Score every mention of ``split`` with the run and classify its failures (see the module doc)."""
+    import torch
+
+    from .cues import run_cues
+    from .evaluate import candidate_matrix, gold_rank
+    from .link import Linker
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    linker = linker or Linker(run, lazy=True, progress=progress)
+    info, cfg, ds = linker.info, linker.config, linker.dataset
+    fs = features if features is not None else _dataset_features(linker, progress)
+    m = ds.mentions.reset_index(drop=True)
+    if list(fs.mention_ids) != m["mention_id"].astype(str).tolist():
+        raise DimkitError(f"the features do not follow {ds.name}'s mentions: recompute them (dimkit features)")
+    rows = np.flatnonzero(((m["split"] == split) & m["qid"].notna()).to_numpy())
+    if not len(rows):
+        raise DimkitError(f"{ds.name} has no {split} mention with a gold entity")
+    mids = m["mention_id"].to_numpy()[rows]
+    eindex = linker.entity_index
+    gold = np.array([eindex.get(q, -1) for q in m["qid"].to_numpy()[rows]])
+    if (gold < 0).any():
+        raise DimkitError(f"{int((gold < 0).sum())} gold entities of {split} are not in the run's KB")
+
+    lists = {}
+    if ds.candidates is not None:
+        lists = dict(zip(ds.candidates["mention_id"].tolist(), ds.candidates["qids"].tolist()))
+    limit = cfg.candidate_limit if cfg is not None else None
+    cand = None
+    if protocol == "dim":
+        cand = candidate_matrix(ds.candidates, mids.tolist(), gold, eindex, limit,
+                                source=str(ds.root / "candidates.parquet")) if ds.candidates is not None else None
+        if cand is None:
+            raise ConfigError(f"the dim protocol needs {ds.name}'s candidate lists (dimkit candidates {ds.name})")
+
+    names = ("mention", "mention_sentence", "image", "cue")
+    pred, rank, gscore, pscore, attn = [], [], [], [], []
+    rule = cfg.rank_rule if cfg is not None else "pessimistic"
+    for a in range(0, len(rows), chunk):
+        r = rows[a:a + chunk]
+        feats = {k: np.asarray(getattr(fs, k))[r] if getattr(fs, k) is not None
+                 else np.zeros((len(r), fs.dim), np.float32) for k in names}
+        feats["image_ok"] = np.asarray(fs.image_ok)[r]
+        feats["cue_ok"] = np.asarray(fs.cue_ok)[r] if fs.cue_ok is not None else np.zeros(len(r), bool)
+        q, w = linker.query(feats, attention=True)
+        s = linker.scores(q).cpu()                                              # [n, E]
+        g = torch.as_tensor(gold[a:a + chunk])
+        if protocol == "kb":
+            rank.append(gold_rank(s, g, rule).numpy())
+            best = s.nan_to_num(nan=-2.0).argmax(1)
+        else:
+            c = torch.as_tensor(cand[a:a + chunk])
+            valid = c >= 0
+            sc = torch.gather(s, 1, c.clamp_min(0)).masked_fill(~valid, float("-inf"))   # [n, C]
+            rank.append(gold_rank(sc, torch.zeros(len(r), dtype=torch.long), rule, valid).numpy())
+            best = torch.gather(c, 1, sc.nan_to_num(nan=-2.0).argmax(1, keepdim=True))[:, 0]
+        pred.append(best.numpy())
+        gscore.append(s[torch.arange(len(r)), g].numpy())
+        pscore.append(s[torch.arange(len(r)), best].numpy())
+        if w is not None:
+            attn.append(w)
+    pred_i, rank_a = np.concatenate(pred), np.concatenate(rank)
+    gold_q, pred_q = linker.qids[gold], linker.qids[pred_i]
+
+    cue_table = run_cues(ds, _expert(linker), progress=progress, write_report=False).table.set_index("mention_id")
+    sub = m.iloc[rows]
+    image_ok = np.asarray(fs.image_ok)[rows]
+    if "image_status" in sub.columns:
+        image_status = [s if isinstance(s, str) else ("ok" if ok else "unusable")
+                        for s, ok in zip(sub["image_status"].tolist(), image_ok)]
+    else:
+        image_status = ["ok" if ok else "unusable" for ok in image_ok]
+    norm = np.vectorize(lambda x: " ".join(str(x).lower().split()))
+    gold_name, pred_name = linker.names[gold], linker.names[pred_i]
+    in_cands = [(q in (list(lists[mid])[:limit] if limit is not None else list(lists[mid])))
+                if mid in lists else None for mid, q in zip(mids, gold_q)]
+    table = pd.DataFrame({
+        "mention_id": mids, "mention": sub["mention"].to_numpy(), "sentence": sub["sentence"].to_numpy(),
+        "image": [x if isinstance(x, str) else None for x in sub["image"].tolist()],
+        "image_ok": image_ok, "image_status": image_status,
+        "cue": [cue_table["cue"].get(mid) for mid in mids],
+        "cue_status": [cue_table["cue_status"].get(mid) for mid in mids],
+        "gold_qid": gold_q, "gold_name": gold_name, "gold_description": linker.descriptions[gold],
+        "pred_qid": pred_q, "pred_name": pred_name, "pred_description": linker.descriptions[pred_i],
+        "rank": rank_a.astype(int), "gold_score": np.concatenate(gscore), "pred_score": np.concatenate(pscore),
+    })
+    table["margin"] = table["pred_score"] - table["gold_score"]
+    table["correct"] = table["rank"] == 1
+    table["gold_in_candidates"] = pd.array(in_cands, dtype="boolean")
+    table["name_alike"] = (norm(gold_name) == norm(pred_name)) & (gold_q != pred_q)
+    keys = list(getattr(linker.model, "key_names", []) or []) if attn else []
+    if attn:
+        w = np.concatenate(attn)
+        for j, k in enumerate(keys):
+            table[f"attention {k}"] = w[:, j]
+    table["error_kind"] = _kinds(table)
+    return Analysis(run_name=info.run_name, variant=info.variant, ablation=info.ablation, dataset=ds.name,
+                    split=split, protocol=protocol, rank_rule=rule, table=table, attention_keys=keys,
+                    note=linker.note, linker=linker)
+
+
+def _kinds(t: pd.DataFrame) -> list[str]:
+    out = []
+    for correct, inc, ok, alike in zip(t["correct"], t["gold_in_candidates"], t["image_ok"], t["name_alike"]):
+        if correct:
+            out.append("correct")
+        elif inc is not pd.NA and inc is not None and not bool(inc):
+            out.append(ERROR_KINDS[0])
+        elif not ok:
+            out.append(ERROR_KINDS[1])
+        elif alike:
+            out.append(ERROR_KINDS[2])
+        else:
+            out.append(ERROR_KINDS[3])
+    return out
+
+
+def agreement_with_training(a: Analysis) -> float:
+    """Share of mentions whose rank here equals the one ``dimkit.train`` wrote to predictions.parquet."""
+    p = a.linker.run_dir / "predictions.parquet"
+    pred = pd.read_parquet(p)
+    col = f"rank_{a.protocol}"
+    if col not in pred.columns:
+        raise DimkitError(f"{p} has no {col} column (the run did not evaluate the {a.protocol} protocol)")
+    merged = a.table[["mention_id", "rank"]].merge(pred[pred["split"] == a.split][["mention_id", col]], on="mention_id")
+    return float((merged["rank"] == merged[col]).mean()) if len(merged) else float("nan")
+
+
+def confusion_summary(a: Analysis) -> pd.DataFrame:
+    """Failures by error kind: count, share of failures and of the split, and how often each flag occurs.
+
+    ``error kind`` counts each failure once (the first kind that applies); ``flag set`` counts every
+    failure showing that condition, so overlaps (a name-alike choice on an unusable image) are visible.
+    """
+    f = a.failures
+    n_f, n = max(len(f), 1), max(len(a.table), 1)
+    flags = {ERROR_KINDS[0]: (f["gold_in_candidates"] == False).sum(),  # noqa: E712 (nullable boolean)
+             ERROR_KINDS[1]: (~f["image_ok"]).sum(), ERROR_KINDS[2]: f["name_alike"].sum(), ERROR_KINDS[3]: None}
+    rows = []
+    for kind in ERROR_KINDS:
+        c = int((f["error_kind"] == kind).sum())
+        rows.append({"error kind": kind, "failures": c, "% of failures": round(100 * c / n_f, 1),
+                     "% of mentions": round(100 * c / n, 1),
+                     "flag set": int(flags[kind]) if flags[kind] is not None else pd.NA})
+    rows.append({"error kind": "all failures", "failures": len(f), "% of failures": 100.0 if len(f) else 0.0,
+                 "% of mentions": round(100 * len(f) / n, 1), "flag set": pd.NA})
+    out = pd.DataFrame(rows).astype({"flag set": "Int64"})
+    out.attrs["note"] = a.note
+    return out
+
+
+def _short(text: Any, width: int) -> str:
+    return textwrap.shorten(str(text), width, placeholder="...") if isinstance(text, str) and text else "(none)"
+
+
+def _attention_text(row: pd.Series, keys: list[str]) -> str:
+    short = {"mention_sentence": "sentence", "image": "image", "cue": "cue"}
+    return " ".join(f"{short.get(k, k)} {row[f'attention {k}']:.2f}" for k in keys)
+
+
+def failure_table(a: Analysis, n: int = 8) -> pd.DataFrame:
+    """The worst failures as a readable table: mention, sentence, gold and predicted entity with descriptions,
+    the cue, the attention over modalities (``paper``) and the error kind."""
+    w = a.worst(n)
+    out = pd.DataFrame({
+        "mention": w["mention"], "sentence": w["sentence"],
+        "gold": w["gold_name"] + " (" + w["gold_qid"] + ")", "gold description": w["gold_description"],
+        "predicted": w["pred_name"] + " (" + w["pred_qid"] + ")", "predicted description": w["pred_description"],
+        "gold rank": w["rank"], "margin": w["margin"].round(3),
+        "cue": [c if isinstance(c, str) and c else f"(none: {s})" for c, s in zip(w["cue"], w["cue_status"])],
+        "image": w["image_status"], "error kind": w["error_kind"]})
+    if a.attention_keys:
+        out.insert(len(out.columns) - 1, "attention", [_attention_text(r, a.attention_keys) for _, r in w.iterrows()])
+    return out.reset_index(drop=True)
+
+
+def show_failures(a: Analysis, n: int = 8, *, ncols: int = 4):
+    """The worst failures as image + caption (mention, gold and prediction with descriptions, cue,
+    attention, error kind); returns the figure. The full texts are in :func:`failure_table`."""
+    from . import plots
+    from .images import load_image
+
+    ds = a.linker.dataset
+    w = a.worst(n)
+    images, captions = [], []
+    width = 52
+    for _, r in w.iterrows():
+        images.append(load_image(ds.image_path(r["image"])).image if r["image"] else None)
+        cue = r["cue"] if isinstance(r["cue"], str) and r["cue"] else f"(none: {r['cue_status']})"
+        lines = [_short(f"[{r['mention']}] {r['sentence']}", width),
+                 _short(f"gold: {r['gold_name']} ({r['gold_qid']}), rank {r['rank']}", width),
+                 _short(f"  {_after_name(r['gold_description'], r['gold_name'])}", width),
+                 _short(f"pred: {r['pred_name']} ({r['pred_qid']})", width),
+                 _short(f"  {_after_name(r['pred_description'], r['pred_name'])}", width),
+                 _short(f"cue: {cue}", width)]
+        if a.attention_keys:
+            lines.append("attention: " + _attention_text(r, a.attention_keys))
+        lines.append(f"{r['error_kind']} | margin {r['margin']:.3f}")
+        captions.append("\n".join(lines))
+    title = f"{a.run_name}: worst {a.split} failures ({a.protocol} protocol)"
+    if a.note:
+        title += "\n" + _short(a.note, 160)
+    return plots.image_grid(images, captions, ncols=ncols, width=3.4, wrap=width + 4, title=title)
+
+
+def _after_name(description: Any, name: str) -> str:
+    """A description without its leading "<name> is" (the caption already names the entity)."""
+    if not isinstance(description, str) or not description:
+        return "(no description)"
+    d = description.strip()
+    for lead in (f"{name} is ", f"{name} was ", f"{name} "):
+        if d.startswith(lead):
+            return "..." + d[len(lead) - 1:]
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Two runs
+
+
+@dataclass
+class Comparison:
+    """Two runs on the same mentions: where their predictions differ."""
+
+    a: Analysis
+    b: Analysis
+    table: pd.DataFrame  # one row per mention where the predictions differ
+
+    def summary(self) -> pd.DataFrame:
+        """Counts: both right, only A right, only B right, both wrong (same / different entity)."""
+        t = self.a.table.merge(self.b.table, on="mention_id", suffixes=("_a", "_b"))
+        ca, cb = t["correct_a"], t["correct_b"]
+        same = t["pred_qid_a"] == t["pred_qid_b"]
+        rows = [("both right", ca & cb), (f"only {self.a.label} right", ca & ~cb),
+                (f"only {self.b.label} right", ~ca & cb), ("both wrong, same entity", ~ca & ~cb & same),
+                ("both wrong, different entities", ~ca & ~cb & ~same)]
+        return pd.DataFrame([{"outcome": k, "mentions": int(v.sum())} for k, v in rows])
+
+    def __str__(self) -> str:
+        return (f"{self.a.label} vs {self.b.label} on {self.a.dataset} {self.a.split}: predictions differ on "
+                f"{len(self.table)} of {len(self.a.table)} mentions")
+
+
+def compare(a: Analysis, b: Analysis) -> Comparison:
+    """The mentions where runs ``a`` and ``b`` predict different entities, side by side."""
+    if (a.dataset, a.split, a.protocol) != (b.dataset, b.split, b.protocol):
+        raise ConfigError(f"compare runs on the same dataset, split and protocol: {a.dataset}/{a.split}/{a.protocol} "
+                          f"vs {b.dataset}/{b.split}/{b.protocol}")
+    t = a.table.merge(b.table[["mention_id", "pred_qid", "pred_name", "pred_description", "rank", "correct"]],
+                      on="mention_id", suffixes=("", "_b"))
+    diff = t[t["pred_qid"] != t["pred_qid_b"]]
+    out = pd.DataFrame({
+        "mention_id": diff["mention_id"], "mention": diff["mention"], "sentence": diff["sentence"],
+        "image": diff["image"], "image_status": diff["image_status"], "cue": diff["cue"],
+        "gold": diff["gold_name"] + " (" + diff["gold_qid"] + ")",
+        f"{a.label}": diff["pred_name"] + " (" + diff["pred_qid"] + ")", f"{a.label} right": diff["correct"],
+        f"{b.label}": diff["pred_name_b"] + " (" + diff["pred_qid_b"] + ")", f"{b.label} right": diff["correct_b"],
+        "gold description": diff["gold_description"],
+    })
+    # Where exactly one run is right first: that is what the extra inputs bought (or cost).
+    order = (out[f"{a.label} right"].astype(int) - out[f"{b.label} right"].astype(int)).abs()
+    out = out.assign(_o=order).sort_values("_o", ascending=False, kind="stable").drop(columns="_o")
+    return Comparison(a=a, b=b, table=out.reset_index(drop=True))
+
+
+def _tag(a: Analysis) -> str:
+    """A short caption name: the ablation, or the variant of a full run."""
+    return a.variant if a.ablation == "none" else a.ablation
+
+
+def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):
+    """Disagreements as image + caption: gold, each run's prediction (right or wrong), cue; a figure."""
+    from . import plots
+    from .images import load_image
+
+    ds = c.a.linker.dataset
+    t = c.table.head(n)
+    images, captions = [], []
+    for _, r in t.iterrows():
+        images.append(load_image(ds.image_path(r["image"])).image if r["image"] else None)
+        mark = {True: "right", False: "wrong"}
+        captions.append("\n".join([
+            _short(f"[{r['mention']}] {r['sentence']}", 44), _short(f"gold: {r['gold']}", 44),
+            _short(f"{_tag(c.a)}: [{mark[bool(r[c.a.label + ' right'])]}] {r[c.a.label]}", 44),
+            _short(f"{_tag(c.b)}: [{mark[bool(r[c.b.label + ' right'])]}] {r[c.b.label]}", 44),
+            _short(f"cue: {r['cue']}" if isinstance(r["cue"], str) else "cue: (none)", 44)]))
+    title = f"{c.a.label} vs {c.b.label}: {c.a.dataset} {c.a.split} mentions where they disagree"
+    if c.a.note:
+        title += "\n" + _short(c.a.note, 160)
+    return plots.image_grid(images, captions, ncols=ncols, width=3.4, wrap=48, title=title)

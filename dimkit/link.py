@@ -1,0 +1,892 @@
+"""Link new mentions with a trained run (notebook ``06_errors``; ``dimkit link RUN_DIR``).
+
+No released MEL code applies a trained model to a new sentence and image. Here
+``link(sentence, mention, image, model=RUN_DIR, k=10)`` returns the top-k entities of the run's
+knowledge base with their cosine scores, and :class:`Linker` loads a run once to link many.
+
+A new mention gets its inputs exactly as the run's training mentions got them (spec 2.1-2.2):
+CLIP vectors of the mention, of ``mention + " [SEP] " + sentence`` and of the image, and the CLIP
+vector of the expert's cue about the image -- from **the same CLIP and the same expert** the run
+was trained with, as recorded in the run folder's ``features.json`` (written by
+:func:`dimkit.train.write_feature_provenance`), never guessed. A model that cannot be loaded, or
+whose weights no longer match the recorded id, is refused with a message saying what to supply.
+
+Nothing is computed twice: a vector or cue the stores already hold (content-keyed, see
+:mod:`dimkit.features` and :mod:`dimkit.cues`) is read, not recomputed -- linking a mention of the
+run's own dataset loads no model at all -- and the entity side is the stored entity features of
+the run's knowledge base, gathered once when the run is loaded. Scoring one mention against the
+whole KB is then one model call and one matrix-vector product (``benchmarks/bench_link.py``).
+
+This module imports torch only when a run is loaded, so ``import dimkit`` stays light.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import datasets, paths
+from .errors import ConfigError, DataError, DimkitError
+
+#: Fields every line of a ``dimkit link`` input file must have.
+REQUIRED_FIELDS = ("sentence", "mention", "image")
+#: What the run folder must hold to be linked with.
+RUN_FILES = ("model.pt", "metrics.json", "features.json")
+SEP = " [SEP] "  # as dimkit.features: the literal text "[SEP]", not a CLIP special token
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+@dataclass
+class RunInfo:
+    """What a run folder says about the inputs its model was trained on (``features.json``)."""
+
+    run_dir: Path
+    run_name: str
+    dataset: str
+    variant: str
+    ablation: str
+    feature_model: str
+    clip_spec: str | None
+    weights_real: bool
+    precision: str | None
+    feature_version: str | None
+    cue_expert: str | None
+    cue_expert_spec: str | None
+    cue_prompt_version: str | None
+    synthetic_cues: bool
+    missing_description: str
+    entity_column: str
+    entity_qids_sha256: str | None
+    note: str = ""
+
+    @property
+    def feature_key_version(self) -> str:
+        """The version part of the run's feature-store keys (feature version + precision)."""
+        return f"{self.feature_version}-{self.precision}"
+
+
+def resolve_run(model: Any) -> Path:
+    """A run folder from a path, a run name under ``$DIMKIT_RUNS``, or a RunResult."""
+    if model is None:
+        raise ConfigError("name the trained run to link with: model=RUN_DIR (a folder under "
+                          f"{paths.runs_dir()} or its name)")
+    if hasattr(model, "run_dir"):
+        model = model.run_dir
+    p = Path(model).expanduser()
+    if not p.exists() and not p.is_absolute() and len(p.parts) == 1:
+        p = paths.runs_dir() / p
+    if not p.is_dir():
+        raise ConfigError(f"run folder not found: {p} (train one with `dimkit train DATASET`)")
+    return p.resolve()
+
+
+def read_run(model: Any) -> RunInfo:
+    """Read and check a run folder: finished, with its model and the record of its features."""
+    run_dir = resolve_run(model)
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    if "model.pt" in missing or "metrics.json" in missing:
+        raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
+                          "train it with `dimkit train` (or `--resume` an interrupted one)")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("status") not in ("completed", "early_stopped"):
+        raise DimkitError(f"{run_dir / 'metrics.json'}: the run did not finish (status {metrics.get('status')!r})")
+    if "features.json" in missing:
+        raise DimkitError(f"{run_dir} does not record which CLIP and expert made its features "
+                          "(features.json, written by dimkit.train since `dimkit link` exists); rerun "
+                          f"`dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
+                          "settings to re-evaluate the run and write it")
+    src = run_dir / "features.json"
+    try:
+        f = json.loads(src.read_text())
+    except ValueError as exc:
+        raise DataError(f"not JSON ({exc})", file=src) from exc
+    for key in ("dataset", "feature_model", "entity_column"):
+        if not f.get(key):
+            raise DataError("missing in the run's record of its features", file=src, field=key)
+    if f["feature_model"] != metrics.get("feature_model"):
+        raise DataError(f"feature model {f['feature_model']!r} differs from metrics.json's "
+                        f"{metrics.get('feature_model')!r}", file=src, field="feature_model")
+    return RunInfo(run_dir=run_dir, run_name=str(metrics.get("run_name", run_dir.name)), dataset=f["dataset"],
+                   variant=str(metrics.get("variant")), ablation=str(metrics.get("ablation")),
+                   feature_model=f["feature_model"], clip_spec=f.get("clip_spec"),
+                   weights_real=bool(f.get("weights_real")), precision=f.get("precision"),
+                   feature_version=f.get("feature_version"), cue_expert=f.get("cue_expert"),
+                   cue_expert_spec=f.get("cue_expert_spec"), cue_prompt_version=f.get("cue_prompt_version"),
+                   synthetic_cues=bool(f.get("synthetic_cues")),
+                   missing_description=f.get("missing_description") or "name",
+                   entity_column=f["entity_column"], entity_qids_sha256=f.get("entity_qids_sha256"),
+                   note=str(metrics.get("note") or ""))
+
+
+def _resolve_clip(info: RunInfo):
+    """The run's CLIP spec, checked to still be the model that made its features."""
+    from .clip import parse_clip_spec
+
+    what = f"run {info.run_name} was trained on features of CLIP {info.feature_model}"
+    if not (info.clip_spec and info.precision and info.feature_version):
+        raise DimkitError(f"{what}, but its folder does not say how to load that model (the features were "
+                          "handed to dimkit.train in memory); train it from dimkit.features to link with it")
+    try:
+        spec = parse_clip_spec(info.clip_spec)
+    except DimkitError as exc:
+        raise DimkitError(f"{what} (--clip {info.clip_spec!r}), which is not available here: {exc}") from exc
+    if spec.model_id != info.feature_model:
+        raise DimkitError(f"{what}, but --clip {info.clip_spec!r} is now {spec.model_id} (its weights "
+                          "changed): restore the original weights, or retrain the run on the new features")
+    return spec
+
+
+def _resolve_expert(info: RunInfo, expert: Any = None):
+    """The run's cue expert (or ``expert``, which must have the run's model id and prompt version)."""
+    from .experts import make_expert
+
+    what = f"run {info.run_name} was trained on cues of expert {info.cue_expert} [{info.cue_prompt_version}]"
+    if expert is None:
+        if info.cue_expert is None:
+            raise DimkitError(f"run {info.run_name} does not record which expert made its cues")
+        if not info.cue_expert_spec:
+            raise DimkitError(f"{what}, but its folder does not say how to rebuild that expert; pass it: "
+                              "Linker(run, expert=...) or `dimkit link --expert SPEC`")
+        expert = info.cue_expert_spec
+    try:
+        ex = make_expert(expert)
+    except DimkitError as exc:
+        raise DimkitError(f"{what}; that expert is not available here: {exc}") from exc
+    if ex.model_id != info.cue_expert or (info.cue_prompt_version and ex.version != info.cue_prompt_version):
+        raise DimkitError(f"{what}, but the expert given is {ex.model_id} [{ex.version}]: cues of another "
+                          "expert or prompt are not what the model learned from")
+    _check_expert_available(ex)
+    return ex
+
+
+def _check_expert_available(ex) -> None:
+    """Fail now, not at the first new image, when the expert's model cannot be reached."""
+    from .experts import OpenAIExpert, TransformersExpert
+
+    if isinstance(ex, TransformersExpert) and not ex.local and os.environ.get(
+            "HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(repo_id=ex.source, filename="config.json"), str):
+            raise DimkitError(
+                f"the run's expert {ex.source} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                f"is set: download it where the hub is reachable (`hf download {ex.source} --local-dir "
+                "DIR`) and pass `--expert blip2:DIR` (same model id required), or link only images "
+                "whose cues are already stored")
+    if isinstance(ex, OpenAIExpert):
+        ex._client_or_fail()  # a missing OPENAI_API_KEY is said now
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class MentionInput:
+    """A new mention to link: its sentence, the mention text and its image(s).
+
+    ``image``: a file path, an RGB PIL image, a list of paths (Richpedia: the vectors are summed,
+    the cue comes from the first), or None for a mention without an image.
+    """
+
+    sentence: str
+    mention: str
+    image: Any = None
+    id: Any = None
+
+
+@dataclass
+class _Image:
+    """One mention's images after loading: usable ones with content hashes, or why none is."""
+
+    status: str  # "ok" or the reason of the first image
+    detail: str | None = None
+    shas: list[str] = field(default_factory=list)
+    pil: list = field(default_factory=list)
+    cue_source: tuple[str, Any, Path | None] | None = None  # (sha, PIL image, path) of the cue image
+
+
+def _sha256_bytes(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_images(image: Any) -> _Image:
+    """Load a mention's image(s) with :func:`dimkit.images.load_image`; never raises for a bad file."""
+    from PIL import Image
+
+    from .images import load_image
+
+    items = image if isinstance(image, (list, tuple)) else [image]
+    items = [x for x in items if x is not None and not (isinstance(x, float) and x != x)]
+    if not items:
+        return _Image(status="no_image", detail="the mention has no image")
+    out = _Image(status="ok")
+    first_failure: tuple[str, str | None] | None = None
+    for n, item in enumerate(items):
+        if isinstance(item, Image.Image):
+            rgb = item.convert("RGB")
+            # No file bytes to hash: the pixels are the content (a different key space, never a clash).
+            sha = hashlib.sha256(b"pil-rgb:%dx%d:" % rgb.size + rgb.tobytes()).hexdigest()
+            path = None
+        else:
+            path = Path(item).expanduser()
+            loaded = load_image(path)
+            if loaded.image is None:
+                if first_failure is None:
+                    first_failure = (loaded.status, loaded.detail)
+                continue
+            rgb = loaded.image
+            try:
+                sha = _sha256_bytes(path)
+            except OSError as exc:
+                first_failure = first_failure or ("unreadable", str(exc))
+                continue
+        out.shas.append(sha)
+        out.pil.append(rgb)
+        if n == 0:  # the cue is asked about the mention's (first) image, as dimkit.cues does
+            out.cue_source = (sha, rgb, path)
+    if not out.shas:
+        status, detail = first_failure or ("no_image", None)
+        return _Image(status=status, detail=detail)
+    return out
+
+
+@dataclass
+class Encoded:
+    """The model inputs of a batch of new mentions and how each was obtained."""
+
+    features: dict[str, np.ndarray]  # mention, mention_sentence, image, cue [B, D]; image_ok, cue_ok [B]
+    image_status: list[str]
+    cue: list[str | None]
+    cue_status: list[str]
+    computed: Counter = field(default_factory=Counter)  # vectors / cues computed now (not stored before)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The linker
+
+
+class Linker:
+    """A trained run loaded once: encodes new mentions as its training data was, scores the whole KB.
+
+    ``device``: where the model, the CLIP and the scoring run (``auto``: GPU if there is one).
+    ``expert``: only to replace an expert the run folder cannot rebuild; it must have the run's
+    expert model id and prompt version. ``lazy``: load the CLIP (and the expert's model) only when a
+    vector or cue is not stored yet -- the run's CLIP spec is still checked at once.
+    """
+
+    def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False,
+                 progress: bool = True):
+        import torch
+
+        from .env import pick_device
+        from .train import load_model
+
+        self.info = read_run(model)
+        self.run_dir = self.info.run_dir
+        self.device = pick_device(device)
+        self.progress = progress
+        self.clip_spec = _resolve_clip(self.info)
+        self.model, self.config = load_model(self.run_dir, self.device)
+        mcfg = self.model.cfg
+        self.uses_cue, self.uses_image = bool(mcfg.use_cue), bool(mcfg.use_image)
+        self.expert = _resolve_expert(self.info, expert) if self.uses_cue else None
+        # Vectors computed here match the stored ones only in the run's precision; fp16 is GPU-only.
+        self.precision = self.info.precision if self.device.startswith("cuda") else "fp32"
+        self._clip = None
+        if not lazy:
+            self.clip()
+        self.dataset = datasets.load(self.info.dataset)
+        ents = self.dataset.entities
+        from .store import content_hash
+
+        kb_hash = content_hash(ents["qid"].astype(str).tolist())
+        if self.info.entity_qids_sha256 and kb_hash != self.info.entity_qids_sha256:
+            raise DataError(f"the knowledge base changed since run {self.info.run_name} was trained "
+                            f"({len(ents)} entities now): retrain it", file=self.dataset.root / "entities.parquet",
+                            field="qid")
+        self._store = None
+        self._memo: dict[str, np.ndarray] = {}
+        entity = self._entity_features(ents)                                     # [E, D]
+        self._set_kb(ents, entity, torch)
+
+    # -- construction helpers ------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, model, entities: np.ndarray, kb: pd.DataFrame, *, device: str = "cpu",
+                   clip=None, expert=None, info: RunInfo | None = None) -> "Linker":
+        """A linker around an in-memory model and entity matrix (benchmarks, experiments)."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.info, self.run_dir, self.device, self.progress = info, None, device, False
+        self.clip_spec, self.config = getattr(clip, "spec", None), None
+        self.model = model.to(device).eval()
+        self.uses_cue, self.uses_image = bool(model.cfg.use_cue), bool(model.cfg.use_image)
+        self.expert, self._clip, self._store, self.dataset = expert, clip, None, None
+        self._memo = {}
+        self.precision = getattr(clip, "precision", "fp32")
+        self._set_kb(kb, np.asarray(entities, dtype=np.float32), torch)
+        return self
+
+    def _set_kb(self, ents: pd.DataFrame, entity: np.ndarray, torch) -> None:
+        col = self.info.entity_column if self.info is not None else "description"
+        self.qids = ents["qid"].astype(str).to_numpy()
+        self.names = ents["name"].astype(str).to_numpy() if "name" in ents else self.qids
+        desc = ents[col] if col in ents else pd.Series([None] * len(ents))
+        self.descriptions = np.array([d if isinstance(d, str) else None for d in desc.tolist()], dtype=object)
+        self.entity_index = {q: i for i, q in enumerate(self.qids.tolist())}
+        e = torch.as_tensor(np.ascontiguousarray(entity, dtype=np.float32))
+        # Cosine scores (spec E4): normalise once, so scoring a mention is one matrix-vector product.
+        self.entities = torch.nn.functional.normalize(e, dim=-1, eps=1e-12).to(self.device)   # [E, D]
+
+    def clip(self):
+        """The run's CLIP, loaded on first use (a missing model is refused with what to supply)."""
+        if self._clip is None:
+            from .clip import load_clip
+
+            try:
+                self._clip = load_clip(self.clip_spec, device=self.device, precision=self.precision)
+            except DimkitError as exc:
+                raise DimkitError(f"run {self.info.run_name} needs CLIP {self.info.feature_model}, which "
+                                  f"cannot be loaded here: {exc}") from exc
+        return self._clip
+
+    def store(self):
+        """The feature store of the run's CLIP (vectors keyed by content)."""
+        if self._store is None and self.info is not None:
+            from .features import FeatureStore
+
+            self._store = FeatureStore(self.info.feature_model)
+        return self._store
+
+    def _entity_features(self, ents: pd.DataFrame) -> np.ndarray:
+        """The stored entity vectors the run was trained against; any row not stored is computed."""
+        from .features import _entity_texts, text_key
+
+        info = self.info
+        if info.entity_column not in ents.columns:
+            raise DataError("the run scored this description column, which the dataset lacks",
+                            file=self.dataset.root / "entities.parquet", field=info.entity_column)
+        texts, _ = _entity_texts(ents, info.entity_column, info.missing_description)
+        keys = [text_key(info.feature_model, info.feature_key_version, t) for t in texts]
+        vecs, found = self.store().gather(keys)
+        if not found.all():
+            todo = np.flatnonzero(~found)
+            print(f"{len(todo)} of {len(keys)} entity features of run {info.run_name} are not in the feature "
+                  f"store ({self.store().dir}); computing them with {info.feature_model}")
+            new = self.clip().encode_texts([texts[i] for i in todo])            # [n, D]
+            if vecs.shape[1] != new.shape[1]:  # an empty store has no dimension yet
+                vecs = np.zeros((len(keys), new.shape[1]), dtype=np.float32)
+            vecs[todo] = new
+            if self.precision == info.precision:
+                self.store().put([keys[i] for i in todo], new)
+        return vecs
+
+    # -- encoding new mentions -----------------------------------------------------------------
+    #: Vectors computed here but not written to the store are kept in memory, up to this many, so a
+    #: notebook linking the same mention twice encodes it once.
+    MEMO_SIZE = 4096
+
+    def _remember(self, key: str, vec: np.ndarray) -> None:
+        if len(self._memo) >= self.MEMO_SIZE:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = vec
+
+    def encode(self, items: Sequence[MentionInput], *, images: Sequence[_Image] | None = None,
+               store_vectors: bool = False) -> Encoded:
+        """Model inputs of ``items``: stored vectors and cues where they exist, computed otherwise.
+
+        ``store_vectors`` also writes the CLIP vectors computed here to the feature store (batch
+        linking does; one ``link`` call does not, to avoid a file per call).
+        """
+        from .features import image_key, text_key
+
+        t0 = time.perf_counter()
+        info = self.info
+        images = list(images) if images is not None else [_load_images(it.image) for it in items]
+        computed: Counter = Counter()
+        store = self.store()
+        version = info.feature_key_version
+
+        def vectors(kind: str, contents: list, make_key, encode) -> np.ndarray:
+            """Vectors of distinct contents: gathered from the store, the rest encoded now."""
+            distinct = list(dict.fromkeys(c for c in contents if c is not None))
+            keys = [make_key(info.feature_model, version, c) for c in distinct]
+            got, found = store.gather(keys) if store.dim is not None else (None, np.zeros(len(keys), bool))
+            out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
+            out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
+            todo = [i for i, c in enumerate(distinct) if c not in out]
+            if todo:
+                new = encode([distinct[i] for i in todo])                   # [n, D]
+                computed[f"{kind} vectors"] += len(todo)
+                for i, v in zip(todo, new):
+                    out[distinct[i]] = v
+                    self._remember(keys[i], v)
+                if store_vectors and self.precision == info.precision:
+                    store.put([keys[i] for i in todo], new)
+            return out
+
+        # images: the sum over a mention's usable images (Richpedia), zeros where none is usable
+        pil_of = {sha: im for img in images for sha, im in zip(img.shas, img.pil)}
+        img_vec = vectors("image", [s for img in images for s in img.shas], image_key,
+                          lambda shas: self.clip().encode_images([pil_of[s] for s in shas]))
+        cues, cue_status = self._cues(images, computed)
+        texts = [it.mention for it in items] + [it.mention + SEP + it.sentence for it in items] \
+            + [c for c in cues if c]
+        txt_vec = vectors("text", texts, text_key, lambda ts: self.clip().encode_texts(ts))
+        dim = self.entities.shape[1]
+        n = len(items)
+        feats = {k: np.zeros((n, dim), dtype=np.float32) for k in ("mention", "mention_sentence", "image", "cue")}
+        image_ok = np.zeros(n, dtype=bool)
+        cue_ok = np.zeros(n, dtype=bool)
+        for i, (it, img) in enumerate(zip(items, images)):
+            feats["mention"][i] = txt_vec[it.mention]
+            feats["mention_sentence"][i] = txt_vec[it.mention + SEP + it.sentence]
+            if img.shas:
+                feats["image"][i] = np.sum([img_vec[s] for s in img.shas], axis=0)
+                image_ok[i] = True
+            if cues[i]:
+                feats["cue"][i] = txt_vec[cues[i]]
+                cue_ok[i] = True
+        feats["image_ok"], feats["cue_ok"] = image_ok, cue_ok
+        return Encoded(features=feats, image_status=[img.status for img in images], cue=cues,
+                       cue_status=cue_status, computed=computed, seconds=time.perf_counter() - t0)
+
+    def _cues(self, images: Sequence[_Image], computed: Counter) -> tuple[list[str | None], list[str]]:
+        """The expert's cue per mention: from the cue store, else asked now (and stored)."""
+        if not self.uses_cue or self.expert is None:
+            return [None] * len(images), ["not_used" if not self.uses_cue else "no_expert"] * len(images)
+        from .cues import KIND, cue_key
+        from .experts import CueItem, NoExpert
+        from .store import Store, default_store_path
+
+        ex = self.expert
+        cues: list[str | None] = [None] * len(images)
+        status = [f"image_{img.status}" if img.cue_source is None else "" for img in images]
+        if isinstance(ex, NoExpert):
+            return cues, ["no_expert"] * len(images)
+        want = {img.cue_source[0]: img.cue_source for img in images if img.cue_source is not None}
+        with Store(default_store_path("cues")) as store:
+            keys = {sha: cue_key(ex, sha) for sha in want}
+            known = store.get_many(keys.values())
+            answers = {sha: known[k]["cue"] for sha, k in keys.items() if k in known}
+            todo, why = [], {}
+            for sha, (_, pil, path) in want.items():
+                if sha in answers:
+                    continue
+                rel = self._replay_name(path) if not ex.needs_pixels else (str(path) if path else f"<image {sha[:12]}>")
+                if rel is None:
+                    why[sha] = ("not_in_replay", "a replayed expert knows only the images of its dataset")
+                    continue
+                todo.append(CueItem(image_sha256=sha, path=path or Path(rel), rel=rel, image=pil))
+            bs = max(1, int(ex.batch_size or 8))
+            for a in range(0, len(todo), bs):
+                batch = todo[a:a + bs]
+                rows = []
+                for it, ans in zip(batch, ex.describe(batch)):
+                    it.image = None
+                    if ans.text is not None or ans.reason == "empty_answer":
+                        answers[it.image_sha256] = ans.text or ""
+                        rows.append((keys[it.image_sha256], {"cue": ans.text or ""}, it.rel))
+                    else:
+                        # recorded as dimkit.cues records it, so reports count it and a rerun retries it
+                        why[it.image_sha256] = (ans.reason or "model_error", ans.detail)
+                        store.put_failure(keys[it.image_sha256], kind=KIND, model=ex.model_id, version=ex.version,
+                                          item=it.rel, reason=ans.reason or "model_error", detail=ans.detail)
+                if rows:
+                    store.put_many(rows, kind=KIND, model=ex.model_id, version=ex.version)
+                computed["cues"] += len(rows)
+        for i, img in enumerate(images):
+            if img.cue_source is None:
+                continue
+            sha = img.cue_source[0]
+            if answers.get(sha):
+                cues[i], status[i] = answers[sha], "ok"
+            elif sha in answers:
+                status[i] = "empty_answer"
+            else:
+                status[i] = why.get(sha, ("not_in_store", None))[0]
+        return cues, status
+
+    def _replay_name(self, path: Path | None) -> str | None:
+        """How a replayed expert names an image: its path inside the run's dataset, else unknown."""
+        if path is None or self.dataset is None:
+            return None
+        try:
+            rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(self.dataset.root)))
+        except ValueError:
+            try:  # the dataset's image folder may be a symlink (DIMKIT_DATA elsewhere)
+                rel = path.resolve().relative_to(self.dataset.root.resolve())
+            except ValueError:
+                return None
+        return str(PurePosixPath(*rel.parts))
+
+    # -- scoring -------------------------------------------------------------------------------
+    def query(self, features: dict[str, np.ndarray], *, attention: bool = False):
+        """Queries ``[B, D]`` (torch, in the entity space) and, if asked, attention ``[B, K]`` (mean of heads)."""
+        import torch
+
+        batch = {k: torch.as_tensor(np.asarray(features[k]), device=self.device)
+                 for k in ("mention", "mention_sentence", "image", "cue", "image_ok", "cue_ok")}
+        with torch.inference_mode():
+            q, w = self.model(batch, return_attention=True)                       # [B, D], [B, heads, K]
+        if not attention:
+            return q
+        return q, (w.mean(1).float().cpu().numpy() if w is not None else None)
+
+    def scores(self, queries) -> "Any":
+        """Cosine scores ``[B, E]`` of queries against every KB entity (torch)."""
+        import torch
+
+        with torch.inference_mode():
+            q = torch.nn.functional.normalize(queries.float(), dim=-1, eps=1e-12)    # [B, D]
+            return q @ self.entities.T                                              # [B, E]
+
+    def top_k(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best entity rows per query and their scores (``[B, k]`` each, best first)."""
+        import torch
+
+        s = self.scores(queries)
+        k = min(int(k), s.shape[1])
+        with torch.inference_mode():
+            top = torch.topk(s.nan_to_num(nan=-2.0), k, dim=1)
+        return top.indices.cpu().numpy(), top.values.float().cpu().numpy()
+
+    def rank_features(self, features: dict[str, np.ndarray], k: int = 10) -> list[pd.DataFrame]:
+        """Top-k tables (qid, name, description, score) of already encoded mentions."""
+        q = self.query(features)
+        idx, val = self.top_k(q, k)
+        return [self._table(i, v) for i, v in zip(idx, val)]
+
+    def _table(self, idx: np.ndarray, val: np.ndarray) -> pd.DataFrame:
+        df = pd.DataFrame({"qid": self.qids[idx], "name": self.names[idx], "description": self.descriptions[idx],
+                           "score": val.astype(np.float32)})
+        df.index = pd.RangeIndex(1, len(df) + 1, name="rank")
+        return df
+
+    # -- the public linking calls --------------------------------------------------------------
+    def link(self, sentence: str, mention: str, image: Any = None, k: int = 10, *,
+             allow_unusable_image: bool = False) -> pd.DataFrame:
+        """Top-k entities for one new mention (qid, name, description, score); details in ``.attrs``.
+
+        An image path that cannot be used raises a DataError naming the file and the reason, unless
+        ``allow_unusable_image`` (then the image is masked, as for training mentions without one).
+        """
+        item = _check_input(sentence, mention)
+        item.image = image
+        img = _load_images(image)
+        if img.status not in ("ok", "no_image") and not allow_unusable_image:
+            raise DataError(f"image unusable ({img.status}{': ' + img.detail if img.detail else ''}); pass "
+                            "allow_unusable_image=True to link without it", file=str(image), field="image")
+        enc = self.encode([item], images=[img])
+        q, w = self.query(enc.features, attention=True)
+        idx, val = self.top_k(q, k)
+        df = self._table(idx[0], val[0])
+        df.attrs.update(self._details(enc, 0, w))
+        return df
+
+    def link_many(self, items: Sequence[MentionInput], k: int = 10, *, batch_size: int = 64,
+                  store_vectors: bool = True, allow_unusable_images: bool = False) -> list[pd.DataFrame | DataError]:
+        """Link a list of mentions in batches; a mention that cannot be linked gets its DataError instead."""
+        out: list[pd.DataFrame | DataError] = []
+        bar_kw = {} if self.progress else {"disable": True}
+        with tqdm(total=len(items), desc=f"linking with {self.info.run_name if self.info else 'model'}",
+                  unit="mention", **bar_kw) as bar:
+            for a in range(0, len(items), batch_size):
+                chunk = list(items[a:a + batch_size])
+                out.extend(self._link_chunk(chunk, k, a, store_vectors, allow_unusable_images, None))
+                bar.update(len(chunk))
+        if store_vectors and self.store() is not None:
+            self.store().compact()
+        return out
+
+    def _link_chunk(self, chunk: Sequence[MentionInput], k: int, offset: int, store_vectors: bool,
+                    allow_unusable: bool, source: str | None) -> list[pd.DataFrame | DataError]:
+        results: list[pd.DataFrame | DataError | None] = [None] * len(chunk)
+        good, imgs = [], []
+        for j, it in enumerate(chunk):
+            img = _load_images(it.image)
+            if img.status not in ("ok",) and not (allow_unusable or (img.status == "no_image" and it.image is None
+                                                                      and source is None)):
+                results[j] = DataError(f"image unusable ({img.status}"
+                                       f"{': ' + img.detail if img.detail else ''})", file=source or str(it.image),
+                                       record=it.id if it.id is not None else offset + j, field="image")
+                results[j].image_status = img.status  # type: ignore[attr-defined]
+                continue
+            good.append(j)
+            imgs.append(img)
+        if good:
+            enc = self.encode([chunk[j] for j in good], images=imgs, store_vectors=store_vectors)
+            q, w = self.query(enc.features, attention=True)
+            idx, val = self.top_k(q, k)
+            for n, j in enumerate(good):
+                df = self._table(idx[n], val[n])
+                df.attrs.update(self._details(enc, n, w))
+                results[j] = df
+        return results  # type: ignore[return-value]
+
+    def _details(self, enc: Encoded, i: int, w: np.ndarray | None) -> dict:
+        d = {"run": self.info.run_name if self.info else None, "image_status": enc.image_status[i],
+             "cue": enc.cue[i], "cue_status": enc.cue_status[i], "computed": dict(enc.computed),
+             "note": self.note}
+        if w is not None:
+            d["attention"] = {name: round(float(x), 4) for name, x in zip(self.model.key_names, w[i])}
+        return d
+
+    @property
+    def note(self) -> str:
+        """What to say beside these scores (random / sample-trained CLIP, synthetic cues)."""
+        if self.info is None:
+            return ""
+        parts = [self.info.note] if self.info.note else []
+        if self.info.synthetic_cues and self.uses_cue:
+            parts.append("cues are synthetic oracle cues, not BLIP-2 output")
+        return "; ".join(parts)
+
+    def __repr__(self) -> str:
+        if self.info is None:
+            return f"Linker(in memory, {len(self.qids)} entities, device={self.device})"
+        return (f"Linker({self.info.run_name}: {self.info.variant}/{self.info.ablation}, {len(self.qids)} "
+                f"entities of {self.info.dataset}, CLIP {self.info.feature_model}, expert "
+                f"{self.expert.model_id if self.expert is not None else 'unused'}, device={self.device})")
+
+
+def _check_input(sentence: Any, mention: Any) -> MentionInput:
+    if not isinstance(mention, str) or not mention.strip():
+        raise DataError("the mention must be a non-empty string", field="mention")
+    if not isinstance(sentence, str):
+        raise DataError("the sentence must be a string", field="sentence")
+    return MentionInput(sentence=sentence, mention=mention)
+
+
+# One linker per run is kept, so a notebook calling link() in a loop loads the run once.
+_LINKERS: dict[tuple, Linker] = {}
+
+
+def get_linker(model: Any, *, device: str = "auto") -> Linker:
+    """The :class:`Linker` of a run, loaded on first use and reused while its files are unchanged."""
+    if isinstance(model, Linker):
+        return model
+    run_dir = resolve_run(model)
+    stamp = tuple((run_dir / f).stat().st_mtime_ns if (run_dir / f).exists() else 0 for f in RUN_FILES)
+    key = (str(run_dir), stamp, device, str(paths.cache_dir()), str(paths.data_dir()))
+    if key not in _LINKERS:
+        _LINKERS.clear()  # a run's entity matrix can be large: keep one
+        _LINKERS[key] = Linker(run_dir, device=device)
+    return _LINKERS[key]
+
+
+def link(sentence: str, mention: str, image: Any = None, model: Any = None, k: int = 10, *,
+         device: str = "auto", allow_unusable_image: bool = False) -> pd.DataFrame:
+    """Top-k KB entities (qid, name, description, score) of a new mention under the run ``model``.
+
+    ``model``: a run folder, a run name under ``$DIMKIT_RUNS``, a RunResult or a Linker. The cue and
+    features are computed with the run's own CLIP and expert; ``.attrs`` holds the cue, the image
+    status, the attention weights over modalities (``paper`` variant) and the comparability note.
+    """
+    return get_linker(model, device=device).link(sentence, mention, image, k,
+                                                 allow_unusable_image=allow_unusable_image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch files (dimkit link RUN_DIR --input FILE.jsonl --output FILE.jsonl)
+
+
+@dataclass
+class LinkFileReport:
+    """What a batch link did: lines linked, and lines skipped with their reasons."""
+
+    run: str
+    input: str
+    output: str
+    lines: int = 0
+    linked: int = 0
+    skipped: list[dict] = field(default_factory=list)  # {"line", "reason", "field", "detail"}
+    computed: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    note: str = ""
+    skipped_file: str | None = None
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped lines per reason."""
+        return dict(Counter(s["reason"] for s in self.skipped).most_common())
+
+    def __str__(self) -> str:
+        lines = [f"linked {self.linked} of {self.lines} lines of {self.input} with {self.run} -> {self.output} "
+                 f"({self.seconds:.1f} s)"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}: " + ", ".join(f"{k} {v}" for k, v in self.reasons().items()))
+            for s in self.skipped[:10]:
+                lines.append(f"  line {s['line']}: {s['reason']}" + (f" ({s['field']})" if s.get("field") else "")
+                             + (f" -- {s['detail']}" if s.get("detail") else ""))
+            if len(self.skipped) > 10:
+                lines.append(f"  ... {len(self.skipped) - 10} more in {self.skipped_file}")
+            elif self.skipped_file:
+                lines.append(f"  (all listed in {self.skipped_file})")
+        if self.computed:
+            lines.append("computed now (not stored before): " + ", ".join(f"{k} {v}" for k, v in self.computed.items()))
+        if self.note:
+            lines.append(f"note: {self.note}")
+        return "\n".join(lines)
+
+
+def _parse_line(text: str, lineno: int, base: Path) -> tuple[MentionInput | None, dict | None]:
+    """One input line -> a MentionInput, or the reason it is skipped."""
+    try:
+        rec = json.loads(text)
+    except ValueError as exc:
+        return None, {"line": lineno, "reason": "bad_json", "field": None, "detail": str(exc)[:200]}
+    if not isinstance(rec, dict):
+        return None, {"line": lineno, "reason": "bad_json", "field": None, "detail": "not a JSON object"}
+    for f in REQUIRED_FIELDS:
+        v = rec.get(f)
+        if v is None or (isinstance(v, str) and not v.strip() and f != "sentence"):
+            return None, {"line": lineno, "reason": "missing_field", "field": f,
+                          "detail": "absent" if f not in rec else "empty"}
+    for f in ("sentence", "mention"):
+        if not isinstance(rec[f], str):
+            return None, {"line": lineno, "reason": "bad_field", "field": f,
+                          "detail": f"expected a string, got {type(rec[f]).__name__}"}
+    img = rec["image"]
+    imgs = img if isinstance(img, list) else [img]
+    if not imgs or not all(isinstance(x, str) and x.strip() for x in imgs):
+        return None, {"line": lineno, "reason": "bad_field", "field": "image",
+                      "detail": "expected a path or a list of paths"}
+    # Relative image paths are relative to the input file's folder, so a batch folder can move.
+    paths_ = [str(base / x) if not Path(x).expanduser().is_absolute() else str(Path(x).expanduser()) for x in imgs]
+    ident = rec.get("id", rec.get("mention_id"))
+    return MentionInput(sentence=rec["sentence"], mention=rec["mention"],
+                        image=paths_ if isinstance(img, list) else paths_[0], id=ident), None
+
+
+def _atomic_lines(target: Path):
+    """A temp file beside ``target``; the caller renames it into place when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    return os.fdopen(fd, "w", encoding="utf-8"), Path(tmp)
+
+
+def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10, batch_size: int = 64,
+              device: str = "auto", expert: Any = None, allow_unusable_images: bool = False,
+              skipped_file: str | Path | None = None, progress: bool = True) -> LinkFileReport:
+    """Link every line of a JSONL file (sentence, mention, image) and write one JSON line per mention.
+
+    Lines with a missing or malformed field or an unusable image are skipped and reported (in the
+    returned report and in ``skipped_file``, default ``<output stem>.skipped.jsonl``); they never stop
+    the batch. Both files are written atomically when the batch is done.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(input), Path(output)
+    if not src.is_file():
+        raise DimkitError(f"input file not found: {src}")
+    linker = model if isinstance(model, Linker) else Linker(model, device=device, expert=expert, progress=progress)
+    skipped_path = Path(skipped_file) if skipped_file else dst.with_name(f"{dst.stem}.skipped.jsonl")
+    report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
+                            note=linker.note, skipped_file=str(skipped_path))
+    with open(src, encoding="utf-8") as fh:
+        raw = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    report.lines = len(raw)
+    base = src.parent.resolve()
+    computed: Counter = Counter()
+    out_fh, out_tmp = _atomic_lines(dst)
+    try:
+        with out_fh, tqdm(total=len(raw), desc=f"linking {src.name}", unit="line",
+                          **({} if progress else {"disable": True})) as bar:
+            for a in range(0, len(raw), batch_size):
+                chunk = raw[a:a + batch_size]
+                items, linenos = [], []
+                for lineno, text in chunk:
+                    item, skip = _parse_line(text, lineno, base)
+                    if skip is not None:
+                        report.skipped.append(skip)
+                    else:
+                        items.append(item)
+                        linenos.append(lineno)
+                results = linker._link_chunk(items, k, 0, True, allow_unusable_images, str(src)) if items else []
+                for lineno, item, res in zip(linenos, items, results):
+                    if isinstance(res, DataError):
+                        why = getattr(res, "image_status", "unusable")
+                        report.skipped.append({"line": lineno, "reason": f"image_{why}", "field": "image",
+                                               "detail": f"{item.image}: {res.reason}"})
+                        continue
+                    computed.update(res.attrs.get("computed", {}))
+                    row = {"line": lineno, **({"id": item.id} if item.id is not None else {}),
+                           "mention": item.mention, "image_status": res.attrs["image_status"],
+                           "cue": res.attrs["cue"], "cue_status": res.attrs["cue_status"],
+                           **({"attention": res.attrs["attention"]} if "attention" in res.attrs else {}),
+                           "entities": [{"qid": q, "name": nm, "description": d, "score": round(float(s), 6)}
+                                        for q, nm, d, s in res[["qid", "name", "description", "score"]]
+                                        .itertuples(index=False)]}
+                    out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    report.linked += 1
+                bar.update(len(chunk))
+            out_fh.flush()
+            os.fsync(out_fh.fileno())
+        os.replace(out_tmp, dst)
+    except BaseException:
+        out_tmp.unlink(missing_ok=True)
+        raise
+    report.skipped.sort(key=lambda s: s["line"])
+    if report.skipped:
+        datasets.atomic_write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped),
+                                   skipped_path)
+    else:
+        report.skipped_file = None
+        skipped_path.unlink(missing_ok=True)  # a stale list from an earlier batch would mislead
+    if linker.store() is not None:
+        linker.store().compact()
+    report.computed = dict(computed)
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dimkit link``."""
+    parser.add_argument("run", help="trained run: a folder, or a run name under $DIMKIT_RUNS")
+    parser.add_argument("--input", required=True, help="JSONL, one mention a line: sentence, mention, image "
+                        "(a path relative to the file's folder, or a list of paths); optional id")
+    parser.add_argument("--output", required=True, help="JSONL of results, one line per linked mention")
+    parser.add_argument("--k", type=int, default=10, help="entities per mention (default 10)")
+    parser.add_argument("--batch-size", type=int, default=64, help="mentions encoded together")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--expert", default=None,
+                        help="only when the run folder cannot rebuild its expert: a spec with the run's "
+                             "expert model id and prompt version (e.g. blip2:/path/to/local/copy)")
+    parser.add_argument("--allow-unusable-images", action="store_true",
+                        help="link lines whose image is unusable with the image masked, instead of skipping them")
+    parser.add_argument("--skipped", default=None, help="where to list skipped lines "
+                        "(default <output stem>.skipped.jsonl)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``dimkit link RUN --input FILE --output FILE``: link a batch and report skipped lines."""
+    if args.k < 1 or args.batch_size < 1:
+        raise ConfigError("--k and --batch-size must be >= 1")
+    report = link_file(args.run, args.input, args.output, k=args.k, batch_size=args.batch_size,
+                       device=args.device, expert=args.expert, allow_unusable_images=args.allow_unusable_images,
+                       skipped_file=args.skipped)
+    print(report)
+    return 0

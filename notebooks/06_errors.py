@@ -1,0 +1,179 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Using a trained model, and where it fails
+#
+# Two things no released MEL code offers:
+#
+# 1. **Linking a new mention.** `dimkit.link(sentence, mention, image, model=RUN)` encodes a new
+#    sentence and image with the *same* CLIP and the *same* image expert the run was trained with
+#    (the run folder records them in `features.json`; a model that is not available is refused, not
+#    swapped) and ranks the run's whole knowledge base. `dimkit link RUN --input F.jsonl --output
+#    G.jsonl` does a batch (module `dimkit.link`).
+# 2. **Error analysis** (module `dimkit.errors_analysis`): the worst failures of a run on the test
+#    split with their image, sentence, gold and predicted entity, expert cue and -- for the `paper`
+#    variant -- the attention over modalities; a summary by error kind; and the `paper` run beside
+#    its text-only ablation on the mentions where they disagree.
+#
+# It uses the runs notebook 03 left in `$DIMKIT_RUNS`; if there are none, it trains short ones.
+# On `make demo` everything here is the bundled **synthetic sample** with a sample-trained CLIP and
+# synthetic oracle cues: nothing is comparable to the paper.
+
+# %%
+from dimkit.env import print_environment
+
+print_environment()  # the run's feature model is printed once the run is chosen
+
+# %% tags=["parameters"]
+dataset: str = "sample+"  # sample+ | wiki+ | rich+ | diverse+ | any prepared dataset with trained runs
+run: str = ""  # run folder or name under DIMKIT_RUNS (empty: the newest run of the variant below, no ablation)
+variant: str = "paper"  # paper | released: which run to pick when run is empty
+compare_run: str = ""  # the run set beside it (empty: the newest compare_ablation run of the same variant)
+compare_ablation: str = "text_only"  # text_only | no_image | no_cue | no_attention | original_descriptions
+split: str = "test"  # test | dev
+protocol: str = "dim"  # dim (the gold among its candidate list) | kb (the gold among the whole KB)
+n_worst: int = 8  # failures and disagreements shown
+quick_epochs: int = 5  # only if no run exists yet: train one this many epochs
+
+# %%
+from dimkit import datasets, errors_analysis
+from dimkit.link import Linker, link
+from dimkit.model import ABLATIONS, VARIANTS
+
+dataset = datasets.canonical_name(dataset)
+assert variant in VARIANTS, f"variant must be one of {VARIANTS}, got {variant!r}"
+assert compare_ablation in ABLATIONS and compare_ablation != "none", f"compare_ablation must be one of {ABLATIONS[1:]}"
+assert split in ("test", "dev"), f"split must be test or dev, got {split!r}"
+assert protocol in errors_analysis.PROTOCOLS, f"protocol must be one of {errors_analysis.PROTOCOLS}"
+assert isinstance(n_worst, int) and n_worst > 0, "n_worst must be a positive int"
+assert isinstance(quick_epochs, int) and quick_epochs > 0, "quick_epochs must be a positive int"
+is_sample = datasets.base_name(dataset) == "sample"
+# Run alone, without 01: the sample's '+' form costs nothing to rebuild from its stored oracle answers.
+if dataset == "sample+" and not (datasets.dataset_dir(dataset) / "meta.json").exists():
+    from dimkit import augment
+
+    print(augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False).summary())
+
+errors_analysis.find_runs(dataset).drop(columns=["path", "finished"])
+
+# %% [markdown]
+# ## The run
+# The newest finished run of the chosen variant (or the one named); the run folder says which
+# feature model and expert made its inputs. Loading it gathers the stored entity features of the
+# whole knowledge base once.
+
+# %%
+run_dir = errors_analysis.ensure_run(dataset, variant, "none", run=run, quick_epochs=quick_epochs)
+linker = Linker(run_dir)
+print_environment(linker.info.feature_model, linker.info.weights_real)
+print()
+print(linker)
+if linker.note:
+    print("NOTE:", linker.note)
+
+# %% [markdown]
+# ## Linking a new mention
+# A new sentence about a test mention, linked twice: with the mention's own image file (its CLIP
+# vector and expert cue are in the stores, so nothing is computed) and with the same picture
+# re-saved as JPEG -- new bytes, so its CLIP vector is computed now with the run's CLIP, and the
+# sample's expert, which only replays stored answers, has no cue for it: the model masks the cue,
+# as for a training mention without one. `.attrs` says how each input was obtained.
+
+# %%
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+ds = linker.dataset
+example = errors_analysis.example_mention(linker, split)  # one the run ranks first, with a usable image
+sentence = f"A postcard showing {example['mention']} arrived this morning."
+new_image = Path(tempfile.mkdtemp()) / "postcard.jpg"
+Image.open(ds.image_path(example["image"])).convert("RGB").save(new_image, quality=90)
+
+with_file = link(sentence, example["mention"], ds.image_path(example["image"]), model=run_dir, k=5)
+with_copy = link(sentence, example["mention"], new_image, model=run_dir, k=5)
+for label, res in (("dataset image", with_file), ("re-saved copy", with_copy)):
+    print(f"{label:>14}:", {k: v for k, v in res.attrs.items() if k not in ("note", "run")})
+print(f"gold: {example['qid']}")
+pd.concat({"dataset image": with_file[["qid", "name", "score"]],
+           "re-saved copy": with_copy[["qid", "name", "score"]]}, axis=1)
+
+# %% [markdown]
+# ## Every mention of the split, re-scored
+# `analyse` scores each mention with the run's model and stored features, as training evaluated it.
+# Before looking at failures, prove that it agrees with what `dimkit.train` wrote to
+# `predictions.parquet`: the rank of every gold must be identical.
+
+# %%
+analysis = errors_analysis.analyse(run_dir, split=split, protocol=protocol, linker=linker)
+agreement = errors_analysis.agreement_with_training(analysis)
+print(analysis)
+print(f"ranks identical to training's predictions.parquet for {100 * agreement:.1f}% of mentions")
+assert agreement == 1.0, "re-scoring must reproduce the run's own evaluation"
+
+# %% [markdown]
+# ## The worst failures
+# Sorted by how much the wrong entity out-scored the gold (margin of cosine scores). Each shows the
+# image, the mention in its sentence, gold and predicted entity with their descriptions, the expert
+# cue and, for the `paper` variant, the attention weights of the mention over the other modalities
+# (sentence, image, cue; a masked modality -- unusable image, no cue -- gets 0).
+
+# %%
+from dimkit.plots import save_figure
+
+fig = errors_analysis.show_failures(analysis, n_worst)
+save_figure(fig, f"06_worst_failures_{dataset}")
+
+# %%
+with pd.option_context("display.max_colwidth", 120):
+    display(errors_analysis.failure_table(analysis, n_worst))  # noqa: F821
+
+# %% [markdown]
+# ## Failures by kind
+# Each failure counts once, under the first kind that applies: the fuzzy candidate list missed the
+# gold; the image was unusable; an entity with the gold's *name* was chosen (the ambiguity the image
+# and the cue should resolve); other. `flag set` counts every failure showing the condition, so
+# overlaps stay visible.
+
+# %%
+summary = errors_analysis.confusion_summary(analysis)
+summary
+
+# %% [markdown]
+# ## Beside the text-only ablation
+# The same mentions, scored by the run without image and cue. Where the predictions differ, which
+# run was right tells what the extra modalities bought -- or cost.
+
+# %%
+other_dir = errors_analysis.ensure_run(dataset, variant, compare_ablation, run=compare_run,
+                                       quick_epochs=quick_epochs)
+other = errors_analysis.analyse(other_dir, split=split, protocol=protocol)
+comparison = errors_analysis.compare(analysis, other)
+print(comparison)
+comparison.summary()
+
+# %%
+fig = errors_analysis.show_comparison(comparison, n_worst)
+save_figure(fig, f"06_disagreements_{dataset}")
+
+# %%
+with pd.option_context("display.max_colwidth", 80):
+    display(comparison.table.drop(columns=["mention_id", "image"]).head(n_worst))  # noqa: F821
+
+# %%
+print("NOTE:", analysis.note or "pretrained feature model on a real dataset")
+if is_sample:
+    print("These are synthetic-sample runs: the failures illustrate the method, not the paper's model.")

@@ -1,0 +1,208 @@
+"""Linking new mentions with a trained run, batch files, refusals, and the error analysis (dimkit.link,
+dimkit.errors_analysis). One short run is trained on the sample for the whole module."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dimkit import cli, datasets, errors_analysis, synthetic, train
+from dimkit.errors import DataError, DimkitError
+from dimkit.link import Linker, link, link_file, read_run
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """sample+ prepared, its features stored, and a paper run of 6 epochs, in scratch folders."""
+    root = tmp_path_factory.mktemp("kit")
+    mp = pytest.MonkeyPatch()
+    for var, sub in (("DIMKIT_DATA", "data"), ("DIMKIT_CACHE", "cache"), ("DIMKIT_RUNS", "runs"),
+                     ("DIMKIT_FIGURES", "figures")):
+        (root / sub).mkdir()
+        mp.setenv(var, str(root / sub))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add contention on the shared cores
+    try:
+        from dimkit import augment
+        from dimkit.features import load_features
+
+        augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False)
+        ds = datasets.load("sample+")
+        fs = load_features(ds, progress=False)
+        result = train.run(train.config_for("sample+", num_epochs=6), dataset=ds, features=fs, progress=False)
+        ds = datasets.load("sample+")  # with the image_status column the feature run wrote
+        yield {"root": root, "ds": ds, "fs": fs, "run": result.run_dir, "result": result,
+               "pred": pd.read_parquet(result.run_dir / "predictions.parquet")}
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+
+
+def _test_mentions(ds):
+    t = ds.split("test")
+    return t[t["image_status"] == "ok"] if "image_status" in t else t
+
+
+def test_the_run_records_its_feature_models(sample_run):
+    info = read_run(sample_run["run"])
+    assert info.clip_spec == "sample" and info.feature_model == sample_run["fs"].model_id
+    assert info.cue_expert_spec == "sample-oracle" and info.cue_expert == "sample-oracle"
+    assert info.precision == "fp32" and info.entity_column == "description"
+
+
+def test_linking_a_sample_mention_returns_its_gold_as_training_ranked_it(sample_run):
+    ds, pred, run = sample_run["ds"], sample_run["pred"].set_index("mention_id"), sample_run["run"]
+    rows = _test_mentions(ds).head(12)
+    found = 0
+    for _, r in rows.iterrows():
+        df = link(r["sentence"], r["mention"], ds.image_path(r["image"]), model=run, k=10)
+        assert list(df.columns) == ["qid", "name", "description", "score"] and len(df) == 10
+        assert (np.diff(df["score"].to_numpy()) <= 1e-6).all(), "best first"
+        p = pred.loc[r["mention_id"]]
+        # the same model on the same stored features: exactly the ranking training wrote
+        assert list(df["qid"][:5]) == list(p["top5"])
+        if p["rank_kb"] <= 10:
+            assert r["qid"] in set(df["qid"]), "the gold is in the top k whenever training ranked it there"
+            found += 1
+        assert df.attrs["image_status"] == "ok" and df.attrs["cue_status"] == "ok" and df.attrs["cue"]
+        assert df.attrs["computed"] == {}, "everything was stored: nothing is recomputed"
+        assert abs(sum(df.attrs["attention"].values()) - 1) < 1e-3
+        assert "not comparable" in df.attrs["note"]
+    assert found >= 6
+    by_name = link(rows.iloc[0]["sentence"], rows.iloc[0]["mention"], ds.image_path(rows.iloc[0]["image"]),
+                   model=run.name, k=3)
+    assert len(by_name) == 3
+
+
+def test_a_new_image_and_sentence_are_encoded_with_the_runs_clip(sample_run, tmp_path):
+    ds, run = sample_run["ds"], sample_run["run"]
+    r = _test_mentions(ds).iloc[0]
+    new = tmp_path / "holiday.jpg"
+    Image.open(ds.image_path(r["image"])).convert("RGB").save(new, quality=90)  # new bytes, same picture
+    linker = Linker(run)
+    df = linker.link(f"A postcard of {r['mention']} from my holiday.", r["mention"], new, k=5)
+    assert df.attrs["computed"]["image vectors"] == 1 and df.attrs["computed"]["text vectors"] == 1
+    # the run's expert replays the sample's stored cues: it knows nothing about a file outside the dataset
+    assert df.attrs["cue"] is None and df.attrs["cue_status"] == "not_in_replay"
+    assert len(df) == 5 and df["qid"].isin(ds.entities["qid"]).all()
+    # a PIL image is keyed by its pixels; decoded from the same file it gives the same ranking
+    pil = linker.link(f"A postcard of {r['mention']} from my holiday.", r["mention"], Image.open(new), k=5)
+    assert pil.attrs["computed"] == {"image vectors": 1} and list(pil["qid"]) == list(df["qid"])
+
+
+def test_an_unusable_image_is_refused_naming_the_file_unless_allowed(sample_run, tmp_path):
+    ds, run = sample_run["ds"], sample_run["run"]
+    r = _test_mentions(ds).iloc[0]
+    missing = tmp_path / "nowhere.png"
+    with pytest.raises(DataError, match="nowhere.png.*image unusable \\(missing"):
+        link(r["sentence"], r["mention"], missing, model=run)
+    df = link(r["sentence"], r["mention"], missing, model=run, allow_unusable_image=True)
+    assert df.attrs["image_status"] == "missing" and df.attrs["cue_status"] == "image_missing"
+    assert df.attrs["attention"]["image"] == 0.0 and df.attrs["attention"]["cue"] == 0.0
+    with pytest.raises(DataError, match="mention"):
+        link(r["sentence"], "  ", ds.image_path(r["image"]), model=run)
+
+
+def test_the_batch_command_skips_and_reports_bad_lines(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    rows = _test_mentions(ds).head(2)
+    folder = tmp_path / "batch"
+    (folder / "img").mkdir(parents=True)
+    shutil.copy(ds.image_path(rows.iloc[0]["image"]), folder / "img" / "a.png")
+    (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
+    lines = [
+        {"sentence": rows.iloc[0]["sentence"], "mention": rows.iloc[0]["mention"], "image": "img/a.png"},
+        {"sentence": "A broken picture of Dunvarra.", "mention": "Dunvarra", "image": "img/broken.png"},
+        {"sentence": "No mention field here.", "image": "img/a.png"},
+        "{not json",
+        {"id": "x5", "sentence": rows.iloc[1]["sentence"], "mention": rows.iloc[1]["mention"],
+         "image": str(ds.image_path(rows.iloc[1]["image"]))},
+    ]
+    src = folder / "in.jsonl"
+    src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out" / "linked.jsonl"
+    rc = cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--k", "4"])
+    assert rc == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["line"] for g in got] == [1, 5] and got[1]["id"] == "x5"
+    assert all(len(g["entities"]) == 4 and {"qid", "name", "description", "score"} <= set(g["entities"][0])
+               for g in got)
+    assert got[0]["entities"][0]["qid"] == link(rows.iloc[0]["sentence"], rows.iloc[0]["mention"],
+                                                ds.image_path(rows.iloc[0]["image"]), model=run, k=1)["qid"].iloc[0]
+    skipped = [json.loads(x) for x in (out.parent / "linked.skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["field"]) for s in skipped] == [(2, "image"), (3, "mention"), (4, None)]
+    assert skipped[0]["reason"].startswith("image_") and "broken.png" in skipped[0]["detail"]
+    assert [s["reason"] for s in skipped[1:]] == ["missing_field", "bad_json"]
+    printed = capsys.readouterr().out
+    assert "linked 2 of 5 lines" in printed and "skipped 3" in printed and "line 3: missing_field (mention)" in printed
+    # the API returns the same report; allowing unusable images links the broken line too
+    rep = link_file(run, src, tmp_path / "again.jsonl", k=2, allow_unusable_images=True, progress=False)
+    assert rep.linked == 3 and rep.reasons() == {"missing_field": 1, "bad_json": 1}
+
+
+def test_a_run_whose_feature_model_is_missing_is_refused_clearly(sample_run, monkeypatch, tmp_path):
+    clip_module = sys.modules["dimkit.clip"]
+    monkeypatch.setattr(clip_module, "SAMPLE_CLIP_DIR", tmp_path / "deleted-clip")
+    with pytest.raises(DimkitError, match=r"trained on features of CLIP dimkit-sample-clip.*not available here"):
+        Linker(sample_run["run"])
+    monkeypatch.undo()
+    # weights that changed under the same spec are refused too
+    moved = tmp_path / "copied-run"
+    shutil.copytree(sample_run["run"], moved)
+    for name in ("features.json", "metrics.json"):
+        d = json.loads((moved / name).read_text())
+        d["feature_model"] = "dimkit-sample-clip@1:00000000"
+        (moved / name).write_text(json.dumps(d))
+    with pytest.raises(DimkitError, match="its weights changed"):
+        Linker(moved)
+    (moved / "features.json").unlink()
+    with pytest.raises(DimkitError, match="features.json"):
+        Linker(moved)
+
+
+def test_a_run_trained_on_features_handed_in_memory_cannot_be_linked(sample_run):
+    ds, fs = synthetic.make_problem(n_mentions=120, n_groups=6, group_size=2, dim=16, seed=1)
+    cfg = train.config_for("synthetic", hidden=16, heads=4, num_epochs=1, eval_steps=0, batch_size=32,
+                           warmup_steps=1, patience=0, protocols="kb", select_protocol="kb", negatives="random")
+    result = train.run(cfg, dataset=ds, features=fs, progress=False)
+    assert json.loads((result.run_dir / "features.json").read_text())["clip_spec"] is None
+    with pytest.raises(DimkitError, match="does not say how to load that model"):
+        Linker(result.run_dir)
+
+
+def test_error_analysis_agrees_with_training_and_classifies_every_failure(sample_run):
+    a = errors_analysis.analyse(sample_run["run"])
+    assert errors_analysis.agreement_with_training(a) == 1.0
+    t = a.table
+    assert len(t) == int(sample_run["result"].counts["test"])
+    assert set(t.loc[~t["correct"], "error_kind"]) <= set(errors_analysis.ERROR_KINDS)
+    alike = t[t["error_kind"] == "name-alike entity chosen"]
+    assert (alike["gold_name"] == alike["pred_name"]).all() and (alike["gold_qid"] != alike["pred_qid"]).all()
+    assert (t.loc[t["error_kind"] == "image unusable", "image_ok"] == False).all()  # noqa: E712
+    s = errors_analysis.confusion_summary(a).set_index("error kind")
+    assert s.loc["all failures", "failures"] == (~t["correct"]).sum() == s["failures"].iloc[:-1].sum()
+    assert abs(t["correct"].mean() - sample_run["result"].metrics["test"]["dim"]["H@1"]) < 1e-9
+    w = a.worst(3)
+    assert (np.diff(w["margin"].to_numpy()) <= 0).all() and not w["correct"].any()
+    assert {"gold description", "predicted description", "cue", "attention"} <= set(errors_analysis.failure_table(a, 3))
+    assert np.allclose(t[[f"attention {k}" for k in a.attention_keys]].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_comparing_a_run_with_its_text_only_ablation(sample_run):
+    text = errors_analysis.ensure_run("sample+", "paper", "text_only", quick_epochs=2)
+    assert errors_analysis.latest_run("sample+", "paper", "text_only") == text
+    a = errors_analysis.analyse(sample_run["run"])
+    b = errors_analysis.analyse(text)
+    assert not b.attention_keys or b.attention_keys == ["mention_sentence"]
+    c = errors_analysis.compare(a, b)
+    merged = a.table.merge(b.table, on="mention_id")
+    assert len(c.table) == int((merged["pred_qid_x"] != merged["pred_qid_y"]).sum()) > 0
+    summary = c.summary().set_index("outcome")["mentions"]
+    assert summary.sum() == len(a.table)
+    assert summary["only paper right"] == int((merged["correct_x"] & ~merged["correct_y"]).sum())
