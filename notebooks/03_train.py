@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,10 +39,10 @@ dataset: str = "sample+"  # sample+ | sample | wiki+ | rich+ | diverse+ | wikime
 variant: str = "paper"  # paper | released: the main variant; the ablation below is applied to it
 ablation: str = "text_only"  # text_only | no_image | no_cue | no_attention | original_descriptions
 compare_variants: bool = True  # also train the other variant (paper <-> released)
-num_epochs: int | None = None  # None = the dataset preset (sample: 30; released scripts: 300, diverse 500)
-lr: float | None = None  # None = the dataset preset (sample: 1e-3; released scripts: 5e-5, diverse 5e-6)
-batch_size: int | None = None  # None = the dataset preset (sample: 32; released scripts: 64, diverse 128)
-seed: int | None = None  # None = the released seed 114514
+num_epochs: int = 0  # 0 means the dataset preset (sample 30, released scripts 300, diverse 500)
+lr: float = 0.0  # 0.0 means the dataset preset (sample 1e-3, released scripts 5e-5, diverse 5e-6)
+batch_size: int = 0  # 0 means the dataset preset (sample 32, released scripts 64, diverse 128)
+seed: int = 114514  # the released scripts' seed
 clip: str = "auto"  # feature model: auto (sample-trained CLIP on the sample, ViT-B-32 else) | default | ARCH:random
 rank_rule: str = "pessimistic"  # pessimistic (ties count against the model) | strict (released)
 resume: bool = True  # reuse a finished run / continue an interrupted one with the same config
@@ -53,9 +55,12 @@ from dimkit.model import ABLATIONS, VARIANTS
 dataset = datasets.canonical_name(dataset)
 assert variant in VARIANTS, f"variant must be one of {VARIANTS}, got {variant!r}"
 assert ablation in ABLATIONS and ablation != "none", f"ablation must be one of {ABLATIONS[1:]}, got {ablation!r}"
-for _name, _value in (("num_epochs", num_epochs), ("batch_size", batch_size), ("seed", seed)):
-    assert _value is None or (isinstance(_value, int) and _value > 0), f"{_name} must be a positive int or None"
-assert lr is None or (isinstance(lr, (int, float)) and lr > 0), "lr must be a positive number or None"
+for _name, _value in (("num_epochs", num_epochs), ("batch_size", batch_size)):
+    assert isinstance(_value, int) and _value >= 0, f"{_name} must be a non-negative int (0: the preset)"
+assert isinstance(seed, int) and seed >= 0, "seed must be a non-negative int"
+assert isinstance(lr, (int, float)) and lr >= 0, "lr must be a non-negative number (0.0: the preset)"
+# 0 stands for "the dataset preset" (papermill parameters must be plain literals)
+num_epochs, lr, batch_size = (num_epochs or None), (lr or None), (batch_size or None)
 assert isinstance(compare_variants, bool) and isinstance(resume, bool)
 is_sample = datasets.base_name(dataset) == "sample"
 
