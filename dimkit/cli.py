@@ -15,8 +15,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "images": ("dimkit.images", "check every image of a dataset and report unusable ones"),
     "sample": ("dimkit.sample", "regenerate the bundled synthetic sample"),
     "augment": ("dimkit.augment", "ask an LLM about every entity and write the '+' dataset (Wiki+, Rich+, Diverse+)"),
+    "cues": ("dimkit.cues", "ask an image expert (BLIP-2, a VLM, an API, or stored answers) about every mention image"),
+    "features": ("dimkit.features", "CLIP features of mentions, sentences, images, cues and entity descriptions"),
+    "train": ("dimkit.train", "train and evaluate DIM (paper or released variant) on a dataset"),
+    "link": ("dimkit.link", "link new mentions (sentence, mention, image) with a trained run: top-k KB entities"),
     "info": ("dimkit.cli", "show a prepared dataset's counts and the environment"),
     "notebooks": ("dimkit.notebooks", "execute the numbered notebooks headless (make demo)"),
+    "reproduce": ("dimkit.reproduce", "check inputs, then run the whole chain, tables and figure (make reproduce)"),
 }
 
 

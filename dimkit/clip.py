@@ -1,0 +1,429 @@
+"""CLIP through open_clip: pick a model from a short spec, encode texts and images in batches
+(notebook ``02_expert_cues``).
+
+DIM encodes everything with OpenAI's CLIP ViT-B/32 (spec 2.1): the mention, mention + " [SEP] " +
+sentence, the image, the expert cue and each entity description, as raw (not L2-normalised)
+projected embeddings, texts truncated to 77 tokens. The specs :func:`parse_clip_spec` accepts:
+
+- ``"default"`` = ``"ViT-B-32:openai"``: the weights DIM used (QuickGELU, as OpenAI trained them);
+- ``"ARCH:TAG"``: any open_clip architecture and pretrained tag (``ViT-L-14:openai`` ...);
+- ``"ARCH:random"`` (or ``"random"`` for ViT-B-32): random weights from a fixed seed;
+- a checkpoint file (``/path/ViT-B-32.pt``, architecture ViT-B-32 QuickGELU, i.e. the OpenAI file
+  DIM loads) or ``"ARCH:/path/file"``; a folder with ``open_clip_config.json`` + weights;
+  ``"hf-hub:org/repo"``;
+- ``"sample"``: the small CLIP dimkit trains on the bundled sample (:mod:`dimkit.clip_train`),
+  shipped in ``data/sample/clip/`` and loaded through open_clip's local-folder path.
+
+Only pretrained weights give numbers comparable to the paper; :attr:`ClipModel.weights_real` says
+which is which and every output built on these features carries it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import paths
+from .errors import ConfigError, DimkitError
+
+DEFAULT_CLIP = "ViT-B-32:openai"
+#: Where the sample-trained CLIP ships (committed; regenerate with ``python -m dimkit.clip_train``).
+SAMPLE_CLIP_DIR = paths.REPO_ROOT / "data" / "sample" / "clip"
+SAMPLE_CLIP_NAMES = ("sample", "sample-clip", "dimkit-sample-clip")
+#: Seed of ``ARCH:random`` weights, so random features are the same on every run and machine.
+RANDOM_SEED = 0
+
+#: Small open_clip architectures dimkit registers: ``dimkit-tiny`` for tests (fast on CPU) and
+#: ``dimkit-sample`` for the CLIP trained on the sample. The text tower keeps CLIP's BPE vocabulary
+#: (49408 tokens) so the stock tokenizer works; its width stays small because that embedding table
+#: dominates the shipped file size.
+CONFIGS: dict[str, dict] = {
+    "dimkit-tiny": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+    "dimkit-sample": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+}
+
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED: set[str] = set()
+_CONFIG_DIR: Path | None = None
+
+
+def register_config(name: str, cfg: dict) -> None:
+    """Make an open_clip architecture ``name`` available (through open_clip's public config path)."""
+    global _CONFIG_DIR
+    import open_clip
+
+    with _REGISTER_LOCK:
+        if name in _REGISTERED and name in open_clip.list_models():
+            return
+        if _CONFIG_DIR is None:
+            _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="dimkit-open-clip-configs-"))
+        (_CONFIG_DIR / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(_CONFIG_DIR / f"{name}.json")
+        _REGISTERED.add(name)
+
+
+def register_dimkit_configs() -> None:
+    """Register dimkit's small architectures (``dimkit-tiny``, ``dimkit-sample``) with open_clip."""
+    for name, cfg in CONFIGS.items():
+        register_config(name, cfg)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """A resolved ``--clip`` value: what to build, what to load, and the model id features are keyed by."""
+
+    spec: str
+    arch: str                      # open_clip model name, or "local-dir:<folder>" / "hf-hub:<repo>"
+    weights: str | None            # pretrained tag, checkpoint path, or None (random / schema-loaded)
+    model_id: str
+    weights_real: bool
+    quick_gelu: bool = False
+    seed: int | None = None        # set for random weights
+    note: str = ""
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _known_arch(name: str) -> bool:
+    import open_clip
+
+    register_dimkit_configs()
+    return name in open_clip.list_models()
+
+
+def _local_dir_spec(spec: str, folder: Path) -> ClipSpec:
+    cfg_path = folder / "open_clip_config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"CLIP folder {folder} has no open_clip_config.json (expected open_clip's "
+                          "local-folder layout: open_clip_config.json + open_clip_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    marker = cfg.get("dimkit") or {}
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
+    if not weights:
+        raise ConfigError(f"CLIP folder {folder} has a config but no weights file (*.safetensors, *.bin, *.pth)")
+    digest = hashlib.sha256(cfg_path.read_bytes() + b"".join(
+        _file_sha256(w).encode() for w in weights)).hexdigest()
+    if marker.get("model_id"):
+        # The content hash follows the name, so retrained weights never reuse stored features.
+        model_id = f"{marker['model_id']}:{digest[:8]}"
+    else:
+        model_id = f"local-dir:{folder.name}@{digest[:12]}"
+    return ClipSpec(spec=spec, arch=f"local-dir:{folder.resolve()}", weights=None, model_id=model_id,
+                    weights_real=bool(marker.get("weights_real", True)), note=str(marker.get("note", "")))
+
+
+def parse_clip_spec(spec: str = "default") -> ClipSpec:
+    """Resolve a ``--clip`` value (see the module docstring) without loading anything heavy."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--clip must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    key = spec.lower()
+    if key == "default":
+        spec = key = DEFAULT_CLIP.lower()
+        spec = DEFAULT_CLIP
+    if key in SAMPLE_CLIP_NAMES:
+        if not (SAMPLE_CLIP_DIR / "open_clip_config.json").is_file():
+            raise DimkitError(f"the sample-trained CLIP is missing from {SAMPLE_CLIP_DIR}; regenerate it "
+                              "with `python -m dimkit.clip_train` (or use --clip ViT-B-32:random)")
+        return _local_dir_spec(spec, SAMPLE_CLIP_DIR)
+    if key == "random":
+        spec = "ViT-B-32:random"
+    if spec.startswith("hf-hub:"):
+        return ClipSpec(spec=spec, arch=spec, weights=None, model_id=spec, weights_real=True)
+    if spec.startswith("local-dir:"):
+        return _local_dir_spec(spec, Path(spec[len("local-dir:"):]).expanduser())
+    arch, sep, rest = spec.partition(":")
+    if sep and _known_arch(arch):
+        import open_clip
+
+        if rest.lower().startswith("random"):
+            seed = RANDOM_SEED
+            if "@" in rest:
+                try:
+                    seed = int(rest.split("@", 1)[1].removeprefix("seed"))
+                except ValueError:
+                    raise ConfigError(f"bad random seed in --clip {spec!r}; use ARCH:random@SEED") from None
+            model_id = f"{arch}:random" + ("" if seed == RANDOM_SEED else f"@seed{seed}")
+            return ClipSpec(spec=spec, arch=arch, weights=None, model_id=model_id, weights_real=False,
+                            seed=seed, note="random weights")
+        if rest in open_clip.list_pretrained_tags_by_model(arch):
+            pcfg = open_clip.get_pretrained_cfg(arch, rest) or {}
+            return ClipSpec(spec=spec, arch=arch, weights=rest, model_id=f"{arch}:{rest}", weights_real=True,
+                            quick_gelu=bool(pcfg.get("quick_gelu", False)))
+        path = Path(rest).expanduser()
+        if path.is_file():
+            return ClipSpec(spec=spec, arch=arch, weights=str(path.resolve()),
+                            model_id=f"{arch}:file-{_file_sha256(path)[:12]}", weights_real=True)
+        raise ConfigError(
+            f"--clip {spec!r}: {rest!r} is neither a pretrained tag of {arch} "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)[:6]) or 'none'} ...), nor 'random', "
+            "nor an existing checkpoint file")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _local_dir_spec(spec, path)
+    if path.is_file():
+        # A bare checkpoint is taken to be OpenAI's ViT-B-32.pt, the file DIM loads (QuickGELU).
+        return ClipSpec(spec=spec, arch="ViT-B-32", weights=str(path.resolve()),
+                        model_id=f"ViT-B-32:file-{_file_sha256(path)[:12]}", weights_real=True, quick_gelu=True)
+    if _known_arch(spec):
+        raise ConfigError(f"--clip {spec!r} names an architecture but no weights: use '{spec}:TAG' "
+                          f"(e.g. '{spec}:openai') or '{spec}:random'")
+    raise ConfigError(
+        f"unknown --clip {spec!r}: use 'default' (ViT-B-32:openai), 'ARCH:TAG', 'ARCH:random', 'sample', "
+        "a checkpoint file, a folder with open_clip_config.json, or 'hf-hub:org/repo'")
+
+
+def pretrained_missing_message(spec: ClipSpec, reason: str) -> str:
+    """What to tell a user whose pretrained CLIP weights cannot be fetched (offline, no hub)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    return (
+        f"cannot load the pretrained CLIP weights {spec.model_id} ({reason}). "
+        + ("HF_HUB_OFFLINE is set and they are not in the local Hugging Face cache. " if offline else
+           "The model hub may be unreachable from this machine. ")
+        + "Supply them locally: run once where the hub is reachable (`python -c \"import open_clip; "
+        f"open_clip.create_model_and_transforms('{spec.arch}', pretrained='{spec.weights}')\"` fills the "
+        "cache), or pass a checkpoint file: `--clip /path/to/ViT-B-32.pt` (OpenAI's file, what DIM used), "
+        f"`--clip {spec.arch}:/path/to/open_clip_pytorch_model.bin`, or a folder holding "
+        "open_clip_config.json + weights (`--clip /path/to/folder`). Without pretrained weights: "
+        "`--clip sample` (sample-trained CLIP) or `--clip ViT-B-32:random` -- numbers then are not "
+        "comparable to the paper.")
+
+
+def _check_cached_offline(spec: ClipSpec) -> None:
+    """Fail in a second, with instructions, when offline and the tag's weights are not cached."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0", "false", "False"):
+        return
+    import open_clip
+
+    pcfg = open_clip.get_pretrained_cfg(spec.arch, spec.weights) or {}
+    if pcfg.get("file"):
+        return
+    hub = pcfg.get("hf_hub", "")
+    if not hub:
+        raise DimkitError(pretrained_missing_message(spec, "this tag downloads from a URL"))
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in names:
+        hit = try_to_load_from_cache(repo_id=repo, filename=name)
+        if isinstance(hit, str):
+            return
+    raise DimkitError(pretrained_missing_message(spec, f"{repo} is not in the local cache"))
+
+
+@dataclass
+class ClipModel:
+    """A loaded open_clip model with its preprocessing and tokenizer; encodes in batches."""
+
+    spec: ClipSpec
+    model: object
+    preprocess: object
+    tokenizer: object
+    device: str
+    precision: str
+    dim: int
+    trim_text: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def model_id(self) -> str:
+        """Id features are keyed and labelled by (e.g. ``ViT-B-32:openai``, ``dimkit-sample-clip@1``)."""
+        return self.spec.model_id
+
+    @property
+    def weights_real(self) -> bool:
+        """True only for pretrained weights (numbers comparable to the paper)."""
+        return self.spec.weights_real
+
+    def tokenize(self, texts: Sequence[str]):
+        """CLIP BPE tokens ``[N, context]``, truncated like ``clip.tokenize(..., truncate=True)``."""
+        return self.tokenizer(list(texts))
+
+    def _encode_tokens(self, tokens):
+        import torch
+
+        model = self.model
+        if not self.trim_text:
+            return model.encode_text(tokens)
+        # Every row ends at its end-of-text token; CLIP's causal mask means the padding after it
+        # never changes earlier positions, so cutting the batch to its longest row gives the same
+        # pooled vector for a fraction of the 77-token cost (checked against encode_text at load).
+        from open_clip.transformer import text_global_pool
+
+        length = int((tokens != 0).sum(dim=1).max().item())
+        length = max(length, 1)
+        tokens = tokens[:, :length]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast)                      # [B, L, W]
+        x = x + model.positional_embedding[:length].to(cast)
+        mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+        x = model.transformer(x, attn_mask=mask)
+        x = model.ln_final(x)
+        x = text_global_pool(x, tokens, model.text_pool_type,
+                             eos_token_id=getattr(model, "text_eos_id", None))   # [B, W]
+        proj = model.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj   # [B, D]
+        return x
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Raw CLIP text embeddings ``[N, D]`` float32 (texts sorted by length inside for speed)."""
+        import torch
+
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        tokens = self.tokenize(texts)                                    # [N, 77]
+        lengths = (tokens != 0).sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                idx = order[i:i + batch_size]
+                feats = self._encode_tokens(tokens[idx].to(self.device))
+                out[idx.numpy()] = feats.float().cpu().numpy()
+        return out
+
+    def preprocess_images(self, images: Sequence, workers: int = 0):
+        """The model's eval transform over PIL images -> ``[N, 3, H, W]`` tensor (optionally threaded)."""
+        import torch
+
+        if workers and workers > 1 and len(images) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                tensors = list(pool.map(self.preprocess, images))
+        else:
+            tensors = [self.preprocess(im) for im in images]
+        return torch.stack(tensors)
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        """Raw CLIP image embeddings of preprocessed pixels ``[N, 3, H, W]`` -> ``[N, D]`` float32."""
+        import torch
+
+        dtype = next(self.model.parameters()).dtype
+        with self._lock, torch.inference_mode():
+            feats = self.model.encode_image(pixels.to(self.device, dtype=dtype))
+        return feats.float().cpu().numpy()
+
+    def encode_images(self, images: Sequence, batch_size: int = 64, workers: int = 0) -> np.ndarray:
+        """Raw CLIP image embeddings ``[N, D]`` float32 of RGB PIL images."""
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            out[i:i + len(chunk)] = self.encode_pixels(self.preprocess_images(chunk, workers))
+        return out
+
+
+def _probe_trim(model, tokenizer, device: str) -> bool:
+    """Whether trimmed text encoding reproduces ``encode_text`` for this model (else keep 77 tokens)."""
+    import torch
+
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask",
+              "text_pool_type", "text_projection")
+    if not all(hasattr(model, a) for a in needed) or getattr(model, "text_pool_type", None) != "argmax":
+        return False
+    # A short and a longer row in one batch: the short one then carries padding inside the cut.
+    probe = ["a", "Barack Obama [SEP] Obama met Merkel in Berlin ."]
+    try:
+        with torch.inference_mode():
+            tokens = tokenizer(probe).to(device)
+            full = model.encode_text(tokens).float()
+            cm = ClipModel(spec=None, model=model, preprocess=None, tokenizer=tokenizer, device=device,  # type: ignore[arg-type]
+                           precision="", dim=full.shape[1], trim_text=True)
+            trimmed = cm._encode_tokens(tokens).float()
+    except Exception:  # an architecture we do not know: fall back to the library's own path
+        return False
+    scale = full.abs().max().clamp_min(1e-6)
+    return bool(((full - trimmed).abs().max() / scale) < 1e-3)
+
+
+_CACHE: dict[tuple, ClipModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_clip(spec: str | ClipSpec = "default", *, device: str = "auto", precision: str | None = None) -> ClipModel:
+    """Build or load a CLIP (see :func:`parse_clip_spec`); fp16 on GPU as the released code, fp32 on CPU.
+
+    The last model loaded is kept in memory, so a notebook running cues then features loads once.
+    """
+    from .env import pick_device
+
+    cs = spec if isinstance(spec, ClipSpec) else parse_clip_spec(spec)
+    device = pick_device(device)
+    if precision is None:
+        precision = "fp16" if device.startswith("cuda") else "fp32"
+    key = (cs, device, precision)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    import open_clip
+    import torch
+
+    register_dimkit_configs()
+    kwargs = dict(precision=precision, device=device, force_quick_gelu=cs.quick_gelu)
+    try:
+        if cs.seed is not None:
+            # Random weights from a private RNG stream: the same on every run, and the caller's
+            # global torch seed is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cs.seed)
+                model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, pretrained=None, **kwargs)
+        elif cs.weights is not None and not Path(cs.weights).is_file():
+            _check_cached_offline(cs)
+            model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, pretrained=cs.weights, **kwargs)
+        elif cs.weights is not None:
+            model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, pretrained=cs.weights, **kwargs)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, **kwargs)
+    except DimkitError:
+        raise
+    except (RuntimeError, OSError, ValueError) as exc:
+        if cs.weights is not None and not Path(cs.weights).is_file():
+            raise DimkitError(pretrained_missing_message(cs, str(exc).splitlines()[0][:300])) from exc
+        raise DimkitError(f"cannot load CLIP {cs.spec!r}: {exc}") from exc
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(cs.arch)
+    with torch.inference_mode():
+        dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+    trim = _probe_trim(model, tokenizer, device)
+    cm = ClipModel(spec=cs, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device,
+                   precision=precision, dim=dim, trim_text=trim)
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _CACHE[key] = cm
+    return cm
+
+
+def clear_cache() -> None:
+    """Forget the model kept by :func:`load_clip` (frees its memory)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()

@@ -1,0 +1,664 @@
+"""CLIP features of mentions, sentences, images, cues and entity descriptions (notebook ``02_expert_cues``).
+
+What DIM feeds its model (spec 2.1), all raw (not L2-normalised) CLIP outputs, float32:
+
+- ``mention``: ``encode_text(mention)``; ``mention_sentence``: ``encode_text(mention + " [SEP] " + sentence)``
+  (the literal "[SEP]", not a CLIP special token);
+- ``image``: ``encode_image`` of the mention image (Richpedia: the **sum** over the mention's images,
+  as the released code); zeros and ``image_ok = False`` where no image is usable;
+- ``cue``: ``encode_text`` of the expert cue (:mod:`dimkit.cues`); zeros and ``cue_ok = False`` without one;
+- ``entity``: ``encode_text`` of each entity's description; ``entity_original`` of
+  ``description_original`` in ``+`` datasets (the originals, for the with/without-LLM comparison).
+
+Every vector is stored once per (model id, precision, content hash) -- the text itself or the
+image's bytes -- in ``$DIMKIT_CACHE/features/<model>/part-*.safetensors``. Parts are written
+atomically every ``flush_rows`` rows, so an interrupted run keeps what it computed; changing one
+description recomputes one row; a rerun computes nothing and does not even load the model.
+Several processes may fill one store at once (each writes its own part files; the cue store is
+SQLite): on a KB of 160K entities and 25K images, shard by content hash across processes and GPUs::
+
+    accelerate launch --num_processes 4 -m dimkit.cli cues wiki+ --shard auto      # or torchrun
+    accelerate launch --num_processes 4 -m dimkit.cli features wiki+ --shard auto
+    dimkit features wiki+        # once: computes only what is left, assembles, writes the report
+
+``--shard auto`` reads RANK / WORLD_SIZE (and LOCAL_RANK for the GPU) that the launcher sets;
+``--shard i/n`` does the same by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import datasets, paths
+from .clip import ClipModel, ClipSpec, load_clip, parse_clip_spec
+from .errors import DataError, DimkitError
+from .store import content_hash, make_key
+
+#: Bump when the way a vector is computed changes (then nothing stored is reused).
+FEATURE_VERSION = "v1"
+SEP = " [SEP] "
+STORE_FORMAT = "dimkit-features/1"
+#: What stands in for a missing description: the entity's name (dimkit) or the released code's
+#: literal "None" (its brief.json holds "<name> [SEP]. None" and it encodes the text after "[SEP]. ").
+MISSING_DESCRIPTION = ("name", "released")
+
+
+# ---------------------------------------------------------------------------------------------
+# FeatureSet (the contract with training)
+
+
+@dataclass
+class FeatureSet:
+    """Frozen CLIP features of one dataset, rows aligned with ``ds.mentions`` / ``ds.entities``."""
+
+    model_id: str
+    weights_real: bool
+    dim: int
+    mention_ids: list[str]
+    entity_qids: list[str]
+    mention: np.ndarray            # [N, D]
+    mention_sentence: np.ndarray   # [N, D]
+    image: np.ndarray              # [N, D], zeros where unusable
+    image_ok: np.ndarray           # [N] bool
+    cue: np.ndarray                # [N, D], zeros where no cue
+    cue_ok: np.ndarray             # [N] bool
+    entity: np.ndarray             # [E, D]
+    entity_original: np.ndarray | None = None  # [E, D] in '+' datasets
+    meta: dict = field(default_factory=dict)
+
+    ARRAYS = ("mention", "mention_sentence", "image", "image_ok", "cue", "cue_ok", "entity", "entity_original")
+
+    @property
+    def label(self) -> str:
+        """How to caption numbers built on these features (says when weights are not pretrained)."""
+        if self.weights_real:
+            return f"CLIP {self.model_id}"
+        return f"CLIP {self.model_id} -- random or sample-trained weights, not comparable to the paper"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Arrays plus the scalar fields (lists and strings), e.g. for ``np.savez``."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in self.ARRAYS if getattr(self, k) is not None}
+        out.update(model_id=self.model_id, weights_real=self.weights_real, dim=self.dim,
+                   mention_ids=list(self.mention_ids), entity_qids=list(self.entity_qids), meta=self.meta)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file (arrays; ids and meta in its JSON header), atomically."""
+        from safetensors.numpy import save
+
+        path = Path(path)
+        tensors = {k: np.ascontiguousarray(getattr(self, k)) for k in self.ARRAYS if getattr(self, k) is not None}
+        for k in ("image_ok", "cue_ok"):
+            tensors[k] = tensors[k].astype(np.uint8)
+        header = {"format": "dimkit-featureset/1", "model_id": self.model_id,
+                  "weights_real": json.dumps(self.weights_real), "dim": str(self.dim),
+                  "mention_ids": json.dumps(list(self.mention_ids)),
+                  "entity_qids": json.dumps(list(self.entity_qids)),
+                  "meta": json.dumps(self.meta, default=str)}
+        _atomic_write_bytes(save(tensors, metadata=header), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureSet":
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as fh:
+            header = fh.metadata() or {}
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+        if header.get("format") != "dimkit-featureset/1":
+            raise DataError("not a dimkit FeatureSet file", file=path)
+        return cls(model_id=header["model_id"], weights_real=json.loads(header["weights_real"]),
+                   dim=int(header["dim"]), mention_ids=json.loads(header["mention_ids"]),
+                   entity_qids=json.loads(header["entity_qids"]),
+                   mention=arrays["mention"], mention_sentence=arrays["mention_sentence"], image=arrays["image"],
+                   image_ok=arrays["image_ok"].astype(bool), cue=arrays["cue"], cue_ok=arrays["cue_ok"].astype(bool),
+                   entity=arrays["entity"], entity_original=arrays.get("entity_original"),
+                   meta=json.loads(header.get("meta", "{}")))
+
+    def summary(self) -> pd.DataFrame:
+        """One row per array: shape and how many rows are usable."""
+        rows = []
+        for k in ("mention", "mention_sentence", "image", "cue", "entity", "entity_original"):
+            a = getattr(self, k)
+            if a is None:
+                continue
+            ok = {"image": self.image_ok, "cue": self.cue_ok}.get(k)
+            rows.append({"features": k, "shape": tuple(a.shape),
+                         "usable rows": int(ok.sum()) if ok is not None else int(len(a))})
+        return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature store
+
+
+def _atomic_write_bytes(data: bytes, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _slug(model_id: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[:60]
+    return f"{readable}-{content_hash(model_id)[:8]}"
+
+
+def features_dir() -> Path:
+    """``$DIMKIT_CACHE/features``."""
+    return paths.cache_dir() / "features"
+
+
+class FeatureStore:
+    """Vectors of one model keyed by content: append-only safetensors part files, read into memory.
+
+    Each part holds ``keys`` (uint8 [n, 32], the SHA-256 store keys) and ``vectors`` (float32 [n, D]).
+    A part is written to a temporary name, fsynced and renamed, so a reader never sees half of one;
+    processes never write the same file, so they can share a store without locks.
+    """
+
+    def __init__(self, model_id: str, root: str | Path | None = None):
+        self.model_id = model_id
+        self.dir = Path(root or features_dir()) / _slug(model_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dim: int | None = None
+        self._index: dict[bytes, tuple[int, int]] = {}
+        self._arrays: list[np.ndarray] = []
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def parts(self) -> list[Path]:
+        """Part files, oldest first."""
+        return sorted(self.dir.glob("part-*.safetensors"))
+
+    def refresh(self) -> None:
+        """Index part files written since the last look (by this or another process)."""
+        from safetensors import safe_open
+
+        with self._lock:
+            for p in self.parts():
+                if p.name in self._seen:
+                    continue
+                try:
+                    with safe_open(str(p), framework="numpy") as fh:
+                        meta = fh.metadata() or {}
+                        keys = fh.get_tensor("keys")
+                        vecs = fh.get_tensor("vectors")
+                except FileNotFoundError:  # compacted away by another process meanwhile
+                    continue
+                except Exception as exc:
+                    raise DataError(f"unreadable feature part ({exc}); delete it to recompute its rows",
+                                    file=p) from exc
+                if meta.get("model_id") not in (None, self.model_id):
+                    raise DataError(f"feature part of another model ({meta.get('model_id')!r})", file=p)
+                if self.dim is None:
+                    self.dim = int(vecs.shape[1])
+                elif vecs.shape[1] != self.dim:
+                    raise DataError(f"feature part has dimension {vecs.shape[1]}, the store {self.dim}", file=p)
+                slot = len(self._arrays)
+                self._arrays.append(vecs)
+                self._seen[p.name] = slot
+                for row, k in enumerate(keys):
+                    self._index[k.tobytes()] = (slot, row)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return bytes.fromhex(key) in self._index
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """Keys with no stored vector (order kept, duplicates dropped)."""
+        return [k for k in dict.fromkeys(keys) if bytes.fromhex(k) not in self._index]
+
+    def gather(self, keys: Sequence[str], dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors ``[len(keys), D]`` (zeros for absent keys) and a found mask."""
+        d = dim or self.dim or 0
+        out = np.zeros((len(keys), d), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        for i, k in enumerate(keys):
+            hit = self._index.get(bytes.fromhex(k)) if k else None
+            if hit is not None:
+                out[i] = self._arrays[hit[0]][hit[1]]
+                found[i] = True
+        return out, found
+
+    def put(self, keys: Sequence[str], vectors: np.ndarray) -> Path | None:
+        """Write one part file with these rows (durable when this returns) and index it."""
+        from safetensors.numpy import save
+
+        if not len(keys):
+            return None
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.dim is not None and vectors.shape[1] != self.dim:
+            raise DimkitError(f"vectors of dimension {vectors.shape[1]} for a store of dimension {self.dim}")
+        key_arr = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(len(keys), 32)
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+        data = save({"keys": key_arr, "vectors": vectors},
+                    metadata={"format": STORE_FORMAT, "model_id": self.model_id})
+        _atomic_write_bytes(data, self.dir / name)
+        self.refresh()
+        return self.dir / name
+
+    def compact(self, max_parts: int = 64) -> bool:
+        """Merge the parts into one when there are more than ``max_parts`` (fewer files to open)."""
+        parts = self.parts()
+        if len(parts) <= max_parts:
+            return False
+        self.refresh()
+        keys = sorted(self._index)
+        vecs = np.stack([self._arrays[s][r] for s, r in (self._index[k] for k in keys)]) if keys else None
+        if vecs is None:
+            return False
+        self.put([k.hex() for k in keys], vecs)
+        for p in parts:  # rows of parts written meanwhile by others stay in their own files
+            p.unlink(missing_ok=True)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing features
+
+
+def text_key(model_id: str, version: str, text: str) -> str:
+    """Store key of a text's vector: model id, feature version + precision, SHA-256 of the text."""
+    return make_key("clip_text", model_id, version, {"text_sha256": content_hash(text.encode("utf-8"))})
+
+
+def image_key(model_id: str, version: str, image_sha256: str) -> str:
+    """Store key of an image's vector: model id, feature version + precision, SHA-256 of the bytes."""
+    return make_key("clip_image", model_id, version, {"image_sha256": image_sha256})
+
+
+@dataclass
+class FeatureReport:
+    """What a feature run did: rows computed / reused / failed, images and cues per status."""
+
+    dataset: str
+    model_id: str
+    weights_real: bool
+    dim: int
+    precision: str
+    texts: dict[str, int] = field(default_factory=dict)
+    images: dict[str, Any] = field(default_factory=dict)
+    mention_images: dict[str, int] = field(default_factory=dict)
+    cues: dict[str, Any] = field(default_factory=dict)
+    entities: dict[str, int] = field(default_factory=dict)
+    model_loaded: bool = False
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    shard: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain dict (what ``reports/features.json`` holds)."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        weights = "pretrained" if self.weights_real else "NOT pretrained (random or sample-trained): not comparable to the paper"
+        t, i = self.texts, self.images
+        lines = [f"features for {self.dataset}: CLIP {self.model_id} ({weights}), dim {self.dim}, {self.precision}",
+                 f"  texts:  {t.get('distinct', 0)} distinct -- computed {t.get('done', 0)}, reused {t.get('cached', 0)}",
+                 f"  images: {i.get('distinct', 0)} distinct usable -- computed {i.get('done', 0)}, "
+                 f"reused {i.get('cached', 0)}, failed {i.get('failed', {}) or 0}",
+                 "  mention images: " + ", ".join(f"{k} {v}" for k, v in self.mention_images.items()),
+                 f"  cues: {self.cues.get('with_cue', 0)} of {self.cues.get('mentions', 0)} mentions "
+                 f"(expert {self.cues.get('expert')}{', SYNTHETIC oracle' if self.cues.get('synthetic') else ''})",
+                 f"  entities: {self.entities.get('entities', 0)}"
+                 + (f", {self.entities['no_description']} without description" if self.entities.get("no_description") else ""),
+                 f"  model loaded: {'yes' if self.model_loaded else 'no (everything was stored)'}; {self.seconds:.1f} s"]
+        if self.shard:
+            lines.append(f"  shard {self.shard}: this process's share only; run without --shard once all "
+                         "shards are done to assemble (it computes only what is left)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _precision_for(device: str, precision: str | None) -> str:
+    from .env import pick_device
+
+    if precision:
+        return precision
+    return "fp16" if pick_device(device).startswith("cuda") else "fp32"
+
+
+def _entity_texts(ents: pd.DataFrame, column: str, missing: str) -> tuple[list[str], int]:
+    texts, n_missing = [], 0
+    for name, desc in zip(ents["name"].tolist(), ents[column].tolist()):
+        if isinstance(desc, str) and desc.strip():
+            texts.append(desc)
+        else:
+            n_missing += 1
+            texts.append(str(name) if missing == "name" else "None")
+    return texts, n_missing
+
+
+class _Computer:
+    """Loads the CLIP on first need and writes computed rows to the store in durable chunks."""
+
+    def __init__(self, spec: ClipSpec, store: FeatureStore, device: str, precision: str,
+                 batch_size: int, image_batch_size: int, flush_rows: int, workers: int, progress: bool):
+        self.spec, self.store, self.device, self.precision = spec, store, device, precision
+        self.batch_size, self.image_batch_size = batch_size, image_batch_size
+        self.flush_rows, self.workers, self.progress = flush_rows, workers, progress
+        self.model: ClipModel | None = None
+
+    def clip(self) -> ClipModel:
+        """The model, loaded on first use only (a run whose rows are all stored never loads it)."""
+        if self.model is None:
+            self.model = load_clip(self.spec, device=self.device, precision=self.precision)
+        return self.model
+
+    def texts(self, todo: list[tuple[str, str]]) -> int:
+        """Encode (key, text) rows, flushing every ``flush_rows``."""
+        if not todo:
+            return 0
+        cm = self.clip()
+        # Similar lengths in one chunk: each CLIP batch is cut to its longest text (ClipModel.trim_text).
+        todo = sorted(todo, key=lambda kt: len(kt[1]))
+        bar_kw = {} if self.progress else {"disable": True}
+        with tqdm(total=len(todo), desc=f"text features ({cm.model_id})", unit="text", **bar_kw) as bar:
+            for i in range(0, len(todo), self.flush_rows):
+                chunk = todo[i:i + self.flush_rows]
+                vecs = cm.encode_texts([t for _, t in chunk], batch_size=self.batch_size)
+                self.store.put([k for k, _ in chunk], vecs)
+                bar.update(len(chunk))
+        return len(todo)
+
+    def images(self, todo: list[tuple[str, Path]]) -> tuple[int, Counter]:
+        """Encode (key, path) images; a file unusable now is counted by reason, not raised."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .images import load_image
+
+        failed: Counter = Counter()
+        if not todo:
+            return 0, failed
+        cm = self.clip()
+        done = 0
+
+        def prep(item: tuple[str, Path]):
+            """Decode + CLIP preprocessing of one image (threaded)."""
+            loaded = load_image(item[1])
+            if loaded.image is None:
+                return item[0], None, loaded.status
+            return item[0], cm.preprocess(loaded.image), None
+
+        import torch
+
+        bar_kw = {} if self.progress else {"disable": True}
+        pending_keys: list[str] = []
+        pending_vecs: list[np.ndarray] = []
+        # Decoding and resizing run in threads (PIL releases the GIL) while the model encodes.
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool, \
+                tqdm(total=len(todo), desc=f"image features ({cm.model_id})", unit="img", **bar_kw) as bar:
+            for i in range(0, len(todo), self.image_batch_size):
+                batch = list(pool.map(prep, todo[i:i + self.image_batch_size]))
+                good = [(k, px) for k, px, why in batch if px is not None]
+                for _, _, why in batch:
+                    if why is not None:
+                        failed[why] += 1
+                if good:
+                    vecs = cm.encode_pixels(torch.stack([px for _, px in good]))   # [B, D]
+                    pending_keys += [k for k, _ in good]
+                    pending_vecs.append(vecs)
+                    done += len(good)
+                if len(pending_keys) >= self.flush_rows:
+                    self.store.put(pending_keys, np.concatenate(pending_vecs))
+                    pending_keys, pending_vecs = [], []
+                bar.update(len(batch))
+            if pending_keys:
+                self.store.put(pending_keys, np.concatenate(pending_vecs))
+        return done, failed
+
+
+def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", *,
+                     expert: str | Any = "auto", device: str = "auto", precision: str | None = None,
+                     batch_size: int = 64, image_batch_size: int = 64, flush_rows: int = 2048,
+                     workers: int = 2, force: bool = False, progress: bool = True,
+                     missing_description: str = "name", store_root: str | Path | None = None,
+                     cue_store_path: str | Path | None = None, shard: str | tuple[int, int] | None = None,
+                     write_report: bool = True) -> tuple[FeatureSet, FeatureReport]:
+    """Compute what is missing from the feature store and assemble the dataset's FeatureSet + report."""
+    from . import cues as cues_mod
+    from .imagefiles import scan_images
+
+    t0 = time.perf_counter()
+    if missing_description not in MISSING_DESCRIPTION:
+        raise DimkitError(f"missing_description must be one of {MISSING_DESCRIPTION}, got {missing_description!r}")
+    if isinstance(ds, str):
+        ds = datasets.load(ds)
+    spec = clip if isinstance(clip, ClipSpec) else parse_clip_spec(resolve_clip_name(ds.name, clip))
+    device = cues_mod.shard_device(device)
+    precision = _precision_for(device, precision)
+    version = f"{FEATURE_VERSION}-{precision}"
+    shard_t = cues_mod._parse_shard(shard)
+    store = FeatureStore(spec.model_id, store_root)
+    comp = _Computer(spec, store, device, precision, batch_size, image_batch_size, flush_rows, workers, progress)
+
+    scan = scan_images(ds, progress=progress)
+    cue_res = cues_mod.run_cues(ds, expert, device=device, progress=progress, store_path=cue_store_path,
+                                scan=scan, shard=shard)
+    m, ents = ds.mentions, ds.entities
+    mention_texts = m["mention"].astype(str).tolist()
+    sent_texts = [a + SEP + b for a, b in zip(mention_texts, m["sentence"].astype(str).tolist())]
+    cue_texts = [c if isinstance(c, str) and c else None for c in cue_res.cues.tolist()]
+    ent_texts, n_missing = _entity_texts(ents, "description", missing_description)
+    orig_texts, n_missing_orig = (None, 0)
+    if datasets.is_augmented(ds.name) and "description_original" in ents.columns:
+        orig_texts, n_missing_orig = _entity_texts(ents, "description_original", missing_description)
+
+    all_texts = mention_texts + sent_texts + [c for c in cue_texts if c] + ent_texts + (orig_texts or [])
+    tkeys = {t: text_key(spec.model_id, version, t) for t in dict.fromkeys(all_texts)}
+    todo_t = [(k, t) for t, k in tkeys.items()
+              if (force or k not in store) and cues_mod.in_shard(k, shard_t)]
+    cached_t = sum(1 for k in tkeys.values() if k in store) if not force else 0
+
+    files = {rel: f for rel, f in scan.files.items() if f.status == "ok" and f.sha256}
+    ikeys = {f.sha256: image_key(spec.model_id, version, f.sha256) for f in files.values()}
+    path_of = {f.sha256: f.path for f in files.values()}
+    todo_i = [(k, path_of[sha]) for sha, k in ikeys.items()
+              if (force or k not in store) and cues_mod.in_shard(sha, shard_t)]
+    cached_i = sum(1 for k in ikeys.values() if k in store) if not force else 0
+
+    done_t = comp.texts(todo_t)
+    done_i, failed_i = comp.images(todo_i)
+    store.refresh()  # pick up rows other shards wrote meanwhile
+    store.compact()
+    dim = store.dim or comp.clip().dim
+
+    def text_block(texts: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Stored vectors of texts (zeros and False where None)."""
+        return store.gather([tkeys[t] if t else "" for t in texts], dim)
+
+    mention_v, ok_m = text_block(mention_texts)
+    sent_v, ok_s = text_block(sent_texts)
+    cue_v, cue_ok = text_block(cue_texts)
+    ent_v, ok_e = text_block(ent_texts)
+    orig_v = text_block(orig_texts)[0] if orig_texts is not None else None
+
+    # Image per mention: the sum over its usable images (one image except Richpedia's img_list).
+    image_v = np.zeros((len(m), dim), dtype=np.float32)
+    image_ok = np.zeros(len(m), dtype=bool)
+    for row, rels in enumerate(scan.per_mention["images"]):
+        keys = [ikeys[files[r].sha256] for r in rels if r in files]
+        if keys:
+            vecs, found = store.gather(keys, dim)
+            if found.any():
+                image_v[row] = vecs[found].sum(axis=0)
+                image_ok[row] = True
+
+    incomplete = shard_t is None and (not ok_m.all() or not ok_s.all() or not ok_e.all())
+    if incomplete:
+        raise DimkitError("some text features are missing after computing them; is another process "
+                          "compacting the store? rerun `dimkit features`")
+    pm_status = Counter(scan.per_mention["status"])
+    # A usable image whose vector is absent failed now (changed on disk) or belongs to another shard.
+    notes = []
+    if not spec.weights_real:
+        why = spec.note or "not pretrained"
+        notes.append(f"{spec.model_id}: {why}" + ("" if "not comparable" in why else
+                     " -- features and every number built on them are not comparable to the paper"))
+    if cue_res.report.synthetic:
+        notes.append("cues are synthetic oracle cues (sample generator), not BLIP-2 output")
+    report = FeatureReport(
+        dataset=ds.name, model_id=spec.model_id, weights_real=spec.weights_real, dim=int(dim), precision=precision,
+        texts={"distinct": len(tkeys), "done": done_t, "cached": cached_t},
+        images={"distinct": len(ikeys), "done": done_i, "cached": cached_i, "failed": dict(failed_i)},
+        mention_images={("usable" if k == "ok" else k): int(v) for k, v in sorted(pm_status.items())},
+        cues={"expert": cue_res.report.expert, "synthetic": cue_res.report.synthetic, "mentions": int(len(m)),
+              "with_cue": int(cue_ok.sum()), "status": dict(Counter(cue_res.table["cue_status"]))},
+        entities={"entities": int(len(ents)), "no_description": n_missing,
+                  **({"no_description_original": n_missing_orig} if orig_texts is not None else {})},
+        model_loaded=comp.model is not None, seconds=round(time.perf_counter() - t0, 3), notes=notes,
+        shard=f"{shard_t[0]}/{shard_t[1]}" if shard_t else None)
+    fs = FeatureSet(model_id=spec.model_id, weights_real=spec.weights_real, dim=int(dim),
+                    mention_ids=m["mention_id"].astype(str).tolist(), entity_qids=ents["qid"].astype(str).tolist(),
+                    mention=mention_v, mention_sentence=sent_v, image=image_v, image_ok=image_ok,
+                    cue=cue_v, cue_ok=cue_ok, entity=ent_v, entity_original=orig_v,
+                    meta={"dataset": ds.name, "precision": precision, "feature_version": FEATURE_VERSION,
+                          "cue_expert": cue_res.report.expert, "cue_prompt_version": cue_res.report.prompt_version,
+                          "synthetic_cues": cue_res.report.synthetic, "label": "", "report": report.to_dict()})
+    fs.meta["label"] = fs.label
+    if write_report and shard_t is None:
+        datasets.atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n",
+                                   Path(ds.root) / "reports" / "features.json")
+    return fs, report
+
+
+def resolve_clip_name(ds_name: str, clip: str) -> str:
+    """``auto``: the shipped sample CLIP on ``sample``/``sample+`` (offline), else DIM's ViT-B-32."""
+    if clip != "auto":
+        return clip
+    return "sample" if datasets.base_name(ds_name) == "sample" else "default"
+
+
+def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", **options: Any) -> FeatureSet:
+    """The dataset's FeatureSet (contract of issue 4): computes missing rows, reuses the store.
+
+    ``clip="default"`` is DIM's ViT-B-32 with OpenAI weights; ``"auto"`` is that on real datasets
+    and the shipped sample-trained CLIP on ``sample``/``sample+`` (so the sample runs offline);
+    ``"ViT-B-32:random"`` or a local checkpoint work anywhere. Options go to :func:`compute_features`;
+    the run's report is in ``fs.meta["report"]``.
+    """
+    fs, _ = compute_features(ds_or_name, clip, **options)
+    return fs
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dimkit features``."""
+    parser.add_argument("dataset", help="prepared dataset name (e.g. sample+, wiki+, diverse)")
+    parser.add_argument("--clip", default="auto",
+                        help="default (ViT-B-32:openai, what DIM used), ARCH:TAG, ARCH:random, sample "
+                             "(sample-trained, shipped), a checkpoint file or folder, hf-hub:ORG/REPO "
+                             "(default auto: sample on sample/sample+, else default)")
+    parser.add_argument("--expert", default="auto", help="cue expert (see `dimkit cues --help`)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", default=None, help="fp32 or fp16 (default: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per CLIP call (sorted by length, so small batches pad little)")
+    parser.add_argument("--image-batch-size", type=int, default=64, help="images per CLIP call")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--shard", default=None,
+                        help="i/n: only this process's share of the rows; 'auto' under accelerate launch")
+    parser.add_argument("--save", default=None, help="also write the FeatureSet to this .safetensors file")
+    parser.add_argument("--force", action="store_true", help="recompute stored rows")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``dimkit features NAME``: compute what is missing and print the report."""
+    fs, report = compute_features(args.dataset, args.clip, expert=args.expert, device=args.device,
+                                  precision=args.precision, batch_size=args.batch_size,
+                                  image_batch_size=args.image_batch_size, workers=args.workers,
+                                  force=args.force, shard=args.shard)
+    print(report)
+    if args.save and report.shard is None:
+        print(f"saved {fs.save(args.save)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A look at the features (notebook 02)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(a, axis=-1, keepdims=True)
+    return a / np.where(n == 0, 1, n)
+
+
+def namesake_hits(ds: datasets.Dataset, fs: FeatureSet, split: str = "test") -> pd.DataFrame:
+    """How often each mention-side vector is closest (cosine) to its gold entity among the entities
+    sharing the gold's name -- the ambiguity DIM's image and cue inputs are meant to resolve.
+
+    Rows: query (mention, mention_sentence, image, cue) x entity text (description, and
+    description_original in '+' datasets); ``hit@1`` over the mentions of ``split`` that have a gold
+    entity with namesakes and a usable query vector; ``chance`` is the mean of 1 / group size.
+    """
+    m = ds.mentions.reset_index(drop=True)
+    ents = ds.entities.reset_index(drop=True)
+    row_of = {q: i for i, q in enumerate(fs.entity_qids)}
+    groups = ents.groupby("name").indices
+    sel = [i for i in np.flatnonzero((m["split"] == split).to_numpy())
+           if isinstance(m.at[i, "qid"], str) and m.at[i, "qid"] in row_of]
+    tables = [("description", fs.entity)]
+    if fs.entity_original is not None:
+        tables.append(("description_original", fs.entity_original))
+    rows = []
+    for query in ("mention", "mention_sentence", "image", "cue"):
+        q = _unit(getattr(fs, query))
+        ok = {"image": fs.image_ok, "cue": fs.cue_ok}.get(query, np.ones(len(q), bool))
+        for label, table in tables:
+            t = _unit(table)
+            hits, chance, n = 0, 0.0, 0
+            for i in sel:
+                gold = row_of[m.at[i, "qid"]]
+                group = groups[ents.at[gold, "name"]]
+                if len(group) < 2 or not ok[i]:
+                    continue
+                sims = t[group] @ q[i]
+                hits += int(group[int(np.argmax(sims))] == gold)
+                chance += 1 / len(group)
+                n += 1
+            rows.append({"query": query, "entity text": label, "mentions": n,
+                         "hit@1": round(hits / n, 3) if n else float("nan"),
+                         "chance": round(chance / n, 3) if n else float("nan")})
+    out = pd.DataFrame(rows)
+    out.attrs["label"] = fs.label
+    return out
+
+
+def write_summary(ds: datasets.Dataset, cue_report: Any, feature_report: FeatureReport,
+                  hits: pd.DataFrame | None = None, folder: str | Path | None = None) -> Path:
+    """Headline numbers of the cue + feature stage as JSON in ``runs/02_expert_cues/<dataset>.json``."""
+    folder = Path(folder) if folder is not None else paths.runs_dir() / "02_expert_cues"
+    data = {"dataset": ds.name, "cues": cue_report.to_dict(), "features": feature_report.to_dict(),
+            "namesake_hits": hits.to_dict(orient="records") if hits is not None else None,
+            "label": ("CLIP " + feature_report.model_id + ("" if feature_report.weights_real else
+                      " -- random or sample-trained weights, not comparable to the paper"))}
+    target = folder / f"{ds.name}.json"
+    datasets.atomic_write_text(json.dumps(data, indent=1, default=str) + "\n", target)
+    return target
