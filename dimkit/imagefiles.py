@@ -62,7 +62,8 @@ def mention_image_lists(ds) -> list[list[str]]:
     return lists
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -95,7 +96,7 @@ def hash_files(paths: list[Path], *, store: Store | None = None, progress: bool 
         bar_kw = {} if progress and todo else {"disable": True}  # else TQDM_DISABLE decides
         for p in tqdm(todo, desc="hashing images", unit="img", **bar_kw):
             try:
-                out[p] = _sha256_file(p)
+                out[p] = sha256_file(p)
             except OSError:
                 continue
             rows.append((keys[p], {"sha256": out[p]}, str(p)))

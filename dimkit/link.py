@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import datasets, paths
 from .errors import ConfigError, DataError, DimkitError
+from .imagefiles import sha256_file
 
 #: Fields every line of a ``dimkit link`` input file must have.
 REQUIRED_FIELDS = ("sentence", "mention", "image")
@@ -220,14 +221,6 @@ class _Image:
     cue_source: tuple[str, Any, Path | None] | None = None  # (sha, PIL image, path) of the cue image
 
 
-def _sha256_bytes(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_images(image: Any) -> _Image:
     """Load a mention's image(s) with :func:`dimkit.images.load_image`; never raises for a bad file."""
     from PIL import Image
@@ -255,7 +248,7 @@ def _load_images(image: Any) -> _Image:
                 continue
             rgb = loaded.image
             try:
-                sha = _sha256_bytes(path)
+                sha = sha256_file(path)
             except OSError as exc:
                 first_failure = first_failure or ("unreadable", str(exc))
                 continue
