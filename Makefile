@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test sync-notebooks bench clean lab reproduce reproduce-check
+.PHONY: venv demo test sync-notebooks bench clean lab reproduce reproduce-check sample sample-clip
 
 venv: $(STAMP)
 
@@ -48,6 +48,13 @@ reproduce: $(STAMP)
 # Re-pair after editing a notebook's .py (or .ipynb) so the two never drift.
 sync-notebooks: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+# Regenerate the bundled synthetic sample and the small CLIP trained on it (both deterministic).
+sample: $(STAMP)
+	$(PY) -m dimkit.cli sample
+
+sample-clip: $(STAMP)
+	$(PY) -m dimkit.clip_train
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
