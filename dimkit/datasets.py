@@ -268,19 +268,28 @@ def atomic_write_parquet(df: pd.DataFrame, target: Path) -> None:
         raise
 
 
-def atomic_write_text(text: str, target: Path) -> None:
-    """Write a text file through a temporary file and a rename."""
+def atomic_write_bytes(data: bytes, target: Path) -> None:
+    """Write a file through a unique temporary file, fsync and a rename: readers never see half a file.
+
+    The temporary name is unique per call, so several processes may write into one folder at once.
+    """
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(text: str, target: Path) -> None:
+    """Write a text file (UTF-8) atomically, as :func:`atomic_write_bytes`."""
+    atomic_write_bytes(text.encode("utf-8"), target)
 
 
 def write_prepared(root: str | Path, mentions: pd.DataFrame, entities: pd.DataFrame, meta: dict,

@@ -108,7 +108,7 @@ class FeatureSet:
                   "mention_ids": json.dumps(list(self.mention_ids)),
                   "entity_qids": json.dumps(list(self.entity_qids)),
                   "meta": json.dumps(self.meta, default=str)}
-        _atomic_write_bytes(save(tensors, metadata=header), path)
+        datasets.atomic_write_bytes(save(tensors, metadata=header), path)
         return path
 
     @classmethod
@@ -144,20 +144,6 @@ class FeatureSet:
 
 # ---------------------------------------------------------------------------------------------
 # The feature store
-
-
-def _atomic_write_bytes(data: bytes, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _slug(model_id: str) -> str:
@@ -258,7 +244,7 @@ class FeatureStore:
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         data = save({"keys": key_arr, "vectors": vectors},
                     metadata={"format": STORE_FORMAT, "model_id": self.model_id})
-        _atomic_write_bytes(data, self.dir / name)
+        datasets.atomic_write_bytes(data, self.dir / name)
         self.refresh()
         return self.dir / name
 

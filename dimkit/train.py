@@ -33,8 +33,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,17 +466,9 @@ def _inputs(feats: Any, device: str) -> dict[str, torch.Tensor]:
 
 
 def _atomic_torch_save(obj: Any, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    datasets.atomic_write_bytes(buf.getvalue(), target)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
