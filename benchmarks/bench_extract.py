@@ -16,7 +16,7 @@ Same model, same inputs, measured side by side (random weights: timing only, out
 device (fp16 on CUDA), e.g. ``--throughput --device cuda --clip-arch ViT-B-32 --blip2 opt-2.7b``.
 
     python benchmarks/bench_extract.py                 # CPU, several minutes on 2 shared cores
-    python benchmarks/bench_extract.py --mentions 24 --images 8 --repeat 1   # quicker
+    python benchmarks/bench_extract.py --mentions 24 --images 16 --blip2-batch 16 --repeat 1   # quicker
 """
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+#: Texts per image in the real one-image-per-mention datasets (spec 8.1 sizes: mentions over all
+#: splits, KB size; no cue for WikiDiverse, as the released code): the share of text encoding in a full
+#: extraction run. (RichpediaMEL mentions can have several images each, so it is left out.)
+MIX = {"WikiMEL": (3 * 25846 + 109976) / 25846,
+       "WikiDiverse": (2 * (11351 + 1664 + 2078) + 132460) / (11351 + 1664 + 2078)}
 
 
 def _hr(title: str) -> None:
@@ -155,6 +162,10 @@ def bench_clip(n_mentions: int, arch: str, repeat: int) -> list[float]:
         cm.encode_images(imgs, batch_size=64, workers=2)
         t_img_batched = min(t_img_batched, time.perf_counter() - t0)
 
+    n_txt, n_img = rep.texts["distinct"], rep.images["distinct"]
+    print(f"  mix: {n_txt / max(n_img, 1):.1f} distinct texts per image here; WikiMEL {MIX['WikiMEL']:.1f}, "
+          f"WikiDiverse {MIX['WikiDiverse']:.1f} (mention, mention + sentence, cue per mention plus the KB's "
+          "descriptions; '+' datasets also encode the original descriptions)")
     print(f"  vectors: {rep.texts['distinct']} distinct texts, {rep.images['distinct']} images; "
           f"released loop skipped {skipped} unreadable image(s); max |dimkit - loop| = {max(diffs):.2e}")
     _row("end to end, empty store", t_loop, t_cold)
@@ -165,8 +176,8 @@ def bench_clip(n_mentions: int, arch: str, repeat: int) -> list[float]:
     return [t_loop / t_cold, t_text_loop / t_text_batched, t_img_loop / t_img_batched]
 
 
-def bench_blip2(n_images: int, preset: str, batch_size: int, repeat: int) -> float:
-    """BLIP-2: the released per-image generate loop vs TransformersExpert batches; returns the ratio."""
+def bench_blip2(n_images: int, preset: str, batch_sizes: list[int], repeat: int) -> dict[int, float]:
+    """BLIP-2: the released per-image generate loop vs TransformersExpert batches; ratio per batch size."""
     from PIL import Image
 
     from dimkit import datasets
@@ -181,9 +192,12 @@ def bench_blip2(n_images: int, preset: str, batch_size: int, repeat: int) -> flo
     paths = [p for p in paths if load_image(p).ok][:n_images]
 
     processor.tokenizer.padding_side = "left"
-    ex = TransformersExpert.from_model(model, processor, model_id=f"random-blip2-{preset}", batch_size=batch_size)
     items = [CueItem(image_sha256=str(i), path=p, rel=p.name, image=load_image(p).image) for i, p in enumerate(paths)]
-    t_loop = t_batched = float("inf")
+    experts = {bs: TransformersExpert.from_model(model, processor, model_id=f"random-blip2-{preset}", batch_size=bs)
+               for bs in batch_sizes}
+    t_loop = float("inf")
+    t_batched = {bs: float("inf") for bs in batch_sizes}
+    answers: dict[int, list[str]] = {}
     for _ in range(repeat):  # alternating, fastest of each kept (the CPUs are shared)
         t0 = time.perf_counter()
         loop_out = []
@@ -194,15 +208,19 @@ def bench_blip2(n_images: int, preset: str, batch_size: int, repeat: int) -> flo
             ids = ids[:, inputs["input_ids"].shape[1]:]
             loop_out.append(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
         t_loop = min(t_loop, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        answers = []
-        for i in range(0, len(items), batch_size):
-            answers += ex.describe(items[i:i + batch_size])
-        t_batched = min(t_batched, time.perf_counter() - t0)
-    same = sum(a.text == b for a, b in zip(answers, loop_out))
-    print(f"  {n_params / 1e6:.1f} M parameters; batch {batch_size}; identical answers {same}/{len(items)}")
-    _row("cues", t_loop, t_batched)
-    return t_loop / t_batched
+        for bs, ex in experts.items():
+            t0 = time.perf_counter()
+            out = []
+            for i in range(0, len(items), bs):
+                out += [a.text for a in ex.describe(items[i:i + bs])]
+            t_batched[bs] = min(t_batched[bs], time.perf_counter() - t0)
+            answers[bs] = out
+    print(f"  {n_params / 1e6:.1f} M parameters; identical answers to the loop: "
+          + ", ".join(f"batch {bs} {sum(a == b for a, b in zip(answers[bs], loop_out))}/{len(items)}"
+                      for bs in batch_sizes))
+    for bs in batch_sizes:
+        _row(f"cues, batch {bs}", t_loop, t_batched[bs])
+    return {bs: t_loop / t_batched[bs] for bs in batch_sizes}
 
 
 def throughput(device: str, arch: str, preset: str, clip_batch: int, blip_batch: int, n: int) -> None:
@@ -245,11 +263,14 @@ def throughput(device: str, arch: str, preset: str, clip_batch: int, blip_batch:
 def main() -> int:
     """Parse arguments, run the comparisons (or --throughput), print the summary."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mentions", type=int, default=48)
-    p.add_argument("--images", type=int, default=16, help="images for the BLIP-2 comparison")
+    p.add_argument("--mentions", type=int, default=24,
+                   help="mentions of the sample (with all 103 entity descriptions); 24 gives about 6 distinct "
+                        "texts per image, fewer than any real dataset has (see the printed mix)")
+    p.add_argument("--images", type=int, default=64, help="images for the BLIP-2 comparison")
     p.add_argument("--clip-arch", default="ViT-B-32")
     p.add_argument("--blip2", default="small", help="BLIP-2 preset: tiny, small, opt-2.7b")
-    p.add_argument("--blip2-batch", type=int, default=16)
+    p.add_argument("--blip2-batch", default=None,
+                   help="comma-separated batch sizes to compare (default: 8,16 and dimkit's default)")
     p.add_argument("--repeat", type=int, default=2, help="runs per side (fastest kept: the CPUs are shared)")
     p.add_argument("--skip-clip", action="store_true")
     p.add_argument("--skip-blip2", action="store_true")
@@ -258,6 +279,10 @@ def main() -> int:
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress visible when piped to a file
 
+    from dimkit.experts import DEFAULT_HF_BATCH
+
+    blip_batches = ([int(b) for b in args.blip2_batch.split(",")] if args.blip2_batch
+                    else sorted({8, 16, DEFAULT_HF_BATCH}))
     tmp = Path(tempfile.mkdtemp(prefix="dimkit-bench-"))
     os.environ["DIMKIT_DATA"] = str(tmp / "data")
     os.environ["DIMKIT_CACHE"] = str(tmp / "cache")
@@ -265,19 +290,33 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, device {args.device}; random weights (timing only)")
     if args.throughput:
         _hr(f"throughput on {args.device}")
-        throughput(args.device, args.clip_arch, args.blip2, 256, args.blip2_batch, 512 if args.device != "cpu" else 64)
+        throughput(args.device, args.clip_arch, args.blip2, 256, max(blip_batches),
+                   512 if args.device != "cpu" else 64)
         return 0
     if args.device != "cpu":
         print("the side-by-side comparison runs on CPU; use --throughput for a GPU")
-    ratios = {}
+    ratios = {}   # name -> (ratio, whether the 5x target applies to it)
     if not args.skip_clip:
-        ratios["clip end-to-end"], ratios["clip texts"], ratios["clip images"] = bench_clip(args.mentions, args.clip_arch, args.repeat)
+        end, texts, images = bench_clip(args.mentions, args.clip_arch, args.repeat)
+        ratios["clip end-to-end"] = (end, True)
+        ratios["clip texts (component)"] = (texts, False)
+        ratios["clip images (component)"] = (images, False)
     if not args.skip_blip2:
-        ratios["blip2 cues"] = bench_blip2(args.images, args.blip2, args.blip2_batch, args.repeat)
-    _hr("summary (target: batched >= 5x the released loop)")
-    for k, v in ratios.items():
-        print(f"  {k:<18} {v:6.1f}x  {'ok' if v >= 5 else 'below 5x'}")
-    print("  no GPU on this machine: GPU images/s not measured (run with --throughput --device cuda)")
+        per_batch = bench_blip2(args.images, args.blip2, blip_batches, args.repeat)
+        for bs, r in per_batch.items():
+            default = bs == DEFAULT_HF_BATCH
+            ratios[f"blip2 cues, batch {bs}" + (" (default)" if default else "")] = (r, default)
+    _hr("summary (target: batched extraction >= 5x the released loop, at dimkit's defaults)")
+    for k, (v, target) in ratios.items():
+        verdict = ("ok" if v >= 5 else "BELOW 5x") if target else "-"
+        print(f"  {k:<30} {v:6.1f}x  {verdict}")
+    if "clip images (component)" in ratios:
+        print("  CLIP image encoding alone is compute-bound on a CPU: ViT-B/32 at batch 1 already keeps the\n"
+              "  cores busy, so batching gains about 2x there; the end-to-end gain also comes from trimmed,\n"
+              "  length-sorted, batched text encoding and from encoding each distinct text or image once.")
+    cuda = torch.cuda.is_available()
+    print("  " + ("GPU images/s: run with --throughput --device cuda" if cuda
+                  else "no GPU on this machine: GPU images/s not measured (run with --throughput --device cuda)"))
     return 0
 
 

@@ -94,6 +94,31 @@ def test_tiny_blip2_batched_equals_single_and_is_reused(env, blip2_folder, monke
     assert again.report.done == 0 and again.cues.equals(batched.cues)
 
 
+def test_failing_batch_is_bisected_down_to_the_bad_image(monkeypatch):
+    """One image that breaks generate() costs a few extra calls and only its own answer."""
+    from PIL import Image
+
+    model, processor = experts.random_blip2("tiny")
+    ex = experts.TransformersExpert.from_model(model, processor, model_id="tiny", batch_size=8)
+    good = Image.new("RGB", (32, 32), "white")
+    bad = Image.new("RGB", (32, 32), "black")
+    calls = []
+
+    def fake_generate(images):
+        calls.append(len(images))
+        if any(im is bad for im in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [f"answer {len(images)}" for _ in images]
+
+    monkeypatch.setattr(ex, "_generate", fake_generate)
+    items = [experts.CueItem(str(i), None, f"{i}.png", bad if i == 5 else good) for i in range(8)]
+    answers = ex.describe(items)
+    assert [a.text is None for a in answers] == [i == 5 for i in range(8)]
+    assert answers[5].reason == "model_error" and "out of memory" in answers[5].detail
+    assert answers[0].text == "answer 4"          # the good half ran as one batch
+    assert calls == [8, 4, 4, 2, 1, 1, 2]         # 8, its halves, then down the bad half to image 5
+
+
 def test_changed_prompt_is_a_new_key(env, blip2_folder):
     ds = tinymedia.make_dataset(env / "data")
     a = cues.run_cues(ds, f"blip2:{blip2_folder}", progress=False, max_new_tokens=3)
