@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -26,9 +25,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import datasets
-from .errors import DimkitError
 from .experts import (NoExpert, CueItem, Expert, ReplayFileExpert, SAMPLE_ORACLE, make_expert)
 from .imagefiles import ImageScan, scan_images
+from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
 from .store import Store, default_store_path, make_key
 
 KIND = "expert_cue"
@@ -92,7 +91,7 @@ class CueReport:
             lines.append("  mentions without a usable image: "
                          + ", ".join(f"{k} {v}" for k, v in self.no_usable_image.items()))
         if self.shard:
-            lines.append(f"  shard {self.shard} (other shards fill the rest of the store)")
+            lines.append(f"  shard {self.shard}: this process's share only (other shards fill the rest of the store)")
         lines.append(f"  {self.seconds:.1f} s")
         if self.note:
             lines.append(f"  note: {self.note}")
@@ -109,43 +108,10 @@ class CueResult:
     expert: Expert
 
 
-def _parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """``"i/n"`` or ``(i, n)``; ``"auto"`` reads accelerate/torchrun's RANK and WORLD_SIZE."""
-    if shard is None:
-        return None
-    if shard == "auto":
-        n = int(os.environ.get("WORLD_SIZE", "1"))
-        return (int(os.environ.get("RANK", "0")), n) if n > 1 else None
-    if isinstance(shard, str):
-        try:
-            i, n = (int(x) for x in shard.split("/"))
-        except ValueError:
-            raise DimkitError(f"--shard must look like 0/2, got {shard!r}") from None
-    else:
-        i, n = shard
-    if not 0 <= i < n:
-        raise DimkitError(f"shard index {i} out of range for {n} shards")
-    return (i, n) if n > 1 else None
-
-
-def shard_device(device: str) -> str:
-    """Under ``accelerate launch``/``torchrun`` each process takes its own GPU (``LOCAL_RANK``)."""
-    if device != "auto" or "LOCAL_RANK" not in os.environ:
-        return device
-    from .env import pick_device
-
-    return f"cuda:{int(os.environ['LOCAL_RANK'])}" if pick_device("auto") == "cuda" else device
-
-
-def in_shard(content_hash: str, shard: tuple[int, int] | None) -> bool:
-    """Whether a content hash falls into this process's shard (hash-based, so shards never overlap)."""
-    return shard is None or int(content_hash[:8], 16) % shard[1] == shard[0]
-
-
 def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, prompt: str | None = None,
              device: str = "auto", batch_size: int | None = None, max_new_tokens: int = 20,
              force: bool = False, progress: bool = True, store_path: str | Path | None = None,
-             write_report: bool = True, shard: str | tuple[int, int] | None = None,
+             write_report: bool = True, shard: str | tuple[int, int] | Shard | None = None,
              scan: ImageScan | None = None, **expert_options: Any) -> CueResult:
     """Ask ``expert`` about every distinct usable mention image; reuse stored answers; report."""
     t0 = time.perf_counter()
@@ -155,7 +121,7 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
     ex = make_expert(spec, prompt=prompt, device=shard_device(device), batch_size=batch_size,
                      max_new_tokens=max_new_tokens, **expert_options)
     spec_str = spec if isinstance(spec, str) else None  # an in-memory expert cannot be rebuilt by name
-    shard_t = _parse_shard(shard)
+    shard_t = parse_shard(shard)
     scan = scan or scan_images(ds, progress=progress)
     pm = scan.per_mention
     sha_of = {rel: f.sha256 for rel, f in scan.files.items() if f.status == "ok"}
@@ -249,7 +215,7 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
         cached=cached, empty=int(sum(1 for v in answers.values() if not v)),
         failed=dict(sorted(Counter(failures.values()).items())), no_usable_image=dict(sorted(no_img.items())),
         seconds=round(time.perf_counter() - t0, 3), note=note,
-        shard=f"{shard_t[0]}/{shard_t[1]}" if shard_t else None)
+        shard=str(shard_t) if shard_t else None)
     if write_report and shard_t is None:
         datasets.atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n", Path(ds.root) / REPORT_FILE)
     return CueResult(cues=cues, table=table, report=report, expert=ex)
@@ -299,15 +265,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (else OPENAI_BASE_URL)")
     parser.add_argument("--workers", type=int, default=4, help="parallel requests for openai:")
-    parser.add_argument("--shard", default=None,
-                        help="i/n: only this process's share of the images; 'auto' under accelerate launch")
+    parser.add_argument("--shard", default="auto",
+                        help="i/n: only this process's share of the images (default auto: the launcher's "
+                             "RANK/WORLD_SIZE under accelerate launch or torchrun, else everything)")
     parser.add_argument("--force", action="store_true", help="recompute stored cues")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``dimkit cues NAME``: compute or replay cues and print the report."""
-    result = run_cues(args.dataset, args.expert, prompt=args.prompt, device=args.device,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, force=args.force,
-                      base_url=args.base_url, workers=args.workers, shard=args.shard)
-    print(result.report)
+    def run(shard, assembling):
+        return run_cues(args.dataset, args.expert, prompt=args.prompt, device=args.device,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                        force=args.force and not assembling, base_url=args.base_url, workers=args.workers,
+                        shard=shard)
+
+    run_then_assemble(args.shard, run, lambda result: print(result.report))
     return 0

@@ -15,14 +15,14 @@ image's bytes -- in ``$DIMKIT_CACHE/features/<model>/part-*.safetensors``. Parts
 atomically every ``flush_rows`` rows, so an interrupted run keeps what it computed; changing one
 description recomputes one row; a rerun computes nothing and does not even load the model.
 Several processes may fill one store at once (each writes its own part files; the cue store is
-SQLite): on a KB of 160K entities and 25K images, shard by content hash across processes and GPUs::
+SQLite): on a KB of 160K entities and 25K images, shard by content hash across processes and GPUs
+(:mod:`dimkit.shards`)::
 
-    accelerate launch --num_processes 4 -m dimkit.cli cues wiki+ --shard auto      # or torchrun
-    accelerate launch --num_processes 4 -m dimkit.cli features wiki+ --shard auto
-    dimkit features wiki+        # once: computes only what is left, assembles, writes the report
+    accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli cues wiki+       # or torchrun --nproc_per_node 4
+    accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli features wiki+   # rank 0 assembles at the end
 
-``--shard auto`` reads RANK / WORLD_SIZE (and LOCAL_RANK for the GPU) that the launcher sets;
-``--shard i/n`` does the same by hand.
+Only modality-level vectors are computed: both model variants of :mod:`dimkit.model` (``paper`` and
+``released``) attend over the four modality vectors, so no token- or patch-level features are needed.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from . import datasets, paths
 from .clip import ClipModel, ClipSpec, load_clip, parse_clip_spec
 from .errors import DataError, DimkitError
+from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
 from .store import content_hash, make_key
 
 #: Bump when the way a vector is computed changes (then nothing stored is reused).
@@ -315,8 +316,7 @@ class FeatureReport:
                  + (f", {self.entities['no_description']} without description" if self.entities.get("no_description") else ""),
                  f"  model loaded: {'yes' if self.model_loaded else 'no (everything was stored)'}; {self.seconds:.1f} s"]
         if self.shard:
-            lines.append(f"  shard {self.shard}: this process's share only; run without --shard once all "
-                         "shards are done to assemble (it computes only what is left)")
+            lines.append(f"  shard {self.shard}: this process's share only (other shards fill the rest of the store)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -424,7 +424,7 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
                      batch_size: int = 64, image_batch_size: int = 64, flush_rows: int = 2048,
                      workers: int = 2, force: bool = False, progress: bool = True,
                      missing_description: str = "name", store_root: str | Path | None = None,
-                     cue_store_path: str | Path | None = None, shard: str | tuple[int, int] | None = None,
+                     cue_store_path: str | Path | None = None, shard: str | tuple[int, int] | Shard | None = None,
                      write_report: bool = True) -> tuple[FeatureSet, FeatureReport]:
     """Compute what is missing from the feature store and assemble the dataset's FeatureSet + report."""
     from . import cues as cues_mod
@@ -436,10 +436,10 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
     if isinstance(ds, str):
         ds = datasets.load(ds)
     spec = clip if isinstance(clip, ClipSpec) else parse_clip_spec(resolve_clip_name(ds.name, clip))
-    device = cues_mod.shard_device(device)
+    device = shard_device(device)
     precision = _precision_for(device, precision)
     version = f"{FEATURE_VERSION}-{precision}"
-    shard_t = cues_mod._parse_shard(shard)
+    shard_t = parse_shard(shard)
     store = FeatureStore(spec.model_id, store_root)
     comp = _Computer(spec, store, device, precision, batch_size, image_batch_size, flush_rows, workers, progress)
 
@@ -458,14 +458,14 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
     all_texts = mention_texts + sent_texts + [c for c in cue_texts if c] + ent_texts + (orig_texts or [])
     tkeys = {t: text_key(spec.model_id, version, t) for t in dict.fromkeys(all_texts)}
     todo_t = [(k, t) for t, k in tkeys.items()
-              if (force or k not in store) and cues_mod.in_shard(k, shard_t)]
+              if (force or k not in store) and in_shard(k, shard_t)]
     cached_t = sum(1 for k in tkeys.values() if k in store) if not force else 0
 
     files = {rel: f for rel, f in scan.files.items() if f.status == "ok" and f.sha256}
     ikeys = {f.sha256: image_key(spec.model_id, version, f.sha256) for f in files.values()}
     path_of = {f.sha256: f.path for f in files.values()}
     todo_i = [(k, path_of[sha]) for sha, k in ikeys.items()
-              if (force or k not in store) and cues_mod.in_shard(sha, shard_t)]
+              if (force or k not in store) and in_shard(sha, shard_t)]
     cached_i = sum(1 for k in ikeys.values() if k in store) if not force else 0
 
     done_t = comp.texts(todo_t)
@@ -518,7 +518,7 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
         entities={"entities": int(len(ents)), "no_description": n_missing,
                   **({"no_description_original": n_missing_orig} if orig_texts is not None else {})},
         model_loaded=comp.model is not None, seconds=round(time.perf_counter() - t0, 3), notes=notes,
-        shard=f"{shard_t[0]}/{shard_t[1]}" if shard_t else None)
+        shard=str(shard_t) if shard_t else None)
     fs = FeatureSet(model_id=spec.model_id, weights_real=spec.weights_real, dim=int(dim),
                     mention_ids=m["mention_id"].astype(str).tolist(), entity_qids=ents["qid"].astype(str).tolist(),
                     mention=mention_v, mention_sentence=sent_v, image=image_v, image_ok=image_ok,
@@ -569,21 +569,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per CLIP call (sorted by length, so small batches pad little)")
     parser.add_argument("--image-batch-size", type=int, default=64, help="images per CLIP call")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    parser.add_argument("--shard", default=None,
-                        help="i/n: only this process's share of the rows; 'auto' under accelerate launch")
+    parser.add_argument("--shard", default="auto",
+                        help="i/n: only this process's share of the rows (default auto: the launcher's "
+                             "RANK/WORLD_SIZE under accelerate launch or torchrun, else everything)")
     parser.add_argument("--save", default=None, help="also write the FeatureSet to this .safetensors file")
     parser.add_argument("--force", action="store_true", help="recompute stored rows")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``dimkit features NAME``: compute what is missing and print the report."""
-    fs, report = compute_features(args.dataset, args.clip, expert=args.expert, device=args.device,
-                                  precision=args.precision, batch_size=args.batch_size,
-                                  image_batch_size=args.image_batch_size, workers=args.workers,
-                                  force=args.force, shard=args.shard)
-    print(report)
-    if args.save and report.shard is None:
-        print(f"saved {fs.save(args.save)}")
+    def run(shard, assembling):
+        return compute_features(args.dataset, args.clip, expert=args.expert, device=args.device,
+                                precision=args.precision, batch_size=args.batch_size,
+                                image_batch_size=args.image_batch_size, workers=args.workers,
+                                force=args.force and not assembling, shard=shard)
+
+    def show(result):
+        fs, report = result
+        print(report)
+        if args.save and report.shard is None:
+            print(f"saved {fs.save(args.save)}")
+
+    run_then_assemble(args.shard, run, show)
     return 0
 
 

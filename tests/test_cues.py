@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import tinymedia
-from dimkit import cues, datasets, experts
+from dimkit import cues, datasets, experts, shards
 from dimkit.errors import ConfigError, DimkitError
 
 
@@ -224,7 +224,7 @@ def test_expert_specs():
         experts.make_expert("wizard")
     with pytest.raises(ConfigError):
         experts.make_expert("blip2", temperature=3)
-    assert cues._parse_shard("1/3") == (1, 3) and cues._parse_shard("0/1") is None
+    assert shards.parse_shard("1/3") == shards.Shard(1, 3) and shards.parse_shard("0/1") is None
 
 
 def test_cli(env, capsys):

@@ -1,0 +1,126 @@
+"""Splitting cue and feature extraction across processes and GPUs.
+
+A KB of 160K entities and 25K images is GPU-hours of BLIP-2. Any number of processes can fill one
+cue store (SQLite, WAL) and one feature store (one part file per writer) at once; each takes the
+rows whose content hash falls into its shard, so shards never overlap::
+
+    accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli cues wiki+      # or torchrun --nproc_per_node 4
+    accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli features wiki+
+
+Under a launcher (``RANK``/``WORLD_SIZE`` set) ``--shard auto`` -- the default -- takes this
+process's share and its own GPU (``LOCAL_RANK``). When the launcher also set up a rendezvous
+(``MASTER_ADDR``/``MASTER_PORT``: accelerate, torchrun), the processes wait for each other at the end
+and rank 0 assembles the dataset's result and report, computing only what is left (nothing, unless
+a shard failed on some rows). Without a rendezvous (``--shard i/n`` by hand, or RANK/WORLD_SIZE
+alone), run once more without ``--shard`` after every shard has finished to assemble.
+
+(accelerate on a machine without GPUs: ``accelerate launch --multi_gpu --num_processes 2 ...`` starts
+two CPU processes through torchrun; ``--cpu`` starts only one.)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+from .errors import DimkitError
+
+#: How long finished shards wait for the slowest one before giving up (hours; env DIMKIT_SHARD_WAIT_HOURS).
+DEFAULT_WAIT_HOURS = 72.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share: index ``i`` of ``n``; ``launched`` when a launcher set it up."""
+
+    i: int
+    n: int
+    launched: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.i}/{self.n}"
+
+
+def parse_shard(shard: str | tuple[int, int] | Shard | None) -> Shard | None:
+    """``"i/n"``, ``(i, n)`` or ``"auto"`` (RANK/WORLD_SIZE of accelerate or torchrun; None alone)."""
+    if shard is None or isinstance(shard, Shard):
+        return shard
+    if shard == "auto":
+        try:
+            n = int(os.environ.get("WORLD_SIZE", "1"))
+            i = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            raise DimkitError(f"RANK/WORLD_SIZE must be integers, got RANK={os.environ.get('RANK')!r} "
+                              f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}") from None
+        if n <= 1:
+            return None
+        if not 0 <= i < n:
+            raise DimkitError(f"RANK={i} out of range for WORLD_SIZE={n}")
+        return Shard(i, n, launched=True)
+    if isinstance(shard, str):
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise DimkitError(f"--shard must be 'auto' or look like 0/2, got {shard!r}") from None
+    else:
+        i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise DimkitError(f"shard index {i} out of range for {n} shards")
+    return Shard(i, n) if n > 1 else None
+
+
+def in_shard(content_hash: str, shard: Shard | None) -> bool:
+    """Whether a content hash falls into this process's shard (hash-based, so shards never overlap)."""
+    return shard is None or int(content_hash[:8], 16) % shard.n == shard.i
+
+
+def shard_device(device: str) -> str:
+    """Under ``accelerate launch``/``torchrun`` each process takes its own GPU (``LOCAL_RANK``)."""
+    if device != "auto" or "LOCAL_RANK" not in os.environ:
+        return device
+    from .env import pick_device
+
+    return f"cuda:{int(os.environ['LOCAL_RANK'])}" if pick_device("auto") == "cuda" else device
+
+
+def can_wait(shard: Shard | None) -> bool:
+    """Whether the shards can meet at the end (a launcher's rendezvous is available)."""
+    return bool(shard and shard.launched and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"))
+
+
+def wait_for_all(shard: Shard) -> None:
+    """Block until every shard of the launch reaches this point (a gloo barrier over the launcher's
+    rendezvous; CPU only, so it needs no GPU communication library)."""
+    import torch.distributed as dist
+
+    hours = float(os.environ.get("DIMKIT_SHARD_WAIT_HOURS", DEFAULT_WAIT_HOURS))
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", rank=shard.i, world_size=shard.n, timeout=timedelta(hours=hours))
+    try:
+        dist.barrier()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def run_then_assemble(shard_arg, run, show) -> None:
+    """The CLI flow: ``run(shard, assembling=False)`` computes this process's share (or everything,
+    unsharded) and ``show`` prints its report; under a launcher with a rendezvous every shard then
+    waits for the others and rank 0 runs ``run(None, assembling=True)`` (no --force: it only
+    assembles and writes the report) and shows that."""
+    shard = parse_shard(shard_arg)
+    show(run(shard, False))
+    if shard is None:
+        return
+    if not can_wait(shard):
+        print(f"shard {shard} done; once every shard has finished, run the same command without --shard "
+              "to assemble (it computes only what is left)")
+        return
+    print(f"shard {shard} done; waiting for the other shards", flush=True)
+    wait_for_all(shard)
+    if shard.i == 0:
+        print(f"all {shard.n} shards done; assembling")
+        show(run(None, True))
+    else:
+        print("all shards done; rank 0 assembles")
