@@ -254,14 +254,23 @@ class TransformersExpert(Expert):
 # OpenAI-compatible vision chat endpoint
 
 
+#: llm.classify's failure categories -> the cue store's (others: api_error, with the HTTP status in the detail).
+_CUE_REASON = {"rate_limited": "rate_limited", "timeout": "timeout", "connection": "connection_error",
+               "malformed": "bad_response", "empty": "empty_answer"}
+
+
 class OpenAIExpert(Expert):
     """A vision chat model behind an OpenAI-compatible API (key from ``OPENAI_API_KEY`` only)."""
 
     def __init__(self, model: str, *, base_url: str | None = None, prompt: str | None = None,
                  max_new_tokens: int = RELEASED_MAX_NEW_TOKENS, workers: int = 4, timeout: float = 60.0,
                  max_retries: int = 3, max_side: int = 1024, batch_size: int = 16):
+        from .llm import Endpoint
+
         self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        # Where requests go, from the argument or OPENAI_BASE_URL; the key only from OPENAI_API_KEY.
+        self._endpoint = Endpoint.resolve(base_url, api_key=os.environ.get("OPENAI_API_KEY"))
+        self.base_url = self._endpoint.public_url
         host = self.base_url.split("://", 1)[-1].split("/", 1)[0]
         self.model_id = f"openai-chat:{model}@{host}"
         self.prompt = prompt if prompt is not None else RELEASED_QUESTION
@@ -278,14 +287,15 @@ class OpenAIExpert(Expert):
         if self._client is None:
             from openai import OpenAI
 
-            key = os.environ.get("OPENAI_API_KEY")
+            key = self._endpoint.api_key
             if not key:
                 if "api.openai.com" in self.base_url:
                     raise DimkitError("OPENAI_API_KEY is not set: export it in the environment (never pass "
                                       "it as an argument or notebook parameter), or point OPENAI_BASE_URL "
                                       "at a local server")
                 key = "unused-by-local-server"  # local servers ignore it; the client requires one
-            self._client = OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
+            # The SDK retries connection errors, 408/409/429 and 5xx itself (with backoff).
+            self._client = OpenAI(api_key=key, base_url=self._endpoint.base_url, timeout=self.timeout,
                                   max_retries=self.max_retries)
         return self._client
 
@@ -301,6 +311,8 @@ class OpenAIExpert(Expert):
     def _ask(self, item: CueItem) -> Answer:
         import openai
 
+        from .llm import classify
+
         client = self._client_or_fail()
         try:
             resp = client.chat.completions.create(
@@ -308,14 +320,10 @@ class OpenAIExpert(Expert):
                 messages=[{"role": "user", "content": [
                     {"type": "text", "text": self.prompt},
                     {"type": "image_url", "image_url": {"url": self._data_url(item.image)}}]}])
-        except openai.RateLimitError as exc:
-            return Answer(None, "rate_limited", str(exc)[:300])
-        except openai.APITimeoutError as exc:
-            return Answer(None, "timeout", str(exc)[:300])
-        except openai.APIConnectionError as exc:
-            return Answer(None, "connection_error", str(exc)[:300])
-        except openai.APIStatusError as exc:
-            return Answer(None, "api_error", f"HTTP {exc.status_code}: {str(exc)[:300]}")
+        except openai.OpenAIError as exc:
+            err = classify(exc, self._endpoint.api_key)   # the same categories as augmentation; key scrubbed
+            detail = f"HTTP {err.status}: {err.detail}" if err.status else err.detail
+            return Answer(None, _CUE_REASON.get(err.reason, "api_error"), detail)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             return Answer(None, "bad_response", f"{type(exc).__name__}: {exc}"[:300])
         try:

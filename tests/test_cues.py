@@ -193,6 +193,10 @@ def test_openai_compatible_endpoint(env, monkeypatch):
         # the key never reaches the store or the report
         raw = (env / "cache" / "cues.sqlite").read_bytes()
         assert b"sk-test-secret" not in raw
+        from dimkit.store import Store
+        with Store(env / "cache" / "cues.sqlite") as st:
+            (fail,) = st.failures(cues.KIND)
+        assert fail["reason"] == "api_error" and fail["detail"].startswith("HTTP 500") and "boom" in fail["detail"]
         assert "sk-test-secret" not in json.dumps(res.report.to_dict())
         # the failed image is retried next run; the empty answer is not asked again
         n = len(_FakeChat.seen)
