@@ -21,3 +21,15 @@ def kit_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(d))
         dirs[sub] = d
     return dirs
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny models: more threads only add contention on the
+    shared 2-core machines). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

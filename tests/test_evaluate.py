@@ -14,12 +14,7 @@ from dimkit.errors import ConfigError, DataError
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ties_count_against_the_model_by_default_and_for_it_with_the_released_rule():

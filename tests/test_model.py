@@ -13,13 +13,7 @@ from dimkit import losses, model, negatives
 from dimkit.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: threads only add contention on the shared 2-core machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(b=6, d=16, seed=0, image_ok=None, cue_ok=None):

@@ -13,13 +13,7 @@ from dimkit import cli, synthetic, train
 from dimkit.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: threads only add contention on the shared 2-core machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
