@@ -143,8 +143,21 @@ def bench_clip(n_mentions: int, arch: str, repeat: int) -> list[float]:
                                + [c for c in cue_map.values() if c] + ds.entities["description"].dropna().tolist()))
     imgs = [load_image(ds.image_path(p)).image for p in m["image"]]
     imgs = [i for i in imgs if i is not None]
-    t_text_loop = t_text_batched = t_img_loop = t_img_batched = float("inf")
+    # Full-context texts (77 tokens, like long LLM-written descriptions): nothing to trim, so only
+    # the batching itself helps. Built by chaining the sample's descriptions.
+    descs = ds.entities["description"].dropna().tolist()
+    long_texts = [" ".join(descs[i:] + descs[:i])[:1000] for i in range(0, min(len(descs), 48))]
+    lengths = (cm.tokenizer(texts) != 0).sum(dim=1).float()
+    t_text_loop = t_text_batched = t_img_loop = t_img_batched = t_long_loop = t_long_batched = float("inf")
     for _ in range(repeat):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for t in long_texts:
+                cm.model.encode_text(cm.tokenizer([t]))
+        t_long_loop = min(t_long_loop, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cm.encode_texts(long_texts)
+        t_long_batched = min(t_long_batched, time.perf_counter() - t0)
         t0 = time.perf_counter()
         with torch.no_grad():
             for t in texts:
@@ -171,9 +184,12 @@ def bench_clip(n_mentions: int, arch: str, repeat: int) -> list[float]:
     _row("end to end, empty store", t_loop, t_cold)
     _row("end to end, rerun (store full)", t_loop, t_warm)
     _row(f"texts only ({len(texts)} distinct)", t_text_loop, t_text_batched)
+    print(f"  {'':<34} (mean {lengths.mean():.1f} tokens of 77 with start/end: the released loop runs all 77)")
+    _row(f"77-token texts only ({len(long_texts)})", t_long_loop, t_long_batched)
     _row(f"images only ({len(imgs)})", t_img_loop, t_img_batched)
     print(f"  released loop split: mentions {t_m:.2f} s, entities {t_e:.2f} s")
-    return [t_loop / t_cold, t_text_loop / t_text_batched, t_img_loop / t_img_batched]
+    return [t_loop / t_cold, t_text_loop / t_text_batched, t_long_loop / t_long_batched,
+            t_img_loop / t_img_batched]
 
 
 def bench_blip2(n_images: int, preset: str, batch_sizes: list[int], repeat: int) -> dict[int, float]:
@@ -297,9 +313,10 @@ def main() -> int:
         print("the side-by-side comparison runs on CPU; use --throughput for a GPU")
     ratios = {}   # name -> (ratio, whether the 5x target applies to it)
     if not args.skip_clip:
-        end, texts, images = bench_clip(args.mentions, args.clip_arch, args.repeat)
+        end, texts, long_texts, images = bench_clip(args.mentions, args.clip_arch, args.repeat)
         ratios["clip end-to-end"] = (end, True)
         ratios["clip texts (component)"] = (texts, False)
+        ratios["clip 77-token texts (component)"] = (long_texts, False)
         ratios["clip images (component)"] = (images, False)
     if not args.skip_blip2:
         per_batch = bench_blip2(args.images, args.blip2, blip_batches, args.repeat)
@@ -311,9 +328,11 @@ def main() -> int:
         verdict = ("ok" if v >= 5 else "BELOW 5x") if target else "-"
         print(f"  {k:<30} {v:6.1f}x  {verdict}")
     if "clip images (component)" in ratios:
-        print("  CLIP image encoding alone is compute-bound on a CPU: ViT-B/32 at batch 1 already keeps the\n"
-              "  cores busy, so batching gains about 2x there; the end-to-end gain also comes from trimmed,\n"
-              "  length-sorted, batched text encoding and from encoding each distinct text or image once.")
+        print("  On a CPU the encoders are compute-bound: ViT-B/32 and the 77-token text transformer at batch 1\n"
+              "  already reach about half of the matmul peak, so batching alone gains about 2x. The rest of the\n"
+              "  end-to-end gain comes from not computing: texts run only up to their longest row (the loop\n"
+              "  always runs 77 positions) and each distinct text or image is encoded once. With long texts\n"
+              "  (LLM-written descriptions near 77 tokens) and many images the CPU gain tends to the 2x floor.")
     cuda = torch.cuda.is_available()
     print("  " + ("GPU images/s: run with --throughput --device cuda" if cuda
                   else "no GPU on this machine: GPU images/s not measured (run with --throughput --device cuda)"))
