@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets
+from . import datasets, shards
 from .experts import (NoExpert, CueItem, Expert, ReplayFileExpert, SAMPLE_ORACLE, make_expert)
 from .imagefiles import ImageScan, scan_images
 from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
@@ -265,9 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (else OPENAI_BASE_URL)")
     parser.add_argument("--workers", type=int, default=4, help="parallel requests for openai:")
-    parser.add_argument("--shard", default="auto",
-                        help="i/n: only this process's share of the images (default auto: the launcher's "
-                             "RANK/WORLD_SIZE under accelerate launch or torchrun, else everything)")
+    shards.add_argument(parser, "images")
     parser.add_argument("--force", action="store_true", help="recompute stored cues")
 
 

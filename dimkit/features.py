@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets, paths
+from . import datasets, paths, shards
 from .clip import ClipModel, ClipSpec, load_clip, parse_clip_spec
 from .errors import DataError, DimkitError
 from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
@@ -569,9 +569,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per CLIP call (sorted by length, so small batches pad little)")
     parser.add_argument("--image-batch-size", type=int, default=64, help="images per CLIP call")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    parser.add_argument("--shard", default="auto",
-                        help="i/n: only this process's share of the rows (default auto: the launcher's "
-                             "RANK/WORLD_SIZE under accelerate launch or torchrun, else everything)")
+    shards.add_argument(parser, "rows")
     parser.add_argument("--save", default=None, help="also write the FeatureSet to this .safetensors file")
     parser.add_argument("--force", action="store_true", help="recompute stored rows")
 

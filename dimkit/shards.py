@@ -104,6 +104,13 @@ def wait_for_all(shard: Shard) -> None:
             dist.destroy_process_group()
 
 
+def add_argument(parser, what: str) -> None:
+    """The ``--shard`` option of ``dimkit cues`` / ``dimkit features`` (``what``: the rows it splits)."""
+    parser.add_argument("--shard", default="auto",
+                        help=f"i/n: only this process's share of the {what} (default auto: the launcher's "
+                             "RANK/WORLD_SIZE under accelerate launch or torchrun, else everything)")
+
+
 def run_then_assemble(shard_arg, run, show) -> None:
     """The CLI flow: ``run(shard, assembling=False)`` computes this process's share (or everything,
     unsharded) and ``show`` prints its report; under a launcher with a rendezvous every shard then
