@@ -21,8 +21,9 @@ SQLite): on a KB of 160K entities and 25K images, shard by content hash across p
     accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli cues wiki+       # or torchrun --nproc_per_node 4
     accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli features wiki+   # rank 0 assembles at the end
 
-Only modality-level vectors are computed: both model variants of :mod:`dimkit.model` (``paper`` and
-``released``) attend over the four modality vectors, so no token- or patch-level features are needed.
+Only modality-level vectors are computed: the ``paper`` variant of :mod:`dimkit.model` attends over the
+modality vectors and ``released`` sums them (its attention is dead code), so neither uses token- or
+patch-level features.
 """
 from __future__ import annotations
 
