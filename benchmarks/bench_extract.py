@@ -251,28 +251,27 @@ def throughput(device: str, arch: str, preset: str, clip_batch: int, blip_batch:
     imgs = [Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)) for _ in range(n)]
     cm = clip.load_clip(f"{arch}:random", device=device, precision="fp16" if fp16 else "fp32")
     px = cm.preprocess_images(imgs, workers=4)
-    cm.encode_pixels(px[:clip_batch])  # warm-up
-    if fp16:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(0, n, clip_batch):
-        cm.encode_pixels(px[i:i + clip_batch])
-    if fp16:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(f"  CLIP {arch} image encoding: {n / dt:8.1f} images/s (batch {clip_batch}, {cm.precision}, "
+    def per_second(work, batch: int, n_items: int) -> float:
+        """Items per second of ``work(start, stop)`` over ``n_items`` in batches, after one warm-up
+        batch; CUDA is synchronised around the timed part (kernels run asynchronously)."""
+        work(0, batch)
+        if fp16:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, n_items, batch):
+            work(i, i + batch)
+        if fp16:
+            torch.cuda.synchronize()
+        return n_items / (time.perf_counter() - t0)
+
+    rate = per_second(lambda a, b: cm.encode_pixels(px[a:b]), clip_batch, n)
+    print(f"  CLIP {arch} image encoding: {rate:8.1f} images/s (batch {clip_batch}, {cm.precision}, "
           f"preprocessing excluded)")
     model, processor = random_blip2(preset, dtype=torch.float16 if fp16 else None, device=device)
     ex = TransformersExpert.from_model(model, processor, model_id="tp", batch_size=blip_batch, device=device)
     items = [CueItem(str(i), Path("."), "x", im) for i, im in enumerate(imgs[:max(blip_batch * 2, 8)])]
-    ex.describe(items[:blip_batch])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(items), blip_batch):
-        ex.describe(items[i:i + blip_batch])
-    if fp16:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(f"  BLIP-2 {preset}-shaped cues (20 new tokens): {len(items) / dt:8.2f} images/s "
+    rate = per_second(lambda a, b: ex.describe(items[a:b]), blip_batch, len(items))
+    print(f"  BLIP-2 {preset}-shaped cues (20 new tokens): {rate:8.2f} images/s "
           f"(batch {blip_batch}, {'fp16' if fp16 else 'fp32'})")
 
 
