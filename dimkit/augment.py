@@ -52,10 +52,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import datasets, paths
-from .errors import ConfigError, DataError, DimkitError
+from .errors import ConfigError, DataError, DimkitError, option
+from .imagefiles import sha256_file as imagefile_sha256
 from .llm import (BATCH_FINAL, BatchClient, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
                   estimate_prompt_tokens, parse_completion, price_of)
-from .store import Store, default_store_path, make_key
+from .store import Store, content_hash, default_store_path, make_key
 
 #: Store kind of LLM-written entity descriptions.
 KIND = "llm_description"
@@ -300,7 +301,7 @@ class AugmentReport:
             lines.append(f"wrote {self.out_path}" if self.written else "")
         elif self.mode != "dry_run" and not self.batches_pending:
             lines.append(f"not written: {self.failed + self.not_attempted} entities lack an answer; rerun to "
-                         "retry them (stored answers are kept), or pass allow_partial=True")
+                         f"retry them (stored answers are kept), or pass {option('allow_partial')}")
         if self.note:
             lines.append(self.note)
         return "\n".join(line for line in lines if line)
@@ -971,7 +972,7 @@ def _write_plus(ds: datasets.Dataset, out: str, values: dict[str, dict], jobs: l
     ents["description"] = desc
     ents["description_source"] = src
     n_llm = sum(1 for s in src if s == source_tag)
-    meta = {k: v for k, v in ds.meta.items() if k != "counts"}
+    meta = {k: v for k, v in ds.meta.items() if k not in ("counts", "image_links")}
     meta.update({
         "name": out,
         "augmented_from": ds.name,
@@ -984,6 +985,7 @@ def _write_plus(ds: datasets.Dataset, out: str, values: dict[str, dict], jobs: l
             "original_descriptions_kept": len(ents) - n_llm,
             "endpoint": report.endpoint, "mode": report.mode,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "build_key": _build_key(ds, values, jobs, cfg, template),
         },
     })
     if report.synthetic_answers:
@@ -992,17 +994,72 @@ def _write_plus(ds: datasets.Dataset, out: str, values: dict[str, dict], jobs: l
         meta["note"] = ("descriptions are SYNTHETIC oracle answers shipped with the sample, not an LLM's; "
                         "nothing computed from them is comparable to the paper")
     out_root = datasets.dataset_dir(out, data_dir)
-    created = not out_root.exists()
-    out_root.mkdir(parents=True, exist_ok=True)
+    if _existing_build(out_root) == meta["augment"]["build_key"]:
+        return out_root  # the same source, answers and settings: already written, nothing to redo
+    # Built whole beside the old folder, then swapped in: never merged into what was there.
+    stage = out_root.with_name(f".{out_root.name}.build-{os.getpid()}-{time.time_ns()}")
     try:
-        meta["image_links"] = link_images(ds, out_root)
-        datasets.write_prepared(out_root, ds.mentions, ents, meta, candidates=ds.candidates,
-                                source=out_root)
+        stage.mkdir(parents=True)
+        meta["image_links"] = link_images(ds, stage)
+        datasets.write_prepared(stage, ds.mentions, ents, meta, candidates=ds.candidates, source=out_root)
+        datasets.swap_in_folder(stage, out_root)
     except BaseException:
-        if created:
-            shutil.rmtree(out_root, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
         raise
     return out_root
+
+
+def _build_key(ds: datasets.Dataset, values: dict[str, dict], jobs: list[_Job], cfg: AugmentConfig,
+               template: Template) -> str:
+    """What a '+' dataset is made of: the source's files and every answer used."""
+    files = [imagefile_sha256(ds.root / f) if (ds.root / f).exists() else None
+             for f in ("mentions.parquet", "entities.parquet", "candidates.parquet")]
+    answers = [values[j.key]["description"] if j.key in values else None for j in jobs]
+    return make_key("plus_dataset", cfg.model, template.id, {"source": ds.name, "files": files,
+                                                             "answers": content_hash(answers)})
+
+
+def _existing_build(out_root: Path) -> str | None:
+    try:
+        meta = json.loads((out_root / "meta.json").read_text())
+        return (meta.get("augment") or {}).get("build_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_out(out_root: Path, ds: datasets.Dataset, cfg: AugmentConfig, template: Template, force: bool) -> None:
+    """Refuse an ``out`` folder that holds a dataset this augment run did not build (unless ``force``).
+
+    "This run's" means built by ``dimkit augment`` from the same source with the same model and
+    template; anything else there (another prepared dataset, another augmentation, stray files)
+    would be lost.
+    """
+    if force or not (out_root.exists() or out_root.is_symlink()):
+        return
+    if out_root.is_dir() and not any(out_root.iterdir()):
+        return
+    what = None
+    try:
+        meta = json.loads((out_root / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        what = "files that are not a complete dataset (no readable meta.json)"
+    else:
+        aug = meta.get("augment") or {}
+        if (meta.get("augmented_from") == ds.name and aug.get("model") == cfg.model
+                and aug.get("template") == template.id):
+            return
+        if meta.get("augmented_from"):
+            what = (f"the dataset {meta.get('name')!r} augmented from {meta.get('augmented_from')!r} with model "
+                    f"{aug.get('model')!r}, template {aug.get('template')!r}")
+        else:
+            c = meta.get("counts") or {}
+            src = f", from {meta['source']}" if meta.get("source") else ""
+            what = f"the prepared dataset {meta.get('name') or out_root.name!r} ({c.get('mentions', '?')} mentions{src})"
+    raise ConfigError(f"{out_root} holds {what}; this augment run ({ds.name} -> model {cfg.model}, template "
+                      f"{template.id}) would replace it. Choose another output name, or pass "
+                      f"{option('force')} to replace it.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1012,7 +1069,7 @@ def augment(name: str, out: str | None = None, *, model: str | None = None, temp
             concurrency: int | None = None, replay: bool = False, dry_run: bool = False,
             batch: bool = False, batch_wait: bool = True, base_url: str | None = None,
             api_key: str | None = None, answers: str | Path | None = None, allow_partial: bool = False,
-            store: Store | str | Path | None = None,
+            force: bool = False, store: Store | str | Path | None = None,
             data_dir: str | Path | None = None, progress: bool = True,
             prices: Mapping[str, tuple[float, float]] | None = None,
             config: AugmentConfig | None = None, **options: Any) -> AugmentReport:
@@ -1027,6 +1084,8 @@ def augment(name: str, out: str | None = None, *, model: str | None = None, temp
         base_url, api_key: the endpoint; default ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``.
         answers: a JSON file of answers to import first (see :func:`import_answers`).
         allow_partial: write the dataset even if some entities failed (they keep the original).
+        force: replace ``out`` even if it holds a dataset this run did not build (another prepared
+            dataset, another model's or template's augmentation); it is replaced whole, never merged.
         options: any other :class:`AugmentConfig` field (``max_attempts``, ``timeout_s``, ...).
     """
     cfg = AugmentConfig(**asdict(config)) if config is not None else AugmentConfig()
@@ -1054,7 +1113,8 @@ def augment(name: str, out: str | None = None, *, model: str | None = None, temp
     try:
         return _augment(ds, out, cfg, tmpl, store=store, replay=replay, dry_run=dry_run, batch=batch,
                         batch_wait=batch_wait, base_url=base_url, api_key=api_key, answers=answers,
-                        allow_partial=allow_partial, data_dir=data_dir, progress=progress, prices=prices)
+                        allow_partial=allow_partial, force=force, data_dir=data_dir, progress=progress,
+                        prices=prices)
     finally:
         if own_store:
             store.close()
@@ -1062,7 +1122,7 @@ def augment(name: str, out: str | None = None, *, model: str | None = None, temp
 
 def _augment(ds: datasets.Dataset, out: str, cfg: AugmentConfig, tmpl: Template, *, store: Store,
              replay: bool, dry_run: bool, batch: bool, batch_wait: bool, base_url: str | None,
-             api_key: str | None, answers: str | Path | None, allow_partial: bool,
+             api_key: str | None, answers: str | Path | None, allow_partial: bool, force: bool,
              data_dir: str | Path | None, progress: bool,
              prices: Mapping[str, tuple[float, float]] | None) -> AugmentReport:
     mode = "dry_run" if dry_run else ("replay" if replay else ("batch" if batch else "live"))
@@ -1104,7 +1164,9 @@ def _augment(ds: datasets.Dataset, out: str, cfg: AugmentConfig, tmpl: Template,
         raise DimkitError(
             f"replay: no stored answer for entity {first.qid} ({first.name!r}) of {ds.name!r} "
             f"[model {cfg.model}, template {tmpl.id}]; {len(todo)} of {len(jobs)} entities lack one. "
-            "Run without replay to request them, or import answers with answers=FILE.")
+            f"Run without replay to request them, or import answers with {option('answers', 'FILE')}.")
+    # before any request: a run that could not write its result must not spend money first
+    check_out(datasets.dataset_dir(out, data_dir), ds, cfg, tmpl, force)
 
     if todo:
         endpoint = Endpoint.resolve(base_url, api_key)
@@ -1202,6 +1264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "{model, template, answers})")
     parser.add_argument("--allow-partial", action="store_true",
                         help="write the dataset even if some entities failed (they keep the original)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it holds a dataset this run did not build (replaced whole)")
     parser.add_argument("--max-attempts", type=int, default=d.max_attempts)
     parser.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
     parser.add_argument("--requests-per-s", type=float, default=None,
@@ -1217,7 +1281,7 @@ def run_cli(args: argparse.Namespace) -> int:
     report = augment(args.dataset, args.out, model=args.model, template=args.template,
                      concurrency=args.concurrency, replay=args.replay, dry_run=args.dry_run,
                      batch=args.batch, batch_wait=not args.no_wait, batch_poll_s=args.poll,
-                     answers=args.answers, allow_partial=args.allow_partial,
+                     answers=args.answers, allow_partial=args.allow_partial, force=args.force,
                      max_attempts=args.max_attempts, timeout_s=args.timeout,
                      requests_per_s=args.requests_per_s, adaptive_rate=not args.no_adaptive_rate,
                      progress=not args.quiet)

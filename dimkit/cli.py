@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from .errors import DimkitError
+from .errors import _CLI, DimkitError
 
 #: sub-command -> module exposing ``add_arguments(parser)`` and ``run_cli(args) -> int``.
 #: Modules are imported only when their command runs, so ``dimkit --help`` stays fast.
@@ -51,6 +52,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dimkit", description="DIM reproduction kit")
+    parser.add_argument("--version", action="version", version=f"dimkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -59,21 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("dimkit")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # First pass finds the command; its module then adds its own arguments.
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help") and not argv[0].startswith("-"):
+    if not argv or argv[0] not in COMMANDS:
+        if not argv:
+            parser.print_help()
+            return 2
+        if not argv[0].startswith("-"):
             parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
-        parser.print_help()
-        return 0 if argv else 2
+        parser.parse_args(argv)  # --help / --version exit 0 here; an unknown option exits 2
+        parser.error(f"name a command first; choose from {', '.join(COMMANDS)}")
     name = argv[0]
     module_name, help = COMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"dimkit {name}", description=help)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    token = _CLI.set(True)
     try:
         return int(module.run_cli(args) or 0)
     except DimkitError as exc:
@@ -82,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dimkit {name}: interrupted; what was stored so far is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dimkit info | head`: the reader went away, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    finally:
+        _CLI.reset(token)
 
 
 if __name__ == "__main__":

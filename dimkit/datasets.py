@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -129,7 +130,7 @@ class Dataset:
         if self._candidates is None:
             p = self.root / "candidates.parquet"
             if p.exists():
-                self._candidates = pd.read_parquet(p)
+                self._candidates = read_table(p, CANDIDATE_SCHEMA, self.name)
         return self._candidates
 
     def split(self, split: str) -> pd.DataFrame:
@@ -176,10 +177,81 @@ def load(name: str, data_dir: str | Path | None = None) -> Dataset:
             else:
                 hint = f" Prepare it first: `dimkit prepare SRC --name {key}`."
             raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
-    meta = json.loads((root / "meta.json").read_text())
-    mentions = pd.read_parquet(root / "mentions.parquet")
-    entities = pd.read_parquet(root / "entities.parquet")
+    meta = read_json_file(root / "meta.json", what="the dataset's meta.json",
+                          fix=f"prepare it again with `dimkit prepare SRC --name {key}`")
+    mentions = read_table(root / "mentions.parquet", MENTION_SCHEMA, key)
+    entities = read_table(root / "entities.parquet", ENTITY_SCHEMA, key)
+    bad = ~mentions["split"].isin(SPLITS)
+    if bad.any():
+        row = mentions[bad].iloc[0]
+        raise DataError(f"split {row['split']!r} is not one of {SPLITS}", file=root / "mentions.parquet",
+                        record=row["mention_id"], field="split")
     return Dataset(name=key, root=root, mentions=mentions, entities=entities, meta=meta)
+
+
+#: Column -> what its values must be, checked on every load (``text``: strings; ``text?``: strings
+#: or null; ``list``: a list of strings per row). Optional columns are not listed.
+MENTION_SCHEMA = {"mention_id": "text", "split": "text", "sentence": "text", "mention": "text",
+                  "image": "text?", "qid": "text?"}
+ENTITY_SCHEMA = {"qid": "text", "name": "text", "description": "text?", "description_source": "text?",
+                 "images": "list"}
+CANDIDATE_SCHEMA = {"mention_id": "text", "qids": "list"}
+_TEXT_KINDS = ("string", "empty")
+
+
+def read_table(path: Path, schema: dict[str, str], dataset: str) -> pd.DataFrame:
+    """Read one parquet file of a prepared dataset and check its columns and their types.
+
+    A damaged file, a missing column or a column of the wrong type raises :class:`DataError`
+    naming the file and the column, instead of a ``KeyError`` somewhere downstream.
+    """
+    fix = f"prepare it again (`dimkit prepare SRC --name {dataset}`)"
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise DataError(f"file missing from the prepared dataset; {fix}", file=path) from None
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"not a readable parquet file ({type(exc).__name__}: {str(exc)[:200]}); {fix}",
+                        file=path) from None
+    for col, kind in schema.items():
+        if col not in df.columns:
+            raise DataError(f"missing column (has: {', '.join(map(str, df.columns))}); {fix}", file=path,
+                            field=col)
+        values = df[col]
+        if kind == "list":
+            bad = [i for i, v in enumerate(values.tolist())
+                   if isinstance(v, str) or not (v is None or hasattr(v, "__len__") or v != v)]
+            if bad:
+                raise DataError(f"expected a list per row, got {type(values.iloc[bad[0]]).__name__}; {fix}",
+                                file=path, record=_row_id(df, bad[0]), field=col)
+            continue
+        inferred = pd.api.types.infer_dtype(values, skipna=True)
+        if inferred not in _TEXT_KINDS:
+            raise DataError(f"expected text, the column holds {inferred} values; {fix}", file=path, field=col)
+        if kind == "text" and values.isna().any():
+            raise DataError(f"missing value; {fix}", file=path, record=_row_id(df, int(values.isna().to_numpy().argmax())),
+                            field=col)
+    return df
+
+
+def _row_id(df: pd.DataFrame, i: int) -> object:
+    for col in ("mention_id", "qid"):
+        if col in df.columns and isinstance(df[col].iloc[i], str):
+            return df[col].iloc[i]
+    return f"row {i}"
+
+
+def read_json_file(path: Path, *, what: str, fix: str) -> dict:
+    """A JSON object file kit code wrote (meta.json, reports): damaged or missing -> DataError with the fix."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataError(f"{what} is missing; {fix}", file=path) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{what} is damaged ({type(exc).__name__}: {str(exc)[:120]}); {fix}", file=path) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{what} is not a JSON object; {fix}", file=path)
+    return data
 
 
 def validate(mentions: pd.DataFrame, entities: pd.DataFrame, *, source: str | Path = "<dataset>",
@@ -290,6 +362,30 @@ def atomic_write_bytes(data: bytes, target: Path) -> None:
 def atomic_write_text(text: str, target: Path) -> None:
     """Write a text file (UTF-8) atomically, as :func:`atomic_write_bytes`."""
     atomic_write_bytes(text.encode("utf-8"), target)
+
+
+def swap_in_folder(stage: Path, target: Path) -> None:
+    """Put the finished folder ``stage`` at ``target`` (same parent), replacing any old one whole.
+
+    The old folder is renamed aside first and removed only after the new one is in place, so a
+    crash leaves either the old or the new folder at ``target``, never a mixture of both.
+    """
+    stage, target = Path(stage), Path(target)
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time() * 1e6)}")
+        os.rename(target, old)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_prepared(root: str | Path, mentions: pd.DataFrame, entities: pd.DataFrame, meta: dict,

@@ -7,11 +7,23 @@ import platform
 import sys
 
 
+#: Distribution names of the libraries whose versions the environment stamp shows.
+_DISTRIBUTIONS = {"dimkit": "dimkit", "torch": "torch", "transformers": "transformers",
+                  "open_clip": "open_clip_torch", "pandas": "pandas"}
+
+
 def _version(module: str) -> str:
+    """The installed version, read from package metadata: importing transformers or open_clip
+    just to print their versions would cost seconds."""
+    from importlib import metadata
+
     try:
-        return getattr(importlib.import_module(module), "__version__", "?")
-    except Exception as exc:  # an optional library that fails to import is reported, not raised
-        return f"not importable ({type(exc).__name__})"
+        return metadata.version(_DISTRIBUTIONS.get(module, module))
+    except metadata.PackageNotFoundError:
+        try:
+            return getattr(importlib.import_module(module), "__version__", "?")
+        except Exception as exc:  # an optional library that fails to import is reported, not raised
+            return f"not installed ({type(exc).__name__})"
 
 
 def pick_device(preference: str = "auto") -> str:

@@ -1,7 +1,20 @@
 """Errors dimkit raises on purpose: each names the file, the record and the field at fault."""
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
+
+#: True while the ``dimkit`` command line runs, so messages name flags instead of arguments.
+_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("dimkit_cli", default=False)
+
+
+def option(name: str, value: str = "True", *, flag: str | None = None) -> str:
+    """How to tell the user to set an option: ``--allow-partial`` on the command line,
+    ``allow_partial=True`` in Python (``value`` is the placeholder shown, e.g. ``FILE``)."""
+    if _CLI.get():
+        flag = flag or "--" + name.replace("_", "-")
+        return flag if value == "True" else f"{flag} {value}"
+    return f"{name}={value}"
 
 
 class DimkitError(Exception):

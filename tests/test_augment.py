@@ -486,3 +486,45 @@ def test_sample_replays_shipped_answers_with_zero_requests(kit_dirs, monkeypatch
     assert again.imported == 0 and again.cached == rep.entities
     with pytest.raises(ConfigError, match="already an augmented dataset"):
         aug.augment("sample+", model=aug.SAMPLE_ORACLE, replay=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The output folder: never overwritten by surprise, replaced whole
+# ------------------------------------------------------------------------------------------------
+def test_out_naming_another_dataset_is_refused_unless_forced_then_replaced_whole(server, capsys):
+    make_toy("toy", n=6)
+    other = make_toy("other", n=9)  # a prepared dataset with candidates, images and a report
+    (other / "reports").mkdir()
+    (other / "reports" / "images.json").write_text("{}")
+    before = sorted(p.name for p in other.iterdir())
+    rc = cli.main(["augment", "toy", "--model", "fake-model", "--out", "other", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds the prepared dataset 'other' (9 mentions" in err and "--force" in err
+    assert "Traceback" not in err and server.stats()["requests"] == 0  # refused before any request
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert len(datasets.load("other").mentions) == 9
+    with pytest.raises(ConfigError, match="force=True"):
+        aug.augment("toy", model="fake-model", out="other", progress=False)
+
+    rep = aug.augment("toy", model="fake-model", out="other", force=True, progress=False)
+    assert rep.written
+    ds = datasets.load("other")
+    assert len(ds.mentions) == 6 and ds.meta["augmented_from"] == "toy"
+    assert not (other / "reports").exists()  # nothing of the old folder is merged in
+    assert len(ds.candidates) == 6 and set(ds.candidates["mention_id"]) == set(ds.mentions["mention_id"])
+    assert os.readlink(other / "images") == "../toy/images"
+    assert not [p for p in paths.data_dir().iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_out_of_another_model_is_refused_and_a_rerun_of_the_same_build_rewrites_nothing(server):
+    make_toy("toy", n=4)
+    aug.augment("toy", model="fake-model", progress=False)
+    plus = paths.data_dir() / "toy+"
+    (plus / "reports").mkdir()
+    (plus / "reports" / "images.json").write_text("{}")  # what a later stage wrote into toy+
+    stamp = (plus / "meta.json").stat().st_mtime_ns
+    rep = aug.augment("toy", model="fake-model", progress=False)  # the same build again
+    assert rep.written and (plus / "meta.json").stat().st_mtime_ns == stamp and (plus / "reports").exists()
+    with pytest.raises(ConfigError, match="augmented from 'toy' with model 'fake-model'"):
+        aug.augment("toy", model="other-model", progress=False)
+    assert datasets.load("toy+").meta["augment"]["model"] == "fake-model"

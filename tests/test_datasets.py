@@ -105,3 +105,58 @@ def test_paths_follow_environment(kit_dirs):
     assert paths.data_dir() == kit_dirs["data"]
     assert paths.cache_dir() == kit_dirs["cache"]
     assert paths.runs_dir() == kit_dirs["runs"]
+
+
+@pytest.mark.parametrize("table,column", [
+    ("mentions", "split"), ("mentions", "qid"), ("mentions", "image"), ("mentions", "sentence"),
+    ("entities", "description"), ("entities", "qid"),
+])
+def test_a_prepared_file_missing_a_column_is_named_on_load(kit_dirs, table, column):
+    mentions, entities = _tables()
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
+    path = root / f"{table}.parquet"
+    pd.read_parquet(path).drop(columns=[column]).to_parquet(path)
+    with pytest.raises(DataError, match="missing column") as err:
+        datasets.load("toy")
+    assert err.value.file == str(path) and err.value.field == column
+
+
+def test_a_prepared_column_of_the_wrong_type_or_a_damaged_file_is_named(kit_dirs):
+    mentions, entities = _tables()
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
+    m = pd.read_parquet(root / "mentions.parquet")
+    m["qid"] = [1.0, 2.0, None]
+    m.to_parquet(root / "mentions.parquet")
+    with pytest.raises(DataError, match="expected text") as err:
+        datasets.load("toy")
+    assert err.value.field == "qid"
+    (root / "mentions.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        datasets.load("toy")
+    (root / "meta.json").write_text("{ truncated")
+    with pytest.raises(DataError, match="meta.json is damaged"):
+        datasets.load("toy")
+
+
+def test_a_prepared_split_value_outside_the_three_is_named(kit_dirs):
+    mentions, entities = _tables()
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
+    m = pd.read_parquet(root / "mentions.parquet")
+    m.loc[1, "split"] = "valid"
+    m.to_parquet(root / "mentions.parquet")
+    with pytest.raises(DataError, match="split 'valid'") as err:
+        datasets.load("toy")
+    assert err.value.record == "m2"
+
+
+def test_cli_commands_name_the_missing_column_without_a_traceback(kit_dirs, capsys):
+    from dimkit.cli import main
+
+    mentions, entities = _tables()
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
+    pd.read_parquet(root / "mentions.parquet").drop(columns=["split"]).to_parquet(root / "mentions.parquet")
+    for argv in (["info", "toy"], ["candidates", "toy"], ["images", "toy"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "missing column" in err and "'split'" in err and "Traceback" not in err
+
