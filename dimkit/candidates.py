@@ -52,7 +52,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import datasets
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, option
 from .store import content_hash, make_key
 
 #: Bump when the ranking (processing, scorer, tie order) changes: stored lists are then rebuilt.
@@ -403,6 +403,7 @@ class CandidateReport:
     key: str = ""
     reused: bool = False          # True when the stored lists of an identical earlier run were loaded
     written: bool = True          # False when the dataset's released lists were kept (see note)
+    kb: str = ""                  # what the knowledge base searched is: recall means little without it
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -414,6 +415,7 @@ class CandidateReport:
             return "n/a" if r is None else f"{100 * r:.2f}%"
         lines = [
             f"candidates for {self.dataset}: top-{self.k} fuzzy WRatio over {self.n_entities} entities",
+            f"  knowledge base: {self.kb}",
             f"  mentions: {self.n_mentions} ({self.n_distinct_mentions} distinct strings"
             + (f", {self.n_empty_mentions} empty after processing" if self.n_empty_mentions else "")
             + ")",
@@ -426,7 +428,7 @@ class CandidateReport:
             lines.append(f"  entities with an empty name after processing: {self.n_empty_names}")
         if self.reused:
             lines.append(f"  loaded the lists of an identical earlier run (built in {self.seconds:.1f}s, "
-                         f"{self.scorer}); force=True / --force rebuilds them")
+                         f"{self.scorer}); {option('force')} rebuilds them")
         else:
             lines.append(f"  built in {self.seconds:.1f}s ({self.scorer})")
         if self.note:
@@ -443,6 +445,19 @@ def _content_key(ds: datasets.Dataset, k: int) -> str:
         "entities": content_hash([[str(q), str(n)] for q, n in zip(e["qid"], e["name"])]),
     }
     return make_key("candidates", _scorer_id(), CANDIDATES_VERSION, content)
+
+
+def describe_kb(ds: datasets.Dataset) -> str:
+    """What the dataset's knowledge base is, said beside every recall: a KB that holds only the gold
+    entities of the mentions (MELBench raw, the DIM release's qids_ordered.json) makes recall an
+    upper bound of what a full KB would give."""
+    golds = set(ds.mentions["qid"].dropna().astype(str))
+    n = len(ds.entities)
+    extra = n - len(golds & set(ds.entities["qid"].astype(str)))
+    if extra == 0:
+        return (f"{n:,} entities, only the gold entities of the mentions (no distractors): recall here is an "
+                "upper bound of recall over a full knowledge base")
+    return f"{n:,} entities: {n - extra:,} gold entities of the mentions and {extra:,} others"
 
 
 def _recall(mentions: pd.DataFrame, lists: list[list[str]]) -> tuple[int, int, dict]:
@@ -475,6 +490,7 @@ def _load_previous(ds: datasets.Dataset, key: str) -> tuple[pd.DataFrame, Candid
     if df["mention_id"].tolist() != ds.mentions["mention_id"].tolist():
         return None
     stored["reused"] = True
+    stored["kb"] = describe_kb(ds)  # reports written before the KB was described lack it
     known = set(CandidateReport.__dataclass_fields__)
     return df, CandidateReport(**{k: v for k, v in stored.items() if k in known})
 
@@ -522,15 +538,14 @@ def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, p
     write = not released or replace_released
     if not write:
         notes.append("candidates.parquet holds the lists of the DIM release and was kept; these "
-                     "built lists were not written (replace_released=True / --replace-released "
-                     "replaces them)")
+                     f"built lists were not written ({option('replace_released')} replaces them)")
     report = CandidateReport(
         dataset=ds.name, k=int(k), n_mentions=len(mentions), n_distinct_mentions=len(distinct),
         n_entities=len(entities), n_gold_mentions=n_gold, n_hits=n_hits,
         recall=n_hits / n_gold if n_gold else None, recall_by_split=by_split,
         n_empty_mentions=sum(1 for m in distinct if not process_name(m)),
         n_empty_names=int(sum(1 for n in entities["name"] if not process_name(n))),
-        seconds=round(seconds, 3), scorer=_scorer_id(), key=key, written=write,
+        seconds=round(seconds, 3), scorer=_scorer_id(), key=key, written=write, kb=describe_kb(ds),
         note="; ".join(notes))
     report_path = ds.root / REPORT_FILE
     if write:

@@ -249,3 +249,26 @@ def test_cli_candidates(kit_dirs, capsys):
     assert cli.main(["candidates", "missing-dataset"]) == 2
     assert cli.main(["candidates", "tiny", "--k", "0"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_recall_says_what_the_knowledge_base_is(kit_dirs, tmp_path, capsys):
+    """A MELBench raw file's KB holds only its gold entities: recall over it is not a full-KB recall."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fixtures_prepare as fx
+    from dimkit.prepare import prepare
+
+    prepare(fx.build_melbench_wikidata(tmp_path / "mb"), "wdmel")
+    assert cli.main(["candidates", "wdmel", "--k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "knowledge base: 20 entities, only the gold entities of the mentions" in out
+    stored = json.loads((kit_dirs["data"] / "wdmel" / "reports" / "candidates.json").read_text())
+    assert "upper bound" in stored["kb"]
+    assert cli.main(["candidates", "wdmel", "--k", "5"]) == 0  # reused lists say it too
+    assert "only the gold entities" in capsys.readouterr().out
+
+    _tiny(kit_dirs["data"] / "tiny")  # Q6 is nobody's gold: a distractor
+    _, report = build_candidates(datasets.load("tiny"), k=2, progress=False)
+    assert report.kb == "6 entities: 5 gold entities of the mentions and 1 others"
