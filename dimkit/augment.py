@@ -301,7 +301,7 @@ class AugmentReport:
             lines.append(f"wrote {self.out_path}" if self.written else "")
         elif self.mode != "dry_run" and not self.batches_pending:
             lines.append(f"not written: {self.failed + self.not_attempted} entities lack an answer; rerun to "
-                         f"retry them (stored answers are kept), or pass {option('allow_partial')}")
+                         f"retry them (stored answers are kept), or pass {option('allow_partial=True', '--allow-partial')}")
         if self.note:
             lines.append(self.note)
         return "\n".join(line for line in lines if line)
@@ -1059,7 +1059,7 @@ def check_out(out_root: Path, ds: datasets.Dataset, cfg: AugmentConfig, template
             what = f"the prepared dataset {meta.get('name') or out_root.name!r} ({c.get('mentions', '?')} mentions{src})"
     raise ConfigError(f"{out_root} holds {what}; this augment run ({ds.name} -> model {cfg.model}, template "
                       f"{template.id}) would replace it. Choose another output name, or pass "
-                      f"{option('force')} to replace it.")
+                      f"{option('force=True', '--force')} to replace it.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1164,7 +1164,7 @@ def _augment(ds: datasets.Dataset, out: str, cfg: AugmentConfig, tmpl: Template,
         raise DimkitError(
             f"replay: no stored answer for entity {first.qid} ({first.name!r}) of {ds.name!r} "
             f"[model {cfg.model}, template {tmpl.id}]; {len(todo)} of {len(jobs)} entities lack one. "
-            f"Run without replay to request them, or import answers with {option('answers', 'FILE')}.")
+            f"Run without replay to request them, or import answers with {option('answers=FILE', '--answers FILE')}.")
     # before any request: a run that could not write its result must not spend money first
     check_out(datasets.dataset_dir(out, data_dir), ds, cfg, tmpl, force)
 

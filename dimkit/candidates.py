@@ -428,7 +428,7 @@ class CandidateReport:
             lines.append(f"  entities with an empty name after processing: {self.n_empty_names}")
         if self.reused:
             lines.append(f"  loaded the lists of an identical earlier run (built in {self.seconds:.1f}s, "
-                         f"{self.scorer}); {option('force')} rebuilds them")
+                         f"{self.scorer}); {option('force=True', '--force')} rebuilds them")
         else:
             lines.append(f"  built in {self.seconds:.1f}s ({self.scorer})")
         if self.note:
@@ -538,7 +538,7 @@ def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, p
     write = not released or replace_released
     if not write:
         notes.append("candidates.parquet holds the lists of the DIM release and was kept; these "
-                     f"built lists were not written ({option('replace_released')} replaces them)")
+                     f"built lists were not written ({option('replace_released=True', '--replace-released')} replaces them)")
     report = CandidateReport(
         dataset=ds.name, k=int(k), n_mentions=len(mentions), n_distinct_mentions=len(distinct),
         n_entities=len(entities), n_gold_mentions=n_gold, n_hits=n_hits,

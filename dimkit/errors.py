@@ -8,13 +8,10 @@ from pathlib import Path
 _CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("dimkit_cli", default=False)
 
 
-def option(name: str, value: str = "True", *, flag: str | None = None) -> str:
-    """How to tell the user to set an option: ``--allow-partial`` on the command line,
-    ``allow_partial=True`` in Python (``value`` is the placeholder shown, e.g. ``FILE``)."""
-    if _CLI.get():
-        flag = flag or "--" + name.replace("_", "-")
-        return flag if value == "True" else f"{flag} {value}"
-    return f"{name}={value}"
+def option(python: str, cli: str) -> str:
+    """How to tell the user to set an option: ``cli`` (``--allow-partial``) while the command line
+    runs, else ``python`` (``allow_partial=True``)."""
+    return cli if _CLI.get() else python
 
 
 class DimkitError(Exception):

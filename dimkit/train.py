@@ -32,8 +32,9 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import io
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import datasets, paths
-from .errors import ConfigError, DataError, DimkitError
+from .errors import ConfigError, DataError, DimkitError, option
 from .evaluate import PROTOCOL_NOTES, PROTOCOLS, RULES, candidate_matrix, encode, evaluate_queries, kb_ranks
 from .losses import LOSSES, compute_loss
 from .model import ABLATIONS, VARIANTS, ModelConfig, build_model, parse_ablation
@@ -98,6 +99,7 @@ class TrainConfig:
     num_threads: int | None = None  # CPU threads for torch during the run; None = torch's default
     run_name: str | None = None
     resume: bool = False
+    allow_missing_inputs: bool = False  # train the paper variant even when most images or cues are missing
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-safe)."""
@@ -155,7 +157,7 @@ class TrainConfig:
         return f"{self.dataset}-{self.variant}-{abl}-s{self.seed}-{self.fingerprint()}"
 
 
-_NOT_IN_FINGERPRINT = ("device", "run_name", "resume", "num_threads")
+_NOT_IN_FINGERPRINT = ("device", "run_name", "resume", "num_threads", "allow_missing_inputs")
 _SHARED = dict(weight_decay=1e-3, dropout=0.4, hidden=None, heads=8, seed=114514, warmup_steps=100,
                eval_steps=500, patience=20, num_threads=None)
 #: Per-dataset presets (keyed by the base dataset name); all have the same keys.
@@ -269,6 +271,7 @@ class RunResult:
     weights_real: bool
     note: str = ""
     counts: dict = field(default_factory=dict)
+    inputs_missing: dict = field(default_factory=dict)  # {"image": {"share", "cause"}, ...}; empty when fine
 
     @property
     def metrics_path(self) -> Path:
@@ -311,14 +314,15 @@ def results_table(results: list[RunResult], split: str = "test") -> pd.DataFrame
 def load_result(run_dir: str | Path) -> RunResult:
     """Read a finished run's ``metrics.json`` back into a :class:`RunResult`."""
     run_dir = Path(run_dir)
-    d = json.loads((run_dir / "metrics.json").read_text())
+    d = datasets.read_json_file(run_dir / "metrics.json", what="the run's metrics.json",
+                                fix="train the run again, or delete its folder")
     if d.get("status") not in ("completed", "early_stopped"):
         raise DimkitError(f"{run_dir / 'metrics.json'}: run did not finish (status {d.get('status')!r})")
     return RunResult(run_name=d["run_name"], run_dir=run_dir, dataset=d["dataset"], variant=d["variant"],
                      ablation=d["ablation"], config=d["config"], metrics=d["metrics"], best=d["best"],
                      curve=d["curve"], status=d["status"], wall_time_s=d["wall_time_s"],
                      feature_model=d["feature_model"], weights_real=d["weights_real"], note=d.get("note", ""),
-                     counts=d.get("counts", {}))
+                     counts=d.get("counts", {}), inputs_missing=d.get("inputs_missing") or {})
 
 
 def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):
@@ -472,16 +476,34 @@ def _atomic_torch_save(obj: Any, target: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no pickle code runs)."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint with ``weights_only=True`` (no pickle code runs); a damaged file is named."""
+    try:
+        data = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DataError("file not found", file=path) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, UnpicklingError ... on damage
+        raise DataError(f"damaged or not a dimkit checkpoint ({type(exc).__name__}: {str(exc)[:160]})",
+                        file=path) from None
+    if not isinstance(data, dict):
+        raise DataError("not a dimkit checkpoint (expected a dict of tensors)", file=path)
+    return data
 
 
 def load_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """The selected model of a finished run (``model.pt``) and its config, in eval mode."""
-    d = load_checkpoint(Path(run_dir) / "model.pt", device)
-    cfg = TrainConfig(**json.loads(d["config"]))
-    model = build_model(ModelConfig(**json.loads(d["model_config"]))).to(device)
-    model.load_state_dict(d["model"])
+    path = Path(run_dir) / "model.pt"
+    retrain = "train the run again (`dimkit train` with the same settings writes a new model.pt)"
+    try:
+        d = load_checkpoint(path, device)
+    except DataError as exc:
+        raise DataError(f"{exc.reason}; {retrain}", file=path) from None
+    try:
+        cfg = TrainConfig(**json.loads(d["config"]))
+        model = build_model(ModelConfig(**json.loads(d["model_config"]))).to(device)
+        model.load_state_dict(d["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"not a model this dimkit can load ({type(exc).__name__}: {str(exc)[:160]}); {retrain}",
+                        file=path) from None
     model.eval()
     return model, cfg
 
@@ -523,6 +545,62 @@ def _note(ds_name: str, weights_real: bool) -> str:
     return f"{' and '.join(parts)}: {NOT_COMPARABLE}" if parts else ""
 
 
+#: Share of mentions without an input above which that input counts as missing for a whole run.
+MOSTLY_MISSING = 0.5
+
+
+def missing_inputs(ds: datasets.Dataset, image_ok: np.ndarray, cue_ok: np.ndarray, *, use_image: bool,
+                   use_cue: bool) -> dict[str, dict]:
+    """Inputs the model would use that most mentions lack: ``{"image": {"share", "cause"}, "cue": ...}``."""
+    out = {}
+    n = max(len(image_ok), 1)
+    if use_image and (~image_ok).sum() / n > MOSTLY_MISSING:
+        out["image"] = {"share": round(float((~image_ok).sum() / n), 4), "cause": _image_cause(ds)}
+    if use_cue and (~cue_ok).sum() / n > MOSTLY_MISSING:
+        out["cue"] = {"share": round(float((~cue_ok).sum() / n), 4), "cause": _cue_cause(ds)}
+    return out
+
+
+def _image_cause(ds: datasets.Dataset) -> str:
+    """Why the images are unusable, from the image check's report (what `dimkit images` found)."""
+    if ds.mentions["image"].isna().all():
+        return "the dataset references no mention image (e.g. MELBench raw files have none)"
+    try:
+        rep = json.loads((Path(ds.root) / "reports" / "images.json").read_text())
+    except (OSError, ValueError):
+        return f"see `dimkit images {ds.name}`"
+    counts = ", ".join(f"{k} {v}" for k, v in (rep.get("counts") or {}).items())
+    notes = "; ".join(rep.get("notes") or [])
+    return f"image check: {counts}" + (f"; {notes}" if notes else "")
+
+
+def _cue_cause(ds: datasets.Dataset) -> str:
+    try:
+        rep = json.loads((Path(ds.root) / "reports" / "cues.json").read_text())
+    except (OSError, ValueError):
+        return f"no cue report: run `dimkit cues {ds.name}`"
+    if rep.get("expert") in (None, "none"):
+        return "the cue expert is 'none'"
+    return (f"expert {rep.get('expert')}: {rep.get('mentions_with_cue', 0)} of {rep.get('mentions', 0)} mentions "
+            "have a cue (mentions without a usable image get none)")
+
+
+def _refuse_or_warn(missing: dict[str, dict], cfg: TrainConfig, ds_name: str) -> None:
+    """The paper variant's full configuration is refused on missing inputs; anything else is warned about."""
+    what = " and ".join(f"{100 * m['share']:.0f}% of the mentions have no {'usable image' if k == 'image' else k} "
+                        f"({m['cause']})" for k, m in missing.items())
+    ablation = {"image": "no_image", "cue": "no_cue"}
+    fix = ("text_only" if len(missing) == 2 else ablation[next(iter(missing))])
+    if cfg.variant == "paper" and not cfg.allow_missing_inputs:
+        raise ConfigError(
+            f"{ds_name}: {what}. The paper variant would attend over inputs that are not there. Restore the "
+            f"inputs, pick the matching ablation ({option(f'ablation={fix!r}', f'--ablation {fix}')}), or train anyway with "
+            f"{option('allow_missing_inputs=True', '--set allow_missing_inputs=true')} (the run is then named "
+            f"...-missing-{'+'.join(missing)}).")
+    print(f"WARNING: {ds_name}: {what}. Training anyway: the run's name and metrics.json say so.",
+          file=sys.stderr, flush=True)
+
+
 def run(cfg: TrainConfig, *, dataset: datasets.Dataset | None = None, features: Any = None,
         callback: Callable[[dict], None] | None = None, progress: bool = True) -> RunResult:
     """Train, select on dev, evaluate dev and test under both protocols; write the run folder.
@@ -551,6 +629,21 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
     abl = parse_ablation(cfg.ablation)
     protocols = cfg.protocols.split(",")
     ds = dataset if dataset is not None else datasets.load(cfg.dataset)
+    # --- every input that does not need the features is checked before they are computed
+    eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}
+    need_cand = "dim" in protocols or cfg.negatives == "candidates"
+    train, nil_train = _split_data(ds, "train", cfg, eindex, need_cand)
+    dev, nil_dev = _split_data(ds, "dev", cfg, eindex, need_cand)
+    test, nil_test = _split_data(ds, "test", cfg, eindex, need_cand)
+    if len(train.rows) == 0:
+        raise DataError("no training mention with a gold entity", file=f"{ds.name}: mentions", field="split")
+    if len(dev.rows) == 0:
+        raise DataError("no dev mention with a gold entity: model selection needs a dev split",
+                        file=f"{ds.name}: mentions", field="split")
+    if "original_descriptions" in abl and "description_original" not in ds.entities.columns:
+        raise ConfigError(f"ablation 'original_descriptions' needs original descriptions: {ds.name} "
+                          "is not an augmented ('+') dataset")
+
     if features is None:
         from .features import load_features
         features = load_features(ds, clip=cfg.clip)
@@ -563,25 +656,20 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
     else:
         ent_np, desc_col = features.entity, "description"
 
-    run_name = cfg.name()
-    run_dir = paths.runs_dir() / run_name
-    ckpt_path = run_dir / "checkpoint.pt"
-
-    eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}
-    need_cand = "dim" in protocols or cfg.negatives == "candidates"
-    train, nil_train = _split_data(ds, "train", cfg, eindex, need_cand)
-    dev, nil_dev = _split_data(ds, "dev", cfg, eindex, need_cand)
-    test, nil_test = _split_data(ds, "test", cfg, eindex, need_cand)
-    if len(train.rows) == 0:
-        raise DataError("no training mention with a gold entity", file=f"{ds.name}: mentions", field="split")
-    if len(dev.rows) == 0:
-        raise DataError("no dev mention with a gold entity: model selection needs a dev split",
-                        file=f"{ds.name}: mentions", field="split")
     image_ok = np.asarray(features.image_ok, dtype=bool)
     cue_ok = np.asarray(features.cue_ok, dtype=bool) if features.cue_ok is not None else np.zeros(len(image_ok), bool)
     counts = {"train": len(train.rows), "dev": len(dev.rows), "test": len(test.rows),
               "nil_skipped": nil_train + nil_dev + nil_test, "entities": len(eindex),
               "unusable_images": int((~image_ok).sum()), "missing_cues": int((~cue_ok).sum())}
+    mcfg = ModelConfig.from_ablation(cfg.ablation, variant=cfg.variant)
+    missing = missing_inputs(ds, image_ok, cue_ok, use_image=mcfg.use_image, use_cue=mcfg.use_cue)
+    run_name = cfg.name()
+    if missing:
+        _refuse_or_warn(missing, cfg, ds.name)
+        if not cfg.run_name:  # the default name says it; a name the user chose is kept
+            run_name += "-missing-" + "+".join(missing)
+    run_dir = paths.runs_dir() / run_name
+    ckpt_path = run_dir / "checkpoint.pt"
 
     inputs = _inputs(features, device)
     entities = torch.as_tensor(np.asarray(ent_np, dtype=np.float32), device=device)
@@ -594,7 +682,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                                      heads=cfg.heads, dropout=cfg.dropout,
                                      separate_projections=cfg.separate_projections)
     if mcfg.use_cue and not cue_ok.any():
-        mcfg.use_cue = False  # e.g. WikiDiverse: the released code has no caption there (spec 6.5)
+        mcfg.use_cue = False  # no cue at all (e.g. WikiDiverse, which the released code gives none)
 
     # --- state: fresh or from the checkpoint
     torch.manual_seed(cfg.seed)
@@ -610,7 +698,14 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
     state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
                  best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
                  epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
-    ck = load_checkpoint(ckpt_path, device) if cfg.resume and ckpt_path.exists() else None
+    ck = None
+    if cfg.resume and ckpt_path.exists():
+        try:
+            ck = load_checkpoint(ckpt_path, device)
+        except DataError as exc:
+            raise DataError(f"{exc.reason}. It cannot be resumed: rerun {option('with resume=False', 'without --resume')} "
+                            f"to train {run_name} from the start (the damaged file is then replaced)",
+                            file=ckpt_path) from None
     if ck is not None and (ck.get("format") != CHECKPOINT_FORMAT or ck.get("code_version") != CODE_VERSION
                            or ck.get("feature_model") != str(features.model_id)):
         # same config, but older code or other features: its numbers would be stale
@@ -768,13 +863,16 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
         metrics[split_name], ranks[split_name] = evaluate_split(sp, model)
     wall = state["wall"] + (time.perf_counter() - t_start)
     note = _note(ds.name, bool(features.weights_real))
+    if missing:
+        said = ", ".join(f"{k} {100 * m['share']:.0f}%" for k, m in missing.items())
+        note = "; ".join(x for x in (f"INPUTS MOSTLY MISSING ({said} of mentions lack them)", note) if x)
     best = {"step": state["best_step"], "epoch": state["best_epoch"],
             f"dev {cfg.select_protocol} H@1": state["best_score"] if state["best_step"] is not None else None}
     result = RunResult(run_name=run_name, run_dir=run_dir, dataset=ds.name, variant=cfg.variant,
                        ablation=cfg.ablation, config=cfg.to_dict(), metrics=metrics, best=best,
                        curve=state["curve"], status=state["status"], wall_time_s=wall,
                        feature_model=str(features.model_id), weights_real=bool(features.weights_real),
-                       note=note, counts=counts)
+                       note=note, counts=counts, inputs_missing=missing)
     _write_outputs(result, cfg, model, mcfg, ds, entities, inputs, (dev, test), ranks, device, protocols)
     write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # issue 7: what dimkit.link needs
     return result
@@ -844,7 +942,8 @@ def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, 
         "selection": f"best dev H@1 ({cfg.select_protocol} protocol) over all evaluations",
         "metrics": result.metrics, "best": result.best, "config": result.config, "seed": cfg.seed,
         "feature_model": result.feature_model, "weights_real": result.weights_real, "note": result.note,
-        "wall_time_s": result.wall_time_s, "device": device, "counts": result.counts, "curve": result.curve,
+        "wall_time_s": result.wall_time_s, "device": device, "counts": result.counts,
+        "inputs_missing": result.inputs_missing, "curve": result.curve,
         # versions only of what training touches: importing transformers/open_clip here costs seconds
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "dimkit": __version__},
     }

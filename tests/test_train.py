@@ -235,3 +235,73 @@ def test_non_finite_features_are_named_before_training(problem, kit_dirs):
         train.run(_cfg(), dataset=ds, features=dataclasses.replace(fs, image=bad))
     with pytest.raises(Exception, match="mention order"):
         train.run(_cfg(), dataset=ds, features=dataclasses.replace(fs, mention_ids=fs.mention_ids[::-1]))
+
+
+# ---------------------------------------------------------------- inputs that are not there
+
+
+def _no_images_no_cues(fs):
+    n = len(fs.mention_ids)
+    return dataclasses.replace(fs, image=np.zeros_like(fs.image), image_ok=np.zeros(n, bool),
+                               cue=np.zeros_like(fs.cue), cue_ok=np.zeros(n, bool))
+
+
+def test_mostly_missing_inputs_refuse_the_paper_variant_and_mark_other_runs(problem, kit_dirs, capsys):
+    ds, fs = problem
+    ds = dataclasses.replace(ds, mentions=ds.mentions.assign(image=None))  # like a MELBench raw file
+    bare = _no_images_no_cues(fs)
+    with pytest.raises(ConfigError, match=r"100% of the mentions have no usable image \(the dataset references "
+                                          r"no mention image.*100% .* no cue.*ablation='text_only'"):
+        train.run(_cfg(num_epochs=1), dataset=ds, features=bare)
+    assert not list(kit_dirs["runs"].iterdir())  # refused before anything was written
+
+    text = train.run(_cfg(num_epochs=1, ablation="text_only"), dataset=ds, features=bare)
+    assert text.inputs_missing == {} and "missing" not in text.run_name  # it does not use them
+
+    forced = train.run(_cfg(num_epochs=1, allow_missing_inputs=True), dataset=ds, features=bare)
+    assert forced.run_name.endswith("-missing-image+cue")
+    d = json.loads(forced.metrics_path.read_text())
+    assert set(d["inputs_missing"]) == {"image", "cue"} and d["inputs_missing"]["image"]["share"] == 1.0
+    assert d["note"].startswith("INPUTS MOSTLY MISSING (image 100%, cue 100% of mentions lack them)")
+    assert "WARNING" in capsys.readouterr().err
+
+    released = train.run(_cfg(num_epochs=1, variant="released"), dataset=ds, features=bare)
+    assert released.run_name.endswith("-missing-image+cue") and "WARNING" in capsys.readouterr().err
+    assert train.load_result(released.run_dir).inputs_missing["cue"]["share"] == 1.0
+
+
+def test_every_input_is_checked_before_the_features_are_computed(problem, kit_dirs, monkeypatch):
+    import dimkit.features
+
+    ds, _ = problem
+
+    def never(*a, **k):
+        raise AssertionError("features were computed before the inputs were checked")
+    monkeypatch.setattr(dimkit.features, "load_features", never)
+    no_cands = dataclasses.replace(ds, _candidates=None)
+    with pytest.raises(ConfigError, match="no candidate lists"):
+        train.run(_cfg(), dataset=no_cands)
+    no_orig = dataclasses.replace(ds, entities=ds.entities.drop(columns="description_original"))
+    with pytest.raises(ConfigError, match="original descriptions"):
+        train.run(_cfg(ablation="original_descriptions"), dataset=no_orig)
+
+
+def test_damaged_checkpoint_model_and_metrics_are_named(problem, kit_dirs):
+    ds, fs = problem
+    r = train.run(_cfg(num_epochs=1, run_name="dmg"), dataset=ds, features=fs)
+    ck = r.run_dir / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:100])
+    with pytest.raises(train.DataError, match=r"checkpoint.pt.*damaged.*rerun with resume=False") as err:
+        train.run(_cfg(num_epochs=1, run_name="dmg", resume=True), dataset=ds, features=fs)
+    assert err.value.file == str(ck)
+    model = r.run_dir / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(train.DataError, match="damaged.*train the run again") as err:
+        train.load_model(r.run_dir)
+    assert err.value.file == str(model)
+    (r.run_dir / "metrics.json").write_text('{"status": "compl')
+    with pytest.raises(train.DataError, match="metrics.json is damaged"):
+        train.load_result(r.run_dir)
+    # without --resume the damaged run is simply trained again
+    again = train.run(_cfg(num_epochs=1, run_name="dmg"), dataset=ds, features=fs)
+    assert train.load_result(again.run_dir).metrics == again.metrics
