@@ -9,15 +9,19 @@ JSON (no pickle). Failures are recorded beside successes, so a report can count 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import paths
+from .errors import DataError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -63,16 +67,83 @@ def default_store_path(name: str) -> Path:
     return paths.cache_dir() / f"{name}.sqlite"
 
 
+#: File systems on which SQLite's WAL mode (shared memory between processes of one machine) is not safe.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
+                                 "lustre", "gpfs", "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs",
+                                 "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs"})
+_WARNED: set[str] = set()
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (Linux /proc/mounts), or None where unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(Path(path).resolve())
+    best, kind = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, parts[2]
+    return kind
+
+
+def _warn_network(path: Path) -> None:
+    kind = filesystem_type(path.parent)
+    if kind in NETWORK_FILESYSTEMS and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        print(f"WARNING: the store {path} is on a network file system ({kind}). SQLite's WAL mode, which "
+              "dimkit's stores use so that several processes can write at once, is only safe for processes "
+              "of one machine on a local disk: processes on several machines writing here can corrupt it. "
+              "Keep DIMKIT_CACHE on a local disk (the feature parts under features/ are safe to share; "
+              "the .sqlite stores are not).", file=sys.stderr, flush=True)
+
+
+def _guarded(method):
+    """Run a Store method under :meth:`Store._guard`."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._guard():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class StoreDamaged(DataError):
+    """The SQLite file of a store cannot be read: not a database, or a damaged one."""
+
+
 class Store:
-    """SQLite-backed store of JSON values; safe for threads and for several processes."""
+    """SQLite-backed store of JSON values; safe for threads and for several processes of one machine."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.Lock()
-        with self._conn() as con:
-            con.executescript(_SCHEMA)
+        _warn_network(self.path)
+        with self._guard():
+            with self._conn() as con:
+                con.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Turn SQLite's "not a database" / "malformed" errors into one named error with what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            msg = str(exc)
+            if isinstance(exc, sqlite3.OperationalError) and not any(
+                    w in msg for w in ("malformed", "not a database", "corrupt")):
+                raise
+            self.close()
+            raise StoreDamaged(
+                f"the store is damaged ({msg}): what it holds cannot be read. Move it aside "
+                f"(`mv {self.path} {self.path}.damaged`) and rerun: the missing values are computed again "
+                "(LLM answers are requested again)", file=self.path) from None
 
     def _conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -99,14 +170,17 @@ class Store:
         self.close()
 
     # -- reading -------------------------------------------------------------------------------
+    @_guarded
     def get(self, key: str) -> Any | None:
         """The stored value of ``key``, or None if absent (failures are never returned)."""
         row = self._conn().execute("SELECT value FROM records WHERE key=?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    @_guarded
     def __contains__(self, key: str) -> bool:
         return self._conn().execute("SELECT 1 FROM records WHERE key=?", (key,)).fetchone() is not None
 
+    @_guarded
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Stored values of the given keys (absent keys are left out)."""
         keys = list(dict.fromkeys(keys))
@@ -119,6 +193,7 @@ class Store:
                 out[k] = json.loads(v)
         return out
 
+    @_guarded
     def failures(self, kind: str | None = None) -> list[dict]:
         """Recorded failures whose key has no successful value yet."""
         q = ("SELECT f.key, f.kind, f.model, f.version, f.item, f.reason, f.detail, f.attempts "
@@ -138,10 +213,13 @@ class Store:
             q += " WHERE kind=?"
             args = (kind,)
         q += " ORDER BY kind, model, version, item"
-        for key, k, model, version, item, value, created in self._conn().execute(q, args):
-            yield {"key": key, "kind": k, "model": model, "version": version, "item": item,
-                   "value": json.loads(value), "created": created}
+        with self._guard():
+            rows = self._conn().execute(q, args)
+            for key, k, model, version, item, value, created in rows:
+                yield {"key": key, "kind": k, "model": model, "version": version, "item": item,
+                       "value": json.loads(value), "created": created}
 
+    @_guarded
     def count(self, kind: str | None = None) -> int:
         """Number of successful records (of one kind)."""
         if kind is None:
@@ -153,6 +231,7 @@ class Store:
         """Store one value durably (committed before this returns)."""
         self.put_many([(key, value, item)], kind=kind, model=model, version=version)
 
+    @_guarded
     def put_many(self, rows: Iterable[tuple[str, Any, str]], *, kind: str, model: str,
                  version: str) -> int:
         """Store several ``(key, value, item)`` rows in one transaction; returns how many."""
@@ -178,6 +257,7 @@ class Store:
                 raise
         return len(data)
 
+    @_guarded
     def put_failure(self, key: str, *, kind: str, model: str, version: str, item: str, reason: str,
                     detail: str | None = None) -> None:
         """Record that computing ``key`` failed (reason is a short category, detail free text)."""

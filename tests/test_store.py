@@ -55,3 +55,46 @@ def test_several_processes_write_one_store(tmp_path):
         assert p.exitcode == 0
     assert Store(path).count("x") == 100
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_damaged_store_is_named_with_what_to_do(tmp_path, kit_dirs, capsys):
+    import pytest
+
+    from dimkit import cli
+    from dimkit.store import StoreDamaged
+
+    bad = tmp_path / "llm.sqlite"
+    bad.write_bytes(b"this is not an SQLite file" * 100)
+    with pytest.raises(StoreDamaged, match=r"the store is damaged \(file is not a database\).*mv .*llm.sqlite") as e:
+        Store(bad)
+    assert e.value.file == str(bad)
+
+    good = tmp_path / "cues.sqlite"
+    s = Store(good)
+    s.put_many([(f"k{i}", {"cue": "x" * 500}, f"i{i}") for i in range(400)], kind="c", model="m", version="v")
+    s.close()
+    data = bytearray(good.read_bytes())
+    data[4096:len(data) // 2] = b"\xff" * (len(data) // 2 - 4096)  # overwrite pages in the middle
+    good.write_bytes(bytes(data))
+    for wal in (tmp_path / "cues.sqlite-wal", tmp_path / "cues.sqlite-shm"):
+        wal.unlink(missing_ok=True)
+    with pytest.raises(StoreDamaged, match="damaged"):
+        s2 = Store(good)
+        s2.get_many([f"k{i}" for i in range(400)])
+
+    # the CLI says it without a traceback: a damaged cue store under a dataset's cue run
+    (kit_dirs["cache"] / "cues.sqlite").write_bytes(b"garbage" * 200)
+    assert cli.main(["cues", "sample", "--expert", "sample-oracle"]) == 2
+    err = capsys.readouterr().err
+    assert "cues.sqlite" in err and "damaged" in err and "Traceback" not in err
+
+
+def test_a_store_on_a_network_file_system_is_warned_about(tmp_path, monkeypatch, capsys):
+    from dimkit import store as store_mod
+
+    real = store_mod.filesystem_type(tmp_path)
+    assert real is None or real not in store_mod.NETWORK_FILESYSTEMS  # the lookup finds this machine's disk
+    monkeypatch.setattr(store_mod, "filesystem_type", lambda p: "nfs4")
+    Store(tmp_path / "x.sqlite")
+    err = capsys.readouterr().err
+    assert "network file system (nfs4)" in err and "local disk" in err
