@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import datasets, shards
+from .errors import check_positive
 from .experts import (NoExpert, CueItem, Expert, ReplayFileExpert, SAMPLE_ORACLE, make_expert)
 from .imagefiles import ImageScan, scan_images
 from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
@@ -115,6 +116,7 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
              scan: ImageScan | None = None, **expert_options: Any) -> CueResult:
     """Ask ``expert`` about every distinct usable mention image; reuse stored answers; report."""
     t0 = time.perf_counter()
+    check_positive({"max_new_tokens": max_new_tokens, "batch_size": batch_size})  # before any work
     if isinstance(ds, str):
         ds = datasets.load(ds)
     spec = default_expert(ds.name) if expert == "auto" else expert

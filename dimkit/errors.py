@@ -39,3 +39,13 @@ class DataError(DimkitError):
 
 class ConfigError(DimkitError):
     """An unknown option name or a value out of range."""
+
+
+def check_positive(values: dict[str, object], *, flags: dict[str, str] | None = None) -> None:
+    """Raise ConfigError unless every value is a positive int (None passes: "the default")."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+            raise ConfigError(f"{option(name, flag)} must be a positive whole number, got {value!r}")

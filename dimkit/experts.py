@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from . import paths
-from .errors import ConfigError, DimkitError
+from .errors import ConfigError, DimkitError, check_positive
 
 #: DIM's BLIP-2 prompt, verbatim (two spaces after "Question:"), spec 2.2.
 RELEASED_PROMPT = "Question:  Who are the characters in the picture? Answer: "
@@ -474,6 +474,7 @@ def make_expert(spec: str | Expert, **options: Any) -> Expert:
         raise ConfigError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"--expert must be a non-empty string, got {spec!r}")
+    check_positive({"max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size, "workers": opts.workers})
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     kind = kind.lower()

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import datasets, paths, shards
 from .clip import ClipModel, ClipSpec, load_clip, parse_clip_spec
-from .errors import DataError, DimkitError
+from .errors import ConfigError, DataError, DimkitError, check_positive
 from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
 from .store import content_hash, make_key
 
@@ -322,10 +322,16 @@ class FeatureReport:
         return "\n".join(lines)
 
 
+#: Precisions a CLIP can be run in here (open_clip's names); the vectors are stored as float32.
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
 def _precision_for(device: str, precision: str | None) -> str:
     from .env import pick_device
 
     if precision:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         return precision
     return "fp16" if pick_device(device).startswith("cuda") else "fp32"
 
@@ -432,6 +438,8 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
     from .imagefiles import scan_images
 
     t0 = time.perf_counter()
+    check_positive({"batch_size": batch_size, "image_batch_size": image_batch_size, "flush_rows": flush_rows,
+                    "workers": workers})
     if missing_description not in MISSING_DESCRIPTION:
         raise DimkitError(f"missing_description must be one of {MISSING_DESCRIPTION}, got {missing_description!r}")
     if isinstance(ds, str):
@@ -566,7 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default auto: sample on sample/sample+, else default)")
     parser.add_argument("--expert", default="auto", help="cue expert (see `dimkit cues --help`)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", default=None, help="fp32 or fp16 (default: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="default: fp16 on GPU (as DIM's OpenAI CLIP), fp32 on CPU")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per CLIP call (sorted by length, so small batches pad little)")
     parser.add_argument("--image-batch-size", type=int, default=64, help="images per CLIP call")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")

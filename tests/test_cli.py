@@ -28,3 +28,33 @@ def test_cli_messages_name_flags_and_python_names_arguments():
         assert option("allow_partial=True", "--allow-partial") == "--allow-partial"
     finally:
         _CLI.reset(token)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["features", "sample+", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["features", "sample+", "--batch-size", "0"], "--batch-size must be a positive whole number, got 0"),
+    (["features", "sample+", "--image-batch-size", "-1"], "--image-batch-size must be a positive whole number"),
+    (["cues", "sample+", "--max-new-tokens", "-1"], "--max-new-tokens must be a positive whole number, got -1"),
+    (["cues", "sample+", "--batch-size", "0"], "--batch-size must be a positive whole number"),
+])
+def test_values_that_would_do_the_wrong_thing_are_refused(kit_dirs, capsys, argv, needle):
+    from dimkit.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own choices check
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_python_api_refuses_the_same_values(kit_dirs):
+    from dimkit import cues, features
+    from dimkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision 'fp8' is not one of fp32, fp16, bf16"):
+        features.compute_features("sample", "sample", expert="none", precision="fp8")
+    with pytest.raises(ConfigError, match="image_batch_size must be a positive whole number"):
+        features.compute_features("sample", "sample", expert="none", image_batch_size=-1)
+    with pytest.raises(ConfigError, match="max_new_tokens must be a positive whole number"):
+        cues.run_cues("sample", "sample-oracle", max_new_tokens=-1)
