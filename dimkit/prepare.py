@@ -70,12 +70,14 @@ class _DupDict(dict):
 
 
 def _read_json(path: Path, *, key_field: str = "key") -> Any:
-    """Load a JSON file; missing file, bad encoding, malformed JSON and repeated keys raise."""
+    """Load a JSON file; missing file, bad encoding, malformed JSON and repeated keys raise.
+
+    A leading UTF-8 byte order mark (as Windows editors write) is skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found" if not path.exists() else "not a file", file=path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path) from None
     found: list[bool] = []

@@ -509,3 +509,29 @@ def test_cli_layout_and_name_errors(tmp_path, data_dir, capsys):
     assert cli.main(["prepare", str(tmp_path / "absent"), "--name", "x"]) == 2
     assert "source not found" in capsys.readouterr().err
     assert not (data_dir / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a UTF-8 byte order mark (Windows editors and PowerShell write one) is not malformed JSON
+
+BOM_SOURCES = {
+    "dim wikimel": lambda t: fx.build_dim_wiki(t / "dim"),
+    "dim wikidiverse": lambda t: fx.build_dim_diverse(t / "dim"),
+    "mimic": lambda t: fx.build_mimic(t / "mimic"),
+    "melbench": lambda t: fx.build_melbench_wikidata(t / "mb"),
+}
+
+
+@pytest.mark.parametrize("case", list(BOM_SOURCES))
+def test_json_with_a_utf8_bom_is_read(case, tmp_path, data_dir):
+    src = BOM_SOURCES[case](tmp_path)
+    plain = datasets.load(prepare(src, "plain").name)
+    files = [src] if src.is_file() else sorted(src.rglob("*.json"))
+    assert files
+    for f in files:
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    ds = datasets.load(prepare(src, "bom").name)
+    cols = ["mention_id", "split", "sentence", "mention", "image", "qid"]
+    assert ds.mentions[cols].equals(plain.mentions[cols])
+    assert ds.entities[["qid", "name", "description"]].equals(plain.entities[["qid", "name", "description"]])
+    assert ds.meta["layout"] == plain.meta["layout"] and ds.meta["subset"] == plain.meta["subset"]
