@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import threading
 import warnings
@@ -28,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import datasets
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 #: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder).
 REASONS = ("no_image", "missing", "empty", "truncated", "corrupt", "svg", "too_large",
@@ -421,6 +422,13 @@ def _file_key(path: Path) -> tuple[int, int] | None:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
+def _check_positive(value: object, name: str, flag: str, what: str) -> None:
+    """Refuse a limit below 1 (``max_pixels=0`` would mark every image too large)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive {what} ({flag} on the command line), "
+                          f"got {value!r}")
+
+
 def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: bool = True,
                          max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> ImageReport:
     """Load every distinct mention image of a prepared dataset and count the outcomes by reason.
@@ -430,6 +438,9 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     the summary plus each file's result keyed by (path, size, mtime), so a rerun on unchanged
     files decodes nothing.
     """
+    _check_positive(max_pixels, "max_pixels", "--max-pixels", "number of pixels")
+    if workers is not None:
+        _check_positive(workers, "workers", "--workers", "number of threads")
     mentions = ds.mentions
     report_path = Path(ds.root) / REPORT_FILE
     previous = _read_previous(report_path, max_pixels)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from dimkit import cli, datasets, images
+from dimkit.errors import ConfigError
 from dimkit.images import load_image
 
 
@@ -416,3 +417,26 @@ def test_cli_prints_report_and_succeeds(kit_dirs, capsys):
     out = capsys.readouterr().out
     assert "images of toy" in out and "truncated" in out and "svg" in out
     assert (kit_dirs["data"] / "toy" / "reports" / "images.json").exists()
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"max_pixels": 0}, "--max-pixels"),
+                                          ({"max_pixels": -5}, "--max-pixels"),
+                                          ({"workers": 0}, "--workers")])
+def test_nonsense_limits_are_refused_before_anything_is_written(kwargs, flag, kit_dirs, counted_loads):
+    ds = _toy_dataset(kit_dirs)
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"{name} must be a positive .*{flag}.* got {kwargs[name]}"):
+        images.check_dataset_images(ds, progress=False, **kwargs)
+    assert counted_loads == []
+    assert not (ds.root / "reports").exists()
+    assert "image_status" not in pd.read_parquet(ds.root / "mentions.parquet").columns
+
+
+def test_cli_refuses_max_pixels_zero(kit_dirs, capsys):
+    ds = _toy_dataset(kit_dirs)
+    assert cli.main(["images", "toy", "--max-pixels", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-pixels" in err and "got 0" in err and "Traceback" not in err
+    assert "image_status" not in pd.read_parquet(ds.root / "mentions.parquet").columns
+    assert cli.main(["images", "toy", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
