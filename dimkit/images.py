@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from . import datasets
 from .errors import ConfigError, DataError
 
-#: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder).
+#: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder);
+#: ``outside_root`` paths that lead out of the dataset's images (never opened).
 REASONS = ("no_image", "missing", "empty", "truncated", "corrupt", "svg", "too_large",
-           "unsupported", "unreadable")
+           "unsupported", "unreadable", "outside_root")
 #: How a usable image was changed on the way to RGB (several may apply; joined with '+').
 CONVERSIONS = ("animated_first_frame", "palette", "cmyk", "16bit", "float", "alpha", "grayscale",
                "other_mode", "exif_rotated")
@@ -448,8 +449,14 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     rels = [r for r in pd.unique(mentions["image"].dropna()) if isinstance(r, str) and r]
     results: dict[str, dict] = {}
     todo: list[tuple[str, Path, tuple[int, int] | None]] = []
+    refused: dict[str, dict] = {}
     for rel in rels:
-        path = ds.image_path(rel)
+        try:
+            path = ds.image_path(rel)
+        except DataError as exc:  # leads out of the dataset: never stat'ed nor opened
+            refused[rel] = {"status": "outside_root", "converted": None, "detail": exc.reason,
+                            "size": None, "mtime_ns": None}
+            continue
         key = _file_key(path)
         old = previous.get(rel)
         # A file still missing (key None, stored size None) is reused too: nothing to re-read.
@@ -459,6 +466,7 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
         else:
             todo.append((rel, path, key))
     reused = len(results)
+    results.update(refused)
 
     def work(item: tuple[str, Path, tuple[int, int] | None]) -> tuple[str, dict]:
         rel, path, key = item
@@ -521,6 +529,12 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
         shown = ", ".join(missing_dirs[:3]) + (" ..." if len(missing_dirs) > 3 else "")
         notes.append(f"image folder(s) not found: {shown} -- check the folder name "
                      "(the RichpediaMEL archive ships 'mention_images', MIMIC expects 'mention_image')")
+    if refused:
+        shown = ", ".join(sorted(refused)[:3]) + (" ..." if len(refused) > 3 else "")
+        notes.append(f"{len(refused)} image path(s) lead outside the dataset's image folder and "
+                     f"were not opened (outside_root): {shown} -- a link in the raw image folder "
+                     "points elsewhere, or mentions.parquet was edited; see the details in "
+                     f"{REPORT_FILE}")
     if rels and counts.get("ok", 0) == 0:
         notes.append("no mention has a usable image: image features would all be zeros")
 
