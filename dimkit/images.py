@@ -460,7 +460,9 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
         key = _file_key(path)
         old = previous.get(rel)
         # A file still missing (key None, stored size None) is reused too: nothing to re-read.
-        stored = [old.get("size"), old.get("mtime_ns")] if isinstance(old, dict) else None
+        # An outside_root verdict carries no key either, and is decided afresh above.
+        stored = ([old.get("size"), old.get("mtime_ns")]
+                  if isinstance(old, dict) and old.get("status") != "outside_root" else None)
         if stored is not None and stored == (list(key) if key is not None else [None, None]):
             results[rel] = old
         else:

@@ -488,6 +488,10 @@ def test_paths_out_of_the_dataset_are_never_opened(kit_dirs, counted_loads):
     counted_loads.clear()
     again = images.check_dataset_images(datasets.load("toy"), progress=False)
     assert again.counts["outside_root"] == 3 and counted_loads == []
+    # once the link is gone the image is simply missing (not a stale outside_root verdict)
+    (ds.root / "img" / "link_out.png").unlink()
+    third = images.check_dataset_images(datasets.load("toy"), progress=False)
+    assert third.per_mention.set_index("mention_id").loc["m8", "status"] == "missing"
 
 
 def test_scan_for_features_and_cues_skips_paths_out_of_the_dataset(kit_dirs, monkeypatch):
