@@ -20,7 +20,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import numpy as np
@@ -336,6 +336,9 @@ class ImageReport:
     max_pixels: int = DEFAULT_MAX_PIXELS
     notes: list[str] = field(default_factory=list)
     report_path: Path | None = None
+    #: The top folder of the image paths (``images``): ``path``, ``link_target`` (where its chain
+    #: of links ends, None for a plain folder) and ``exists``; None when no path has a folder.
+    images_root: dict | None = None
 
     @property
     def usable(self) -> int:
@@ -373,6 +376,7 @@ class ImageReport:
             "max_pixels": self.max_pixels,
             "loader_version": LOADER_VERSION,
             "notes": list(self.notes),
+            "images_root": dict(self.images_root) if self.images_root is not None else None,
             "examples": {r: self.examples(r) for r in REASONS
                          if r != "no_image" and self.counts.get(r)},
         }
@@ -524,9 +528,15 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     file_counts = _ordered_counts(Counter(e["status"] for e in results.values()), ("ok",) + REASONS)
 
     notes = []
+    images_root = _images_root(ds, [r for r in rels if r not in refused])
     missing_dirs = sorted({str(Path(e["detail"].split(": ", 1)[1]))
                            for e in results.values()
                            if e["status"] == "missing" and (e.get("detail") or "").startswith("folder not found")})
+    if images_root is not None and not images_root["exists"]:
+        notes.append(_missing_root_note(ds, images_root))
+        # every folder below a missing root is missing too: the folder names are not the cause
+        top = Path(images_root["path"])
+        missing_dirs = [d for d in missing_dirs if not Path(d).is_relative_to(top)]
     if missing_dirs:
         shown = ", ".join(missing_dirs[:3]) + (" ..." if len(missing_dirs) > 3 else "")
         notes.append(f"image folder(s) not found: {shown} -- check the folder name "
@@ -542,7 +552,7 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
 
     report = ImageReport(dataset=ds.name, counts=counts, conversions=conversions,
                          file_counts=file_counts, per_mention=per_mention, decoded=len(todo),
-                         reused=reused, max_pixels=max_pixels, notes=notes)
+                         reused=reused, max_pixels=max_pixels, notes=notes, images_root=images_root)
     if write:
         _write_status(ds, per_mention)
         summary = report.to_dict()
@@ -550,6 +560,37 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
         datasets.atomic_write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n", report_path)
         report.report_path = report_path
     return report
+
+
+def _images_root(ds: datasets.Dataset, rels: list[str]) -> dict | None:
+    """The top folder most image paths start with (``images``), whether it is a link, and if it exists."""
+    parts = [PurePosixPath(r.replace("\\", "/")).parts for r in rels]
+    tops = Counter(p[0] for p in parts if len(p) > 1)
+    if not tops:
+        return None
+    path = Path(ds.root) / tops.most_common(1)[0][0]
+    target = None
+    if path.is_symlink():
+        # Follow the chain (a '+' dataset links to its source's images/, which links the raw folder).
+        hop = path
+        for _ in range(40):
+            if not hop.is_symlink():
+                break
+            hop = Path(os.path.normpath(hop.parent / os.readlink(hop)))
+        target = str(hop)
+    return {"path": str(path), "link_target": target, "exists": path.is_dir()}
+
+
+def _missing_root_note(ds: datasets.Dataset, root: dict) -> str:
+    """Why no image can be read: the image folder (or the folder its link points to) is gone."""
+    src = ds.meta.get("source") or "SRC"
+    name = ds.meta.get("augmented_from") or ds.name
+    if root["link_target"] is not None:
+        return (f"{Path(root['path']).name}/ is a link to {root['link_target']}, which no longer "
+                "exists: the raw image folder was moved or deleted; prepare again with "
+                f"`dimkit prepare {src} --name {name} --images NEW_FOLDER` (or re-point the link)")
+    return (f"{root['path']} does not exist: no image can be read; prepare again with "
+            f"`dimkit prepare {src} --name {name} --images IMAGE_FOLDER`")
 
 
 def _write_status(ds: datasets.Dataset, per_mention: pd.DataFrame) -> None:

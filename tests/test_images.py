@@ -529,3 +529,51 @@ def test_images_through_a_chain_of_links_stay_usable(kit_dirs):
     (plus / "img").symlink_to("../toy/img")  # as augment links the source's images
     report = images.check_dataset_images(datasets.load("toy+"), progress=False, write=False)
     assert report.counts["ok"] == 3 and "outside_root" not in report.counts
+
+
+# ---------------------------------------------------------------------------------------------
+# the report names the real cause when the raw image folder was moved after prepare
+
+
+def test_moved_raw_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
+    import fixtures_prepare as fx
+    from dimkit.prepare import prepare
+
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wl")
+    old = (src / "ImgData").resolve()
+    ds = datasets.load("wl")
+    # while the link works, a subfolder missing from the paths gets the folder-name hint
+    ds.mentions.loc[0, "image"] = "images/mention_image/x.jpg"
+    report = images.check_dataset_images(ds, progress=False, write=False)
+    assert any("check the folder name" in n and "mention_image" in n for n in report.notes)
+    assert report.to_dict()["images_root"] == {"path": str(root / "images"), "link_target": str(old),
+                                               "exists": True}
+
+    (src / "ImgData").rename(tmp_path / "moved")
+    report = images.check_dataset_images(datasets.load("wl"), progress=False)
+    assert report.counts == {"missing": 11}
+    assert (f"images/ is a link to {old}, which no longer exists: the raw image folder was moved or "
+            f"deleted; prepare again with `dimkit prepare {src} --name wl --images NEW_FOLDER` "
+            "(or re-point the link)") in report.notes
+    assert not any("check the folder name" in n for n in report.notes)
+    saved = json.loads((root / "reports" / "images.json").read_text())
+    assert saved["images_root"] == {"path": str(root / "images"), "link_target": str(old),
+                                    "exists": False}
+
+
+def test_missing_copied_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
+    import shutil
+
+    import fixtures_prepare as fx
+    from dimkit.prepare import prepare
+
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wc", link_images=False)
+    shutil.rmtree(root / "images")
+    report = images.check_dataset_images(datasets.load("wc"), progress=False, write=False)
+    assert report.to_dict()["images_root"] == {"path": str(root / "images"), "link_target": None,
+                                               "exists": False}
+    assert any(n.startswith(f"{root / 'images'} does not exist") and "--images" in n
+               for n in report.notes)
+    assert not any("check the folder name" in n for n in report.notes)
