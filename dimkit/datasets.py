@@ -107,6 +107,32 @@ def check_relative_path(value: str, *, file: str | Path, record: object, field: 
     return str(p)
 
 
+def image_path_in(root: str | Path, rel: str) -> Path:
+    """``root / rel`` once it is known to stay inside the dataset's images; else DataError.
+
+    The path must be relative without escaping '..' (:func:`check_relative_path`) and must
+    resolve, symlinks followed, inside the dataset folder or inside the target of the link its
+    first folder is (``images -> /data/ImgData``, as prepare and augment make them). A link in the
+    image folder that points elsewhere (``evil.jpg -> /etc/passwd``) is refused.
+    """
+    root = Path(root)
+    where = root / "mentions.parquet"
+    clean = check_relative_path(rel, file=where, record=None, field="image")
+    path = root / rel
+    real = path.resolve()
+    allowed = [root.resolve()]
+    top = PurePosixPath(clean).parts
+    if len(top) > 1 and (root / top[0]).is_symlink():
+        allowed.append((root / top[0]).resolve())
+    if not any(real.is_relative_to(base) for base in allowed):
+        folders = " or ".join(str(base) for base in allowed)
+        raise DataError(f"image path {rel!r} resolves to {real}, outside the dataset's image "
+                        f"folder ({folders}); it is not opened (a link in the image folder points "
+                        "elsewhere, or the path climbs out of a linked folder with '..'): put the "
+                        "file itself in the image folder", file=where, field="image")
+    return path
+
+
 @dataclass
 class Dataset:
     """A prepared dataset: mentions, entities (the KB), optional candidates and meta."""
@@ -140,10 +166,14 @@ class Dataset:
         return self.mentions[self.mentions["split"] == split].reset_index(drop=True)
 
     def image_path(self, rel: str | None) -> Path | None:
-        """Absolute path of a dataset-relative image path (None stays None)."""
+        """Absolute path of a dataset-relative image path (None stays None).
+
+        Raises DataError, without opening the file, when the path leads out of the dataset's
+        images (see :func:`image_path_in`).
+        """
         if rel is None or (isinstance(rel, float) and rel != rel):
             return None
-        return self.root / rel
+        return image_path_in(self.root, rel)
 
     def counts(self) -> dict:
         """Mentions per split, entities, mentions with an image, NIL mentions."""

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import images as images_mod
+from .errors import DataError
 from .store import Store, default_store_path, make_key
 
 HASH_KIND = "file_sha256"
@@ -117,7 +118,11 @@ def scan_images(ds, *, progress: bool = True, flag: bool = True) -> ImageScan:
         for rel in rels:
             if rel in files:
                 continue
-            path = ds.image_path(rel)
+            try:
+                path = ds.image_path(rel)
+            except DataError:  # leads out of the dataset's images: never opened nor hashed
+                files[rel] = ImageFile(rel=rel, path=None, status="outside_root")
+                continue
             if rel in status_of:
                 status = status_of[rel]
             else:

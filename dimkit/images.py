@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import threading
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import numpy as np
@@ -28,11 +29,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import datasets
-from .errors import DataError
+from .errors import ConfigError, DataError
 
-#: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder).
+#: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder);
+#: ``outside_root`` paths that lead out of the dataset's images (never opened).
 REASONS = ("no_image", "missing", "empty", "truncated", "corrupt", "svg", "too_large",
-           "unsupported", "unreadable")
+           "unsupported", "unreadable", "outside_root")
 #: How a usable image was changed on the way to RGB (several may apply; joined with '+').
 CONVERSIONS = ("animated_first_frame", "palette", "cmyk", "16bit", "float", "alpha", "grayscale",
                "other_mode", "exif_rotated")
@@ -334,6 +336,9 @@ class ImageReport:
     max_pixels: int = DEFAULT_MAX_PIXELS
     notes: list[str] = field(default_factory=list)
     report_path: Path | None = None
+    #: The top folder of the image paths (``images``): ``path``, ``link_target`` (where its chain
+    #: of links ends, None for a plain folder) and ``exists``; None when no path has a folder.
+    images_root: dict | None = None
 
     @property
     def usable(self) -> int:
@@ -371,6 +376,7 @@ class ImageReport:
             "max_pixels": self.max_pixels,
             "loader_version": LOADER_VERSION,
             "notes": list(self.notes),
+            "images_root": dict(self.images_root) if self.images_root is not None else None,
             "examples": {r: self.examples(r) for r in REASONS
                          if r != "no_image" and self.counts.get(r)},
         }
@@ -421,6 +427,13 @@ def _file_key(path: Path) -> tuple[int, int] | None:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
+def _check_positive(value: object, name: str, flag: str, what: str) -> None:
+    """Refuse a limit below 1 (``max_pixels=0`` would mark every image too large)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive {what} ({flag} on the command line), "
+                          f"got {value!r}")
+
+
 def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: bool = True,
                          max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> ImageReport:
     """Load every distinct mention image of a prepared dataset and count the outcomes by reason.
@@ -430,6 +443,9 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     the summary plus each file's result keyed by (path, size, mtime), so a rerun on unchanged
     files decodes nothing.
     """
+    _check_positive(max_pixels, "max_pixels", "--max-pixels", "number of pixels")
+    if workers is not None:
+        _check_positive(workers, "workers", "--workers", "number of threads")
     mentions = ds.mentions
     report_path = Path(ds.root) / REPORT_FILE
     previous = _read_previous(report_path, max_pixels)
@@ -437,17 +453,26 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     rels = [r for r in pd.unique(mentions["image"].dropna()) if isinstance(r, str) and r]
     results: dict[str, dict] = {}
     todo: list[tuple[str, Path, tuple[int, int] | None]] = []
+    refused: dict[str, dict] = {}
     for rel in rels:
-        path = ds.image_path(rel)
+        try:
+            path = ds.image_path(rel)
+        except DataError as exc:  # leads out of the dataset: never stat'ed nor opened
+            refused[rel] = {"status": "outside_root", "converted": None, "detail": exc.reason,
+                            "size": None, "mtime_ns": None}
+            continue
         key = _file_key(path)
         old = previous.get(rel)
         # A file still missing (key None, stored size None) is reused too: nothing to re-read.
-        stored = [old.get("size"), old.get("mtime_ns")] if isinstance(old, dict) else None
+        # An outside_root verdict carries no key either, and is decided afresh above.
+        stored = ([old.get("size"), old.get("mtime_ns")]
+                  if isinstance(old, dict) and old.get("status") != "outside_root" else None)
         if stored is not None and stored == (list(key) if key is not None else [None, None]):
             results[rel] = old
         else:
             todo.append((rel, path, key))
     reused = len(results)
+    results.update(refused)
 
     def work(item: tuple[str, Path, tuple[int, int] | None]) -> tuple[str, dict]:
         rel, path, key = item
@@ -503,19 +528,31 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     file_counts = _ordered_counts(Counter(e["status"] for e in results.values()), ("ok",) + REASONS)
 
     notes = []
+    images_root = _images_root(ds, [r for r in rels if r not in refused])
     missing_dirs = sorted({str(Path(e["detail"].split(": ", 1)[1]))
                            for e in results.values()
                            if e["status"] == "missing" and (e.get("detail") or "").startswith("folder not found")})
+    if images_root is not None and not images_root["exists"]:
+        notes.append(_missing_root_note(ds, images_root))
+        # every folder below a missing root is missing too: the folder names are not the cause
+        top = Path(images_root["path"])
+        missing_dirs = [d for d in missing_dirs if not Path(d).is_relative_to(top)]
     if missing_dirs:
         shown = ", ".join(missing_dirs[:3]) + (" ..." if len(missing_dirs) > 3 else "")
         notes.append(f"image folder(s) not found: {shown} -- check the folder name "
                      "(the RichpediaMEL archive ships 'mention_images', MIMIC expects 'mention_image')")
+    if refused:
+        shown = ", ".join(sorted(refused)[:3]) + (" ..." if len(refused) > 3 else "")
+        notes.append(f"{len(refused)} image path(s) lead outside the dataset's image folder and "
+                     f"were not opened (outside_root): {shown} -- a link in the raw image folder "
+                     "points elsewhere, or mentions.parquet was edited; see the details in "
+                     f"{REPORT_FILE}")
     if rels and counts.get("ok", 0) == 0:
         notes.append("no mention has a usable image: image features would all be zeros")
 
     report = ImageReport(dataset=ds.name, counts=counts, conversions=conversions,
                          file_counts=file_counts, per_mention=per_mention, decoded=len(todo),
-                         reused=reused, max_pixels=max_pixels, notes=notes)
+                         reused=reused, max_pixels=max_pixels, notes=notes, images_root=images_root)
     if write:
         _write_status(ds, per_mention)
         summary = report.to_dict()
@@ -523,6 +560,37 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
         datasets.atomic_write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n", report_path)
         report.report_path = report_path
     return report
+
+
+def _images_root(ds: datasets.Dataset, rels: list[str]) -> dict | None:
+    """The top folder most image paths start with (``images``), whether it is a link, and if it exists."""
+    parts = [PurePosixPath(r.replace("\\", "/")).parts for r in rels]
+    tops = Counter(p[0] for p in parts if len(p) > 1)
+    if not tops:
+        return None
+    path = Path(ds.root) / tops.most_common(1)[0][0]
+    target = None
+    if path.is_symlink():
+        # Follow the chain (a '+' dataset links to its source's images/, which links the raw folder).
+        hop = path
+        for _ in range(40):
+            if not hop.is_symlink():
+                break
+            hop = Path(os.path.normpath(hop.parent / os.readlink(hop)))
+        target = str(hop)
+    return {"path": str(path), "link_target": target, "exists": path.is_dir()}
+
+
+def _missing_root_note(ds: datasets.Dataset, root: dict) -> str:
+    """Why no image can be read: the image folder (or the folder its link points to) is gone."""
+    src = ds.meta.get("source") or "SRC"
+    name = ds.meta.get("augmented_from") or ds.name
+    if root["link_target"] is not None:
+        return (f"{Path(root['path']).name}/ is a link to {root['link_target']}, which no longer "
+                "exists: the raw image folder was moved or deleted; prepare again with "
+                f"`dimkit prepare {src} --name {name} --images NEW_FOLDER` (or re-point the link)")
+    return (f"{root['path']} does not exist: no image can be read; prepare again with "
+            f"`dimkit prepare {src} --name {name} --images IMAGE_FOLDER`")
 
 
 def _write_status(ds: datasets.Dataset, per_mention: pd.DataFrame) -> None:

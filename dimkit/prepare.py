@@ -14,7 +14,8 @@ Bad input raises :class:`dimkit.errors.DataError` naming the file, the record an
 nothing is written until the whole source has been read and checked, and a failed write leaves
 no new folder behind (a previous good output stays as it was). Images are referenced, never
 opened here: :mod:`dimkit.images` checks them; ``meta.json`` counts referenced files that do not
-exist (``images_missing``).
+exist (``images_missing``) and those that a link takes outside the images root
+(``images.mention_images_outside``, ``images.entity_images_outside``), which are never copied.
 """
 from __future__ import annotations
 
@@ -70,12 +71,14 @@ class _DupDict(dict):
 
 
 def _read_json(path: Path, *, key_field: str = "key") -> Any:
-    """Load a JSON file; missing file, bad encoding, malformed JSON and repeated keys raise."""
+    """Load a JSON file; missing file, bad encoding, malformed JSON and repeated keys raise.
+
+    A leading UTF-8 byte order mark (as Windows editors write) is skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found" if not path.exists() else "not a file", file=path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path) from None
     found: list[bool] = []
@@ -1045,13 +1048,26 @@ def prepare(src: str | Path, name: str, data_dir: str | Path | None = None, *,
                 img_meta["placement"] = ("images/ -> symlink to the images root" if link_images
                                          else "images/ holds copies of the referenced files")
         mention_rel, entity_rel = _referenced(read)
-        exists = {r: (root_abs / r).is_file() for r in mention_rel | entity_rel}
+        # A link in the image folder may point anywhere (evil.jpg -> /etc/passwd): such files are
+        # refused like missing ones, never copied, and dimkit.images never opens them either.
+        outside = {r for r in mention_rel | entity_rel
+                   if not (root_abs / r).resolve().is_relative_to(root_abs)}
+        exists = {r: r not in outside and (root_abs / r).is_file() for r in mention_rel | entity_rel}
         _prefix_paths(read, prefix)
         img_meta.update(
             mention_images_referenced=len(mention_rel),
-            mention_images_missing=sum(1 for r in mention_rel if not exists[r]),
+            mention_images_missing=sum(1 for r in mention_rel if not exists[r] and r not in outside),
+            mention_images_outside=len(mention_rel & outside),
             entity_images_referenced=len(entity_rel),
-            entity_images_missing=sum(1 for r in entity_rel if not exists[r]))
+            entity_images_missing=sum(1 for r in entity_rel if not exists[r] and r not in outside),
+            entity_images_outside=len(entity_rel & outside))
+        if outside:
+            shown = ", ".join(sorted(outside)[:3]) + (" ..." if len(outside) > 3 else "")
+            read.notes.append(
+                f"{len(outside)} referenced image file(s) resolve outside the images root "
+                f"{root_abs} through a link ({shown}): refused, not copied, and unusable like "
+                "missing ones (`dimkit images` reports them); put the files themselves in the "
+                "image folder")
         to_copy = sorted(r for r, ok in exists.items() if ok)
     images_missing = img_meta.get("mention_images_missing", 0) + img_meta.get("entity_images_missing", 0)
     meta = {
@@ -1124,8 +1140,10 @@ def format_summary(root: str | Path) -> str:
              f"{c.get('entities', 0)}; with image: {c.get('mentions_with_image', 0)}"]
     img = meta.get("images", {})
     if img.get("root"):
+        outside = img.get("mention_images_outside", 0) + img.get("entity_images_outside", 0)
+        refused = f"; refused (outside the images root): {outside}" if outside else ""
         lines.append(f"  images: {img['placement']}; referenced files missing: "
-                     f"{meta.get('images_missing', 0)} (check them with `dimkit images "
+                     f"{meta.get('images_missing', 0)}{refused} (check them with `dimkit images "
                      f"{meta['name']}`)")
     cand = meta.get("candidates")
     if cand:

@@ -224,3 +224,27 @@ def build_melbench_richpedia(root: Path, n: int = 10) -> Path:
                              "mentions": f"Thing {i}", "entities": f"Thing {i}", "answer": f"Q{8000 + i}"}
             for i in range(n)}
     return dump(root / "Richpedia-MEL.json", data)
+
+
+def plant_outside_links(root: Path, outside: Path) -> dict[str, str]:
+    """Links in a DIM WikiMEL source's ImgData/wikipedia/ (see build_dim_wiki), pointed to by records.
+
+    ``evil.jpg`` links to a file outside the image folder, ``linked/`` to a folder outside it; both
+    must never be copied or opened. ``alias.jpg`` links to another image inside the folder and is
+    fine. Returns record key -> the imgPath it now has.
+    """
+    secret = outside / "secret.txt"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("root:x:0:0:secret\n")
+    image(outside / "elsewhere" / "15.jpg")
+    folder = root / "ImgData" / "wikipedia"
+    (folder / "evil.jpg").symlink_to(secret)
+    (folder / "linked").symlink_to(outside / "elsewhere", target_is_directory=True)
+    (folder / "alias.jpg").symlink_to("12.jpg")
+    paths = {"13": "wikipedia/evil.jpg", "15": "wikipedia/linked/15.jpg", "12": "wikipedia/alias.jpg"}
+    split = root / "wikipedia" / "train.json"
+    records = json.loads(split.read_text())
+    for key, img in paths.items():
+        records[key]["imgPath"] = img
+    dump(split, records)
+    return paths

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from dimkit import cli, datasets, images
+from dimkit.errors import ConfigError, DataError
 from dimkit.images import load_image
 
 
@@ -416,3 +417,163 @@ def test_cli_prints_report_and_succeeds(kit_dirs, capsys):
     out = capsys.readouterr().out
     assert "images of toy" in out and "truncated" in out and "svg" in out
     assert (kit_dirs["data"] / "toy" / "reports" / "images.json").exists()
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"max_pixels": 0}, "--max-pixels"),
+                                          ({"max_pixels": -5}, "--max-pixels"),
+                                          ({"workers": 0}, "--workers")])
+def test_nonsense_limits_are_refused_before_anything_is_written(kwargs, flag, kit_dirs, counted_loads):
+    ds = _toy_dataset(kit_dirs)
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"{name} must be a positive .*{flag}.* got {kwargs[name]}"):
+        images.check_dataset_images(ds, progress=False, **kwargs)
+    assert counted_loads == []
+    assert not (ds.root / "reports").exists()
+    assert "image_status" not in pd.read_parquet(ds.root / "mentions.parquet").columns
+
+
+def test_cli_refuses_max_pixels_zero(kit_dirs, capsys):
+    ds = _toy_dataset(kit_dirs)
+    assert cli.main(["images", "toy", "--max-pixels", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-pixels" in err and "got 0" in err and "Traceback" not in err
+    assert "image_status" not in pd.read_parquet(ds.root / "mentions.parquet").columns
+    assert cli.main(["images", "toy", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# image paths that lead out of the dataset's image folder are never opened
+
+
+def _edit_images(root: Path, new: dict[str, str]) -> None:
+    """Hand-edit ``image`` values in a prepared mentions.parquet."""
+    m = pd.read_parquet(root / "mentions.parquet")
+    for mid, img in new.items():
+        m.loc[m["mention_id"] == mid, "image"] = img
+    m.to_parquet(root / "mentions.parquet", index=False)
+
+
+def _plant_escapes(kit_dirs) -> datasets.Dataset:
+    """The toy dataset with three image paths leading to a valid PNG outside it."""
+    ds = _toy_dataset(kit_dirs)
+    outside = kit_dirs["data"].parent / "secret"
+    outside.mkdir()
+    make_rgb(outside).rename(outside / "secret.png")  # a real image: opening it would give "ok"
+    (ds.root / "img" / "link_out.png").symlink_to(outside / "secret.png")
+    _edit_images(ds.root, {"m5": "../../secret/secret.png", "m7": str(outside / "secret.png"),
+                           "m8": "img/link_out.png"})
+    return datasets.load("toy")
+
+
+def test_paths_out_of_the_dataset_are_never_opened(kit_dirs, counted_loads):
+    ds = _plant_escapes(kit_dirs)
+    report = images.check_dataset_images(ds, progress=False, workers=1)
+    assert not [n for n in counted_loads if "secret" in n or "link_out" in n]
+    assert "outside_root" in images.REASONS
+    pm = report.per_mention.set_index("mention_id")
+    assert pm.loc[["m5", "m7", "m8"], "status"].tolist() == ["outside_root"] * 3
+    assert "escapes the dataset root" in pm.loc["m5", "detail"]
+    assert "is absolute" in pm.loc["m7", "detail"]
+    assert "resolves to" in pm.loc["m8", "detail"] and "secret.png" in pm.loc["m8", "detail"]
+    assert report.counts["outside_root"] == 3 and report.file_counts["outside_root"] == 3
+    assert report.counts["ok"] == 3  # the other images are unaffected
+    assert any("outside the dataset's image folder" in n and "not opened" in n for n in report.notes)
+    on_disk = pd.read_parquet(ds.root / "mentions.parquet").set_index("mention_id")
+    assert on_disk.loc["m8", "image_status"] == "outside_root"
+    assert "outside_root" in str(report)
+    with pytest.raises(DataError, match="outside the dataset's image folder"):
+        ds.image_path("img/link_out.png")
+    # a rerun refuses them again (no stored verdict is trusted for them)
+    counted_loads.clear()
+    again = images.check_dataset_images(datasets.load("toy"), progress=False)
+    assert again.counts["outside_root"] == 3 and counted_loads == []
+    # once the link is gone the image is simply missing (not a stale outside_root verdict)
+    (ds.root / "img" / "link_out.png").unlink()
+    third = images.check_dataset_images(datasets.load("toy"), progress=False)
+    assert third.per_mention.set_index("mention_id").loc["m8", "status"] == "missing"
+
+
+def test_scan_for_features_and_cues_skips_paths_out_of_the_dataset(kit_dirs, monkeypatch):
+    from dimkit import imagefiles
+
+    ds = _plant_escapes(kit_dirs)
+    hashed = []
+    real_sha = imagefiles.sha256_file
+    monkeypatch.setattr(imagefiles, "sha256_file", lambda p: hashed.append(p) or real_sha(p))
+    real_load = images.load_image
+
+    def guarded(path, **kw):
+        assert "secret" not in str(Path(path).resolve()), f"opened {path}"
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(images, "load_image", guarded)
+    ds.mentions.loc[ds.mentions["mention_id"] == "m1", "image"] = "img/plain.png"
+    ds.mentions["images"] = [["img/link_out.png"] if mid == "m6" else [] for mid in ds.mentions["mention_id"]]
+    scan = imagefiles.scan_images(ds, progress=False, flag=False)
+    assert scan.files["img/link_out.png"].status == "outside_root"
+    assert scan.files["img/link_out.png"].path is None
+    assert scan.per_mention.set_index("mention_id").loc["m5", "status"] == "outside_root"
+    assert not [p for p in hashed if "secret" in str(p.resolve())]
+
+
+def test_images_through_a_chain_of_links_stay_usable(kit_dirs):
+    ds = _toy_dataset(kit_dirs)
+    raw = kit_dirs["data"].parent / "raw"
+    (ds.root / "img").rename(raw)
+    (ds.root / "img").symlink_to(raw, target_is_directory=True)  # as prepare links images/
+    plus = kit_dirs["data"] / "toy+"
+    plus.mkdir()
+    for f in ("mentions.parquet", "entities.parquet", "meta.json"):
+        (plus / f).write_bytes((ds.root / f).read_bytes())
+    (plus / "img").symlink_to("../toy/img")  # as augment links the source's images
+    report = images.check_dataset_images(datasets.load("toy+"), progress=False, write=False)
+    assert report.counts["ok"] == 3 and "outside_root" not in report.counts
+
+
+# ---------------------------------------------------------------------------------------------
+# the report names the real cause when the raw image folder was moved after prepare
+
+
+def test_moved_raw_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
+    import fixtures_prepare as fx
+    from dimkit.prepare import prepare
+
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wl")
+    old = (src / "ImgData").resolve()
+    ds = datasets.load("wl")
+    # while the link works, a subfolder missing from the paths gets the folder-name hint
+    ds.mentions.loc[0, "image"] = "images/mention_image/x.jpg"
+    report = images.check_dataset_images(ds, progress=False, write=False)
+    assert any("check the folder name" in n and "mention_image" in n for n in report.notes)
+    assert report.to_dict()["images_root"] == {"path": str(root / "images"), "link_target": str(old),
+                                               "exists": True}
+
+    (src / "ImgData").rename(tmp_path / "moved")
+    report = images.check_dataset_images(datasets.load("wl"), progress=False)
+    assert report.counts == {"missing": 11}
+    assert (f"images/ is a link to {old}, which no longer exists: the raw image folder was moved or "
+            f"deleted; prepare again with `dimkit prepare {src} --name wl --images NEW_FOLDER` "
+            "(or re-point the link)") in report.notes
+    assert not any("check the folder name" in n for n in report.notes)
+    saved = json.loads((root / "reports" / "images.json").read_text())
+    assert saved["images_root"] == {"path": str(root / "images"), "link_target": str(old),
+                                    "exists": False}
+
+
+def test_missing_copied_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
+    import shutil
+
+    import fixtures_prepare as fx
+    from dimkit.prepare import prepare
+
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    root = prepare(src, "wc", link_images=False)
+    shutil.rmtree(root / "images")
+    report = images.check_dataset_images(datasets.load("wc"), progress=False, write=False)
+    assert report.to_dict()["images_root"] == {"path": str(root / "images"), "link_target": None,
+                                               "exists": False}
+    assert any(n.startswith(f"{root / 'images'} does not exist") and "--images" in n
+               for n in report.notes)
+    assert not any("check the folder name" in n for n in report.notes)

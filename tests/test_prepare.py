@@ -11,6 +11,7 @@ import pytest
 import fixtures_prepare as fx
 from dimkit import cli, datasets, paths
 from dimkit.errors import DataError, DimkitError
+from dimkit import prepare as prepare_mod
 from dimkit.prepare import detect_layout, prepare, seeded_split
 
 
@@ -509,3 +510,70 @@ def test_cli_layout_and_name_errors(tmp_path, data_dir, capsys):
     assert cli.main(["prepare", str(tmp_path / "absent"), "--name", "x"]) == 2
     assert "source not found" in capsys.readouterr().err
     assert not (data_dir / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a UTF-8 byte order mark (Windows editors and PowerShell write one) is not malformed JSON
+
+BOM_SOURCES = {
+    "dim wikimel": lambda t: fx.build_dim_wiki(t / "dim"),
+    "dim wikidiverse": lambda t: fx.build_dim_diverse(t / "dim"),
+    "mimic": lambda t: fx.build_mimic(t / "mimic"),
+    "melbench": lambda t: fx.build_melbench_wikidata(t / "mb"),
+}
+
+
+@pytest.mark.parametrize("case", list(BOM_SOURCES))
+def test_json_with_a_utf8_bom_is_read(case, tmp_path, data_dir):
+    src = BOM_SOURCES[case](tmp_path)
+    plain = datasets.load(prepare(src, "plain").name)
+    files = [src] if src.is_file() else sorted(src.rglob("*.json"))
+    assert files
+    for f in files:
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    ds = datasets.load(prepare(src, "bom").name)
+    cols = ["mention_id", "split", "sentence", "mention", "image", "qid"]
+    assert ds.mentions[cols].equals(plain.mentions[cols])
+    assert ds.entities[["qid", "name", "description"]].equals(plain.entities[["qid", "name", "description"]])
+    assert ds.meta["layout"] == plain.meta["layout"] and ds.meta["subset"] == plain.meta["subset"]
+
+
+# ---------------------------------------------------------------------------------------------
+# links in the raw image folder that point outside it are never copied or opened
+
+
+def test_copy_images_refuses_links_out_of_the_image_folder(tmp_path, data_dir, capsys):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    fx.plant_outside_links(src, tmp_path / "outside")
+    root = prepare(src, "wcopy", link_images=False)
+    copied = root / "images" / "wikipedia"
+    assert not (copied / "evil.jpg").exists() and not (copied / "linked").exists()
+    assert not any("secret" in p.read_bytes().decode("latin-1") for p in copied.rglob("*") if p.is_file())
+    assert (copied / "alias.jpg").read_bytes() == (src / "ImgData" / "wikipedia" / "12.jpg").read_bytes()
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["images"]["mention_images_outside"] == 2
+    assert meta["images"]["mention_images_missing"] == 1  # 32's image, absent from the start
+    assert any("outside the images root" in n and "wikipedia/evil.jpg" in n for n in meta["notes"])
+    summary = prepare_mod.format_summary(root)
+    assert "refused (outside the images root): 2" in summary
+    # the image check sees them as missing: nothing of the outside files is in the dataset
+    from dimkit import images
+    pm = images.check_dataset_images(datasets.load("wcopy"), progress=False, write=False).per_mention
+    status = pm.set_index("mention_id")["status"]
+    assert status["train-13"] == "missing" and status["train-15"] == "missing"
+    assert status["train-12"] == "ok"
+
+
+def test_linked_images_root_does_not_expose_links_out_of_it(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    fx.plant_outside_links(src, tmp_path / "outside")
+    root = prepare(src, "wlink")
+    assert (root / "images").is_symlink()
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["images"]["mention_images_outside"] == 2
+    ds = datasets.load("wlink")
+    m = ds.mentions.set_index("mention_id")
+    for mid in ("train-13", "train-15"):
+        with pytest.raises(DataError, match="outside the dataset's image folder"):
+            ds.image_path(m.loc[mid, "image"])
+    assert ds.image_path(m.loc["train-12", "image"]).is_file()
