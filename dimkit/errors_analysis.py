@@ -346,14 +346,14 @@ def show_failures(a: Analysis, n: int = 8, *, ncols: int = 4):
     """The worst failures as image + caption (mention, gold and prediction with descriptions, cue,
     attention, error kind); returns the figure. The full texts are in :func:`failure_table`."""
     from . import plots
-    from .images import load_image
+    from .images import load_dataset_image
 
     ds = a.linker.dataset
     w = a.worst(n)
     images, captions = [], []
     width = 52
     for _, r in w.iterrows():
-        images.append(load_image(ds.image_path(r["image"])).image if r["image"] else None)
+        images.append(load_dataset_image(ds, r["image"]).image if r["image"] else None)
         cue = r["cue"] if isinstance(r["cue"], str) and r["cue"] else f"(none: {r['cue_status']})"
         lines = [_short(f"[{r['mention']}] {r['sentence']}", width),
                  _short(f"gold: {r['gold_name']} ({r['gold_qid']}), rank {r['rank']}", width),
@@ -439,13 +439,13 @@ def _tag(a: Analysis) -> str:
 def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):
     """Disagreements as image + caption: gold, each run's prediction (right or wrong), cue; a figure."""
     from . import plots
-    from .images import load_image
+    from .images import load_dataset_image
 
     ds = c.a.linker.dataset
     t = c.table.head(n)
     images, captions = [], []
     for _, r in t.iterrows():
-        images.append(load_image(ds.image_path(r["image"])).image if r["image"] else None)
+        images.append(load_dataset_image(ds, r["image"]).image if r["image"] else None)
         mark = {True: "right", False: "wrong"}
         captions.append("\n".join([
             _short(f"[{r['mention']}] {r['sentence']}", 44), _short(f"gold: {r['gold']}", 44),

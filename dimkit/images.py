@@ -274,6 +274,16 @@ def load_image(path: str | os.PathLike | None, *, max_pixels: int = DEFAULT_MAX_
         return _decode(fh, path, head, tail, st.st_size, max_pixels)
 
 
+def load_dataset_image(ds: "datasets.Dataset", rel: str | None, **kwargs) -> LoadedImage:
+    """:func:`load_image` of a dataset-relative path; a path out of the dataset's images is
+    ``outside_root`` (never opened), as in the image check."""
+    try:
+        path = ds.image_path(rel)
+    except DataError as exc:
+        return _fail(None, "outside_root", exc.reason)
+    return load_image(path, **kwargs)
+
+
 def _decode(fh, path: Path, head: bytes, tail: bytes, size: int, max_pixels: int) -> LoadedImage:
     """Open, size-check, decode and convert an open image file."""
     try:

@@ -71,12 +71,12 @@ def image_grid(images: Sequence, captions: Sequence[str], *, ncols: int = 4, wid
 def mention_grid(ds, mentions, *, extra: dict[str, Sequence[str]] | None = None, ncols: int = 4,
                  title: str | None = None):
     """Mentions (rows of ``ds.mentions``) as image + mention + sentence + gold, plus extra caption lines."""
-    from .images import load_image
+    from .images import load_dataset_image
 
     ents = ds.entities.set_index("qid")["name"]
     images, captions = [], []
     for i, (_, row) in enumerate(mentions.iterrows()):
-        img = load_image(ds.image_path(row["image"])).image
+        img = load_dataset_image(ds, row["image"]).image
         gold = row["qid"]
         lines = [f"[{row['mention']}] {row['sentence']}",
                  f"gold: {gold} {ents.get(gold, '') if gold else '(NIL)'}"]

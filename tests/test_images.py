@@ -577,3 +577,16 @@ def test_missing_copied_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
     assert any(n.startswith(f"{root / 'images'} does not exist") and "--images" in n
                for n in report.notes)
     assert not any("check the folder name" in n for n in report.notes)
+
+
+def test_figures_show_a_path_out_of_the_dataset_as_unusable_instead_of_failing(kit_dirs):
+    from dimkit import datasets
+    from dimkit.images import load_dataset_image
+    from dimkit.plots import mention_grid
+
+    ds = datasets.load("sample")
+    ds.mentions.loc[0, "image"] = "../../etc/passwd"
+    res = load_dataset_image(ds, "../../etc/passwd")
+    assert res.image is None and res.status == "outside_root" and res.path is None
+    fig = mention_grid(ds, ds.mentions.head(2))
+    assert fig is not None
