@@ -344,9 +344,11 @@ def entity_key(model: str, template: Template, qid: str, name: str, messages: li
 
 def _load_answers_file(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte order mark is fine
     except FileNotFoundError:
         raise DataError("answers file not found", file=path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path) from None
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON ({exc.msg}, line {exc.lineno})", file=path) from None
     if not isinstance(data, dict):

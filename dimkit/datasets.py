@@ -357,6 +357,31 @@ def write_candidates(root: Path, candidates: pd.DataFrame) -> Path:
     return target
 
 
+_FILE_MODE: int | None = None
+
+
+def plain_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file here: 0o666 less the process umask.
+
+    Temporary files from :mod:`tempfile` are 0o600; renamed into place as they are, one dataset
+    folder would mix private and shared files and break a data or cache folder shared by a group.
+    """
+    global _FILE_MODE
+    if _FILE_MODE is None:
+        umask = None
+        try:  # Linux reports the umask without changing it
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+        except (OSError, ValueError, IndexError):
+            pass
+        if umask is None:
+            umask = os.umask(0o022)
+            os.umask(umask)
+        _FILE_MODE = 0o666 & ~umask
+    return _FILE_MODE
+
+
 def atomic_write_parquet(df: pd.DataFrame, target: Path) -> None:
     """Write a parquet file through a temporary file and a rename: readers never see half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -364,6 +389,7 @@ def atomic_write_parquet(df: pd.DataFrame, target: Path) -> None:
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -383,6 +409,7 @@ def atomic_write_bytes(data: bytes, target: Path) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

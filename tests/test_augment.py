@@ -528,3 +528,15 @@ def test_out_of_another_model_is_refused_and_a_rerun_of_the_same_build_rewrites_
     with pytest.raises(ConfigError, match="augmented from 'toy' with model 'fake-model'"):
         aug.augment("toy", model="other-model", progress=False)
     assert datasets.load("toy+").meta["augment"]["model"] == "fake-model"
+
+
+def test_answers_file_with_a_byte_order_mark_is_read_and_latin1_is_named(server, tmp_path):
+    make_toy(n=3)
+    path = tmp_path / "answers.json"
+    answers = {"model": "fake-model", "answers": {f"Q{100 + i}": f"Réponse {i}" for i in range(3)}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(answers, ensure_ascii=False).encode())
+    rep = aug.augment("toy", model="fake-model", replay=True, answers=path, progress=False)
+    assert rep.written and rep.imported == 3
+    path.write_bytes(json.dumps(answers, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(aug.DataError, match="not UTF-8 text"):
+        aug.import_answers(path, "toy")

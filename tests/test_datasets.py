@@ -160,3 +160,24 @@ def test_cli_commands_name_the_missing_column_without_a_traceback(kit_dirs, caps
         err = capsys.readouterr().err
         assert "missing column" in err and "'split'" in err and "Traceback" not in err
 
+
+
+def test_atomically_written_files_get_the_mode_a_plain_open_gives(kit_dirs, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        datasets._FILE_MODE = None  # read the umask afresh
+        datasets.atomic_write_text("x", tmp_path / "a.txt")
+        datasets.atomic_write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "a.parquet")
+        mentions, entities = _tables()
+        root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
+        (tmp_path / "plain.txt").write_text("x")
+        plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+        assert plain == 0o644
+        for p in [tmp_path / "a.txt", tmp_path / "a.parquet", *root.iterdir()]:
+            assert stat.S_IMODE(p.stat().st_mode) == plain, p
+    finally:
+        os.umask(old)
+        datasets._FILE_MODE = None
