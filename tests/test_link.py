@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dimkit import cli, datasets, errors_analysis, synthetic, train
-from dimkit.errors import DataError, DimkitError
+from dimkit.errors import ConfigError, DataError, DimkitError
 from dimkit.link import Linker, link, link_file, read_run
 
 
@@ -206,3 +206,31 @@ def test_comparing_a_run_with_its_text_only_ablation(sample_run):
     summary = c.summary().set_index("outcome")["mentions"]
     assert summary.sum() == len(a.table)
     assert summary["only paper right"] == int((merged["correct_x"] & ~merged["correct_y"]).sum())
+
+
+def _one_line_input(ds, folder, image=True):
+    """A batch file of one test mention of the sample (its image by absolute path unless ``image`` is False)."""
+    r = _test_mentions(ds).iloc[0]
+    rec = {"sentence": r["sentence"], "mention": r["mention"]}
+    if image:
+        rec["image"] = str(ds.image_path(r["image"]))
+    src = folder / "in.jsonl"
+    src.write_text(json.dumps(rec) + "\n")
+    return src
+
+
+def test_the_link_command_refuses_a_device_it_cannot_use(sample_run, tmp_path, capsys, monkeypatch):
+    run = sample_run["run"]
+    src, out = _one_line_input(sample_run["ds"], tmp_path), tmp_path / "out.jsonl"
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--device", "banana"]) == 2
+    err = capsys.readouterr().err
+    assert "dimkit link: error: unknown device 'banana': choose one of auto, cpu, cuda, cuda:N, mps" in err
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU is visible to torch here (torch.cuda.is_available() is False); use --device cpu or auto" in err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(ConfigError, match="'cuda:1'"):
+        link("A sentence.", "Dunvarra", None, model=run, device="cuda:1")
+
