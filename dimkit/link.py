@@ -22,6 +22,7 @@ This module imports torch only when a run is loaded, so ``import dimkit`` stays 
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
@@ -771,6 +772,25 @@ def _parse_line(text: str, lineno: int, base: Path) -> tuple[MentionInput | None
                         image=paths_ if isinstance(img, list) else paths_[0], id=ident), None
 
 
+def _read_lines(src: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 file (a leading byte-order mark is dropped), numbered from 1."""
+    try:
+        with open(src, encoding="utf-8-sig") as fh:
+            return [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    except UnicodeDecodeError:
+        data = src.read_bytes()
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            data[bom:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            at = bom + exc.start
+            line = data.count(b"\n", 0, at) + 1
+            raise DataError(f"line {line} (byte offset {at}) is not UTF-8 ({exc.reason}: {data[at:at + 1]!r}); the "
+                            "input must be UTF-8 JSON lines: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                            f"{src.name} > fixed.jsonl` for a Latin-1 file)", file=src) from None
+        raise
+
+
 def _atomic_lines(target: Path):
     """A temp file beside ``target``; the caller renames it into place when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -795,8 +815,7 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
     skipped_path = Path(skipped_file) if skipped_file else dst.with_name(f"{dst.stem}.skipped.jsonl")
     report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
                             note=linker.note, skipped_file=str(skipped_path))
-    with open(src, encoding="utf-8") as fh:
-        raw = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    raw = _read_lines(src)
     report.lines = len(raw)
     base = src.parent.resolve()
     computed: Counter = Counter()

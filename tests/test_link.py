@@ -234,3 +234,26 @@ def test_the_link_command_refuses_a_device_it_cannot_use(sample_run, tmp_path, c
     with pytest.raises(ConfigError, match="'cuda:1'"):
         link("A sentence.", "Dunvarra", None, model=run, device="cuda:1")
 
+
+def test_an_input_file_that_is_not_utf8_is_refused_naming_the_line(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    r = _test_mentions(ds).iloc[0]
+    first = json.dumps({"sentence": r["sentence"], "mention": r["mention"], "image": str(ds.image_path(r["image"]))})
+    second = json.dumps({"sentence": "Un café à Dunvarra.", "mention": r["mention"],
+                         "image": str(ds.image_path(r["image"]))}, ensure_ascii=False)
+    src, out = tmp_path / "latin1.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes((first + "\n" + second + "\n").encode("latin-1"))
+    at = len(first) + 1 + second.index("é")
+    with pytest.raises(DataError) as err:
+        link_file(run, src, out, progress=False)
+    assert err.value.file == str(src) and f"line 2 (byte offset {at}) is not UTF-8" in str(err.value)
+    assert not out.exists()
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out)]) == 2
+    msg = capsys.readouterr().err
+    assert f"{src}: line 2 (byte offset {at}) is not UTF-8" in msg and "save it as UTF-8" in msg and "Traceback" not in msg
+    # the same lines as UTF-8 with a byte-order mark (as some editors save it) are read as they are
+    src.write_text("\ufeff" + first + "\n" + second + "\n", encoding="utf-8")
+    rep = link_file(run, src, out, k=3, progress=False)
+    assert rep.linked == 2 and rep.skipped == []
+    assert [json.loads(x)["line"] for x in out.read_text(encoding="utf-8").splitlines()] == [1, 2]
+
