@@ -103,7 +103,7 @@ def read_run(model: Any) -> RunInfo:
     if "model.pt" in missing or "metrics.json" in missing:
         raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "train it with `dimkit train` (or `--resume` an interrupted one)")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = _read_json(run_dir / "metrics.json", _damaged(_dataset_of(run_dir)))
     if metrics.get("status") not in ("completed", "early_stopped"):
         raise DimkitError(f"{run_dir / 'metrics.json'}: the run did not finish (status {metrics.get('status')!r})")
     if "features.json" in missing:
@@ -112,10 +112,8 @@ def read_run(model: Any) -> RunInfo:
                           f"`dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
                           "settings to re-evaluate the run and write it")
     src = run_dir / "features.json"
-    try:
-        f = json.loads(src.read_text())
-    except ValueError as exc:
-        raise DataError(f"not JSON ({exc})", file=src) from exc
+    f = _read_json(src, f"rerun `dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
+                        "settings to re-evaluate the run and write it again")
     for key in ("dataset", "feature_model", "entity_column"):
         if not f.get(key):
             raise DataError("missing in the run's record of its features", file=src, field=key)
@@ -132,6 +130,49 @@ def read_run(model: Any) -> RunInfo:
                    missing_description=f.get("missing_description") or "name",
                    entity_column=f["entity_column"], entity_qids_sha256=f.get("entity_qids_sha256"),
                    note=str(metrics.get("note") or ""))
+
+
+def _damaged(dataset: str) -> str:
+    """What to do about a run file that cannot be read."""
+    return (f"the run's files are damaged: train it again with `dimkit train {dataset}` (same settings) "
+            "or delete the run folder")
+
+
+def _dataset_of(run_dir: Path) -> str:
+    """The run's dataset as its features.json records it, for advice when metrics.json is damaged."""
+    try:
+        return str(json.loads((run_dir / "features.json").read_text(encoding="utf-8"))["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "DATASET"
+
+
+def _read_json(path: Path, todo: str) -> dict:
+    """A run folder's JSON object; a file that is not one says ``todo``."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot be read as JSON ({exc}); {todo}", file=path) from exc
+    if not isinstance(d, dict):
+        raise DataError(f"not a JSON object (a {type(d).__name__}); {todo}", file=path)
+    return d
+
+
+def _load_model(info: RunInfo, device: str):
+    """The run's model and config (:func:`dimkit.train.load_model`); a damaged model.pt says so."""
+    import pickle
+
+    import torch
+
+    from .train import load_model
+
+    try:
+        return load_model(info.run_dir, device)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+        why = str(exc).split(". ")[0].strip()[:200]
+        raise DataError(f"torch cannot load it ({type(exc).__name__}{': ' + why if why else ''}); "
+                        f"{_damaged(info.dataset)}", file=info.run_dir / "model.pt") from exc
 
 
 def _resolve_clip(info: RunInfo):
@@ -293,14 +334,13 @@ class Linker:
         import torch
 
         from .env import pick_device
-        from .train import load_model
 
         self.info = read_run(model)
         self.run_dir = self.info.run_dir
         self.device = pick_device(device)
         self.progress = progress
         self.clip_spec = _resolve_clip(self.info)
-        self.model, self.config = load_model(self.run_dir, self.device)
+        self.model, self.config = _load_model(self.info, self.device)
         mcfg = self.model.cfg
         self.uses_cue, self.uses_image = bool(mcfg.use_cue), bool(mcfg.use_image)
         self.expert = _resolve_expert(self.info, expert) if self.uses_cue else None

@@ -250,10 +250,44 @@ def test_an_input_file_that_is_not_utf8_is_refused_naming_the_line(sample_run, t
     assert not out.exists()
     assert cli.main(["link", str(run), "--input", str(src), "--output", str(out)]) == 2
     msg = capsys.readouterr().err
-    assert f"{src}: line 2 (byte offset {at}) is not UTF-8" in msg and "save it as UTF-8" in msg and "Traceback" not in msg
+    assert f"{src}: line 2 (byte offset {at}) is not UTF-8" in msg and "save it as UTF-8" in msg
+    assert "Traceback" not in msg
     # the same lines as UTF-8 with a byte-order mark (as some editors save it) are read as they are
     src.write_text("\ufeff" + first + "\n" + second + "\n", encoding="utf-8")
     rep = link_file(run, src, out, k=3, progress=False)
     assert rep.linked == 2 and rep.skipped == []
     assert [json.loads(x)["line"] for x in out.read_text(encoding="utf-8").splitlines()] == [1, 2]
+
+
+def test_a_damaged_run_file_is_refused_naming_it(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    damaged = tmp_path / "damaged-run"
+    shutil.copytree(run, damaged)
+    src, out = _one_line_input(ds, tmp_path), tmp_path / "out.jsonl"
+    todo = "the run's files are damaged: train it again with `dimkit train sample+` (same settings)"
+    (damaged / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
+    with pytest.raises(DataError) as err:
+        Linker(damaged)
+    assert err.value.file == str(damaged / "model.pt") and todo in str(err.value)
+    assert cli.main(["link", str(damaged), "--input", str(src), "--output", str(out)]) == 2
+    msg = capsys.readouterr().err
+    assert f"{damaged / 'model.pt'}: " in msg and todo in msg and "Traceback" not in msg
+    (damaged / "model.pt").write_bytes(b"")
+    with pytest.raises(DataError, match="model.pt.*damaged"):
+        link("A sentence.", "Dunvarra", None, model=damaged)
+    shutil.copy(run / "model.pt", damaged / "model.pt")
+    metrics = (run / "metrics.json").read_text()
+    for text in (metrics[:40], "not json", "[1, 2]"):
+        (damaged / "metrics.json").write_text(text)
+        with pytest.raises(DataError) as err:
+            read_run(damaged)
+        assert err.value.file == str(damaged / "metrics.json") and todo in str(err.value)
+    (damaged / "metrics.json").write_text(metrics)
+    for text in ("{not json", '"a string"'):
+        (damaged / "features.json").write_text(text)
+        with pytest.raises(DataError) as err:
+            Linker(damaged)
+        assert err.value.file == str(damaged / "features.json") and "dimkit train sample+ --resume" in str(err.value)
+    assert cli.main(["link", str(damaged), "--input", str(src), "--output", str(out)]) == 2
+    assert "features.json" in capsys.readouterr().err
 
