@@ -41,8 +41,9 @@ from . import datasets, paths
 from .errors import ConfigError, DataError, DimkitError
 from .imagefiles import sha256_file
 
-#: Fields every line of a ``dimkit link`` input file must have.
-REQUIRED_FIELDS = ("sentence", "mention", "image")
+#: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image
+#: is null or absent is linked as a mention without an image, as ``link(sentence, mention, None)`` is).
+REQUIRED_FIELDS = ("sentence", "mention")
 #: What the run folder must hold to be linked with.
 RUN_FILES = ("model.pt", "metrics.json", "features.json")
 SEP = " [SEP] "  # as dimkit.features: the literal text "[SEP]", not a CLIP special token
@@ -659,8 +660,7 @@ class Linker:
         good, imgs = [], []
         for j, it in enumerate(chunk):
             img = _load_images(it.image)
-            if img.status not in ("ok",) and not (allow_unusable or (img.status == "no_image" and it.image is None
-                                                                      and source is None)):
+            if img.status != "ok" and not (allow_unusable or (img.status == "no_image" and it.image is None)):
                 results[j] = DataError(f"image unusable ({img.status}"
                                        f"{': ' + img.detail if img.detail else ''})", file=source or str(it.image),
                                        record=it.id if it.id is not None else offset + j, field="image")
@@ -754,6 +754,7 @@ class LinkFileReport:
     output: str
     lines: int = 0
     linked: int = 0
+    no_image: int = 0  # linked lines whose image was null or absent (image and cue masked)
     skipped: list[dict] = field(default_factory=list)  # {"line", "reason", "field", "detail"}
     computed: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -767,6 +768,9 @@ class LinkFileReport:
     def __str__(self) -> str:
         lines = [f"linked {self.linked} of {self.lines} lines of {self.input} with {self.run} -> {self.output} "
                  f"({self.seconds:.1f} s)"]
+        if self.no_image:
+            lines.append(f"{self.no_image} of them without an image (image null or absent: linked on the text, "
+                         "the image and its cue masked)")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: " + ", ".join(f"{k} {v}" for k, v in self.reasons().items()))
             for s in self.skipped[:10]:
@@ -800,14 +804,16 @@ def _parse_line(text: str, lineno: int, base: Path) -> tuple[MentionInput | None
         if not isinstance(rec[f], str):
             return None, {"line": lineno, "reason": "bad_field", "field": f,
                           "detail": f"expected a string, got {type(rec[f]).__name__}"}
-    img = rec["image"]
+    ident = rec.get("id", rec.get("mention_id"))
+    img = rec.get("image")
+    if img is None:
+        return MentionInput(sentence=rec["sentence"], mention=rec["mention"], image=None, id=ident), None
     imgs = img if isinstance(img, list) else [img]
     if not imgs or not all(isinstance(x, str) and x.strip() for x in imgs):
         return None, {"line": lineno, "reason": "bad_field", "field": "image",
-                      "detail": "expected a path or a list of paths"}
+                      "detail": "expected a path, a list of paths, or null for no image"}
     # Relative image paths are relative to the input file's folder, so a batch folder can move.
     paths_ = [str(base / x) if not Path(x).expanduser().is_absolute() else str(Path(x).expanduser()) for x in imgs]
-    ident = rec.get("id", rec.get("mention_id"))
     return MentionInput(sentence=rec["sentence"], mention=rec["mention"],
                         image=paths_ if isinstance(img, list) else paths_[0], id=ident), None
 
@@ -841,8 +847,10 @@ def _atomic_lines(target: Path):
 def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10, batch_size: int = 64,
               device: str = "auto", expert: Any = None, allow_unusable_images: bool = False,
               skipped_file: str | Path | None = None, progress: bool = True) -> LinkFileReport:
-    """Link every line of a JSONL file (sentence, mention, image) and write one JSON line per mention.
+    """Link every line of a JSONL file (sentence, mention, optional image); one JSON line per mention out.
 
+    A line whose image is null or absent is linked without an image, as ``link(sentence, mention, None)``
+    links it (counted in ``report.no_image``). The file must be UTF-8 (a byte-order mark is allowed).
     Lines with a missing or malformed field or an unusable image are skipped and reported (in the
     returned report and in ``skipped_file``, default ``<output stem>.skipped.jsonl``); they never stop
     the batch. Both files are written atomically when the batch is done.
@@ -890,6 +898,7 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
                                         .itertuples(index=False)]}
                     out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                     report.linked += 1
+                    report.no_image += item.image is None
                 bar.update(len(chunk))
             out_fh.flush()
             os.fsync(out_fh.fileno())
@@ -918,8 +927,9 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dimkit link``."""
     parser.add_argument("run", help="trained run: a folder, or a run name under $DIMKIT_RUNS")
-    parser.add_argument("--input", required=True, help="JSONL, one mention a line: sentence, mention, image "
-                        "(a path relative to the file's folder, or a list of paths); optional id")
+    parser.add_argument("--input", required=True, help="UTF-8 JSONL, one mention a line: sentence, mention, and "
+                        "optionally image (a path relative to the file's folder, or a list of paths; null or "
+                        "absent: linked without an image) and id")
     parser.add_argument("--output", required=True, help="JSONL of results, one line per linked mention")
     parser.add_argument("--k", type=int, default=10, help="entities per mention (default 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="mentions encoded together")
@@ -928,7 +938,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only when the run folder cannot rebuild its expert: a spec with the run's "
                              "expert model id and prompt version (e.g. blip2:/path/to/local/copy)")
     parser.add_argument("--allow-unusable-images", action="store_true",
-                        help="link lines whose image is unusable with the image masked, instead of skipping them")
+                        help="link lines whose image is given but unusable with the image masked, instead of "
+                             "skipping them")
     parser.add_argument("--skipped", default=None, help="where to list skipped lines "
                         "(default <output stem>.skipped.jsonl)")
 

@@ -291,3 +291,28 @@ def test_a_damaged_run_file_is_refused_naming_it(sample_run, tmp_path, capsys):
     assert cli.main(["link", str(damaged), "--input", str(src), "--output", str(out)]) == 2
     assert "features.json" in capsys.readouterr().err
 
+
+def test_a_batch_line_without_an_image_is_linked_as_the_python_api_links_it(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    rows = _test_mentions(ds).head(3)
+    lines = [{"sentence": rows.iloc[0]["sentence"], "mention": rows.iloc[0]["mention"], "image": None},
+             {"sentence": rows.iloc[1]["sentence"], "mention": rows.iloc[1]["mention"]},
+             {"sentence": rows.iloc[2]["sentence"], "mention": rows.iloc[2]["mention"], "image": "nowhere.png"}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "linked.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--k", "4"]) == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["line"] for g in got] == [1, 2]
+    for g, r in zip(got, [rows.iloc[0], rows.iloc[1]]):
+        api = link(r["sentence"], r["mention"], None, model=run, k=4)
+        assert api.attrs["image_status"] == g["image_status"] == "no_image"
+        assert g["attention"]["image"] == 0.0 and g["attention"]["cue"] == 0.0, "the image input is masked"
+        assert [e["qid"] for e in g["entities"]] == list(api["qid"])
+        assert np.allclose([e["score"] for e in g["entities"]], api["score"], atol=1e-5)
+    skipped = [json.loads(x) for x in (tmp_path / "linked.skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["reason"]) for s in skipped] == [(3, "image_missing")]
+    printed = capsys.readouterr().out
+    assert "linked 2 of 3 lines" in printed and "2 of them without an image" in printed
+    # allowing unusable images adds the present-but-missing one; the two without an image stay linked
+    rep = link_file(run, src, tmp_path / "again.jsonl", k=2, allow_unusable_images=True, progress=False)
+    assert rep.linked == 3 and rep.no_image == 2 and rep.skipped == []
