@@ -26,11 +26,39 @@ def _version(module: str) -> str:
             return f"not installed ({type(exc).__name__})"
 
 
+#: The devices ``--device`` accepts (``cuda:N``: the GPU of that index).
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
 def pick_device(preference: str = "auto") -> str:
-    """'cuda' if available, else 'mps', else 'cpu' (or the explicit preference)."""
-    if preference != "auto":
+    """'cuda' if available, else 'mps', else 'cpu'; or the explicit preference, checked to exist here.
+
+    A name torch does not know, or a GPU torch cannot see, raises a ConfigError saying what to use.
+    """
+    from .errors import ConfigError
+
+    kind, sep, index = str(preference).partition(":")
+    if not isinstance(preference, str) or kind not in DEVICES or (sep and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"unknown device {preference!r}: choose one of {', '.join(DEVICES)} "
+                          "(N: a GPU index, e.g. cuda:1)")
+    if kind == "cpu":
         return preference
     import torch
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {preference!r}: no CUDA GPU is visible to torch here "
+                              "(torch.cuda.is_available() is False); use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if sep and int(index) >= n:
+            raise ConfigError(f"device {preference!r}: torch sees {n} CUDA GPU{'s' if n != 1 else ''} here "
+                              f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}); use one of those, cpu or auto")
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {preference!r}: no Apple MPS device is visible to torch here "
+                              "(torch.backends.mps.is_available() is False); use --device cpu or auto")
+    if kind != "auto":
+        return preference
     if torch.cuda.is_available():
         return "cuda"
     mps = getattr(torch.backends, "mps", None)

@@ -22,6 +22,7 @@ This module imports torch only when a run is loaded, so ``import dimkit`` stays 
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
@@ -40,8 +41,9 @@ from . import datasets, paths
 from .errors import ConfigError, DataError, DimkitError
 from .imagefiles import sha256_file
 
-#: Fields every line of a ``dimkit link`` input file must have.
-REQUIRED_FIELDS = ("sentence", "mention", "image")
+#: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image
+#: is null or absent is linked as a mention without an image, as ``link(sentence, mention, None)`` is).
+REQUIRED_FIELDS = ("sentence", "mention")
 #: What the run folder must hold to be linked with.
 RUN_FILES = ("model.pt", "metrics.json", "features.json")
 SEP = " [SEP] "  # as dimkit.features: the literal text "[SEP]", not a CLIP special token
@@ -102,7 +104,7 @@ def read_run(model: Any) -> RunInfo:
     if "model.pt" in missing or "metrics.json" in missing:
         raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "train it with `dimkit train` (or `--resume` an interrupted one)")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = _read_json(run_dir / "metrics.json", _damaged(_dataset_of(run_dir)))
     if metrics.get("status") not in ("completed", "early_stopped"):
         raise DimkitError(f"{run_dir / 'metrics.json'}: the run did not finish (status {metrics.get('status')!r})")
     if "features.json" in missing:
@@ -111,10 +113,8 @@ def read_run(model: Any) -> RunInfo:
                           f"`dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
                           "settings to re-evaluate the run and write it")
     src = run_dir / "features.json"
-    try:
-        f = json.loads(src.read_text())
-    except ValueError as exc:
-        raise DataError(f"not JSON ({exc})", file=src) from exc
+    f = _read_json(src, f"rerun `dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
+                        "settings to re-evaluate the run and write it again")
     for key in ("dataset", "feature_model", "entity_column"):
         if not f.get(key):
             raise DataError("missing in the run's record of its features", file=src, field=key)
@@ -131,6 +131,49 @@ def read_run(model: Any) -> RunInfo:
                    missing_description=f.get("missing_description") or "name",
                    entity_column=f["entity_column"], entity_qids_sha256=f.get("entity_qids_sha256"),
                    note=str(metrics.get("note") or ""))
+
+
+def _damaged(dataset: str) -> str:
+    """What to do about a run file that cannot be read."""
+    return (f"the run's files are damaged: train it again with `dimkit train {dataset}` (same settings) "
+            "or delete the run folder")
+
+
+def _dataset_of(run_dir: Path) -> str:
+    """The run's dataset as its features.json records it, for advice when metrics.json is damaged."""
+    try:
+        return str(json.loads((run_dir / "features.json").read_text(encoding="utf-8"))["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "DATASET"
+
+
+def _read_json(path: Path, todo: str) -> dict:
+    """A run folder's JSON object; a file that is not one says ``todo``."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot be read as JSON ({exc}); {todo}", file=path) from exc
+    if not isinstance(d, dict):
+        raise DataError(f"not a JSON object (a {type(d).__name__}); {todo}", file=path)
+    return d
+
+
+def _load_model(info: RunInfo, device: str):
+    """The run's model and config (:func:`dimkit.train.load_model`); a damaged model.pt says so."""
+    import pickle
+
+    import torch
+
+    from .train import load_model
+
+    try:
+        return load_model(info.run_dir, device)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+        why = str(exc).split(". ")[0].strip()[:200]
+        raise DataError(f"torch cannot load it ({type(exc).__name__}{': ' + why if why else ''}); "
+                        f"{_damaged(info.dataset)}", file=info.run_dir / "model.pt") from exc
 
 
 def _resolve_clip(info: RunInfo):
@@ -292,14 +335,13 @@ class Linker:
         import torch
 
         from .env import pick_device
-        from .train import load_model
 
         self.info = read_run(model)
         self.run_dir = self.info.run_dir
         self.device = pick_device(device)
         self.progress = progress
         self.clip_spec = _resolve_clip(self.info)
-        self.model, self.config = load_model(self.run_dir, self.device)
+        self.model, self.config = _load_model(self.info, self.device)
         mcfg = self.model.cfg
         self.uses_cue, self.uses_image = bool(mcfg.use_cue), bool(mcfg.use_image)
         self.expert = _resolve_expert(self.info, expert) if self.uses_cue else None
@@ -618,8 +660,7 @@ class Linker:
         good, imgs = [], []
         for j, it in enumerate(chunk):
             img = _load_images(it.image)
-            if img.status not in ("ok",) and not (allow_unusable or (img.status == "no_image" and it.image is None
-                                                                      and source is None)):
+            if img.status != "ok" and not (allow_unusable or (img.status == "no_image" and it.image is None)):
                 results[j] = DataError(f"image unusable ({img.status}"
                                        f"{': ' + img.detail if img.detail else ''})", file=source or str(it.image),
                                        record=it.id if it.id is not None else offset + j, field="image")
@@ -713,6 +754,7 @@ class LinkFileReport:
     output: str
     lines: int = 0
     linked: int = 0
+    no_image: int = 0  # linked lines whose image was null or absent (image and cue masked)
     skipped: list[dict] = field(default_factory=list)  # {"line", "reason", "field", "detail"}
     computed: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -726,6 +768,9 @@ class LinkFileReport:
     def __str__(self) -> str:
         lines = [f"linked {self.linked} of {self.lines} lines of {self.input} with {self.run} -> {self.output} "
                  f"({self.seconds:.1f} s)"]
+        if self.no_image:
+            lines.append(f"{self.no_image} of them without an image (image null or absent: linked on the text, "
+                         "the image and its cue masked)")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: " + ", ".join(f"{k} {v}" for k, v in self.reasons().items()))
             for s in self.skipped[:10]:
@@ -759,16 +804,37 @@ def _parse_line(text: str, lineno: int, base: Path) -> tuple[MentionInput | None
         if not isinstance(rec[f], str):
             return None, {"line": lineno, "reason": "bad_field", "field": f,
                           "detail": f"expected a string, got {type(rec[f]).__name__}"}
-    img = rec["image"]
+    ident = rec.get("id", rec.get("mention_id"))
+    img = rec.get("image")
+    if img is None:
+        return MentionInput(sentence=rec["sentence"], mention=rec["mention"], image=None, id=ident), None
     imgs = img if isinstance(img, list) else [img]
     if not imgs or not all(isinstance(x, str) and x.strip() for x in imgs):
         return None, {"line": lineno, "reason": "bad_field", "field": "image",
-                      "detail": "expected a path or a list of paths"}
+                      "detail": "expected a path, a list of paths, or null for no image"}
     # Relative image paths are relative to the input file's folder, so a batch folder can move.
     paths_ = [str(base / x) if not Path(x).expanduser().is_absolute() else str(Path(x).expanduser()) for x in imgs]
-    ident = rec.get("id", rec.get("mention_id"))
     return MentionInput(sentence=rec["sentence"], mention=rec["mention"],
                         image=paths_ if isinstance(img, list) else paths_[0], id=ident), None
+
+
+def _read_lines(src: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 file (a leading byte-order mark is dropped), numbered from 1."""
+    try:
+        with open(src, encoding="utf-8-sig") as fh:
+            return [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    except UnicodeDecodeError:
+        data = src.read_bytes()
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            data[bom:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            at = bom + exc.start
+            line = data.count(b"\n", 0, at) + 1
+            raise DataError(f"line {line} (byte offset {at}) is not UTF-8 ({exc.reason}: {data[at:at + 1]!r}); the "
+                            "input must be UTF-8 JSON lines: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                            f"{src.name} > fixed.jsonl` for a Latin-1 file)", file=src) from None
+        raise
 
 
 def _atomic_lines(target: Path):
@@ -781,8 +847,10 @@ def _atomic_lines(target: Path):
 def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10, batch_size: int = 64,
               device: str = "auto", expert: Any = None, allow_unusable_images: bool = False,
               skipped_file: str | Path | None = None, progress: bool = True) -> LinkFileReport:
-    """Link every line of a JSONL file (sentence, mention, image) and write one JSON line per mention.
+    """Link every line of a JSONL file (sentence, mention, optional image); one JSON line per mention out.
 
+    A line whose image is null or absent is linked without an image, as ``link(sentence, mention, None)``
+    links it (counted in ``report.no_image``). The file must be UTF-8 (a byte-order mark is allowed).
     Lines with a missing or malformed field or an unusable image are skipped and reported (in the
     returned report and in ``skipped_file``, default ``<output stem>.skipped.jsonl``); they never stop
     the batch. Both files are written atomically when the batch is done.
@@ -795,8 +863,7 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
     skipped_path = Path(skipped_file) if skipped_file else dst.with_name(f"{dst.stem}.skipped.jsonl")
     report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
                             note=linker.note, skipped_file=str(skipped_path))
-    with open(src, encoding="utf-8") as fh:
-        raw = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    raw = _read_lines(src)
     report.lines = len(raw)
     base = src.parent.resolve()
     computed: Counter = Counter()
@@ -831,6 +898,7 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
                                         .itertuples(index=False)]}
                     out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                     report.linked += 1
+                    report.no_image += item.image is None
                 bar.update(len(chunk))
             out_fh.flush()
             os.fsync(out_fh.fileno())
@@ -859,8 +927,9 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dimkit link``."""
     parser.add_argument("run", help="trained run: a folder, or a run name under $DIMKIT_RUNS")
-    parser.add_argument("--input", required=True, help="JSONL, one mention a line: sentence, mention, image "
-                        "(a path relative to the file's folder, or a list of paths); optional id")
+    parser.add_argument("--input", required=True, help="UTF-8 JSONL, one mention a line: sentence, mention, and "
+                        "optionally image (a path relative to the file's folder, or a list of paths; null or "
+                        "absent: linked without an image) and id")
     parser.add_argument("--output", required=True, help="JSONL of results, one line per linked mention")
     parser.add_argument("--k", type=int, default=10, help="entities per mention (default 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="mentions encoded together")
@@ -869,7 +938,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only when the run folder cannot rebuild its expert: a spec with the run's "
                              "expert model id and prompt version (e.g. blip2:/path/to/local/copy)")
     parser.add_argument("--allow-unusable-images", action="store_true",
-                        help="link lines whose image is unusable with the image masked, instead of skipping them")
+                        help="link lines whose image is given but unusable with the image masked, instead of "
+                             "skipping them")
     parser.add_argument("--skipped", default=None, help="where to list skipped lines "
                         "(default <output stem>.skipped.jsonl)")
 

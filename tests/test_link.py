@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dimkit import cli, datasets, errors_analysis, synthetic, train
-from dimkit.errors import DataError, DimkitError
+from dimkit.errors import ConfigError, DataError, DimkitError
 from dimkit.link import Linker, link, link_file, read_run
 
 
@@ -206,3 +206,113 @@ def test_comparing_a_run_with_its_text_only_ablation(sample_run):
     summary = c.summary().set_index("outcome")["mentions"]
     assert summary.sum() == len(a.table)
     assert summary["only paper right"] == int((merged["correct_x"] & ~merged["correct_y"]).sum())
+
+
+def _one_line_input(ds, folder, image=True):
+    """A batch file of one test mention of the sample (its image by absolute path unless ``image`` is False)."""
+    r = _test_mentions(ds).iloc[0]
+    rec = {"sentence": r["sentence"], "mention": r["mention"]}
+    if image:
+        rec["image"] = str(ds.image_path(r["image"]))
+    src = folder / "in.jsonl"
+    src.write_text(json.dumps(rec) + "\n")
+    return src
+
+
+def test_the_link_command_refuses_a_device_it_cannot_use(sample_run, tmp_path, capsys, monkeypatch):
+    run = sample_run["run"]
+    src, out = _one_line_input(sample_run["ds"], tmp_path), tmp_path / "out.jsonl"
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--device", "banana"]) == 2
+    err = capsys.readouterr().err
+    assert "dimkit link: error: unknown device 'banana': choose one of auto, cpu, cuda, cuda:N, mps" in err
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU is visible to torch here (torch.cuda.is_available() is False); use --device cpu or auto" in err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(ConfigError, match="'cuda:1'"):
+        link("A sentence.", "Dunvarra", None, model=run, device="cuda:1")
+
+
+def test_an_input_file_that_is_not_utf8_is_refused_naming_the_line(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    r = _test_mentions(ds).iloc[0]
+    first = json.dumps({"sentence": r["sentence"], "mention": r["mention"], "image": str(ds.image_path(r["image"]))})
+    second = json.dumps({"sentence": "Un café à Dunvarra.", "mention": r["mention"],
+                         "image": str(ds.image_path(r["image"]))}, ensure_ascii=False)
+    src, out = tmp_path / "latin1.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes((first + "\n" + second + "\n").encode("latin-1"))
+    at = len(first) + 1 + second.index("é")
+    with pytest.raises(DataError) as err:
+        link_file(run, src, out, progress=False)
+    assert err.value.file == str(src) and f"line 2 (byte offset {at}) is not UTF-8" in str(err.value)
+    assert not out.exists()
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out)]) == 2
+    msg = capsys.readouterr().err
+    assert f"{src}: line 2 (byte offset {at}) is not UTF-8" in msg and "save it as UTF-8" in msg
+    assert "Traceback" not in msg
+    # the same lines as UTF-8 with a byte-order mark (as some editors save it) are read as they are
+    src.write_text("\ufeff" + first + "\n" + second + "\n", encoding="utf-8")
+    rep = link_file(run, src, out, k=3, progress=False)
+    assert rep.linked == 2 and rep.skipped == []
+    assert [json.loads(x)["line"] for x in out.read_text(encoding="utf-8").splitlines()] == [1, 2]
+
+
+def test_a_damaged_run_file_is_refused_naming_it(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    damaged = tmp_path / "damaged-run"
+    shutil.copytree(run, damaged)
+    src, out = _one_line_input(ds, tmp_path), tmp_path / "out.jsonl"
+    todo = "the run's files are damaged: train it again with `dimkit train sample+` (same settings)"
+    (damaged / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
+    with pytest.raises(DataError) as err:
+        Linker(damaged)
+    assert err.value.file == str(damaged / "model.pt") and todo in str(err.value)
+    assert cli.main(["link", str(damaged), "--input", str(src), "--output", str(out)]) == 2
+    msg = capsys.readouterr().err
+    assert f"{damaged / 'model.pt'}: " in msg and todo in msg and "Traceback" not in msg
+    (damaged / "model.pt").write_bytes(b"")
+    with pytest.raises(DataError, match="model.pt.*damaged"):
+        link("A sentence.", "Dunvarra", None, model=damaged)
+    shutil.copy(run / "model.pt", damaged / "model.pt")
+    metrics = (run / "metrics.json").read_text()
+    for text in (metrics[:40], "not json", "[1, 2]"):
+        (damaged / "metrics.json").write_text(text)
+        with pytest.raises(DataError) as err:
+            read_run(damaged)
+        assert err.value.file == str(damaged / "metrics.json") and todo in str(err.value)
+    (damaged / "metrics.json").write_text(metrics)
+    for text in ("{not json", '"a string"'):
+        (damaged / "features.json").write_text(text)
+        with pytest.raises(DataError) as err:
+            Linker(damaged)
+        assert err.value.file == str(damaged / "features.json") and "dimkit train sample+ --resume" in str(err.value)
+    assert cli.main(["link", str(damaged), "--input", str(src), "--output", str(out)]) == 2
+    assert "features.json" in capsys.readouterr().err
+
+
+def test_a_batch_line_without_an_image_is_linked_as_the_python_api_links_it(sample_run, tmp_path, capsys):
+    ds, run = sample_run["ds"], sample_run["run"]
+    rows = _test_mentions(ds).head(3)
+    lines = [{"sentence": rows.iloc[0]["sentence"], "mention": rows.iloc[0]["mention"], "image": None},
+             {"sentence": rows.iloc[1]["sentence"], "mention": rows.iloc[1]["mention"]},
+             {"sentence": rows.iloc[2]["sentence"], "mention": rows.iloc[2]["mention"], "image": "nowhere.png"}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "linked.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert cli.main(["link", str(run), "--input", str(src), "--output", str(out), "--k", "4"]) == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["line"] for g in got] == [1, 2]
+    for g, r in zip(got, [rows.iloc[0], rows.iloc[1]]):
+        api = link(r["sentence"], r["mention"], None, model=run, k=4)
+        assert api.attrs["image_status"] == g["image_status"] == "no_image"
+        assert g["attention"]["image"] == 0.0 and g["attention"]["cue"] == 0.0, "the image input is masked"
+        assert [e["qid"] for e in g["entities"]] == list(api["qid"])
+        assert np.allclose([e["score"] for e in g["entities"]], api["score"], atol=1e-5)
+    skipped = [json.loads(x) for x in (tmp_path / "linked.skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["reason"]) for s in skipped] == [(3, "image_missing")]
+    printed = capsys.readouterr().out
+    assert "linked 2 of 3 lines" in printed and "2 of them without an image" in printed
+    # allowing unusable images adds the present-but-missing one; the two without an image stay linked
+    rep = link_file(run, src, tmp_path / "again.jsonl", k=2, allow_unusable_images=True, progress=False)
+    assert rep.linked == 3 and rep.no_image == 2 and rep.skipped == []
