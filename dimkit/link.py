@@ -149,31 +149,18 @@ def _dataset_of(run_dir: Path) -> str:
 
 def _read_json(path: Path, todo: str) -> dict:
     """A run folder's JSON object; a file that is not one says ``todo``."""
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot be read as JSON ({exc}); {todo}", file=path) from exc
-    if not isinstance(d, dict):
-        raise DataError(f"not a JSON object (a {type(d).__name__}); {todo}", file=path)
-    return d
+    return datasets.read_json_file(path, what=f"the run's {path.name}", fix=todo)
 
 
 def _load_model(info: RunInfo, device: str):
-    """The run's model and config (:func:`dimkit.train.load_model`); a damaged model.pt says so."""
-    import pickle
-
-    import torch
-
+    """The run's model and config (:func:`dimkit.train.load_model`); a damaged model.pt says what to do."""
     from .train import load_model
 
     try:
         return load_model(info.run_dir, device)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
-        why = str(exc).split(". ")[0].strip()[:200]
-        raise DataError(f"torch cannot load it ({type(exc).__name__}{': ' + why if why else ''}); "
-                        f"{_damaged(info.dataset)}", file=info.run_dir / "model.pt") from exc
+    except DataError as exc:
+        why = exc.reason.split("; ")[0]
+        raise DataError(f"{why}; {_damaged(info.dataset)}", file=exc.file) from None
 
 
 def _resolve_clip(info: RunInfo):
@@ -841,6 +828,7 @@ def _atomic_lines(target: Path):
     """A temp file beside ``target``; the caller renames it into place when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.chmod(tmp, datasets.plain_file_mode())  # as a plain open() would make it, not mkstemp's 0600
     return os.fdopen(fd, "w", encoding="utf-8"), Path(tmp)
 
 
