@@ -191,22 +191,29 @@ class Dataset:
         return {q: i for i, q in enumerate(self.entities["qid"].tolist())}
 
 
-def load(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load the prepared dataset ``name`` (the bundled ``sample`` is prepared on first use)."""
+def require(name: str, data_dir: str | Path | None = None) -> str:
+    """The canonical name of a dataset that is prepared (or is the bundled sample, prepared on first
+    use); else the error :func:`load` would raise, at once (notebooks call it right after their
+    parameters, before any long import or computation)."""
     key = canonical_name(name)
     root = dataset_dir(key, data_dir)
-    if not (root / "meta.json").exists():
-        if key == "sample":
-            from .prepare import prepare
-            prepare(paths.sample_source_dir(), name="sample", data_dir=data_dir)
-        else:
-            hint = ""
-            if key.endswith("+"):
-                hint = (f" Build it with `dimkit augment {key[:-1]} --out {key}` "
-                        "or prepare a released '+' dataset with `dimkit prepare SRC --name NAME`.")
-            else:
-                hint = f" Prepare it first: `dimkit prepare SRC --name {key}`."
-            raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
+    if key == "sample" or (root / "meta.json").exists():
+        return key
+    if key.endswith("+"):
+        hint = (f" Build it with `dimkit augment {key[:-1]} --out {key}` "
+                "or prepare a released '+' dataset with `dimkit prepare SRC --name NAME`.")
+    else:
+        hint = f" Prepare it first: `dimkit prepare SRC --name {key}`."
+    raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
+
+
+def load(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load the prepared dataset ``name`` (the bundled ``sample`` is prepared on first use)."""
+    key = require(name, data_dir)
+    root = dataset_dir(key, data_dir)
+    if not (root / "meta.json").exists():  # the bundled sample, on first use
+        from .prepare import prepare
+        prepare(paths.sample_source_dir(), name="sample", data_dir=data_dir)
     meta = read_json_file(root / "meta.json", what="the dataset's meta.json",
                           fix=f"prepare it again with `dimkit prepare SRC --name {key}`")
     mentions = read_table(root / "mentions.parquet", MENTION_SCHEMA, key)

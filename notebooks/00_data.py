@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -40,7 +42,7 @@ n_examples: int = 8  # mentions shown with their images
 # %%
 from dimkit import datasets
 
-dataset = datasets.canonical_name(dataset)
+dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
 assert isinstance(k, int) and k > 0, "k must be a positive integer"
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative integer"
 ds = datasets.load(dataset)

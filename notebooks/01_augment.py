@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,7 +59,7 @@ n_examples: int = 5  # entities shown before / after
 from dimkit import augment, datasets
 from dimkit.llm import Endpoint
 
-dataset = datasets.canonical_name(dataset)
+dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
 assert not datasets.is_augmented(dataset), f"{dataset!r} is already augmented: pass its source dataset"
 assert isinstance(model, str) and model.strip(), "model must be a non-empty string"
 tmpl = augment.get_template(template)  # raises on an unknown template

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -42,7 +44,7 @@ n_examples: int = 8  # images shown beside their cues
 from dimkit import cues, datasets, features
 from dimkit.clip import parse_clip_spec
 
-dataset = datasets.canonical_name(dataset)
+dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
 assert isinstance(expert, str) and expert.strip(), "expert must be a non-empty string"
 assert isinstance(clip, str) and clip.strip(), "clip must be a non-empty string"
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative integer"

@@ -52,7 +52,7 @@ min_margin: float = 0.10  # sample, preset num_epochs: required test H@1 gain of
 from dimkit import datasets, train
 from dimkit.model import ABLATIONS, VARIANTS
 
-dataset = datasets.canonical_name(dataset)
+dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
 assert variant in VARIANTS, f"variant must be one of {VARIANTS}, got {variant!r}"
 assert ablation in ABLATIONS and ablation != "none", f"ablation must be one of {ABLATIONS[1:]}, got {ablation!r}"
 for _name, _value in (("num_epochs", num_epochs), ("batch_size", batch_size)):

@@ -54,6 +54,7 @@ assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a no
 # The sample's '+' form costs nothing to rebuild from its stored oracle answers (notebook 01 does it too).
 if "sample+" in names and not (datasets.dataset_dir("sample+") / "meta.json").exists():
     print(augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False).summary())
+names = [datasets.require(n) for n in names]  # fails here, at once, if one is not prepared
 names
 
 # %% [markdown]

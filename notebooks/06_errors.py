@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -64,6 +66,7 @@ if dataset == "sample+" and not (datasets.dataset_dir(dataset) / "meta.json").ex
     from dimkit import augment
 
     print(augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False).summary())
+datasets.require(dataset)  # fails here, at once, if it is not prepared
 
 errors_analysis.find_runs(dataset).drop(columns=["path", "finished"])
 

@@ -71,3 +71,20 @@ def test_every_notebook_runs_on_the_sample(kit_dirs):
         nb = json.loads(Path(r.output).read_text())
         errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
+
+
+@pytest.mark.slow
+def test_a_dataset_that_is_not_prepared_fails_in_the_cell_after_the_parameters(kit_dirs, tmp_path):
+    import papermill
+
+    nb = ROOT / "notebooks" / "03_train.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters={"dataset": "rich+"},
+                                   kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+    assert "'richpediamel+' is not prepared" in err.value.evalue
+    out = jupytext.read(tmp_path / "out.ipynb")
+    code = [c for c in out.cells if c.cell_type == "code"]
+    failed = next(i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+    params = max(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])
+                 or "injected-parameters" in c.metadata.get("tags", []))
+    assert failed == params + 1, "the first cell after the parameters names the missing dataset"
