@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,47 +40,26 @@ SAMPLE_CLIP_NAMES = ("sample", "sample-clip", "dimkit-sample-clip")
 #: Seed of ``ARCH:random`` weights, so random features are the same on every run and machine.
 RANDOM_SEED = 0
 
-#: Small open_clip architectures dimkit registers: ``dimkit-tiny`` for tests (fast on CPU) and
-#: ``dimkit-sample`` for the CLIP trained on the sample. The text tower keeps CLIP's BPE vocabulary
-#: (49408 tokens) so the stock tokenizer works; its width stays small because that embedding table
-#: dominates the shipped file size.
-CONFIGS: dict[str, dict] = {
-    "dimkit-tiny": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    },
-    "dimkit-sample": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    },
-}
+#: Small open_clip architectures dimkit ships as open_clip config files in ``dimkit/model_configs``:
+#: ``dimkit-tiny`` for tests (fast on CPU) and ``dimkit-sample`` for the CLIP trained on the sample.
+#: The text tower keeps CLIP's BPE vocabulary (49408 tokens) so the stock tokenizer works; its width
+#: stays small because that embedding table dominates the shipped file size.
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIGS: dict[str, dict] = {p.stem: json.loads(p.read_text()) for p in sorted(MODEL_CONFIG_DIR.glob("*.json"))}
 
 _REGISTER_LOCK = threading.Lock()
-_REGISTERED: set[str] = set()
-_CONFIG_DIR: Path | None = None
-
-
-def register_config(name: str, cfg: dict) -> None:
-    """Make an open_clip architecture ``name`` available (through open_clip's public config path)."""
-    global _CONFIG_DIR
-    import open_clip
-
-    with _REGISTER_LOCK:
-        if name in _REGISTERED and name in open_clip.list_models():
-            return
-        if _CONFIG_DIR is None:
-            _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="dimkit-open-clip-configs-"))
-        (_CONFIG_DIR / f"{name}.json").write_text(json.dumps(cfg))
-        open_clip.add_model_config(_CONFIG_DIR / f"{name}.json")
-        _REGISTERED.add(name)
+_REGISTERED = False
 
 
 def register_dimkit_configs() -> None:
-    """Register dimkit's small architectures (``dimkit-tiny``, ``dimkit-sample``) with open_clip."""
-    for name, cfg in CONFIGS.items():
-        register_config(name, cfg)
+    """Make dimkit's small architectures known to open_clip (its public config-folder path; no temp files)."""
+    global _REGISTERED
+    import open_clip
+
+    with _REGISTER_LOCK:
+        if not _REGISTERED or not set(CONFIGS) <= set(open_clip.list_models()):
+            open_clip.add_model_config(MODEL_CONFIG_DIR)
+            _REGISTERED = True
 
 
 @dataclass(frozen=True)

@@ -258,3 +258,16 @@ def test_clip_train_writes_a_loadable_folder(tmp_path):
     assert emb.dtype == np.float16 and (np.abs(emb).sum(axis=1) == 0).mean() > 0.9   # unused rows zeroed
     cm = clip_mod.load_clip(spec)
     assert cm.dim == 64 and cm.encode_texts(["a teal boat"]).shape == (1, 64)
+
+
+def test_loading_a_clip_leaves_no_temporary_config_folder(tmp_path):
+    """A fresh process (as every CLI call is) that loads one of dimkit's CLIPs leaves nothing in TMPDIR."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    code = ("from dimkit import clip; m = clip.load_clip('dimkit-tiny:random', device='cpu'); "
+            "import open_clip; assert 'dimkit-sample' in open_clip.list_models()")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert not list(tmp_path.glob("dimkit-*"))  # (torch may keep its own caches there)
