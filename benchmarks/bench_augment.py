@@ -1,4 +1,4 @@
-"""Throughput of ``dimkit augment`` against a local OpenAI-compatible server (issue 3).
+"""Throughput of ``dimkit augment`` against a local OpenAI-compatible server.
 
 Three measurements over the same synthetic KB (2,000 entities by default), each against a fresh
 fake server running in its own process (as a remote endpoint would, so server and client do not

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-#: Texts per image in the real one-image-per-mention datasets (spec 8.1 sizes: mentions over all
+#: Texts per image in the real one-image-per-mention datasets (MIMIC split sizes: mentions over all
 #: splits, KB size; no cue for WikiDiverse, as the released code): the share of text encoding in a full
 #: extraction run. (RichpediaMEL mentions can have several images each, so it is left out.)
 MIX = {"WikiMEL": (3 * 25846 + 109976) / 25846,

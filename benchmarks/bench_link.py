@@ -1,4 +1,4 @@
-"""Benchmark: link one new mention against a 110K-entity knowledge base on CPU (issue 7).
+"""Benchmark: link one new mention against a 110K-entity knowledge base on CPU.
 
 Measured separately, because they cost very different things:
 

@@ -1,4 +1,4 @@
-"""Benchmark: one training epoch at WikiMEL size, and whole-KB evaluation (issue 5).
+"""Benchmark: one training epoch at WikiMEL size, and whole-KB evaluation.
 
 1. One epoch, 18,092 training mentions, 17,391 entities, 512-d features, batch 64, on identical
    inputs (same features, same TF-IDF negative tables):

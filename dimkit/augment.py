@@ -1,6 +1,6 @@
 """Build the '+' datasets: ask an LLM "Who is ...?" about every entity (notebook ``01_augment``).
 
-DIM's first contribution (spec sections 1 and 2.3) replaces each KB entity's static description
+DIM's first contribution (the paper's Wiki+, Rich+, Diverse+) replaces each KB entity's static description
 with a fresher, richer one written by ChatGPT, producing Wiki+, Rich+ and Diverse+. The released
 code ships only the finished files; this module makes the step itself reliable and cheap to rerun:
 
@@ -136,20 +136,20 @@ def register_template(template: Template) -> Template:
     return template
 
 
-def get_template(spec: str | Template) -> Template:
+def get_template(template: str | Template) -> Template:
     """A template by ``name@version`` or by ``name`` (its latest version)."""
-    if isinstance(spec, Template):
-        return register_template(spec)
-    name, _, version = str(spec).partition("@")
+    if isinstance(template, Template):
+        return register_template(template)
+    name, _, version = str(template).partition("@")
     versions = _TEMPLATES.get(name)
     if not versions:
-        raise ConfigError(f"unknown template {spec!r}; known: {', '.join(list_templates())}")
+        raise ConfigError(f"unknown template {template!r}; known: {', '.join(list_templates())}")
     if not version:
         return versions[max(versions)]
     try:
         return versions[int(version)]
     except (ValueError, KeyError):
-        raise ConfigError(f"unknown template version {spec!r}; known: {', '.join(list_templates())}") from None
+        raise ConfigError(f"unknown template version {template!r}; known: {', '.join(list_templates())}") from None
 
 
 def list_templates() -> list[str]:

@@ -2,7 +2,7 @@
 
 DIM's ``search_fuzz`` ran ``fuzzywuzzy.process.extract(mention, list(ne2qid.keys()), limit=100)``
 once per mention string: WRatio of the mention against every entity name, top 100, keyed by the
-mention string (equal mentions share one list). The gold is not inserted (spec 3.3, 4.1, 5).
+mention string (equal mentions share one list). The gold is not inserted (the released ``search_fuzz``, ``num_search = 100``).
 This module computes the same thing with RapidFuzz over the distinct mention strings, in chunks
 of bounded memory, on all cores. It does not score every (mention, name) pair with the full WRatio:
 WRatio's cheap parts are computed for all pairs and its expensive parts (partial_ratio) only where
@@ -35,7 +35,7 @@ What is kept from fuzzywuzzy 0.18 (with python-Levenshtein), and what is not:
 
 :func:`build_candidates` applies this WikiMEL/RichpediaMEL rule to every dataset. DIM built
 WikiDiverse's lists differently (the release's candidates plus random entities of the same type,
-keyed by the gold entity, spec 4.3), so lists built here for WikiDiverse are not DIM's.
+keyed by the gold entity, docs/fidelity.md row 11), so lists built here for WikiDiverse are not DIM's.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """CLIP through open_clip: pick a model from a short spec, encode texts and images in batches
 (notebook ``02_expert_cues``).
 
-DIM encodes everything with OpenAI's CLIP ViT-B/32 (spec 2.1): the mention, mention + " [SEP] " +
+DIM encodes everything with OpenAI's CLIP ViT-B/32 (the released ``nel_model/prepare_*.py``): the mention, mention + " [SEP] " +
 sentence, the image, the expert cue and each entity description, as raw (not L2-normalised)
 projected embeddings, texts truncated to 77 tokens. The specs :func:`parse_clip_spec` accepts:
 
@@ -98,7 +98,7 @@ def _known_arch(name: str) -> bool:
     return name in open_clip.list_models()
 
 
-def _local_dir_spec(spec: str, folder: Path) -> ClipSpec:
+def _local_dir_spec(text: str, folder: Path) -> ClipSpec:
     cfg_path = folder / "open_clip_config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"CLIP folder {folder} has no open_clip_config.json (expected open_clip's "
@@ -115,31 +115,31 @@ def _local_dir_spec(spec: str, folder: Path) -> ClipSpec:
         model_id = f"{marker['model_id']}:{digest[:8]}"
     else:
         model_id = f"local-dir:{folder.name}@{digest[:12]}"
-    return ClipSpec(spec=spec, arch=f"local-dir:{folder.resolve()}", weights=None, model_id=model_id,
+    return ClipSpec(arch=f"local-dir:{folder.resolve()}", spec=text, weights=None, model_id=model_id,
                     weights_real=bool(marker.get("weights_real", True)), note=str(marker.get("note", "")))
 
 
-def parse_clip_spec(spec: str = "default") -> ClipSpec:
+def parse_clip_spec(text: str = "default") -> ClipSpec:
     """Resolve a ``--clip`` value (see the module docstring) without loading anything heavy."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--clip must be a non-empty string, got {spec!r}")
-    spec = spec.strip()
-    key = spec.lower()
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"--clip must be a non-empty string, got {text!r}")
+    text = text.strip()
+    key = text.lower()
     if key == "default":
-        spec = key = DEFAULT_CLIP.lower()
-        spec = DEFAULT_CLIP
+        text = key = DEFAULT_CLIP.lower()
+        text = DEFAULT_CLIP
     if key in SAMPLE_CLIP_NAMES:
         if not (SAMPLE_CLIP_DIR / "open_clip_config.json").is_file():
             raise DimkitError(f"the sample-trained CLIP is missing from {SAMPLE_CLIP_DIR}; regenerate it "
                               "with `python -m dimkit.clip_train` (or use --clip ViT-B-32:random)")
-        return _local_dir_spec(spec, SAMPLE_CLIP_DIR)
+        return _local_dir_spec(text, SAMPLE_CLIP_DIR)
     if key == "random":
-        spec = "ViT-B-32:random"
-    if spec.startswith("hf-hub:"):
-        return ClipSpec(spec=spec, arch=spec, weights=None, model_id=spec, weights_real=True)
-    if spec.startswith("local-dir:"):
-        return _local_dir_spec(spec, Path(spec[len("local-dir:"):]).expanduser())
-    arch, sep, rest = spec.partition(":")
+        text = "ViT-B-32:random"
+    if text.startswith("hf-hub:"):
+        return ClipSpec(arch=text, spec=text, weights=None, model_id=text, weights_real=True)
+    if text.startswith("local-dir:"):
+        return _local_dir_spec(text, Path(text[len("local-dir:"):]).expanduser())
+    arch, sep, rest = text.partition(":")
     if sep and _known_arch(arch):
         import open_clip
 
@@ -149,65 +149,65 @@ def parse_clip_spec(spec: str = "default") -> ClipSpec:
                 try:
                     seed = int(rest.split("@", 1)[1].removeprefix("seed"))
                 except ValueError:
-                    raise ConfigError(f"bad random seed in --clip {spec!r}; use ARCH:random@SEED") from None
+                    raise ConfigError(f"bad random seed in --clip {text!r}; use ARCH:random@SEED") from None
             model_id = f"{arch}:random" + ("" if seed == RANDOM_SEED else f"@seed{seed}")
-            return ClipSpec(spec=spec, arch=arch, weights=None, model_id=model_id, weights_real=False,
+            return ClipSpec(arch=arch, spec=text, weights=None, model_id=model_id, weights_real=False,
                             seed=seed, note="random weights")
         if rest in open_clip.list_pretrained_tags_by_model(arch):
             pcfg = open_clip.get_pretrained_cfg(arch, rest) or {}
-            return ClipSpec(spec=spec, arch=arch, weights=rest, model_id=f"{arch}:{rest}", weights_real=True,
+            return ClipSpec(arch=arch, spec=text, weights=rest, model_id=f"{arch}:{rest}", weights_real=True,
                             quick_gelu=bool(pcfg.get("quick_gelu", False)))
         path = Path(rest).expanduser()
         if path.is_file():
-            return ClipSpec(spec=spec, arch=arch, weights=str(path.resolve()),
+            return ClipSpec(arch=arch, spec=text, weights=str(path.resolve()),
                             model_id=f"{arch}:file-{_file_sha256(path)[:12]}", weights_real=True)
         raise ConfigError(
-            f"--clip {spec!r}: {rest!r} is neither a pretrained tag of {arch} "
+            f"--clip {text!r}: {rest!r} is neither a pretrained tag of {arch} "
             f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)[:6]) or 'none'} ...), nor 'random', "
             "nor an existing checkpoint file")
-    path = Path(spec).expanduser()
+    path = Path(text).expanduser()
     if path.is_dir():
-        return _local_dir_spec(spec, path)
+        return _local_dir_spec(text, path)
     if path.is_file():
         # A bare checkpoint is taken to be OpenAI's ViT-B-32.pt, the file DIM loads (QuickGELU).
-        return ClipSpec(spec=spec, arch="ViT-B-32", weights=str(path.resolve()),
+        return ClipSpec(arch="ViT-B-32", spec=text, weights=str(path.resolve()),
                         model_id=f"ViT-B-32:file-{_file_sha256(path)[:12]}", weights_real=True, quick_gelu=True)
-    if _known_arch(spec):
-        raise ConfigError(f"--clip {spec!r} names an architecture but no weights: use '{spec}:TAG' "
-                          f"(e.g. '{spec}:openai') or '{spec}:random'")
+    if _known_arch(text):
+        raise ConfigError(f"--clip {text!r} names an architecture but no weights: use '{text}:TAG' "
+                          f"(e.g. '{text}:openai') or '{text}:random'")
     raise ConfigError(
-        f"unknown --clip {spec!r}: use 'default' (ViT-B-32:openai), 'ARCH:TAG', 'ARCH:random', 'sample', "
+        f"unknown --clip {text!r}: use 'default' (ViT-B-32:openai), 'ARCH:TAG', 'ARCH:random', 'sample', "
         "a checkpoint file, a folder with open_clip_config.json, or 'hf-hub:org/repo'")
 
 
-def pretrained_missing_message(spec: ClipSpec, reason: str) -> str:
+def pretrained_missing_message(cs: ClipSpec, reason: str) -> str:
     """What to tell a user whose pretrained CLIP weights cannot be fetched (offline, no hub)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     return (
-        f"cannot load the pretrained CLIP weights {spec.model_id} ({reason}). "
+        f"cannot load the pretrained CLIP weights {cs.model_id} ({reason}). "
         + ("HF_HUB_OFFLINE is set and they are not in the local Hugging Face cache. " if offline else
            "The model hub may be unreachable from this machine. ")
         + "Supply them locally: run once where the hub is reachable (`python -c \"import open_clip; "
-        f"open_clip.create_model_and_transforms('{spec.arch}', pretrained='{spec.weights}')\"` fills the "
+        f"open_clip.create_model_and_transforms('{cs.arch}', pretrained='{cs.weights}')\"` fills the "
         "cache), or pass a checkpoint file: `--clip /path/to/ViT-B-32.pt` (OpenAI's file, what DIM used), "
-        f"`--clip {spec.arch}:/path/to/open_clip_pytorch_model.bin`, or a folder holding "
+        f"`--clip {cs.arch}:/path/to/open_clip_pytorch_model.bin`, or a folder holding "
         "open_clip_config.json + weights (`--clip /path/to/folder`). Without pretrained weights: "
         "`--clip sample` (sample-trained CLIP) or `--clip ViT-B-32:random` -- numbers then are not "
         "comparable to the paper.")
 
 
-def _check_cached_offline(spec: ClipSpec) -> None:
+def _check_cached_offline(cs: ClipSpec) -> None:
     """Fail in a second, with instructions, when offline and the tag's weights are not cached."""
     if os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0", "false", "False"):
         return
     import open_clip
 
-    pcfg = open_clip.get_pretrained_cfg(spec.arch, spec.weights) or {}
+    pcfg = open_clip.get_pretrained_cfg(cs.arch, cs.weights) or {}
     if pcfg.get("file"):
         return
     hub = pcfg.get("hf_hub", "")
     if not hub:
-        raise DimkitError(pretrained_missing_message(spec, "this tag downloads from a URL"))
+        raise DimkitError(pretrained_missing_message(cs, "this tag downloads from a URL"))
     from huggingface_hub import try_to_load_from_cache
 
     repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
@@ -216,7 +216,7 @@ def _check_cached_offline(spec: ClipSpec) -> None:
         hit = try_to_load_from_cache(repo_id=repo, filename=name)
         if isinstance(hit, str):
             return
-    raise DimkitError(pretrained_missing_message(spec, f"{repo} is not in the local cache"))
+    raise DimkitError(pretrained_missing_message(cs, f"{repo} is not in the local cache"))
 
 
 @dataclass
@@ -335,7 +335,7 @@ def _probe_trim(model, tokenizer, device: str) -> bool:
         with torch.inference_mode():
             tokens = tokenizer(probe).to(device)
             full = model.encode_text(tokens).float()
-            cm = ClipModel(spec=None, model=model, preprocess=None, tokenizer=tokenizer, device=device,  # type: ignore[arg-type]
+            cm = ClipModel(model=model, spec=None, preprocess=None, tokenizer=tokenizer, device=device,  # type: ignore[arg-type]
                            precision="", dim=full.shape[1], trim_text=True)
             trimmed = cm._encode_tokens(tokens).float()
     except Exception:  # an architecture we do not know: fall back to the library's own path
@@ -348,14 +348,14 @@ _CACHE: dict[tuple, ClipModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_clip(spec: str | ClipSpec = "default", *, device: str = "auto", precision: str | None = None) -> ClipModel:
+def load_clip(clip: str | ClipSpec = "default", *, device: str = "auto", precision: str | None = None) -> ClipModel:
     """Build or load a CLIP (see :func:`parse_clip_spec`); fp16 on GPU as the released code, fp32 on CPU.
 
     The last model loaded is kept in memory, so a notebook running cues then features loads once.
     """
     from .env import pick_device
 
-    cs = spec if isinstance(spec, ClipSpec) else parse_clip_spec(spec)
+    cs = clip if isinstance(clip, ClipSpec) else parse_clip_spec(clip)
     device = pick_device(device)
     if precision is None:
         precision = "fp16" if device.startswith("cuda") else "fp32"
@@ -393,7 +393,7 @@ def load_clip(spec: str | ClipSpec = "default", *, device: str = "auto", precisi
     with torch.inference_mode():
         dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
     trim = _probe_trim(model, tokenizer, device)
-    cm = ClipModel(spec=cs, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device,
+    cm = ClipModel(model=model, spec=cs, preprocess=preprocess, tokenizer=tokenizer, device=device,
                    precision=precision, dim=dim, trim_text=trim)
     with _CACHE_LOCK:
         _CACHE.clear()

@@ -132,7 +132,7 @@ def train_sample_clip(cfg: ClipTrainConfig | None = None, *, progress: bool = Tr
     rows, answers = training_pairs(cfg.source)
     model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=None)
     tokenizer = open_clip.get_tokenizer(ARCH)
-    cm = ClipModel(spec=None, model=model, preprocess=preprocess, tokenizer=tokenizer, device="cpu",  # type: ignore[arg-type]
+    cm = ClipModel(model=model, spec=None, preprocess=preprocess, tokenizer=tokenizer, device="cpu",  # type: ignore[arg-type]
                    precision="fp32", dim=CONFIGS[ARCH]["embed_dim"], trim_text=True)
 
     pixels = torch.stack([preprocess(r["image"]) for r in rows])          # [P, 3, 64, 64]

@@ -1,7 +1,7 @@
 """Expert cues: what an image expert says about each mention image (notebook ``02_expert_cues``).
 
 DIM asks BLIP-2 "Question:  Who are the characters in the picture? Answer: " about every mention
-image and CLIP-encodes the answer as a fourth input (spec 2.2). :func:`run_cues` does this for any
+image and CLIP-encodes the answer as a fourth input (the released ``prepare_wikipedia.py::convert_caption``). :func:`run_cues` does this for any
 expert of :mod:`dimkit.experts` and any prepared dataset -- WikiDiverse included, which the released
 code skips (and then crashes on). Each distinct usable image is asked once; its answer is stored in
 ``$DIMKIT_CACHE/cues.sqlite`` under (expert model id, prompt version, SHA-256 of the image bytes)
@@ -119,10 +119,10 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
     check_positive({"max_new_tokens": max_new_tokens, "batch_size": batch_size})  # before any work
     if isinstance(ds, str):
         ds = datasets.load(ds)
-    spec = default_expert(ds.name) if expert == "auto" else expert
-    ex = make_expert(spec, prompt=prompt, device=shard_device(device), batch_size=batch_size,
+    expert_name = default_expert(ds.name) if expert == "auto" else expert
+    ex = make_expert(expert_name, prompt=prompt, device=shard_device(device), batch_size=batch_size,
                      max_new_tokens=max_new_tokens, **expert_options)
-    spec_str = spec if isinstance(spec, str) else None  # an in-memory expert cannot be rebuilt by name
+    spec_str = expert_name if isinstance(expert_name, str) else None  # an in-memory expert cannot be rebuilt by name
     shard_t = parse_shard(shard)
     scan = scan or scan_images(ds, progress=progress)
     pm = scan.per_mention

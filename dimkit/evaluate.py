@@ -1,11 +1,11 @@
 """Ranking evaluation under both protocols (notebook ``03_train``).
 
-- ``dim``: DIM's own protocol (spec 5): the gold is ranked among its mention's candidate list
+- ``dim``: DIM's own protocol (the released ``nel_model/metric_topk.py``): the gold is ranked among its mention's candidate list
   (top-100 fuzzy candidates) plus the gold itself; H@1/5/10/20 (the released ``top1..top20``).
-- ``kb``: MIMIC's and later papers' protocol (spec 8.3): the gold is ranked among every entity of
+- ``kb``: MIMIC's and later papers' protocol: the gold is ranked among every entity of
   the KB; H@1/3/5/10/20, MRR and mean rank (MR).
 
-Scores are cosine similarities of the query and the entity features, as released (spec E4).
+Scores are cosine similarities of the query and the entity features, as released (``--similarity cos``).
 
 Rank rules:
 
@@ -39,6 +39,15 @@ PROTOCOL_NOTES = {
            "(gold guaranteed), cosine scores; H@1/5/10/20",
     "kb": "whole-KB protocol (MIMIC and later): rank of the gold among all KB entities, cosine "
           "scores; H@1/3/5/10/20, MRR, MR",
+}
+
+
+#: What each rank rule means, written into every metrics.json beside the numbers of both.
+RULE_NOTES = {
+    "strict": "released rule (nel_model/metric_topk.py): rank = 1 + candidates scoring strictly higher; "
+              "ties and a NaN gold favour the model",
+    "pessimistic": "rank = 1 + other candidates scoring at least as high; ties count against the model, "
+                   "a NaN gold ranks last",
 }
 
 
@@ -119,7 +128,7 @@ def candidate_matrix(candidates, mention_ids: Sequence[str], gold: Sequence[int]
             if e is None:
                 raise DataError(f"candidate {q!r} is not in the knowledge base", file=source,
                                 record=mid, field="qids")
-            if e not in seen:  # the gold is ranked once, whether listed or not (spec 5)
+            if e not in seen:  # the gold is ranked once, whether listed or not (as released)
                 seen.add(e)
                 row.append(e)
         rows.append(row)

@@ -1,4 +1,5 @@
-"""Image "experts" that say who or what is in a mention image: the cue DIM feeds its model (spec 2.2).
+"""Image "experts" that say who or what is in a mention image: the cue DIM feeds its model
+(the released ``nel_model/prepare_wikipedia.py::convert_caption``).
 
 One interface, several implementations, picked by :func:`make_expert` from a short spec:
 
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 from . import paths
 from .errors import ConfigError, DimkitError, check_positive
 
-#: DIM's BLIP-2 prompt, verbatim (two spaces after "Question:"), spec 2.2.
+#: DIM's BLIP-2 prompt, verbatim (two spaces after "Question:"), from ``prepare_wikipedia.py::convert_caption``.
 RELEASED_PROMPT = "Question:  Who are the characters in the picture? Answer: "
 #: The same question without BLIP-2's "Question: ... Answer:" frame, for chat models.
 RELEASED_QUESTION = "Who are the characters in the picture?"
@@ -464,26 +465,26 @@ class ExpertOptions:
     extra: dict = field(default_factory=dict)
 
 
-def make_expert(spec: str | Expert, **options: Any) -> Expert:
+def make_expert(name: str | Expert, **options: Any) -> Expert:
     """Build an expert from a spec string (see the module docstring); an Expert passes through."""
-    if isinstance(spec, Expert):
-        return spec
+    if isinstance(name, Expert):
+        return name
     opts = ExpertOptions(**{k: v for k, v in options.items() if k in ExpertOptions.__dataclass_fields__})
     unknown = set(options) - set(ExpertOptions.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--expert must be a non-empty string, got {spec!r}")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"--expert must be a non-empty string, got {name!r}")
     check_positive({"max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size, "workers": opts.workers})
-    spec = spec.strip()
-    kind, _, rest = spec.partition(":")
+    name = name.strip()
+    kind, _, rest = name.partition(":")
     kind = kind.lower()
     hf_kw = dict(prompt=opts.prompt, device=opts.device, max_new_tokens=opts.max_new_tokens,
                  **({"batch_size": opts.batch_size} if opts.batch_size else {}))
-    if spec.lower() in (SAMPLE_ORACLE, "oracle"):
+    if name.lower() in (SAMPLE_ORACLE, "oracle"):
         return ReplayFileExpert(sample_cue_file(), synthetic=True,
                                 **({"batch_size": opts.batch_size} if opts.batch_size else {}))
-    if spec.lower() == "none":
+    if name.lower() == "none":
         return NoExpert()
     if kind == "blip2":
         return TransformersExpert(rest or DEFAULT_BLIP2, **hf_kw)
@@ -503,7 +504,7 @@ def make_expert(spec: str | Expert, **options: Any) -> Expert:
         model_id, _, version = rest.partition("@@")
         return StoreReplayExpert(model_id, version or None)
     raise ConfigError(
-        f"unknown --expert {spec!r}: use blip2[:ID_OR_FOLDER], hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, "
+        f"unknown --expert {name!r}: use blip2[:ID_OR_FOLDER], hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, "
         "openai:MODEL, replay:FILE.json, replay:MODEL_ID, sample-oracle or none")
 
 

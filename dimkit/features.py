@@ -1,6 +1,6 @@
 """CLIP features of mentions, sentences, images, cues and entity descriptions (notebook ``02_expert_cues``).
 
-What DIM feeds its model (spec 2.1), all raw (not L2-normalised) CLIP outputs, float32:
+What DIM feeds its model (the released ``nel_model/prepare_*.py``), all raw (not L2-normalised) CLIP outputs, float32:
 
 - ``mention``: ``encode_text(mention)``; ``mention_sentence``: ``encode_text(mention + " [SEP] " + sentence)``
   (the literal "[SEP]", not a CLIP special token);
@@ -350,9 +350,9 @@ def _entity_texts(ents: pd.DataFrame, column: str, missing: str) -> tuple[list[s
 class _Computer:
     """Loads the CLIP on first need and writes computed rows to the store in durable chunks."""
 
-    def __init__(self, spec: ClipSpec, store: FeatureStore, device: str, precision: str,
+    def __init__(self, clip_spec: ClipSpec, store: FeatureStore, device: str, precision: str,
                  batch_size: int, image_batch_size: int, flush_rows: int, workers: int, progress: bool):
-        self.spec, self.store, self.device, self.precision = spec, store, device, precision
+        self.spec, self.store, self.device, self.precision = clip_spec, store, device, precision
         self.batch_size, self.image_batch_size = batch_size, image_batch_size
         self.flush_rows, self.workers, self.progress = flush_rows, workers, progress
         self.model: ClipModel | None = None
@@ -444,13 +444,13 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
         raise DimkitError(f"missing_description must be one of {MISSING_DESCRIPTION}, got {missing_description!r}")
     if isinstance(ds, str):
         ds = datasets.load(ds)
-    spec = clip if isinstance(clip, ClipSpec) else parse_clip_spec(resolve_clip_name(ds.name, clip))
+    clip_spec = clip if isinstance(clip, ClipSpec) else parse_clip_spec(resolve_clip_name(ds.name, clip))
     device = shard_device(device)
     precision = _precision_for(device, precision)
     version = f"{FEATURE_VERSION}-{precision}"
     shard_t = parse_shard(shard)
-    store = FeatureStore(spec.model_id, store_root)
-    comp = _Computer(spec, store, device, precision, batch_size, image_batch_size, flush_rows, workers, progress)
+    store = FeatureStore(clip_spec.model_id, store_root)
+    comp = _Computer(clip_spec, store, device, precision, batch_size, image_batch_size, flush_rows, workers, progress)
 
     scan = scan_images(ds, progress=progress)
     cue_res = cues_mod.run_cues(ds, expert, device=device, progress=progress, store_path=cue_store_path,
@@ -465,13 +465,13 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
         orig_texts, n_missing_orig = _entity_texts(ents, "description_original", missing_description)
 
     all_texts = mention_texts + sent_texts + [c for c in cue_texts if c] + ent_texts + (orig_texts or [])
-    tkeys = {t: text_key(spec.model_id, version, t) for t in dict.fromkeys(all_texts)}
+    tkeys = {t: text_key(clip_spec.model_id, version, t) for t in dict.fromkeys(all_texts)}
     todo_t = [(k, t) for t, k in tkeys.items()
               if (force or k not in store) and in_shard(k, shard_t)]
     cached_t = sum(1 for k in tkeys.values() if k in store) if not force else 0
 
     files = {rel: f for rel, f in scan.files.items() if f.status == "ok" and f.sha256}
-    ikeys = {f.sha256: image_key(spec.model_id, version, f.sha256) for f in files.values()}
+    ikeys = {f.sha256: image_key(clip_spec.model_id, version, f.sha256) for f in files.values()}
     path_of = {f.sha256: f.path for f in files.values()}
     todo_i = [(k, path_of[sha]) for sha, k in ikeys.items()
               if (force or k not in store) and in_shard(sha, shard_t)]
@@ -511,14 +511,14 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
     pm_status = Counter(scan.per_mention["status"])
     # A usable image whose vector is absent failed now (changed on disk) or belongs to another shard.
     notes = []
-    if not spec.weights_real:
-        why = spec.note or "not pretrained"
-        notes.append(f"{spec.model_id}: {why}" + ("" if "not comparable" in why else
+    if not clip_spec.weights_real:
+        why = clip_spec.note or "not pretrained"
+        notes.append(f"{clip_spec.model_id}: {why}" + ("" if "not comparable" in why else
                      " -- features and every number built on them are not comparable to the paper"))
     if cue_res.report.synthetic:
         notes.append("cues are synthetic oracle cues (sample generator), not BLIP-2 output")
     report = FeatureReport(
-        dataset=ds.name, model_id=spec.model_id, weights_real=spec.weights_real, dim=int(dim), precision=precision,
+        dataset=ds.name, model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim), precision=precision,
         texts={"distinct": len(tkeys), "done": done_t, "cached": cached_t},
         images={"distinct": len(ikeys), "done": done_i, "cached": cached_i, "failed": dict(failed_i)},
         mention_images={("usable" if k == "ok" else k): int(v) for k, v in sorted(pm_status.items())},
@@ -528,7 +528,7 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
                   **({"no_description_original": n_missing_orig} if orig_texts is not None else {})},
         model_loaded=comp.model is not None, seconds=round(time.perf_counter() - t0, 3), notes=notes,
         shard=str(shard_t) if shard_t else None)
-    fs = FeatureSet(model_id=spec.model_id, weights_real=spec.weights_real, dim=int(dim),
+    fs = FeatureSet(model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim),
                     mention_ids=m["mention_id"].astype(str).tolist(), entity_qids=ents["qid"].astype(str).tolist(),
                     mention=mention_v, mention_sentence=sent_v, image=image_v, image_ok=image_ok,
                     cue=cue_v, cue_ok=cue_ok, entity=ent_v, entity_original=orig_v,
@@ -550,7 +550,7 @@ def resolve_clip_name(ds_name: str, clip: str) -> str:
 
 
 def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", **options: Any) -> FeatureSet:
-    """The dataset's FeatureSet (contract of issue 4): computes missing rows, reuses the store.
+    """The dataset's FeatureSet (what :mod:`dimkit.train` reads): computes missing rows, reuses the store.
 
     ``clip="default"`` is DIM's ViT-B-32 with OpenAI weights; ``"auto"`` is that on real datasets
     and the shipped sample-trained CLIP on ``sample``/``sample+`` (so the sample runs offline);

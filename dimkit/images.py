@@ -1,7 +1,7 @@
 """Load mention images robustly and report the unusable ones (notebook ``00_data``).
 
 Released MEL code trusts every image file: MIMIC turns a missing or unreadable image into an
-all-zero tensor without a word (spec 8.1), and a single truncated JPEG or decompression bomb can
+all-zero tensor without a word, and a single truncated JPEG or decompression bomb can
 crash a feature run hours in. Here every image goes through :func:`load_image`, which never raises
 for a bad file: it returns an RGB image, possibly converted (and says how), or ``None`` with the
 reason. :func:`check_dataset_images` runs it over a prepared dataset, counts the outcomes, writes

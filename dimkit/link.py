@@ -4,7 +4,7 @@ No released MEL code applies a trained model to a new sentence and image. Here
 ``link(sentence, mention, image, model=RUN_DIR, k=10)`` returns the top-k entities of the run's
 knowledge base with their cosine scores, and :class:`Linker` loads a run once to link many.
 
-A new mention gets its inputs exactly as the run's training mentions got them (spec 2.1-2.2):
+A new mention gets its inputs exactly as the run's training mentions got them (:mod:`dimkit.features`):
 CLIP vectors of the mention, of ``mention + " [SEP] " + sentence`` and of the image, and the CLIP
 vector of the expert's cue about the image -- from **the same CLIP and the same expert** the run
 was trained with, as recorded in the run folder's ``features.json`` (written by
@@ -377,7 +377,7 @@ class Linker:
         self.descriptions = np.array([d if isinstance(d, str) else None for d in desc.tolist()], dtype=object)
         self.entity_index = {q: i for i, q in enumerate(self.qids.tolist())}
         e = torch.as_tensor(np.ascontiguousarray(entity, dtype=np.float32))
-        # Cosine scores (spec E4): normalise once, so scoring a mention is one matrix-vector product.
+        # Cosine scores, as the released metric_topk.py ranks: normalise once, so scoring a mention is one matrix-vector product.
         self.entities = torch.nn.functional.normalize(e, dim=-1, eps=1e-12).to(self.device)   # [E, D]
 
     def clip(self):

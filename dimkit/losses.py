@@ -1,6 +1,6 @@
 """Training losses of DIM (notebook ``03_train``): the released N-pair loss and textbook in-batch ones.
 
-- :func:`npair_loss` is the released ``nel_model/triplet_loss.py::NpairLoss`` (spec E3): dot
+- :func:`npair_loss` is the released ``nel_model/triplet_loss.py::NpairLoss``: dot
   products, one sampled hard negative per sample, and a broadcast that makes every anchor see the
   negatives of *all* samples of the batch (its own included), plus an L2 term on anchors and
   positives (``l2_reg`` 0.02)::
@@ -29,7 +29,7 @@ def l2_term(anchors: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
 
 def npair_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
                l2_reg: float = 0.02) -> torch.Tensor:
-    """The released N-pair loss (spec E3).
+    """The released N-pair loss (``nel_model/triplet_loss.py::NpairLoss``).
 
     Args:
         anchors: ``[B, D]`` mention queries q.

@@ -2,9 +2,9 @@
 
 Both map the mention side (CLIP features of the mention, mention + sentence, image and expert cue)
 into the frozen CLIP text space of the entity descriptions; entities never pass through a
-trainable layer (spec 2.1, 2.4).
+trainable layer (the released ``neg_clip_extract.py::gen_gt_feats`` and ``nel_model/nel.py``).
 
-``released`` -- what ``nel_model/nel.py::NELModel`` computes (spec E1)::
+``released`` -- what ``nel_model/nel.py::NELModel`` computes (docs/fidelity.md, row 1)::
 
     q = W_o Dropout(m + t + v + Dropout(LN(ReLU(W_c c + b_c)))) + b_o
 
@@ -22,7 +22,7 @@ result into the entity space::
     a     = MHA(Q = f(m), K, V)                           # [B, H]; softmax weights over >1 keys
     q     = W_o Dropout(LN(f(m) + Dropout(a))) + b_o
 
-With a single key the softmax weight is 1 and ``a`` would not depend on the query (spec E2); with
+With a single key the softmax weight is 1 and ``a`` would not depend on the query (docs/fidelity.md, row 2); with
 several keys it does, which is what :func:`attention_depends_on_query` checks.
 
 Ablations (both variants unless said): ``no_image``, ``no_cue``, ``text_only`` (mention +
@@ -81,7 +81,7 @@ class ModelConfig:
             raise ConfigError(f"unknown variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
         if "no_attention" in abl and cfg.variant == "released":
             raise ConfigError("ablation 'no_attention' does not apply to the 'released' variant: "
-                              "it uses no attention (spec E1)")
+                              "it uses no attention (nel_model/nel.py::NELModel sums its inputs)")
         if "no_image" in abl or "text_only" in abl:
             cfg.use_image = False
         if "no_cue" in abl or "text_only" in abl:
@@ -212,7 +212,7 @@ def attention_depends_on_query(model: PaperModel, batch: dict[str, torch.Tensor]
                                atol: float = 1e-6) -> bool:
     """True if the fused attention output changes when only the query changes (keys fixed).
 
-    ``key_count`` keeps only the first k keys (1 shows the degenerate single-key case of spec E2).
+    ``key_count`` keeps only the first k keys (1 shows the degenerate single-key case of the released attention calls).
     """
     model.eval()
     keys, mask = model.keys(batch)

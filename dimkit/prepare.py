@@ -3,11 +3,11 @@
 ``dimkit prepare SRC --name NAME`` reads one of three source layouts and writes
 ``$DIMKIT_DATA/NAME`` through :func:`dimkit.datasets.write_prepared` (validated, atomic):
 
-- ``dim``: the DIM release (spec 4.1-4.4): ``SRC`` is the data root holding ``wikipedia/``,
+- ``dim``: the DIM release (github.com/season1blue/DIM): ``SRC`` is the data root holding ``wikipedia/``,
   ``richpedia/`` or ``wikidiverse/`` beside ``ImgData/``, or one of those dataset folders.
-- ``mimic``: the MIMIC "cleaned" layout (spec 8.1): ``kb_entity.json``, ``qid2id.json``,
+- ``mimic``: the MIMIC "cleaned" layout (github.com/pengfei-luo/MIMIC): ``kb_entity.json``, ``qid2id.json``,
   ``<PREFIX>_{train,dev,test}.json``, ``kb_image/``, ``mention_image/``.
-- ``melbench``: the raw MELBench files (spec 8.2): ``SRC`` is ``Wikidata-MEL.json`` or
+- ``melbench``: the raw MELBench files (github.com/seukgcode/MELBench): ``SRC`` is ``Wikidata-MEL.json`` or
   ``Richpedia-MEL.json``; no images; a seeded 70/10/20 split over sentences.
 
 Bad input raises :class:`dimkit.errors.DataError` naming the file, the record and the field;

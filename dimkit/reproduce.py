@@ -24,7 +24,7 @@ from .errors import ConfigError, DimkitError
 
 STEPS = ("prepare", "augment", "candidates", "cues", "features", "train", "tables", "figure")
 
-#: Where each dataset comes from (spec sections 4 and 8); shown when its source is missing.
+#: Where each dataset comes from; shown when its source is missing.
 WHERE_FROM = {
     "wikimel": ("the DIM release (github season1blue/DIM: `wikipedia/` + `ImgData/wikipedia/`; WikiMEL images "
                 "from the GHMFC/MELBench release) or MIMIC's cleaned WikiMEL (github pengfei-luo/MIMIC)"),
@@ -71,7 +71,7 @@ class ReproduceConfig:
     expert: str = "auto"  # cues.default_expert: sample-oracle on the sample, BLIP-2 elsewhere
     clip: str = "auto"  # features.resolve_clip_name: sample CLIP on the sample, ViT-B-32:openai elsewhere
     device: str = "auto"
-    num_epochs: int | None = None  # None: the dataset preset's (spec 3.1)
+    num_epochs: int | None = None  # None: the dataset preset's (the released scripts)
     k: int = 100  # candidates per mention
     pick: str = "latest"
 
@@ -220,11 +220,11 @@ def _check_clip(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> None:
     try:
         from .clip import _check_cached_offline, parse_clip_spec
 
-        spec = parse_clip_spec(spec_text)
-        if spec.weights_real and spec.weights and not Path(spec.weights).exists():
-            _check_cached_offline(spec)
-        note = "" if spec.weights_real else " (not pretrained: numbers not comparable to the paper)"
-        out.append(InputCheck(name, "clip", True, f"{spec.model_id}{note}"))
+        clip = parse_clip_spec(spec_text)
+        if clip.weights_real and clip.weights and not Path(clip.weights).exists():
+            _check_cached_offline(clip)
+        note = "" if clip.weights_real else " (not pretrained: numbers not comparable to the paper)"
+        out.append(InputCheck(name, "clip", True, f"{clip.model_id}{note}"))
     except DimkitError as exc:
         out.append(InputCheck(name, "clip", False, str(exc).split(". ")[0],
                               "supply the weights: --clip /path/to/ViT-B-32.pt (OpenAI's file, what DIM used) or "

@@ -8,7 +8,7 @@ those files directly (plain JSON, no torch) and builds, as pandas DataFrames:
 3. the ablations (no cue, no image, no attention, original vs LLM descriptions, text only),
 
 each under DIM's candidate protocol (H@1/5/10/20) and, in a separate table, under the whole-KB
-protocol (H@1/3/5/MRR) -- the two are never mixed in one column (spec 8.3). The bundled sample gets
+protocol (H@1/3/5/MRR) -- the two are never mixed in one column. The bundled sample gets
 a table too, so ``make demo`` shows one; its caption says sample numbers are not paper numbers.
 
 Beside each dimkit number stand the reference value from ``data/reference_results.csv`` and the
@@ -54,6 +54,10 @@ PROTOCOL_CAPTIONS = {
            "H@k and MRR in %. Not comparable with candidate-protocol numbers."),
 }
 FINISHED = ("completed", "early_stopped")
+#: Every dimkit row is shown under both rank rules (strict = the released rule, ties favour the gold).
+TABLE_RULES = ("strict", "pessimistic")
+RULE_LABELS = {"strict": "strict (released)", "pessimistic": "pessimistic"}
+TEXT_COLUMNS = ("dataset", "method", "rank rule", "run")
 PICKS = ("latest", "best_dev")
 
 ORIGINAL = ("wikimel", "richpediamel", "wikidiverse")
@@ -116,9 +120,12 @@ def read_metrics(path: str | Path) -> dict:
         "rank_rule": d.get("rank_rule"), "seed": d.get("seed"), "note": d.get("note") or "",
         "config": d.get("config") if isinstance(d.get("config"), dict) else {},
         "metrics": d.get("metrics") if isinstance(d.get("metrics"), dict) else {},
+        "metrics_by_rule": d.get("metrics_by_rule") if isinstance(d.get("metrics_by_rule"), dict) else {},
         "wall_time_s": d.get("wall_time_s"), "path": str(path),
         "mtime_ns": path.stat().st_mtime_ns, "error": d.get("error") or "",
     }
+    if not rec["metrics_by_rule"] and rec["metrics"]:  # written before both rules were kept
+        rec["metrics_by_rule"] = {rec["rank_rule"] or "pessimistic": rec["metrics"]}
     ds = d.get("dataset") or rec["config"].get("dataset")
     if rec["status"] in FINISHED:
         for key in ("variant", "ablation"):
@@ -151,7 +158,7 @@ def collect_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
         except DataError as exc:
             # One broken file must not hide every other run; it is listed with its reason.
             rec = {"run_name": p.parent.name, "status": "unreadable", "path": str(p), "error": str(exc),
-                   "metrics": {}, "config": {}, "mtime_ns": p.stat().st_mtime_ns}
+                   "metrics": {}, "metrics_by_rule": {}, "config": {}, "mtime_ns": p.stat().st_mtime_ns}
         for split, protos in (rec.get("metrics") or {}).items():
             if not isinstance(protos, dict):
                 continue
@@ -161,7 +168,8 @@ def collect_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
                         rec[f"{split} {proto} {k}"] = v
         rows.append(rec)
     base = ["run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model",
-            "rank_rule", "seed", "note", "config", "metrics", "wall_time_s", "path", "mtime_ns", "error"]
+            "rank_rule", "seed", "note", "config", "metrics", "metrics_by_rule", "wall_time_s", "path",
+            "mtime_ns", "error"]
     df = pd.DataFrame(rows)
     for c in base:
         if c not in df.columns:
@@ -175,8 +183,13 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"].isin(FINISHED)].reset_index(drop=True)
 
 
-def _metric(rec: dict | pd.Series, split: str, protocol: str, metric: str) -> float:
-    m = rec["metrics"] if isinstance(rec["metrics"], dict) else {}
+def _metric(rec: dict | pd.Series, split: str, protocol: str, metric: str, rule: str | None = None) -> float:
+    """One number of a run: under its own rank rule, or under ``rule`` (NaN when the run lacks it)."""
+    if rule is None:
+        m = rec["metrics"] if isinstance(rec["metrics"], dict) else {}
+    else:
+        by_rule = rec.get("metrics_by_rule") if isinstance(rec.get("metrics_by_rule"), dict) else {}
+        m = by_rule.get(rule) or {}
     return _as_float(((m.get(split) or {}).get(protocol) or {}).get(metric))
 
 
@@ -372,7 +385,7 @@ class Table:
             lines.append("_No finished run and no reference value for this table yet._")
             return "\n".join(lines) + "\n"
         lines.append("| " + " | ".join(_md_escape(c) for c in df.columns) + " |")
-        lines.append("|" + "|".join("---" if c in ("dataset", "method", "run") else "---:"
+        lines.append("|" + "|".join("---" if c in TEXT_COLUMNS else "---:"
                                     for c in df.columns) + "|")
         for _, row in df.iterrows():
             lines.append("| " + " | ".join(_md_escape(str(v)) for v in row.tolist()) + " |")
@@ -382,7 +395,7 @@ class Table:
         """A booktabs ``table`` environment with the caption (the run column is left to the CSV)."""
         df = _formatted(self.frame, self.spec, "n/a", digits, keep_runs=False)
         cols = list(df.columns)
-        align = "ll" + "r" * (len(cols) - 2)
+        align = "".join("l" if c in TEXT_COLUMNS else "r" for c in cols)
         out = ["\\begin{table}[t]", "\\centering", "\\small",
                f"\\caption{{{_tex_escape(self.spec.title + '. ' + self.caption)}}}",
                f"\\label{{tab:{self.name}}}", f"\\begin{{tabular}}{{{align}}}", "\\toprule",
@@ -431,13 +444,13 @@ def _tex_escape(s: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in s)
 
 
-def _formatted(frame: pd.DataFrame, spec: TableSpec, na: str, digits: int, keep_runs: bool) -> pd.DataFrame:
+def _formatted(frame: pd.DataFrame, table: TableSpec, na: str, digits: int, keep_runs: bool) -> pd.DataFrame:
     df = frame.copy()
     if not keep_runs:
         df = df.drop(columns=[c for c in ("runs matched", "run") if c in df.columns])
     df["dataset"] = [DISPLAY_NAMES.get(d, d) for d in df["dataset"]]
     for c in df.columns:
-        if c in ("dataset", "method", "run"):
+        if c in TEXT_COLUMNS:
             df[c] = df[c].fillna(na).astype(str)
         elif c == "runs matched":
             df[c] = [str(int(v)) for v in df[c]]
@@ -448,70 +461,74 @@ def _formatted(frame: pd.DataFrame, spec: TableSpec, na: str, digits: int, keep_
     return df
 
 
-def build_table(spec: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *, pick: str = "latest",
+def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *, pick: str = "latest",
                 filters: dict | None = None) -> Table:
     """Fill one table from the collected runs and the reference values (missing -> NaN, shown n/a)."""
     if pick not in PICKS:
         raise ConfigError(f"pick={pick!r} is not one of {', '.join(PICKS)}")
     done = finished(runs) if len(runs) else runs
-    metrics = spec.metrics
+    metrics = table.metrics
     rows: list[dict] = []
     used: list[pd.Series] = []
     multi = 0
     ref_sources: set[str] = set()
-    for ds in spec.datasets:
-        row_specs = list(spec.rows)
-        if spec.reference_methods and len(reference):
-            r = reference[(reference["dataset"] == ds) & (reference["protocol"] == spec.protocol)
+    for ds in table.datasets:
+        row_specs = list(table.rows)
+        if table.reference_methods and len(reference):
+            r = reference[(reference["dataset"] == ds) & (reference["protocol"] == table.protocol)
                           & (reference["method"] != "DIM") & reference["value"].notna()]
             for method in sorted(set(r["method"])):
                 row_specs.append(RowSpec(f"{method} (published)", method=method, variant=None))
         for rs in row_specs:
-            row: dict[str, Any] = {"dataset": ds, "method": rs.label}
+            base_row: dict[str, Any] = {"dataset": ds, "method": rs.label}
             chosen = None
             n_match = 0
             if rs.variant is not None and len(done):
                 cand = done[(done["dataset"] == ds) & (done["variant"] == rs.variant)
                             & (done["ablation"] == rs.ablation)]
                 keep = pd.Series([_matches_filters(r, filters) and not math.isnan(
-                    _metric(r, spec.split, spec.protocol, "H@1")) for _, r in cand.iterrows()],
+                    _metric(r, table.split, table.protocol, "H@1")) for _, r in cand.iterrows()],
                     index=cand.index, dtype=bool)
                 cand = cand.loc[keep]
                 n_match = len(cand)
-                chosen = pick_run(cand, pick, spec.protocol)
+                chosen = pick_run(cand, pick, table.protocol)
             if n_match > 1:
                 multi += 1
-            for m in metrics:
-                v = _metric(chosen, spec.split, spec.protocol, m) if chosen is not None else math.nan
-                if _is_percent(m) and not math.isnan(v):
-                    v = 100.0 * v
-                ref, src = reference_value(reference, ds, spec.protocol, rs.method, rs.ablation, m) \
-                    if len(reference) else (math.nan, "")
-                if not math.isnan(ref):
-                    ref_sources.add(f"{rs.method}: {src}")
-                row[m] = v
-                row[f"{m} ref"] = ref
-                row[f"Δ {m}"] = v - ref if not (math.isnan(v) or math.isnan(ref)) else math.nan
-            row["runs matched"] = n_match
-            row["run"] = chosen["run_name"] if chosen is not None else None
             if chosen is not None:
                 used.append(chosen)
-            has_any = any(not math.isnan(row[c]) for m in metrics for c in (m, f"{m} ref"))
-            if spec.keep_empty_rows or has_any:
-                rows.append(row)
-    cols = ["dataset", "method"] + [c for m in metrics for c in (m, f"{m} ref", f"Δ {m}")] + ["runs matched", "run"]
+            # a run fills one row per rank rule, side by side; a published number is one row
+            for rule in (TABLE_RULES if chosen is not None else (None,)):
+                row = dict(base_row, **{"rank rule": RULE_LABELS.get(rule, "")})
+                for m in metrics:
+                    v = _metric(chosen, table.split, table.protocol, m, rule) if chosen is not None else math.nan
+                    if _is_percent(m) and not math.isnan(v):
+                        v = 100.0 * v
+                    ref, src = reference_value(reference, ds, table.protocol, rs.method, rs.ablation, m) \
+                        if len(reference) else (math.nan, "")
+                    if not math.isnan(ref):
+                        ref_sources.add(f"{rs.method}: {src}")
+                    row[m] = v
+                    row[f"{m} ref"] = ref
+                    row[f"Δ {m}"] = v - ref if not (math.isnan(v) or math.isnan(ref)) else math.nan
+                row["runs matched"] = n_match
+                row["run"] = chosen["run_name"] if chosen is not None else None
+                has_any = any(not math.isnan(row[c]) for m in metrics for c in (m, f"{m} ref"))
+                if table.keep_empty_rows or has_any:
+                    rows.append(row)
+    cols = (["dataset", "method", "rank rule"] + [c for m in metrics for c in (m, f"{m} ref", f"Δ {m}")]
+            + ["runs matched", "run"])
     frame = pd.DataFrame(rows, columns=cols)
-    for c in cols[2:-2]:
+    for c in cols[3:-2]:
         frame[c] = frame[c].astype(float)
     frame["runs matched"] = frame["runs matched"].astype(int)
-    warnings = _warnings(spec, used)
-    caption = _caption(spec, used, warnings, pick, multi, ref_sources, filters)
-    return Table(spec=spec, frame=frame, caption=caption, warnings=warnings)
+    warnings = _warnings(table, used)
+    caption = _caption(table, used, warnings, pick, multi, ref_sources, filters)
+    return Table(frame=frame, spec=table, caption=caption, warnings=warnings)
 
 
-def _warnings(spec: TableSpec, used: Sequence[pd.Series]) -> list[str]:
+def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
     out = []
-    on_sample = spec.sample or any(datasets.base_name(r["dataset"]) == "sample" for r in used)
+    on_sample = table.sample or any(datasets.base_name(r["dataset"]) == "sample" for r in used)
     if on_sample:
         out.append(SAMPLE_WARNING)
     # pandas hands back numpy booleans; anything but a true value (missing included) warns
@@ -528,17 +545,16 @@ def _warnings(spec: TableSpec, used: Sequence[pd.Series]) -> list[str]:
     return out
 
 
-def _caption(spec: TableSpec, used: Sequence[pd.Series], warnings: list[str], pick: str, multi: int,
+def _caption(table: TableSpec, used: Sequence[pd.Series], warnings: list[str], pick: str, multi: int,
              ref_sources: set[str], filters: dict | None) -> str:
     parts = list(warnings)
-    parts.append(PROTOCOL_CAPTIONS[spec.protocol])
-    rules = sorted({str(r["rank_rule"]) for r in used if r["rank_rule"]})
-    parts.append(f"dimkit: {spec.split} split of the model selected on dev"
-                 + (f"; rank rule {', '.join(rules)}" if rules else "") + ".")
+    parts.append(PROTOCOL_CAPTIONS[table.protocol])
+    parts.append(f"dimkit: {table.split} split of the model selected on dev, one row per rank rule: "
+                 "strict (released: ties and NaN favour the gold) and pessimistic (ties count against it).")
     if not used:
         parts.append("No finished dimkit run matched this table yet.")
     rule = ("the latest finished run (newest metrics.json)" if pick == "latest"
-            else f"the run with the best dev H@1 ({spec.protocol} protocol)")
+            else f"the run with the best dev H@1 ({table.protocol} protocol)")
     if multi:
         parts.append(f"{multi} row(s) matched several runs: each shows {rule}; 'run' names it.")
     else:

@@ -2,17 +2,23 @@
 
 ``run(cfg) -> RunResult`` trains the mention encoder of :mod:`dimkit.model` on the frozen CLIP
 features of :func:`dimkit.features.load_features`, with the released N-pair loss and TF-IDF hard
-negatives by default, and the released optimisation (spec 2.6): AdamW (no weight decay on biases
-and LayerNorm weights), linear warm-up then linear decay to 0, gradient clipping.
+negatives by default, linear warm-up then linear decay to 0 and gradient clipping, as the released
+``nel_model/train.py``.
+
+The training *procedure* has four switches (:data:`RELEASED_PROCEDURE`, docs/fidelity.md rows 12-15):
+``optimizer`` (``released``: transformers 4.x AdamW and the released parameter groups; ``torch``),
+``patience`` (0 = every epoch, as released), ``stop_list`` (the TF-IDF tokens removed) and
+``seeding`` (``released``: ``set_seed`` and the negatives' Python ``random`` stream). ``--variant
+released`` takes the released value of each unless it is set; ``paper`` runs keep dimkit's choices.
+``metrics.json`` names the value of each (``procedure``).
 
 What dimkit adds to the released loop:
 
 - evaluation every ``eval_steps`` optimizer steps on dev under both protocols of
   :mod:`dimkit.evaluate`; the best dev score (``select_protocol`` H@1) picks the model, whose dev and
-  test metrics are reported separately; early stopping after ``patience`` evaluations without a
-  better dev score (0 = never, as released);
+  test metrics are reported separately, under both rank rules (``metrics_by_rule``);
 - a checkpoint at each evaluation, written atomically and loaded with ``weights_only=True``,
-  holding every RNG state (torch, CUDA, the shuffling generator, numpy's negative sampler) and the
+  holding every RNG state (torch, CUDA, the shuffling generator, the negatives' stream) and the
   position inside the epoch, so ``resume=True`` ends with exactly the metrics of an uninterrupted run
   with the same seed (on the same device);
 - a non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`) and keeps the last
@@ -20,7 +26,7 @@ What dimkit adds to the released loop:
 - ``runs/<run-name>/metrics.json`` (results are data), ``predictions.parquet`` (per-mention ranks and
   the top-5 KB entities) and ``model.pt`` (the selected weights).
 
-Presets (:data:`PRESETS`) copy the released scripts (spec 3.1); every key can be overridden and an
+Presets (:data:`PRESETS`) copy the released scripts (``script/*.sh``); every key can be overridden and an
 unknown key raises :class:`dimkit.errors.ConfigError`. The run name defaults to
 ``<dataset>-<variant>-<ablation>-s<seed>-<hash of the config>``, so a rerun with the same config
 finds its folder (and, with ``resume``, its checkpoint), and a changed config gets a new one.
@@ -47,15 +53,17 @@ from tqdm.auto import tqdm
 
 from . import datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
-from .evaluate import PROTOCOL_NOTES, PROTOCOLS, RULES, candidate_matrix, encode, evaluate_queries, kb_ranks
+from .evaluate import PROTOCOL_NOTES, PROTOCOLS, RULE_NOTES, RULES, candidate_matrix, encode, evaluate_queries, kb_ranks
 from .losses import LOSSES, compute_loss
 from .model import ABLATIONS, VARIANTS, ModelConfig, build_model, parse_ablation
-from .negatives import SAMPLERS, CandidateNegativeSampler, RandomNegativeSampler, TfidfNegativeSampler
+from .negatives import (SAMPLERS, STOP_LISTS, CandidateNegativeSampler, RandomNegativeSampler,
+                        ReleasedTfidfSampler, TfidfNegativeSampler)
+from .optim import OPTIMIZERS, ReleasedAdamW, released_param_groups
 
 CHECKPOINT_FORMAT = 1
 #: Bump when a change to the model, loss, sampler or loop changes results: older checkpoints of
 #: the same config are then trained again instead of resumed.
-CODE_VERSION = 1
+CODE_VERSION = 2
 NOT_COMPARABLE = "not comparable to the paper"
 
 
@@ -65,19 +73,22 @@ class TrainingDiverged(DimkitError):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (defaults = the released WikiMEL script, spec 3.1)."""
+    """Everything a training run depends on (defaults = the released WikiMEL script, ``script/wwiki.sh``)."""
 
     dataset: str = "sample+"
     variant: str = "paper"  # paper | released
     ablation: str = "none"  # none | no_image | no_cue | no_attention | text_only | original_descriptions (comma-joined)
     clip: str = "auto"  # feature model for load_features (auto: sample CLIP on the sample, ViT-B-32 else)
-    loss: str = "npair"  # npair (released, spec E3) | inbatch (textbook N-pair) | infonce
+    loss: str = "npair"  # npair (released NpairLoss) | inbatch (textbook N-pair) | infonce
     l2_reg: float = 0.02
     temperature: float = 0.07  # infonce only
     negatives: str = "tfidf"  # tfidf (released) | random | candidates
     num_negatives: int = 1  # sampled negatives per sample; inbatch/infonce add them to the batch's (0 = none)
     hard_prob: float = 0.95  # tfidf: probability of a TF-IDF draw instead of a uniform one
     lr: float = 5e-5
+    optimizer: str = "torch"  # released (transformers 4.x AdamW, released groups) | torch (torch.optim.AdamW)
+    stop_list: str = "dimkit"  # TF-IDF tokens removed: released (sample_util.py) | dimkit (all punctuation)
+    seeding: str = "dimkit"  # released (set_seed of random/numpy/torch, negatives from `random`) | dimkit
     weight_decay: float = 1e-3
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
@@ -112,7 +123,8 @@ class TrainConfig:
             _check_type(f.name, f.type, v)
         self.dataset = datasets.canonical_name(self.dataset)
         choices = {"variant": VARIANTS, "loss": LOSSES, "negatives": SAMPLERS, "rank_rule": RULES,
-                   "select_protocol": PROTOCOLS}
+                   "select_protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "stop_list": tuple(STOP_LISTS),
+                   "seeding": SEEDINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -178,6 +190,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: How the weights are seeded and negatives drawn: ``released`` = ``nel_model/train.py::set_seed`` and
+#: ``dataset.py::neg_sample_online``'s Python ``random`` stream; ``dimkit`` = separate numpy/torch generators.
+SEEDINGS = ("released", "dimkit")
+#: The released training procedure (``nel_model/train.py``, ``sample_util.py``): what ``--variant
+#: released`` trains with unless a key is set explicitly. ``paper`` runs keep the preset's values
+#: (dimkit's choices, listed in :data:`DIMKIT_PROCEDURE`). docs/fidelity.md says what each changes.
+RELEASED_PROCEDURE: dict[str, Any] = dict(optimizer="released", patience=0, stop_list="released",
+                                          seeding="released")
+DIMKIT_PROCEDURE: dict[str, str] = {
+    "optimizer": "torch: torch.optim.AdamW, every bias and LayerNorm parameter exempt from weight decay",
+    "patience": "early stopping after this many evaluations without a better dev score",
+    "stop_list": "dimkit: all of string.punctuation removed from the TF-IDF tokens",
+    "seeding": "dimkit: separate numpy and torch generators, every state in the checkpoint",
+}
+
+
+def procedure(cfg: "TrainConfig") -> dict:
+    """Each training-procedure switch of ``cfg``: its value and whether it is the released one."""
+    out = {}
+    for key, released in RELEASED_PROCEDURE.items():
+        value = getattr(cfg, key)
+        same = value == released
+        out[key] = {"value": value, "released": same,
+                    "what": ("as released" if same else DIMKIT_PROCEDURE[key])}
+    return out
+
+
 def _check_type(name: str, typ: Any, value: Any) -> None:
     typ = str(typ)
     ok = True
@@ -232,6 +271,8 @@ def config_for(dataset: str, **overrides: Any) -> TrainConfig:
     name = datasets.canonical_name(dataset)
     preset = PRESETS.get(datasets.base_name(name), PRESETS["wikimel"])
     values = dict(preset)
+    if (overrides.get("variant") or TrainConfig.variant) == "released":
+        values.update(RELEASED_PROCEDURE)  # the released variant trains as the released script does
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["dataset"] = name
     return TrainConfig(**values).validate()
@@ -272,6 +313,7 @@ class RunResult:
     note: str = ""
     counts: dict = field(default_factory=dict)
     inputs_missing: dict = field(default_factory=dict)  # {"image": {"share", "cause"}, ...}; empty when fine
+    metrics_by_rule: dict = field(default_factory=dict)  # {"strict": <metrics>, "pessimistic": <metrics>}
 
     @property
     def metrics_path(self) -> Path:
@@ -297,17 +339,29 @@ class RunResult:
                 f"{self.status}, {self.wall_time_s:.0f} s){'; ' + self.note if self.note else ''}")
 
 
-def results_table(results: list[RunResult], split: str = "test") -> pd.DataFrame:
-    """Runs side by side: H@k / MRR / MR of ``split`` under each protocol, as percentages."""
+RULE_LABELS = {"strict": "strict (released)", "pessimistic": "pessimistic"}
+
+
+def results_table(results: list[RunResult], split: str = "test", rules: tuple[str, ...] = ("strict", "pessimistic")
+                  ) -> pd.DataFrame:
+    """Runs side by side, one row per rank rule: H@k / MRR / MR of ``split`` under each protocol, in %.
+
+    ``strict`` is the released rule (ties favour the gold), ``pessimistic`` counts ties against it;
+    a run read from an older metrics.json has only its own rule.
+    """
     rows = []
     for r in results:
-        row = {"variant": r.variant, "ablation": r.ablation}
-        for proto, ms in r.metrics.get(split, {}).items():
-            for k, v in ms.items():
-                if k == "n":
-                    continue
-                row[f"{proto} {k}"] = (100 * v if k.startswith("H@") or k == "MRR" else v) if v is not None else None
-        rows.append(row)
+        by_rule = r.metrics_by_rule or {r.config.get("rank_rule", "pessimistic"): r.metrics}
+        for rule in rules:
+            if rule not in by_rule:
+                continue
+            row = {"variant": r.variant, "ablation": r.ablation, "rank rule": RULE_LABELS[rule]}
+            for proto, ms in by_rule[rule].get(split, {}).items():
+                for k, v in ms.items():
+                    if k == "n":
+                        continue
+                    row[f"{proto} {k}"] = (100 * v if k.startswith("H@") or k == "MRR" else v) if v is not None else None
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -322,7 +376,8 @@ def load_result(run_dir: str | Path) -> RunResult:
                      ablation=d["ablation"], config=d["config"], metrics=d["metrics"], best=d["best"],
                      curve=d["curve"], status=d["status"], wall_time_s=d["wall_time_s"],
                      feature_model=d["feature_model"], weights_real=d["weights_real"], note=d.get("note", ""),
-                     counts=d.get("counts", {}), inputs_missing=d.get("inputs_missing") or {})
+                     counts=d.get("counts", {}), inputs_missing=d.get("inputs_missing") or {},
+                     metrics_by_rule=d.get("metrics_by_rule") or {d.get("rank_rule", "pessimistic"): d["metrics"]})
 
 
 def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):
@@ -516,6 +571,15 @@ def _clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # the run
 
 
+def _released_set_seed(seed: int) -> None:
+    """``nel_model/train.py::set_seed``: Python ``random``, numpy and torch (CUDA included) from one seed."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         # transformers' get_linear_schedule_with_warmup, which the released train.py uses
@@ -685,16 +749,36 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
         mcfg.use_cue = False  # no cue at all (e.g. WikiDiverse, which the released code gives none)
 
     # --- state: fresh or from the checkpoint
+    released_seeding = cfg.seeding == "released"
+    if released_seeding:
+        _released_set_seed(cfg.seed)  # main() seeds before it builds the model ...
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
-    # the fused kernel is about twice as fast as the per-tensor loop on CPU and CUDA
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon,
-                                  **({"fused": True} if device.split(":")[0] in ("cpu", "cuda") else {}))
+    if cfg.optimizer == "released":
+        optimizer = ReleasedAdamW(released_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon)
+    else:
+        # the fused kernel is about twice as fast as the per-tensor loop on CPU and CUDA
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon,
+                                      **({"fused": True} if device.split(":")[0] in ("cpu", "cuda") else {}))
     steps_per_epoch = math.ceil(len(train.rows) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.num_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    if released_seeding:
+        _released_set_seed(cfg.seed)  # ... and train() seeds again before its loop
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
+    sampler = None
+    if cfg.num_negatives > 0:
+        if cfg.negatives == "tfidf":
+            descs = ds.entities[desc_col].tolist() if desc_col in ds.entities else [None] * len(eindex)
+            cls = ReleasedTfidfSampler if released_seeding else TfidfNegativeSampler
+            sampler = cls.from_entities(ds.entities["name"].tolist(), descs, hard_prob=cfg.hard_prob,
+                                        stop_list=cfg.stop_list, **({"seed": cfg.seed} if released_seeding else {}))
+        elif cfg.negatives == "random":
+            sampler = RandomNegativeSampler(len(eindex))
+        else:
+            sampler = CandidateNegativeSampler([[int(e) for e in r[1:] if e >= 0] for r in train.cand],
+                                               len(eindex))
     state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
                  best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
                  epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
@@ -726,6 +810,8 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
         shuffle_gen.set_state(ck["rng"]["shuffle"].cpu())
         np_rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
+        if ck["rng"].get("negatives") is not None and hasattr(sampler, "setstate"):
+            sampler.setstate(ck["rng"]["negatives"])
         s = ck["state"]
         perm = ck["perm"].cpu() if ck["perm"] is not None else None
         state.update(step=s["step"], epoch=s["epoch"], pos=s["pos"], perm=perm,
@@ -745,29 +831,18 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
             (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    sampler = None
-    if cfg.num_negatives > 0:
-        if cfg.negatives == "tfidf":
-            descs = ds.entities[desc_col].tolist() if desc_col in ds.entities else [None] * len(eindex)
-            sampler = TfidfNegativeSampler.from_entities(ds.entities["name"].tolist(), descs,
-                                                         hard_prob=cfg.hard_prob)
-        elif cfg.negatives == "random":
-            sampler = RandomNegativeSampler(len(eindex))
-        else:
-            sampler = CandidateNegativeSampler([[int(e) for e in r[1:] if e >= 0] for r in train.cand],
-                                               len(eindex))
-
     stacked = inputs.pop("stacked")
     train_rows = torch.as_tensor(train.rows, device=device)
     train_gold = torch.as_tensor(train.gold, device=device)
 
-    def evaluate_split(sp: _Split, model_: torch.nn.Module) -> tuple[dict, dict]:
+    def evaluate_split(sp: _Split, model_: torch.nn.Module, rule: str = cfg.rank_rule) -> tuple[dict, dict]:
         q = encode(model_, inputs, sp.rows)
-        return evaluate_queries(q, entities, sp.gold, sp.cand, cfg.rank_rule, protocols)
+        return evaluate_queries(q, entities, sp.gold, sp.cand, rule, protocols)
 
     def save_checkpoint() -> None:
         rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state(),
                "numpy": json.dumps(np_rng.bit_generator.state),
+               "negatives": json.dumps(sampler.getstate()) if hasattr(sampler, "getstate") else None,
                "cuda": torch.cuda.get_rng_state_all() if device.startswith("cuda") else None}
         s = {k: state[k] for k in ("step", "epoch", "pos", "best_score", "best_step", "best_epoch", "best_dev",
                                    "since_best", "epoch_loss", "eval_loss", "finished", "status")}
@@ -794,7 +869,11 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                 state.update(finished=True, status="completed")
                 break
             if state["pos"] == 0 or state["perm"] is None:
-                state["perm"] = torch.randperm(len(train.rows), generator=shuffle_gen)
+                if released_seeding:  # torch's RandomSampler: a fresh generator seeded from the global stream
+                    order = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+                    state["perm"] = torch.randperm(len(train.rows), generator=order)
+                else:
+                    state["perm"] = torch.randperm(len(train.rows), generator=shuffle_gen)
             perm = state["perm"].to(device)
             emit({"event": "epoch_start", "epoch": state["epoch"] + 1, "step": state["step"]})
             while state["pos"] < steps_per_epoch:
@@ -841,6 +920,9 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                     bar.set_postfix(loss=f"{state['curve']['train'][-1]['loss']:.3f}")
                     emit({"event": "epoch", **state["curve"]["train"][-1]})
                 if due:
+                    if released_seeding and isinstance(sampler, ReleasedTfidfSampler):
+                        # the released dev set draws a negative as each item loads, at every evaluation
+                        sampler.sample(dev.gold, k=cfg.num_negatives)
                     if _evaluate_and_select(state, model, dev, evaluate_split, cfg, steps_per_epoch, emit):
                         state.update(finished=True, status="early_stopped")
                     elif state["epoch"] >= cfg.num_epochs:
@@ -857,10 +939,16 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     model.eval()
-    metrics = {}
+    # Both rank rules, side by side: strict is the released rule (ties favour the gold), pessimistic
+    # counts ties against it; ``metrics`` is the run's own ``rank_rule``.
+    by_rule: dict[str, dict] = {rule: {} for rule in RULES}
     ranks = {}
     for split_name, sp in (("dev", dev), ("test", test)):
-        metrics[split_name], ranks[split_name] = evaluate_split(sp, model)
+        for rule in RULES:
+            by_rule[rule][split_name], r = evaluate_split(sp, model, rule)
+            if rule == cfg.rank_rule:
+                ranks[split_name] = r
+    metrics = by_rule[cfg.rank_rule]
     wall = state["wall"] + (time.perf_counter() - t_start)
     note = _note(ds.name, bool(features.weights_real))
     if missing:
@@ -872,9 +960,9 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                        ablation=cfg.ablation, config=cfg.to_dict(), metrics=metrics, best=best,
                        curve=state["curve"], status=state["status"], wall_time_s=wall,
                        feature_model=str(features.model_id), weights_real=bool(features.weights_real),
-                       note=note, counts=counts, inputs_missing=missing)
+                       note=note, counts=counts, inputs_missing=missing, metrics_by_rule=by_rule)
     _write_outputs(result, cfg, model, mcfg, ds, entities, inputs, (dev, test), ranks, device, protocols)
-    write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # issue 7: what dimkit.link needs
+    write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # what dimkit.link needs
     return result
 
 
@@ -939,6 +1027,8 @@ def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, 
         "run_name": result.run_name, "status": result.status, "dataset": result.dataset,
         "variant": result.variant, "ablation": result.ablation,
         "protocol": {p: PROTOCOL_NOTES[p] for p in protocols}, "rank_rule": cfg.rank_rule,
+        "rank_rules": RULE_NOTES, "metrics_by_rule": result.metrics_by_rule,
+        "procedure": procedure(cfg),
         "selection": f"best dev H@1 ({cfg.select_protocol} protocol) over all evaluations",
         "metrics": result.metrics, "best": result.best, "config": result.config, "seed": cfg.seed,
         "feature_model": result.feature_model, "weights_real": result.weights_real, "note": result.note,
@@ -1003,21 +1093,21 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Feature provenance for dimkit.link (issue 7): which CLIP, precision, expert and entity texts
+# Feature provenance for dimkit.link: which CLIP, precision, expert and entity texts
 # the run was trained on, so new mentions get their features from the very same models.
 
 PROVENANCE_FILE = "features.json"
 PROVENANCE_FORMAT = "dimkit-run-features/1"
 
 
-def _portable_clip_spec(spec: str) -> str:
+def _portable_clip_spec(given: str) -> str:
     """A ``--clip`` value that still means the same model from another working directory."""
-    arch, sep, rest = spec.partition(":")
-    if Path(spec).expanduser().exists():
-        return str(Path(spec).expanduser().resolve())
+    arch, sep, rest = given.partition(":")
+    if Path(given).expanduser().exists():
+        return str(Path(given).expanduser().resolve())
     if sep and rest and Path(rest).expanduser().exists():
         return f"{arch}:{Path(rest).expanduser().resolve()}"
-    return spec
+    return given
 
 
 def feature_provenance(cfg: TrainConfig, ds: datasets.Dataset, features: Any, desc_col: str) -> dict:
@@ -1033,9 +1123,9 @@ def feature_provenance(cfg: TrainConfig, ds: datasets.Dataset, features: Any, de
         from .clip import parse_clip_spec
         from .features import resolve_clip_name
 
-        spec = meta.get("clip_spec") or resolve_clip_name(ds.name, cfg.clip)
-        if parse_clip_spec(spec).model_id == model_id:
-            clip_spec = _portable_clip_spec(spec)
+        given = meta.get("clip_spec") or resolve_clip_name(ds.name, cfg.clip)
+        if parse_clip_spec(given).model_id == model_id:
+            clip_spec = _portable_clip_spec(given)
     except DimkitError:
         pass
     expert_spec = None
@@ -1044,10 +1134,10 @@ def feature_provenance(cfg: TrainConfig, ds: datasets.Dataset, features: Any, de
             from .cues import default_expert
             from .experts import make_expert
 
-            spec = meta.get("cue_expert_spec") or default_expert(ds.name)
-            ex = make_expert(spec)
+            given = meta.get("cue_expert_spec") or default_expert(ds.name)
+            ex = make_expert(given)
             if ex.model_id == meta.get("cue_expert") and ex.version == meta.get("cue_prompt_version"):
-                expert_spec = spec
+                expert_spec = given
         except DimkitError:
             pass
     return {

@@ -19,7 +19,7 @@
 # DIM's second idea: an image *expert* (BLIP-2 OPT-2.7b in the paper) is asked about every mention
 # image -- "Question:  Who are the characters in the picture? Answer: " -- and its answer, the *cue*,
 # becomes a fourth input beside the mention, the mention + sentence and the image. All four, and
-# every entity description, are encoded by a frozen CLIP ViT-B/32 into one 512-d space (spec 2.1, 2.2).
+# every entity description, are encoded by a frozen CLIP ViT-B/32 into one 512-d space.
 #
 # This notebook runs both stages with one call each (`dimkit cues`, `dimkit features` on the command
 # line) and looks at what came back. Both store every answer and vector under (model id, prompt

@@ -135,7 +135,7 @@ def test_paper_attention_depends_on_the_query_only_with_several_keys():
     b = _batch()
     assert m.key_names == ["mention_sentence", "image", "cue"]
     assert model.attention_depends_on_query(m, b)  # three keys: the weights matter
-    assert not model.attention_depends_on_query(m, b, key_count=1)  # spec E2: one key, weight 1
+    assert not model.attention_depends_on_query(m, b, key_count=1)  # one key: weight 1, query-independent
 
 
 def test_paper_exposes_attention_weights_and_masks_unusable_keys():

@@ -30,10 +30,13 @@ def write_run(root: Path, name: str, dataset: str, *, variant: str = "paper", ab
         return {"H@1": h1, "H@3": h1 + 0.1, "H@5": h1 + 0.15, "H@10": h1 + 0.2, "H@20": h1 + 0.25,
                 "MRR": h1 + 0.07, "MR": 12.0, "n": 10}
 
+    metrics = {"dev": {"dim": dim(dev_h1), "kb": kb(dev_h1 - 0.1)}, "test": {"dim": dim(test_h1), "kb": kb(kb_h1)}}
+    strict = {"dev": {"dim": dim(dev_h1 + 0.01), "kb": kb(dev_h1 - 0.09)},
+              "test": {"dim": dim(test_h1 + 0.01), "kb": kb(kb_h1 + 0.01)}}
     d = {
         "run_name": name, "status": status, "dataset": dataset, "variant": variant, "ablation": ablation,
         "protocol": {"dim": "...", "kb": "..."}, "rank_rule": "pessimistic",
-        "metrics": {"dev": {"dim": dim(dev_h1), "kb": kb(dev_h1 - 0.1)}, "test": {"dim": dim(test_h1), "kb": kb(kb_h1)}},
+        "metrics": metrics, "metrics_by_rule": {"pessimistic": metrics, "strict": strict},
         "best": {"step": 10, "epoch": 1.0}, "config": {"dataset": dataset, "variant": variant, "ablation": ablation,
                                                        "clip": "default", "lr": 5e-5},
         "seed": 114514, "feature_model": feature_model, "weights_real": weights_real, "note": note,
@@ -57,6 +60,11 @@ def reference(tmp_path) -> pd.DataFrame:
     return tables.load_reference(p)
 
 
+def pess(frame: pd.DataFrame) -> pd.DataFrame:
+    """The pessimistic-rule rows of a table (every run fills a strict and a pessimistic row)."""
+    return frame[frame["rank rule"].isin(["pessimistic", ""])]  # "": a row no run fills
+
+
 def spec(name: str) -> tables.TableSpec:
     return {s.name: s for s in tables.standard_tables()}[name]
 
@@ -66,7 +74,7 @@ def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
     write_run(runs_dir, "wplus", "wiki+", test_h1=0.625)  # alias is canonicalised
     runs = tables.collect_runs(runs_dir)
     t = tables.build_table(spec("enhanced_dim"), runs, reference)
-    f = t.frame.set_index(["dataset", "method"])
+    f = pess(t.frame).set_index(["dataset", "method"])
     paper = tables.VARIANT_LABELS["paper"]
     assert f.loc[("wikimel+", paper), "H@1"] == pytest.approx(62.5)
     assert f.loc[("wikimel+", paper), "run"] == "wplus"
@@ -77,9 +85,9 @@ def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
     # a reference value without a run: shown, difference n/a
     assert f.loc[("richpediamel+", paper), "H@1 ref"] == pytest.approx(40.0)
     assert math.isnan(f.loc[("richpediamel+", paper), "Δ H@1"])
-    assert len(t.frame) == 6  # 3 datasets x 2 variants, empty rows kept
+    assert len(t.frame) == 7  # 3 datasets x 2 variants, empty rows kept; the run fills two (both rank rules)
     md = t.to_markdown()
-    assert "| Wiki+ | DIM (dimkit, paper variant) | 62.50 | n/a | n/a |" in md
+    assert "| Wiki+ | DIM (dimkit, paper variant) | pessimistic | 62.50 | n/a | n/a |" in md
     assert "n/a" in t.to_csv() and "Δ = dimkit − ref" in t.caption
     assert not t.warnings  # real weights, no sample: nothing to warn about
 
@@ -87,7 +95,7 @@ def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
 def test_difference_is_dimkit_minus_reference_in_points(tmp_path, reference):
     write_run(tmp_path / "runs", "r", "rich+", test_h1=0.455)
     t = tables.build_table(spec("enhanced_dim"), tables.collect_runs(tmp_path / "runs"), reference)
-    row = t.frame[(t.frame["dataset"] == "richpediamel+") & (t.frame["method"] == tables.VARIANT_LABELS["paper"])]
+    row = pess(t.frame)[(pess(t.frame)["dataset"] == "richpediamel+") & (pess(t.frame)["method"] == tables.VARIANT_LABELS["paper"])]
     assert row["Δ H@1"].iloc[0] == pytest.approx(5.5)
     assert "+5.50" in t.to_markdown()
     assert "made-up test source" in t.caption  # the reference's source is named
@@ -98,11 +106,11 @@ def test_protocols_never_share_a_table(tmp_path, reference):
     runs = tables.collect_runs(tmp_path / "runs")
     dim = tables.build_table(spec("original_dim"), runs, reference).frame
     kb = tables.build_table(spec("original_kb"), runs, reference).frame
-    assert list(dim.columns[2:5]) == ["H@1", "H@1 ref", "Δ H@1"] and "H@20" in dim and "MRR" not in dim
+    assert list(dim.columns[2:6]) == ["rank rule", "H@1", "H@1 ref", "Δ H@1"] and "H@20" in dim and "MRR" not in dim
     assert "H@3" in kb and "MRR" in kb and "H@20" not in kb
     paper = tables.VARIANT_LABELS["paper"]
-    assert dim.set_index(["dataset", "method"]).loc[("wikimel", paper), "H@1"] == pytest.approx(90.0)
-    k = kb.set_index(["dataset", "method"])
+    assert pess(dim).set_index(["dataset", "method"]).loc[("wikimel", paper), "H@1"] == pytest.approx(90.0)
+    k = pess(kb).set_index(["dataset", "method"])
     assert k.loc[("wikimel", paper), "H@1"] == pytest.approx(25.0)
     assert k.loc[("wikimel", paper), "MRR"] == pytest.approx(32.0)
     # published whole-KB numbers get their own row, only in the whole-KB table
@@ -116,7 +124,8 @@ def test_sample_run_caption_warns(tmp_path, reference):
     runs = tables.collect_runs(tmp_path / "runs")
     t = tables.build_table(spec("sample_dim"), runs, reference)
     assert tables.SAMPLE_WARNING in t.caption
-    assert list(t.frame["dataset"]) == ["sample+"]  # empty sample rows are dropped
+    assert list(t.frame["dataset"]) == ["sample+", "sample+"]  # empty sample rows are dropped
+    assert list(t.frame["rank rule"]) == ["strict (released)", "pessimistic"]
     assert "sample+ (synthetic)" in t.to_markdown()
     # a sample run in a custom table warns too, even when the spec is not the sample's
     custom = tables.TableSpec("x", "x", ("sample+",), "dim", (tables.RowSpec("DIM"),))
@@ -142,11 +151,11 @@ def test_several_runs_per_cell_pick_is_deterministic(tmp_path, reference):
     runs = tables.collect_runs(root)
     paper = tables.VARIANT_LABELS["paper"]
     latest = tables.build_table(spec("original_dim"), runs, reference, pick="latest")
-    row = latest.frame.set_index(["dataset", "method"]).loc[("wikimel", paper)]
+    row = pess(latest.frame).set_index(["dataset", "method"]).loc[("wikimel", paper)]
     assert row["run"] == "new-worse-dev" and row["runs matched"] == 2 and row["H@1"] == pytest.approx(50.0)
     assert "matched several runs" in latest.caption and "latest" in latest.caption
     best = tables.build_table(spec("original_dim"), runs, reference, pick="best_dev")
-    row = best.frame.set_index(["dataset", "method"]).loc[("wikimel", paper)]
+    row = pess(best.frame).set_index(["dataset", "method"]).loc[("wikimel", paper)]
     assert row["run"] == "old-better-dev" and row["H@1"] == pytest.approx(70.0)
     assert "best dev H@1" in best.caption
     # equal times: the tie is broken by run name, the same on every call
@@ -194,7 +203,8 @@ def test_write_tables_csv_markdown_latex(tmp_path, reference):
     names = {p.name for p in files}
     assert {"sample_dim.csv", "sample_dim.md", "sample_dim.tex", "ablations_kb.tex", "index.md"} <= names
     csv = pd.read_csv(tmp_path / "out" / "sample_dim.csv")  # n/a reads back as NaN
-    assert csv.loc[0, "H@1"] == pytest.approx(60.0) and math.isnan(csv.loc[0, "H@1 ref"])
+    assert csv.loc[0, "rank rule"] == "strict (released)" and csv.loc[0, "H@1"] == pytest.approx(61.0)
+    assert csv.loc[1, "H@1"] == pytest.approx(60.0) and math.isnan(csv.loc[1, "H@1 ref"])
     tex = (tmp_path / "out" / "sample_dim.tex").read_text()
     assert "\\begin{tabular}" in tex and "\\caption{" in tex and "sample+ (synthetic)" in tex
     assert "sample-clip" in tex  # the weights warning reaches the LaTeX caption
@@ -266,7 +276,7 @@ def test_committed_reference_has_sources_and_no_invented_dim_number():
     dim_rows = ref[ref["method"] == "DIM"]
     assert len(dim_rows) and dim_rows["value"].isna().all(), "never invent a DIM paper number"
     assert (dim_rows["protocol"] == "dim").all()
-    # the published whole-KB H@1 of spec 8.3, with their source
+    # the published whole-KB H@1 of MIMIC and MMoE, with their source
     got = {(r.method, r.dataset): r.value for r in ref[ref["value"].notna()].itertuples()}
     assert got == {("MIMIC", "wikimel"): 87.98, ("MIMIC", "richpediamel"): 81.02, ("MIMIC", "wikidiverse"): 63.51,
                    ("MMoE", "wikimel"): 90.77, ("MMoE", "richpediamel"): 85.51, ("MMoE", "wikidiverse"): 77.57}

@@ -120,7 +120,15 @@ def test_paper_beats_text_only_when_images_decide(problem, kit_dirs):
 
     model, cfg = train.load_model(full.run_dir)
     assert cfg.variant == "paper"
-    assert train.results_table([full, text]).shape[0] == 2
+    table = train.results_table([full, text])
+    assert table.shape[0] == 4 and table["rank rule"].tolist() == ["strict (released)", "pessimistic"] * 2
+    # both rank rules, side by side, in metrics.json; strict (ties favour the gold) is never worse
+    assert set(d["metrics_by_rule"]) == {"strict", "pessimistic"} and d["metrics"] == d["metrics_by_rule"]["pessimistic"]
+    for split in ("dev", "test"):
+        for proto in ("dim", "kb"):
+            s_, p_ = d["metrics_by_rule"]["strict"][split][proto], d["metrics_by_rule"]["pessimistic"][split][proto]
+            assert s_["H@1"] >= p_["H@1"] and s_["MR"] <= p_["MR"]
+    assert "released rule" in d["rank_rules"]["strict"]
 
 
 def test_released_variant_runs_without_any_cue(problem, kit_dirs):
@@ -305,3 +313,47 @@ def test_damaged_checkpoint_model_and_metrics_are_named(problem, kit_dirs):
     # without --resume the damaged run is simply trained again
     again = train.run(_cfg(num_epochs=1, run_name="dmg"), dataset=ds, features=fs)
     assert train.load_result(again.run_dir).metrics == again.metrics
+
+
+# ---------------------------------------------------------------- the released procedure
+
+
+def test_the_released_variant_trains_with_the_released_procedure_unless_a_key_says_otherwise():
+    rel = train.config_for("wiki+", variant="released")
+    assert (rel.optimizer, rel.patience, rel.stop_list, rel.seeding) == ("released", 0, "released", "released")
+    paper = train.config_for("wiki+")
+    assert (paper.optimizer, paper.patience, paper.stop_list, paper.seeding) == ("torch", 20, "dimkit", "dimkit")
+    mixed = train.config_for("wiki+", variant="released", optimizer="torch", patience=5)
+    assert (mixed.optimizer, mixed.patience, mixed.stop_list) == ("torch", 5, "released")
+    assert train.procedure(mixed)["optimizer"] == {
+        "value": "torch", "released": False, "what": train.DIMKIT_PROCEDURE["optimizer"]}
+    with pytest.raises(ConfigError, match="optimizer='adam' is not one of released, torch"):
+        train.config_for("wiki+", optimizer="adam")
+
+
+def test_a_released_run_runs_every_epoch_and_records_its_procedure(problem, kit_dirs):
+    ds, fs = problem
+    r = train.run(_cfg(variant="released", num_epochs=4, lr=1e-9, **train.RELEASED_PROCEDURE), dataset=ds,
+                  features=fs)
+    assert r.status == "completed" and len(r.curve["dev"]) == 4  # no early stop, even with nothing learnt
+    d = json.loads(r.metrics_path.read_text())
+    assert {k: v["value"] for k, v in d["procedure"].items()} == train.RELEASED_PROCEDURE
+    assert all(v["released"] for v in d["procedure"].values())
+    assert isinstance(train.load_checkpoint(r.run_dir / "checkpoint.pt")["optimizer"]["state"], dict)
+
+
+def test_released_seeding_resumes_exactly(problem, kit_dirs):
+    ds, fs = problem
+    kw = dict(num_epochs=3, eval_steps=5, variant="released", **train.RELEASED_PROCEDURE)
+    full = train.run(_cfg(run_name="rfull", **kw), dataset=ds, features=fs)
+
+    def stop_at_step_13(event):
+        if event["event"] == "step" and event["step"] == 13:
+            raise _Interrupt()
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_cfg(run_name="rcut", **kw), dataset=ds, features=fs, callback=stop_at_step_13)
+    resumed = train.run(_cfg(run_name="rcut", resume=True, **kw), dataset=ds, features=fs)
+    assert resumed.metrics == full.metrics and resumed.curve == full.curve
+    other = train.run(_cfg(run_name="rdimkit", **dict(kw, seeding="dimkit")), dataset=ds, features=fs)
+    assert other.curve != full.curve  # the seeding is a real switch
