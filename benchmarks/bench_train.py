@@ -180,7 +180,7 @@ def dimkit_epoch(ds, feats, variant, batch_size):
         elif e["event"] == "epoch":
             marks["end"] = time.perf_counter()
 
-    cfg = train.config_for("wikimel", variant=variant, num_epochs=1, batch_size=batch_size, protocols="kb",
+    cfg = train.TrainConfig.for_dataset("wikimel", variant=variant, num_epochs=1, batch_size=batch_size, protocols="kb",
                            select_protocol="kb", negatives="tfidf", hidden=feats.dim, eval_steps=0,
                            run_name=f"bench-{variant}")
     train.run(cfg, dataset=ds, features=feats, callback=cb, progress=False)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets, paths
+from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .imagefiles import sha256_file as imagefile_sha256
 from .llm import (BATCH_FINAL, BatchClient, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
@@ -260,7 +260,7 @@ class AugmentReport:
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically)."""
         path = Path(path)
-        datasets.atomic_write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", path)
+        atomic.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", path)
         return path
 
     def summary(self) -> str:
@@ -1004,7 +1004,7 @@ def _write_plus(ds: datasets.Dataset, out: str, values: dict[str, dict], jobs: l
         stage.mkdir(parents=True)
         meta["image_links"] = link_images(ds, stage)
         datasets.write_prepared(stage, ds.mentions, ents, meta, candidates=ds.candidates, source=out_root)
-        datasets.swap_in_folder(stage, out_root)
+        atomic.swap_in(stage, out_root)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets
+from . import atomic, datasets
 from .errors import ConfigError, DataError, option
 from .store import content_hash, make_key
 
@@ -558,11 +558,11 @@ def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, p
                               "keyed_by": "mention", "report": str(REPORT_FILE)}
         if released:
             meta["candidates"]["replaced"] = previous_meta
-        datasets.atomic_write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
+        atomic.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
                                    ds.root / "meta.json")
         ds.meta = meta
         ds._candidates = df
-    datasets.atomic_write_text(json.dumps(report.to_dict(), indent=2) + "\n", report_path)
+    atomic.write_text(json.dumps(report.to_dict(), indent=2) + "\n", report_path)
     return df, report
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -87,11 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help = COMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"dimkit {name}", description=help)
-    module.add_arguments(sub)
+    config = getattr(module, "CONFIG", None)
+    (config or module).add_arguments(sub)
     args = sub.parse_args(argv[1:])
     token = _CLI.set(True)
     try:
-        return int(module.run_cli(args) or 0)
+        if config is None:  # a command that is not a stage (info, notebooks)
+            return int(module.run_cli(args) or 0)
+        cfg = config.from_args(args)
+        if args._show_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        result = module.run(cfg)
+        print(result.summary())
+        return result.exit_code
     except DimkitError as exc:
         print(f"dimkit {name}: error: {exc}", file=sys.stderr)
         return 2

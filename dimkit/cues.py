@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets, shards
+from . import atomic, datasets, shards
 from .errors import check_positive
 from .experts import (NoExpert, CueItem, Expert, ReplayFileExpert, SAMPLE_ORACLE, make_expert)
 from .imagefiles import ImageScan, scan_images
@@ -219,7 +219,7 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
         seconds=round(time.perf_counter() - t0, 3), note=note,
         shard=str(shard_t) if shard_t else None)
     if write_report and shard_t is None:
-        datasets.atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n", Path(ds.root) / REPORT_FILE)
+        atomic.write_text(json.dumps(report.to_dict(), indent=1) + "\n", Path(ds.root) / REPORT_FILE)
     return CueResult(cues=cues, table=table, report=report, expert=ex)
 
 

@@ -21,14 +21,13 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+
 
 import pandas as pd
 
-from . import paths
+from . import atomic, paths
 from .errors import DataError, DimkitError
 
 SPLITS = ("train", "dev", "test")
@@ -359,102 +358,11 @@ def write_candidates(root: Path, candidates: pd.DataFrame) -> Path:
     """Write ``candidates.parquet`` atomically into a prepared dataset folder."""
     candidates = candidates[list(CANDIDATE_COLUMNS)].copy()
     candidates["qids"] = [list(map(str, q)) for q in candidates["qids"]]
-    target = Path(root) / "candidates.parquet"
-    atomic_write_parquet(candidates, target)
-    return target
-
-
-_FILE_MODE: int | None = None
-
-
-def plain_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file here: 0o666 less the process umask.
-
-    Temporary files from :mod:`tempfile` are 0o600; renamed into place as they are, one dataset
-    folder would mix private and shared files and break a data or cache folder shared by a group.
-    """
-    global _FILE_MODE
-    if _FILE_MODE is None:
-        umask = None
-        try:  # Linux reports the umask without changing it
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-        except (OSError, ValueError, IndexError):
-            pass
-        if umask is None:
-            umask = os.umask(0o022)
-            os.umask(umask)
-        _FILE_MODE = 0o666 & ~umask
-    return _FILE_MODE
-
-
-def atomic_write_parquet(df: pd.DataFrame, target: Path) -> None:
-    """Write a parquet file through a temporary file and a rename: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.chmod(tmp, plain_file_mode())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(data: bytes, target: Path) -> None:
-    """Write a file through a unique temporary file, fsync and a rename: readers never see half a file.
-
-    The temporary name is unique per call, so several processes may write into one folder at once.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, plain_file_mode())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, target: Path) -> None:
-    """Write a text file (UTF-8) atomically, as :func:`atomic_write_bytes`."""
-    atomic_write_bytes(text.encode("utf-8"), target)
-
-
-def swap_in_folder(stage: Path, target: Path) -> None:
-    """Put the finished folder ``stage`` at ``target`` (same parent), replacing any old one whole.
-
-    The old folder is renamed aside first and removed only after the new one is in place, so a
-    crash leaves either the old or the new folder at ``target``, never a mixture of both.
-    """
-    stage, target = Path(stage), Path(target)
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time() * 1e6)}")
-        os.rename(target, old)
-    try:
-        os.rename(stage, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        if old.is_symlink() or old.is_file():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    return atomic.write_parquet(candidates, Path(root) / "candidates.parquet")
 
 
 def write_prepared(root: str | Path, mentions: pd.DataFrame, entities: pd.DataFrame, meta: dict,
-                   candidates: pd.DataFrame | None = None, *, source: str | Path = "<dataset>",
-                   extra_files: Iterable[tuple[str, str]] = ()) -> Path:
+                   candidates: pd.DataFrame | None = None, *, source: str | Path = "<dataset>") -> Path:
     """Validate and write a prepared dataset; on any failure nothing new is left behind.
 
     Files are staged in a hidden folder inside ``root`` and moved in at the end; ``meta.json``
@@ -482,9 +390,6 @@ def write_prepared(root: str | Path, mentions: pd.DataFrame, entities: pd.DataFr
             c["qids"] = [list(map(str, q)) for q in c["qids"]]
             c.to_parquet(stage / "candidates.parquet", index=False)
             names.append("candidates.parquet")
-        for fname, text in extra_files:
-            (stage / fname).write_text(text)
-            names.append(fname)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         # An older meta.json must not vouch for a mixture of old and new files while we move them.
         (root / "meta.json").unlink(missing_ok=True)

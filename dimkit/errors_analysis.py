@@ -86,7 +86,7 @@ def ensure_run(dataset: str, variant: str = "paper", ablation: str = "none", *, 
 
     print(f"no finished {variant}/{ablation} run of {dataset} in {paths.runs_dir()}: training a quick one "
           f"({quick_epochs} epochs; notebook 03 trains the full schedule)")
-    cfg = train.config_for(dataset, variant=variant, ablation=ablation, num_epochs=quick_epochs, resume=True)
+    cfg = train.TrainConfig.for_dataset(dataset, variant=variant, ablation=ablation, num_epochs=quick_epochs, resume=True)
     return Path(train.run(cfg, progress=progress).run_dir)
 
 

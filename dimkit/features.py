@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets, paths, shards
+from . import atomic, datasets, paths, shards
 from .clip import ClipModel, ClipSpec, load_clip, parse_clip_spec
 from .errors import ConfigError, DataError, DimkitError, check_positive
 from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
@@ -110,7 +110,7 @@ class FeatureSet:
                   "mention_ids": json.dumps(list(self.mention_ids)),
                   "entity_qids": json.dumps(list(self.entity_qids)),
                   "meta": json.dumps(self.meta, default=str)}
-        datasets.atomic_write_bytes(save(tensors, metadata=header), path)
+        atomic.write_bytes(save(tensors, metadata=header), path)
         return path
 
     @classmethod
@@ -246,7 +246,7 @@ class FeatureStore:
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         data = save({"keys": key_arr, "vectors": vectors},
                     metadata={"format": STORE_FORMAT, "model_id": self.model_id})
-        datasets.atomic_write_bytes(data, self.dir / name)
+        atomic.write_bytes(data, self.dir / name)
         self.refresh()
         return self.dir / name
 
@@ -537,7 +537,7 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
                           "synthetic_cues": cue_res.report.synthetic, "label": "", "report": report.to_dict()})
     fs.meta["label"] = fs.label
     if write_report and shard_t is None:
-        datasets.atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n",
+        atomic.write_text(json.dumps(report.to_dict(), indent=1) + "\n",
                                    Path(ds.root) / "reports" / "features.json")
     return fs, report
 
@@ -661,5 +661,5 @@ def write_summary(ds: datasets.Dataset, cue_report: Any, feature_report: Feature
             "label": ("CLIP " + feature_report.model_id + ("" if feature_report.weights_real else
                       " -- random or sample-trained weights, not comparable to the paper"))}
     target = folder / f"{ds.name}.json"
-    datasets.atomic_write_text(json.dumps(data, indent=1, default=str) + "\n", target)
+    atomic.write_text(json.dumps(data, indent=1, default=str) + "\n", target)
     return target

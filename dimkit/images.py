@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from . import datasets
+from . import atomic, datasets
 from .errors import ConfigError, DataError
 
 #: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder);
@@ -567,7 +567,7 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
         _write_status(ds, per_mention)
         summary = report.to_dict()
         summary["files"] = {rel: results[rel] for rel in sorted(results)}
-        datasets.atomic_write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n", report_path)
+        atomic.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n", report_path)
         report.report_path = report_path
     return report
 
@@ -623,7 +623,7 @@ def _write_status(ds: datasets.Dataset, per_mention: pd.DataFrame) -> None:
         return
     on_disk["image_status"] = pd.Series(new_status, dtype=object)
     on_disk["image_converted"] = pd.Series(new_conv, dtype=object)
-    datasets.atomic_write_parquet(on_disk, target)
+    atomic.write_parquet(on_disk, target)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import codecs
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import datasets, paths
+from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError
 from .imagefiles import sha256_file
 
@@ -824,14 +823,6 @@ def _read_lines(src: Path) -> list[tuple[int, str]]:
         raise
 
 
-def _atomic_lines(target: Path):
-    """A temp file beside ``target``; the caller renames it into place when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.chmod(tmp, datasets.plain_file_mode())  # as a plain open() would make it, not mkstemp's 0600
-    return os.fdopen(fd, "w", encoding="utf-8"), Path(tmp)
-
-
 def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10, batch_size: int = 64,
               device: str = "auto", expert: Any = None, allow_unusable_images: bool = False,
               skipped_file: str | Path | None = None, progress: bool = True) -> LinkFileReport:
@@ -855,49 +846,43 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
     report.lines = len(raw)
     base = src.parent.resolve()
     computed: Counter = Counter()
-    out_fh, out_tmp = _atomic_lines(dst)
-    try:
-        with out_fh, tqdm(total=len(raw), desc=f"linking {src.name}", unit="line",
-                          **({} if progress else {"disable": True})) as bar:
-            for a in range(0, len(raw), batch_size):
-                chunk = raw[a:a + batch_size]
-                items, linenos = [], []
-                for lineno, text in chunk:
-                    item, skip = _parse_line(text, lineno, base)
-                    if skip is not None:
-                        report.skipped.append(skip)
-                    else:
-                        items.append(item)
-                        linenos.append(lineno)
-                results = linker._link_chunk(items, k, 0, True, allow_unusable_images, str(src)) if items else []
-                for lineno, item, res in zip(linenos, items, results):
-                    if isinstance(res, DataError):
-                        why = getattr(res, "image_status", "unusable")
-                        report.skipped.append({"line": lineno, "reason": f"image_{why}", "field": "image",
-                                               "detail": f"{item.image}: {res.reason}"})
-                        continue
-                    computed.update(res.attrs.get("computed", {}))
-                    row = {"line": lineno, **({"id": item.id} if item.id is not None else {}),
-                           "mention": item.mention, "image_status": res.attrs["image_status"],
-                           "cue": res.attrs["cue"], "cue_status": res.attrs["cue_status"],
-                           **({"attention": res.attrs["attention"]} if "attention" in res.attrs else {}),
-                           "entities": [{"qid": q, "name": nm, "description": d, "score": round(float(s), 6)}
-                                        for q, nm, d, s in res[["qid", "name", "description", "score"]]
-                                        .itertuples(index=False)]}
-                    out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    report.linked += 1
-                    report.no_image += item.image is None
-                bar.update(len(chunk))
-            out_fh.flush()
-            os.fsync(out_fh.fileno())
-        os.replace(out_tmp, dst)
-    except BaseException:
-        out_tmp.unlink(missing_ok=True)
-        raise
+    # the output file appears only when the whole batch is linked
+    with atomic.replacing(dst, "w", encoding="utf-8") as out_fh, \
+            tqdm(total=len(raw), desc=f"linking {src.name}", unit="line",
+                 **({} if progress else {"disable": True})) as bar:
+        for a in range(0, len(raw), batch_size):
+            chunk = raw[a:a + batch_size]
+            items, linenos = [], []
+            for lineno, text in chunk:
+                item, skip = _parse_line(text, lineno, base)
+                if skip is not None:
+                    report.skipped.append(skip)
+                else:
+                    items.append(item)
+                    linenos.append(lineno)
+            results = linker._link_chunk(items, k, 0, True, allow_unusable_images, str(src)) if items else []
+            for lineno, item, res in zip(linenos, items, results):
+                if isinstance(res, DataError):
+                    why = getattr(res, "image_status", "unusable")
+                    report.skipped.append({"line": lineno, "reason": f"image_{why}", "field": "image",
+                                           "detail": f"{item.image}: {res.reason}"})
+                    continue
+                computed.update(res.attrs.get("computed", {}))
+                row = {"line": lineno, **({"id": item.id} if item.id is not None else {}),
+                       "mention": item.mention, "image_status": res.attrs["image_status"],
+                       "cue": res.attrs["cue"], "cue_status": res.attrs["cue_status"],
+                       **({"attention": res.attrs["attention"]} if "attention" in res.attrs else {}),
+                       "entities": [{"qid": q, "name": nm, "description": d, "score": round(float(s), 6)}
+                                    for q, nm, d, s in res[["qid", "name", "description", "score"]]
+                                    .itertuples(index=False)]}
+                out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                report.linked += 1
+                report.no_image += item.image is None
+            bar.update(len(chunk))
     report.skipped.sort(key=lambda s: s["line"])
     if report.skipped:
-        datasets.atomic_write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped),
-                                   skipped_path)
+        atomic.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped),
+                          skipped_path)
     else:
         report.skipped_file = None
         skipped_path.unlink(missing_ok=True)  # a stale list from an earlier batch would mislead

@@ -347,7 +347,7 @@ def reproduce(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progr
                     if "original_descriptions" in a and not datasets.is_augmented(name):
                         print(f"   skip {name} {a}: only '+' datasets keep the original descriptions")
                         continue
-                    tcfg = train.config_for(name, variant=v, ablation=a, clip=clip, device=cfg.device,
+                    tcfg = train.TrainConfig.for_dataset(name, variant=v, ablation=a, clip=clip, device=cfg.device,
                                             num_epochs=cfg.num_epochs)
                     mpath = paths.runs_dir() / tcfg.name() / "metrics.json"
                     if mpath.exists():

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from . import datasets, paths
+from . import atomic, datasets, paths
 from .errors import DataError, DimkitError
 
 #: Preferred order of the enhanced datasets in the figure (others follow by name, the sample last).
@@ -419,8 +419,8 @@ def figure2(names: Iterable[str] | None = None, *, save: bool = True, name: str 
         files += save_figure(fig, stem, out)
         tdir = out / "tables"
         csv_path, md_path = tdir / f"{stem}_stats.csv", tdir / f"{stem}_stats.md"
-        datasets.atomic_write_text(table.round(4).to_csv(index=False, na_rep="n/a"), csv_path)
-        datasets.atomic_write_text(stats_markdown(table), md_path)
+        atomic.write_text(table.round(4).to_csv(index=False, na_rep="n/a"), csv_path)
+        atomic.write_text(stats_markdown(table), md_path)
         files += [csv_path, md_path]
     return Figure2(stats=stats, table=table, fig=fig, files=files)
 

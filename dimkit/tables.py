@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from . import datasets, paths
+from . import atomic, datasets, paths
 from .errors import ConfigError, DataError
 
 #: Metrics shown per protocol (the released code's top-k; MIMIC-style whole-KB metrics).
@@ -421,7 +421,7 @@ class Table:
         out = []
         for ext, text in (("csv", self.to_csv()), ("md", self.to_markdown()), ("tex", self.to_latex())):
             p = folder / f"{self.name}.{ext}"
-            datasets.atomic_write_text(text, p)
+            atomic.write_text(text, p)
             out.append(p)
         return out
 
@@ -593,7 +593,7 @@ def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path 
     for t in tables:
         index += [t.to_markdown(), ""]
     p = folder / "index.md"
-    datasets.atomic_write_text("\n".join(index), p)
+    atomic.write_text("\n".join(index), p)
     out.append(p)
     return out
 
@@ -694,7 +694,7 @@ def launch_missing(keys: Iterable[RunKey], runs: pd.DataFrame | None = None, *, 
             report.skipped.append((k, f"dataset not prepared ({root / 'meta.json'} missing)"))
             continue
         try:
-            cfg = train.config_for(k.dataset, variant=k.variant, ablation=k.ablation, num_epochs=num_epochs,
+            cfg = train.TrainConfig.for_dataset(k.dataset, variant=k.variant, ablation=k.ablation, num_epochs=num_epochs,
                                    clip=clip, device=device, **(overrides or {}))
             result = train.run(cfg)
             report.launched.append(result.run_name)

@@ -38,21 +38,21 @@ import copy
 import dataclasses
 import hashlib
 import json
-import io
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import datasets, paths
+from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
+from .stage import Config, Result, setting
 from .evaluate import PROTOCOL_NOTES, PROTOCOLS, RULE_NOTES, RULES, candidate_matrix, encode, evaluate_queries, kb_ranks
 from .losses import LOSSES, compute_loss
 from .model import ABLATIONS, VARIANTS, ModelConfig, build_model, parse_ablation
@@ -72,62 +72,78 @@ class TrainingDiverged(DimkitError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Everything a training run depends on (defaults = the released WikiMEL script, ``script/wwiki.sh``)."""
 
-    dataset: str = "sample+"
-    variant: str = "paper"  # paper | released
-    ablation: str = "none"  # none | no_image | no_cue | no_attention | text_only | original_descriptions (comma-joined)
-    clip: str = "auto"  # feature model for load_features (auto: sample CLIP on the sample, ViT-B-32 else)
-    loss: str = "npair"  # npair (released NpairLoss) | inbatch (textbook N-pair) | infonce
-    l2_reg: float = 0.02
-    temperature: float = 0.07  # infonce only
-    negatives: str = "tfidf"  # tfidf (released) | random | candidates
-    num_negatives: int = 1  # sampled negatives per sample; inbatch/infonce add them to the batch's (0 = none)
-    hard_prob: float = 0.95  # tfidf: probability of a TF-IDF draw instead of a uniform one
-    lr: float = 5e-5
-    optimizer: str = "torch"  # released (transformers 4.x AdamW, released groups) | torch (torch.optim.AdamW)
-    stop_list: str = "dimkit"  # TF-IDF tokens removed: released (sample_util.py) | dimkit (all punctuation)
-    seeding: str = "dimkit"  # released (set_seed of random/numpy/torch, negatives from `random`) | dimkit
-    weight_decay: float = 1e-3
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 100
-    dropout: float = 0.4
-    hidden: int | None = None  # None = the CLIP feature size: 512 with ViT-B/32 as in the scripts
-    heads: int = 8
-    separate_projections: bool = False
-    batch_size: int = 64
-    num_epochs: int = 300
-    eval_steps: int = 500  # evaluate + checkpoint every this many optimizer steps; 0 = every epoch
-    patience: int = 20  # evaluations without a better dev score before stopping; 0 = never
-    protocols: str = "dim,kb"
-    select_protocol: str = "dim"  # model selection on dev H@1 of this protocol
-    rank_rule: str = "pessimistic"  # pessimistic | strict (released)
-    candidate_limit: int | None = None  # keep the first k listed candidates (WikiDiverse: 79 + gold)
-    seed: int = 114514
-    device: str = "auto"  # auto | cpu | cuda | mps
-    num_threads: int | None = None  # CPU threads for torch during the run; None = torch's default
-    run_name: str | None = None
-    resume: bool = False
-    allow_missing_inputs: bool = False  # train the paper variant even when most images or cues are missing
+    STAGE: ClassVar[str] = "train"
 
-    def to_dict(self) -> dict:
-        """Plain dict (JSON-safe)."""
-        return dataclasses.asdict(self)
+    dataset: str = setting("sample+", "dataset name (sample+, wiki+, rich+, diverse+, wikimel, ...)", positional=True)
+    variant: str = setting("paper", "paper (attention fusion) or released (the released model and procedure)",
+                           choices=VARIANTS)
+    ablation: str = setting("none", f"one of {', '.join(ABLATIONS)}, or several joined by commas")
+    clip: str = setting("auto", "feature model for dimkit.features (auto: the sample CLIP on the sample, "
+                                "ViT-B-32 elsewhere)")
+    loss: str = setting("npair", "npair (released NpairLoss), inbatch (textbook N-pair) or infonce", choices=LOSSES)
+    l2_reg: float = setting(0.02, "weight of the released L2 term", min=0, cli=False)
+    temperature: float = setting(0.07, "infonce only", above=0, cli=False)
+    negatives: str = setting("tfidf", "tfidf (released), random or candidates", choices=SAMPLERS)
+    num_negatives: int = setting(1, "sampled negatives per sample (inbatch/infonce add them to the batch's)",
+                                 min=0, cli=False)
+    hard_prob: float = setting(0.95, "tfidf: probability of a TF-IDF draw instead of a uniform one", min=0,
+                               cli=False)
+    lr: float = setting(5e-5, "learning rate", above=0)
+    optimizer: str = setting("torch", "released (transformers 4.x AdamW, released groups) or torch",
+                             choices=OPTIMIZERS, cli=False)
+    stop_list: str = setting("dimkit", "TF-IDF tokens removed: released (sample_util.py) or dimkit "
+                                       "(all punctuation)", choices=("released", "dimkit"), cli=False)
+    seeding: str = setting("dimkit", "released (set_seed; negatives from Python's random) or dimkit",
+                           choices=("released", "dimkit"), cli=False)
+    weight_decay: float = setting(1e-3, "AdamW weight decay", min=0, cli=False)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon", min=0, cli=False)
+    max_grad_norm: float = setting(1.0, "gradient clipping", min=0, cli=False)
+    warmup_steps: int = setting(100, "linear warm-up steps", min=0, cli=False)
+    dropout: float = setting(0.4, "dropout", min=0, cli=False)
+    hidden: int | None = setting(None, "hidden size (None: the CLIP feature size, 512 with ViT-B/32)", above=0,
+                                 cli=False)
+    heads: int = setting(8, "attention heads", above=0, cli=False)
+    separate_projections: bool = setting(False, "paper variant: one projection per text input", cli=False)
+    batch_size: int = setting(64, "batch size", above=0)
+    num_epochs: int = setting(300, "epochs", above=0, cli="--epochs")
+    eval_steps: int = setting(500, "evaluate and checkpoint every this many steps (0: every epoch)", min=0,
+                              cli=False)
+    patience: int = setting(20, "evaluations without a better dev score before stopping (0: never)", min=0,
+                            cli=False)
+    protocols: str = setting("dim,kb", "evaluation protocols, comma-joined (dim, kb)", cli=False)
+    select_protocol: str = setting("dim", "model selection on dev H@1 of this protocol", choices=PROTOCOLS,
+                                   cli=False)
+    rank_rule: str = setting("pessimistic", "the rule of `metrics` (both are always kept): pessimistic or "
+                                            "strict (released)", choices=RULES)
+    candidate_limit: int | None = setting(None, "keep the first k listed candidates (WikiDiverse: 79 + gold)",
+                                          min=1, cli=False)
+    seed: int = setting(114514, "seed (the released scripts' 114514)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    num_threads: int | None = setting(None, "CPU threads for torch during the run (None: torch's default)",
+                                      above=0, cli=False)
+    run_name: str | None = setting(None, "run folder name (default: from the settings)")
+    resume: bool = setting(False, "continue from the run's last checkpoint")
+    allow_missing_inputs: bool = setting(False, "train the paper variant even when most images or cues are "
+                                                "missing", cli=False)
 
-    def validate(self) -> "TrainConfig":
-        """Check names, types and ranges; raise ConfigError on the first bad value."""
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            _check_type(f.name, f.type, v)
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
+        """The dataset's preset (from the released scripts) with ``overrides`` (None keeps the preset).
+
+        ``variant="released"`` also takes the released training procedure (:data:`RELEASED_PROCEDURE`)
+        for every key not given. To set a field that accepts None (``candidate_limit``) to None, use
+        :meth:`replace` afterwards, as ``--set candidate_limit=none`` does.
+        """
+        if (overrides.get("variant") or cls.variant) == "released":
+            overrides = {**RELEASED_PROCEDURE, **{k: v for k, v in overrides.items() if v is not None}}
+        return super().for_dataset(dataset, **overrides)
+
+    def check(self) -> None:
+        """Cross-field checks (names of ablations and protocols, sizes that must agree)."""
         self.dataset = datasets.canonical_name(self.dataset)
-        choices = {"variant": VARIANTS, "loss": LOSSES, "negatives": SAMPLERS, "rank_rule": RULES,
-                   "select_protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "stop_list": tuple(STOP_LISTS),
-                   "seeding": SEEDINGS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         self.ablation = ",".join(parse_ablation(self.ablation)) or "none"
         protos = [p.strip() for p in self.protocols.split(",") if p.strip()]
         bad = [p for p in protos if p not in PROTOCOLS]
@@ -138,23 +154,13 @@ class TrainConfig:
         self.protocols = ",".join(protos)
         if self.loss == "npair" and self.num_negatives < 1:
             raise ConfigError("the released N-pair loss needs num_negatives >= 1")
-        for key in ("lr", "batch_size", "num_epochs", "hidden", "heads", "temperature", "num_threads"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("num_negatives", "weight_decay", "warmup_steps", "eval_steps", "patience", "l2_reg",
-                    "max_grad_norm"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.hard_prob <= 1.0:
+        if not self.dropout < 1.0 or not self.hard_prob <= 1.0:
             raise ConfigError("dropout must be in [0, 1) and hard_prob in [0, 1]")
         if self.hidden is not None and self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if self.candidate_limit is not None and self.candidate_limit < 1:
-            raise ConfigError("candidate_limit must be >= 1 or None")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
             raise ConfigError(f"run_name {self.run_name!r} must be a plain folder name")
         ModelConfig.from_ablation(self.ablation, variant=self.variant)  # variant/ablation clash
-        return self
 
     def fingerprint(self) -> str:
         """Short hash of what changes the result (not device, run name or resume)."""
@@ -192,6 +198,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: How the weights are seeded and negatives drawn: ``released`` = ``nel_model/train.py::set_seed`` and
 #: ``dataset.py::neg_sample_online``'s Python ``random`` stream; ``dimkit`` = separate numpy/torch generators.
+PRESETS["default"] = PRESETS["wikimel"]  # any other dataset: the WikiMEL script
+TrainConfig.PRESETS = PRESETS
+
 SEEDINGS = ("released", "dimkit")
 #: The released training procedure (``nel_model/train.py``, ``sample_util.py``): what ``--variant
 #: released`` trains with unless a key is set explicitly. ``paper`` runs keep the preset's values
@@ -217,84 +226,12 @@ def procedure(cfg: "TrainConfig") -> dict:
     return out
 
 
-def _check_type(name: str, typ: Any, value: Any) -> None:
-    typ = str(typ)
-    ok = True
-    if value is None:
-        ok = "None" in typ
-    elif typ.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif typ.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif typ.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif typ.startswith("str"):
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{name}={value!r} has the wrong type (expected {typ})")
-
-
-def _coerce(name: str, text: str) -> Any:
-    """Turn the text of ``--set name=value`` into the field's type."""
-    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    if name not in fields:
-        raise ConfigError(f"unknown config key {name!r}; known: {', '.join(sorted(fields))}")
-    typ = fields[name]
-    if "None" in typ and text.strip().lower() in ("none", "null", ""):
-        return None
-    try:
-        if typ.startswith("bool"):
-            low = text.strip().lower()
-            if low not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return low in ("true", "1", "yes")
-        if typ.startswith("int"):
-            return int(text)
-        if typ.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={text!r} is not a valid {typ.split(' ')[0]}") from None
-    return text
-
-
-def config_for(dataset: str, **overrides: Any) -> TrainConfig:
-    """The preset of ``dataset`` (from the released scripts) with ``overrides`` applied and validated.
-
-    Overrides whose value is None keep the preset (so notebook parameters can default to None); to
-    set a field that accepts None (``candidate_limit``) to None, use ``dataclasses.replace``
-    afterwards, as ``dimkit train --set candidate_limit=none`` does.
-    """
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    name = datasets.canonical_name(dataset)
-    preset = PRESETS.get(datasets.base_name(name), PRESETS["wikimel"])
-    values = dict(preset)
-    if (overrides.get("variant") or TrainConfig.variant) == "released":
-        values.update(RELEASED_PROCEDURE)  # the released variant trains as the released script does
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["dataset"] = name
-    return TrainConfig(**values).validate()
-
-
-def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
-    """``["lr=1e-4", "patience=5"]`` -> typed overrides (unknown keys raise ConfigError)."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = _coerce(k.strip(), v)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # results
 
 
 @dataclass
-class RunResult:
+class RunResult(Result):
     """What a run returns and writes to ``metrics.json``."""
 
     run_name: str
@@ -337,6 +274,15 @@ class RunResult:
         parts = [f"{p} H@1 {m['H@1']:.3f}" for p, m in t.items() if m.get("H@1") is not None]
         return (f"{self.run_name}: test {', '.join(parts)} (best epoch {self.best.get('epoch')}, "
                 f"{self.status}, {self.wall_time_s:.0f} s){'; ' + self.note if self.note else ''}")
+
+    def summary(self) -> str:
+        """The one-line result, the dev and test tables under both rank rules, and where it is written."""
+        lines = [str(self)]
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
+            for split in ("dev", "test"):
+                lines += ["", f"{split}:", results_table([self], split).round(2).to_string(index=False)]
+        lines += ["", f"wrote {self.metrics_path}"]
+        return "\n".join(lines)
 
 
 RULE_LABELS = {"strict": "strict (released)", "pessimistic": "pessimistic"}
@@ -522,12 +468,6 @@ def _inputs(feats: Any, device: str) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def _atomic_torch_save(obj: Any, target: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    datasets.atomic_write_bytes(buf.getvalue(), target)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
@@ -848,7 +788,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                                    "since_best", "epoch_loss", "eval_loss", "finished", "status")}
         s["curve"] = json.dumps(state["curve"])
         s["wall"] = state["wall"] + (time.perf_counter() - t_start)
-        _atomic_torch_save({"format": CHECKPOINT_FORMAT, "code_version": CODE_VERSION,
+        atomic.write_torch({"format": CHECKPOINT_FORMAT, "code_version": CODE_VERSION,
                             "feature_model": str(features.model_id), "config": json.dumps(cfg.to_dict()),
                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": rng, "perm": state["perm"],
@@ -994,7 +934,7 @@ def _diverged(what: str, state: dict, cfg: TrainConfig, ckpt_path: Path, run_dir
             else "no checkpoint had been written yet")
     msg = (f"training stopped: {what} at step {step} (epoch {epoch}) of run {run_name}; {kept}. "
            f"Try a lower lr (now {cfg.lr}) or check the features for NaN/inf values.")
-    datasets.atomic_write_text(json.dumps({"run_name": run_name, "status": "diverged", "error": msg,
+    atomic.write_text(json.dumps({"run_name": run_name, "status": "diverged", "error": msg,
                                            "config": cfg.to_dict(), "curve": state["curve"]},
                                           indent=2, default=str) + "\n", run_dir / "metrics.json")
     raise TrainingDiverged(msg)
@@ -1004,7 +944,7 @@ def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, 
                    ds: datasets.Dataset, entities: torch.Tensor, inputs: dict, splits: tuple, ranks: dict,
                    device: str, protocols: list[str]) -> None:
     run_dir = result.run_dir
-    _atomic_torch_save({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
+    atomic.write_torch({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, run_dir / "model.pt")
     qids = ds.entities["qid"].to_numpy()
     frames = []
@@ -1019,7 +959,7 @@ def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, 
         df["top5"] = [list(qids[t]) for t in top.cpu().numpy()]
         frames.append(df)
     if frames:
-        datasets.atomic_write_parquet(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+        atomic.write_parquet(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
     import platform
 
     from . import __version__
@@ -1037,59 +977,11 @@ def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, 
         # versions only of what training touches: importing transformers/open_clip here costs seconds
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "dimkit": __version__},
     }
-    datasets.atomic_write_text(json.dumps(out, indent=2, default=str) + "\n", run_dir / "metrics.json")
+    atomic.write_text(json.dumps(out, indent=2, default=str) + "\n", run_dir / "metrics.json")
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit train``."""
-    parser.add_argument("dataset", help="dataset name (sample+, wiki+, rich+, diverse+, wikimel, ...)")
-    parser.add_argument("--variant", choices=VARIANTS, default=None, help="paper (default) or released")
-    parser.add_argument("--epochs", type=int, default=None, dest="num_epochs", help="num_epochs (preset otherwise)")
-    parser.add_argument("--ablation", default=None,
-                        help=f"one of {', '.join(ABLATIONS)}, or several joined by commas")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, dest="batch_size")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--loss", choices=LOSSES, default=None)
-    parser.add_argument("--negatives", choices=SAMPLERS, default=None)
-    parser.add_argument("--rank-rule", choices=RULES, default=None, dest="rank_rule")
-    parser.add_argument("--clip", default=None,
-                        help="feature model for dimkit.features (default auto: the sample CLIP on the sample, "
-                             "ViT-B-32 elsewhere)")
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--run-name", default=None, dest="run_name")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (repeatable), e.g. --set patience=5")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit train``: resolve the config, train, print the metrics."""
-    over = {k: getattr(args, k) for k in ("variant", "num_epochs", "ablation", "lr", "batch_size", "seed", "loss",
-                                          "negatives", "rank_rule", "clip", "device", "run_name")}
-    if args.resume:
-        over["resume"] = True
-    cfg = config_for(args.dataset, **over)
-    sets = parse_sets(args.set)
-    if sets:
-        cfg = dataclasses.replace(cfg, **sets).validate()
-    if args.show_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        print(f"run folder: {paths.runs_dir() / cfg.name()}")
-        return 0
-    result = run(cfg)
-    print(result)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        for split in ("dev", "test"):
-            print(f"\n{split}:")
-            print(results_table([result], split).round(2).to_string(index=False))
-    print(f"\nwrote {result.metrics_path}")
-    return 0
+#: The command line: ``dimkit train`` takes the flags of :class:`TrainConfig`, runs :func:`run`, prints its result.
+CONFIG = TrainConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -1157,5 +1049,5 @@ def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Datas
     """Write ``runs/<run-name>/features.json`` (read by :mod:`dimkit.link`)."""
     target = Path(run_dir) / PROVENANCE_FILE
     data = feature_provenance(cfg, ds, features, desc_col)
-    datasets.atomic_write_text(json.dumps(data, indent=2) + "\n", target)
+    atomic.write_text(json.dumps(data, indent=2) + "\n", target)
     return target

@@ -71,10 +71,10 @@ is_sample = datasets.base_name(dataset) == "sample"
 common = dict(num_epochs=num_epochs, lr=lr, batch_size=batch_size, seed=seed, clip=clip, rank_rule=rank_rule,
               resume=resume)
 other = "released" if variant == "paper" else "paper"
-configs = [train.config_for(dataset, variant=variant, ablation="none", **common)]
+configs = [train.TrainConfig.for_dataset(dataset, variant=variant, ablation="none", **common)]
 if compare_variants:
-    configs.append(train.config_for(dataset, variant=other, ablation="none", **common))
-configs.append(train.config_for(dataset, variant=variant, ablation=ablation, **common))  # fails fast on clashes
+    configs.append(train.TrainConfig.for_dataset(dataset, variant=other, ablation="none", **common))
+configs.append(train.TrainConfig.for_dataset(dataset, variant=variant, ablation=ablation, **common))  # fails fast on clashes
 for c in configs:
     print(f"{c.name():60s} lr={c.lr} batch_size={c.batch_size} num_epochs={c.num_epochs} loss={c.loss} "
           f"negatives={c.negatives}\n{'':60s} optimizer={c.optimizer} patience={c.patience} "

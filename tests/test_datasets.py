@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from dimkit import datasets
+from dimkit import atomic, datasets
 from dimkit.errors import DataError, DimkitError
 
 
@@ -168,9 +168,9 @@ def test_atomically_written_files_get_the_mode_a_plain_open_gives(kit_dirs, tmp_
 
     old = os.umask(0o022)
     try:
-        datasets._FILE_MODE = None  # read the umask afresh
-        datasets.atomic_write_text("x", tmp_path / "a.txt")
-        datasets.atomic_write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "a.parquet")
+        atomic._FILE_MODE = None  # read the umask afresh
+        atomic.write_text("x", tmp_path / "a.txt")
+        atomic.write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "a.parquet")
         mentions, entities = _tables()
         root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
         (tmp_path / "plain.txt").write_text("x")
@@ -180,4 +180,4 @@ def test_atomically_written_files_get_the_mode_a_plain_open_gives(kit_dirs, tmp_
             assert stat.S_IMODE(p.stat().st_mode) == plain, p
     finally:
         os.umask(old)
-        datasets._FILE_MODE = None
+        atomic._FILE_MODE = None

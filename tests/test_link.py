@@ -35,7 +35,7 @@ def sample_run(tmp_path_factory):
         augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False)
         ds = datasets.load("sample+")
         fs = load_features(ds, progress=False)
-        result = train.run(train.config_for("sample+", num_epochs=6), dataset=ds, features=fs, progress=False)
+        result = train.run(train.TrainConfig.for_dataset("sample+", num_epochs=6), dataset=ds, features=fs, progress=False)
         ds = datasets.load("sample+")  # with the image_status column the feature run wrote
         yield {"root": root, "ds": ds, "fs": fs, "run": result.run_dir, "result": result,
                "pred": pd.read_parquet(result.run_dir / "predictions.parquet")}
@@ -168,7 +168,7 @@ def test_a_run_whose_feature_model_is_missing_is_refused_clearly(sample_run, mon
 
 def test_a_run_trained_on_features_handed_in_memory_cannot_be_linked(sample_run):
     ds, fs = synthetic.make_problem(n_mentions=120, n_groups=6, group_size=2, dim=16, seed=1)
-    cfg = train.config_for("synthetic", hidden=16, heads=4, num_epochs=1, eval_steps=0, batch_size=32,
+    cfg = train.TrainConfig.for_dataset("synthetic", hidden=16, heads=4, num_epochs=1, eval_steps=0, batch_size=32,
                            warmup_steps=1, patience=0, protocols="kb", select_protocol="kb", negatives="random")
     result = train.run(cfg, dataset=ds, features=fs, progress=False)
     assert json.loads((result.run_dir / "features.json").read_text())["clip_spec"] is None

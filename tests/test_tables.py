@@ -244,7 +244,8 @@ def test_launch_missing_trains_only_what_it_can(kit_dirs, monkeypatch):
         calls.append(cfg.kw)
         return types.SimpleNamespace(run_name=f"{cfg.kw['dataset']}-{cfg.kw['ablation']}")
 
-    fake = types.SimpleNamespace(config_for=lambda dataset, **kw: Cfg(dataset=dataset, **kw), run=run)
+    fake = types.SimpleNamespace(TrainConfig=types.SimpleNamespace(
+        for_dataset=lambda dataset, **kw: Cfg(dataset=dataset, **kw)), run=run)
     monkeypatch.setitem(sys.modules, "dimkit.train", fake)
     monkeypatch.setattr(dimkit, "train", fake, raising=False)
     # a tiny prepared dataset, so it counts as launchable

@@ -25,57 +25,57 @@ def _cfg(**kw):
     base = dict(hidden=32, heads=4, lr=3e-3, batch_size=32, num_epochs=4, eval_steps=0, warmup_steps=5,
                 patience=0)
     base.update(kw)
-    return train.config_for("synthetic", **base)
+    return train.TrainConfig.for_dataset("synthetic", **base)
 
 
 # ---------------------------------------------------------------- config
 
 
 def test_presets_come_from_the_released_scripts():
-    wiki = train.config_for("wiki+")
+    wiki = train.TrainConfig.for_dataset("wiki+")
     assert wiki.dataset == "wikimel+"
     assert (wiki.lr, wiki.batch_size, wiki.num_epochs, wiki.dropout, wiki.weight_decay) == (5e-5, 64, 300, 0.4, 1e-3)
     # hidden None = the CLIP feature size: 512 with ViT-B/32, the scripts' value
     assert (wiki.hidden, wiki.heads, wiki.seed, wiki.warmup_steps, wiki.max_grad_norm) == (None, 8, 114514, 100, 1.0)
     assert (wiki.loss, wiki.l2_reg, wiki.negatives, wiki.num_negatives) == ("npair", 0.02, "tfidf", 1)
-    rich = train.config_for("rich+", variant="released", num_epochs=5)
+    rich = train.TrainConfig.for_dataset("rich+", variant="released", num_epochs=5)
     assert (rich.lr, rich.batch_size, rich.num_epochs, rich.variant) == (5e-5, 64, 5, "released")
-    div = train.config_for("diverse+")
+    div = train.TrainConfig.for_dataset("diverse+")
     assert (div.lr, div.batch_size, div.num_epochs, div.candidate_limit) == (5e-6, 128, 500, 79)
     keys = {frozenset(p) for p in train.PRESETS.values()}
     assert len(keys) == 1, "every preset has the same keys"
-    assert train.config_for("sample+").num_epochs < 100
+    assert train.TrainConfig.for_dataset("sample+").num_epochs < 100
 
 
 def test_unknown_names_and_bad_values_fail():
-    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
-        train.config_for("wiki+", learning_rate=1e-3)
+    with pytest.raises(ConfigError, match="unknown train setting 'learning_rate'"):
+        train.TrainConfig.for_dataset("wiki+", learning_rate=1e-3)
     with pytest.raises(ConfigError, match="variant"):
-        train.config_for("wiki+", variant="fancy")
+        train.TrainConfig.for_dataset("wiki+", variant="fancy")
     with pytest.raises(ConfigError, match="wrong type"):
-        train.config_for("wiki+", num_epochs="5")
+        train.TrainConfig.for_dataset("wiki+", num_epochs="5")
     with pytest.raises(ConfigError, match="ablation"):
-        train.config_for("wiki+", ablation="no_text")
+        train.TrainConfig.for_dataset("wiki+", ablation="no_text")
     with pytest.raises(ConfigError, match="no_attention"):
-        train.config_for("wiki+", variant="released", ablation="no_attention")
+        train.TrainConfig.for_dataset("wiki+", variant="released", ablation="no_attention")
     with pytest.raises(ConfigError):
-        train.config_for("wiki+", lr=-1.0)
+        train.TrainConfig.for_dataset("wiki+", lr=-1.0)
     with pytest.raises(ConfigError, match="select_protocol"):
-        train.config_for("wiki+", protocols="kb")
-    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
-        train.parse_sets(["nope=1"])
-    assert train.parse_sets(["lr=1e-4", "patience=3", "resume=true", "candidate_limit=none"]) == {
+        train.TrainConfig.for_dataset("wiki+", protocols="kb")
+    with pytest.raises(ConfigError, match="unknown train setting 'nope'"):
+        train.TrainConfig.parse_sets(["nope=1"])
+    assert train.TrainConfig.parse_sets(["lr=1e-4", "patience=3", "resume=true", "candidate_limit=none"]) == {
         "lr": 1e-4, "patience": 3, "resume": True, "candidate_limit": None}
     with pytest.raises(ConfigError, match="valid int"):
-        train.parse_sets(["patience=three"])
+        train.TrainConfig.parse_sets(["patience=three"])
 
 
 def test_run_names_follow_the_config_not_the_device():
-    a = train.config_for("rich+", variant="released")
+    a = train.TrainConfig.for_dataset("rich+", variant="released")
     assert a.name().startswith("richpediamel+-released-full-s114514-")
     assert dataclasses.replace(a, device="cpu", resume=True).name() == a.name()
     assert dataclasses.replace(a, lr=1e-4).name() != a.name()
-    assert train.config_for("rich+", ablation="text_only").name().startswith("richpediamel+-paper-text_only-")
+    assert train.TrainConfig.for_dataset("rich+", ablation="text_only").name().startswith("richpediamel+-paper-text_only-")
 
 
 def test_cli_registers_train_and_reports_bad_keys(capsys, kit_dirs):
@@ -86,7 +86,7 @@ def test_cli_registers_train_and_reports_bad_keys(capsys, kit_dirs):
     assert (shown["variant"], shown["num_epochs"], shown["patience"], shown["dataset"]) == (
         "released", 5, 3, "richpediamel+")
     assert cli.main(["train", "rich+", "--set", "bogus=1", "--show-config"]) == 2
-    assert "unknown config key 'bogus'" in capsys.readouterr().err
+    assert "unknown train setting 'bogus'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- runs
@@ -319,16 +319,16 @@ def test_damaged_checkpoint_model_and_metrics_are_named(problem, kit_dirs):
 
 
 def test_the_released_variant_trains_with_the_released_procedure_unless_a_key_says_otherwise():
-    rel = train.config_for("wiki+", variant="released")
+    rel = train.TrainConfig.for_dataset("wiki+", variant="released")
     assert (rel.optimizer, rel.patience, rel.stop_list, rel.seeding) == ("released", 0, "released", "released")
-    paper = train.config_for("wiki+")
+    paper = train.TrainConfig.for_dataset("wiki+")
     assert (paper.optimizer, paper.patience, paper.stop_list, paper.seeding) == ("torch", 20, "dimkit", "dimkit")
-    mixed = train.config_for("wiki+", variant="released", optimizer="torch", patience=5)
+    mixed = train.TrainConfig.for_dataset("wiki+", variant="released", optimizer="torch", patience=5)
     assert (mixed.optimizer, mixed.patience, mixed.stop_list) == ("torch", 5, "released")
     assert train.procedure(mixed)["optimizer"] == {
         "value": "torch", "released": False, "what": train.DIMKIT_PROCEDURE["optimizer"]}
     with pytest.raises(ConfigError, match="optimizer='adam' is not one of released, torch"):
-        train.config_for("wiki+", optimizer="adam")
+        train.TrainConfig.for_dataset("wiki+", optimizer="adam")
 
 
 def test_a_released_run_runs_every_epoch_and_records_its_procedure(problem, kit_dirs):
