@@ -1,6 +1,7 @@
 # dimkit: two commands do all the set-up.
 #   make demo   create .venv if missing, install the kit, run every numbered notebook on the sample
 #   make test   create .venv if missing and run the test suite (what CI runs)
+#   make test-fast  the suite without the slow tier (notebook runs, multi-process, packaging): the inner loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test sync-notebooks bench clean lab reproduce reproduce-check sample sample-clip
+.PHONY: venv demo test test-fast sync-notebooks bench clean lab reproduce reproduce-check sample sample-clip
 
 venv: $(STAMP)
 
@@ -25,6 +26,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	TQDM_DISABLE=1 $(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	TQDM_DISABLE=1 $(PY) -m pytest -q -m "not slow" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
@@ -51,10 +56,10 @@ sync-notebooks: $(STAMP)
 
 # Regenerate the bundled synthetic sample and the small CLIP trained on it (both deterministic).
 sample: $(STAMP)
-	$(PY) -m dimkit.cli sample
+	$(PY) -m dimkit_dev.sample
 
 sample-clip: $(STAMP)
-	$(PY) -m dimkit.clip_train
+	$(PY) -m dimkit_dev.clip_train
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'

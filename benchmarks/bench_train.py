@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from dimkit import evaluate, synthetic, train
+from dimkit import evaluate, train
+from dimkit_dev import synthetic
 from dimkit.losses import npair_loss
 from dimkit.negatives import TfidfNegativeSampler
 

@@ -10,3 +10,4 @@ __version__ = "0.1.0"
 from .datasets import Dataset, load  # noqa: E402,F401
 from .errors import DataError, DimkitError  # noqa: E402,F401
 from .link import link  # noqa: E402,F401  (imports no torch until called)
+from . import bundled  # noqa: E402,F401  (registers the bundled sample's builders)

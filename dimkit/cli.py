@@ -15,7 +15,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dimkit.prepare", "convert a released dataset into dimkit's prepared form"),
     "candidates": ("dimkit.candidates", "build top-k fuzzy candidate lists (DIM's search_top100)"),
     "images": ("dimkit.images", "check every image of a dataset and report unusable ones"),
-    "sample": ("dimkit.sample", "regenerate the bundled synthetic sample"),
     "augment": ("dimkit.augment", "ask an LLM about every entity and write the '+' dataset (Wiki+, Rich+, Diverse+)"),
     "cues": ("dimkit.cues", "ask an image expert (BLIP-2, a VLM, an API, or stored answers) about every mention image"),
     "features": ("dimkit.features", "CLIP features of mentions, sentences, images, cues and entity descriptions"),

@@ -11,8 +11,8 @@ projected embeddings, texts truncated to 77 tokens. The specs :func:`parse_clip_
 - a checkpoint file (``/path/ViT-B-32.pt``, architecture ViT-B-32 QuickGELU, i.e. the OpenAI file
   DIM loads) or ``"ARCH:/path/file"``; a folder with ``open_clip_config.json`` + weights;
   ``"hf-hub:org/repo"``;
-- ``"sample"``: the small CLIP dimkit trains on the bundled sample (:mod:`dimkit.clip_train`),
-  shipped in ``data/sample/clip/`` and loaded through open_clip's local-folder path.
+- ``"sample"``: the small CLIP dimkit trains on the bundled sample (``dimkit_dev/clip_train.py``),
+  shipped in ``dimkit/data/sample/clip/`` and loaded through open_clip's local-folder path.
 
 Only pretrained weights give numbers comparable to the paper; :attr:`ClipModel.weights_real` says
 which is which and every output built on these features carries it.
@@ -34,8 +34,8 @@ from . import paths
 from .errors import ConfigError, DimkitError
 
 DEFAULT_CLIP = "ViT-B-32:openai"
-#: Where the sample-trained CLIP ships (committed; regenerate with ``python -m dimkit.clip_train``).
-SAMPLE_CLIP_DIR = paths.REPO_ROOT / "data" / "sample" / "clip"
+#: Where the sample-trained CLIP ships (shipped in the package; regenerate with ``python -m dimkit_dev.clip_train``).
+SAMPLE_CLIP_DIR = paths.sample_clip_dir()
 SAMPLE_CLIP_NAMES = ("sample", "sample-clip", "dimkit-sample-clip")
 #: Seed of ``ARCH:random`` weights, so random features are the same on every run and machine.
 RANDOM_SEED = 0
@@ -131,7 +131,7 @@ def parse_clip_spec(text: str = "default") -> ClipSpec:
     if key in SAMPLE_CLIP_NAMES:
         if not (SAMPLE_CLIP_DIR / "open_clip_config.json").is_file():
             raise DimkitError(f"the sample-trained CLIP is missing from {SAMPLE_CLIP_DIR}; regenerate it "
-                              "with `python -m dimkit.clip_train` (or use --clip ViT-B-32:random)")
+                              "with `python -m dimkit_dev.clip_train` (or use --clip ViT-B-32:random)")
         return _local_dir_spec(text, SAMPLE_CLIP_DIR)
     if key == "random":
         text = "ViT-B-32:random"

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 
 import pandas as pd
@@ -190,13 +191,21 @@ class Dataset:
         return {q: i for i, q in enumerate(self.entities["qid"].tolist())}
 
 
+#: How to build a bundled dataset the first time it is asked for, by name. :mod:`dimkit.bundled`
+#: registers ``sample`` (prepared from the shipped source) and ``sample+`` (its stored oracle answers),
+#: so this module never imports the stages that build them.
+BUILDERS: dict[str, Callable[[Path | None], object]] = {}
+
+
 def require(name: str, data_dir: str | Path | None = None) -> str:
-    """The canonical name of a dataset that is prepared (or is the bundled sample, prepared on first
-    use); else the error :func:`load` would raise, at once (notebooks call it right after their
-    parameters, before any long import or computation)."""
+    """The canonical name of a dataset that is prepared, building a bundled one on first use; else
+    the error :func:`load` would raise, at once (notebooks call it right after their parameters)."""
     key = canonical_name(name)
     root = dataset_dir(key, data_dir)
-    if key == "sample" or (root / "meta.json").exists():
+    if (root / "meta.json").exists():
+        return key
+    if key in BUILDERS:
+        BUILDERS[key](Path(data_dir) if data_dir is not None else None)
         return key
     if key.endswith("+"):
         hint = (f" Build it with `dimkit augment {key[:-1]} --out {key}` "
@@ -207,12 +216,9 @@ def require(name: str, data_dir: str | Path | None = None) -> str:
 
 
 def load(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load the prepared dataset ``name`` (the bundled ``sample`` is prepared on first use)."""
+    """Load the prepared dataset ``name`` (a bundled one is built on first use)."""
     key = require(name, data_dir)
     root = dataset_dir(key, data_dir)
-    if not (root / "meta.json").exists():  # the bundled sample, on first use
-        from .prepare import prepare
-        prepare(paths.sample_source_dir(), name="sample", data_dir=data_dir)
     meta = read_json_file(root / "meta.json", what="the dataset's meta.json",
                           fix=f"prepare it again with `dimkit prepare SRC --name {key}`")
     mentions = read_table(root / "mentions.parquet", MENTION_SCHEMA, key)

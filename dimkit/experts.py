@@ -448,7 +448,7 @@ class NoExpert(Expert):
 
 
 def sample_cue_file() -> Path:
-    """The bundled sample's stored cues (``data/sample/source/expert_cues.json``)."""
+    """The bundled sample's stored cues (``dimkit/data/sample/source/expert_cues.json``)."""
     return paths.sample_source_dir() / "expert_cues.json"
 
 

@@ -10,12 +10,11 @@ from . import paths
 from .datasets import canonical_name
 from .errors import DimkitError
 
-NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
 
 
-def numbered_notebooks(folder: str | Path = NOTEBOOK_DIR) -> list[Path]:
-    """``NN_*.ipynb`` in reading order."""
-    return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+def numbered_notebooks(folder: str | Path | None = None) -> list[Path]:
+    """``NN_*.ipynb`` in reading order (default: the checkout's ``notebooks/``)."""
+    return sorted(Path(folder or paths.notebooks_dir()).glob("[0-9][0-9]_*.ipynb"))
 
 
 def dataset_for(notebook: str | Path, dataset: str) -> str | None:

@@ -79,7 +79,7 @@ ABLATION_LABELS = {
 }
 VARIANT_LABELS = {"paper": "DIM (dimkit, paper variant)", "released": "DIM (dimkit, released code)"}
 
-REFERENCE_FILE = paths.REPO_ROOT / "data" / "reference_results.csv"
+REFERENCE_FILE = paths.reference_file()
 REFERENCE_COLUMNS = ("dataset", "protocol", "method", "ablation", "metric", "value", "source", "note")
 NA = "n/a"
 SAMPLE_WARNING = "Synthetic sample: these numbers are not paper numbers."

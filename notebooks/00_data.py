@@ -26,7 +26,7 @@
 # fuzzy candidate lists.
 #
 # With the default parameters it runs on the bundled **synthetic sample** (see
-# `data/sample/README.md`): its numbers say nothing about the paper.
+# `dimkit/data/sample/README.md`): its numbers say nothing about the paper.
 
 # %%
 import dimkit

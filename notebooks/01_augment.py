@@ -33,7 +33,7 @@
 # never parameters of this notebook, because papermill writes parameters into the output notebook.
 #
 # **Defaults: no LLM at all.** The bundled sample ships *synthetic oracle answers*
-# (`data/sample/source/llm_answers.json`, written by `dimkit.sample`, not by an LLM). With
+# (`dimkit/data/sample/source/llm_answers.json`, written by `dimkit_dev/sample.py`, not by an LLM). With
 # `model = "sample-oracle"` and `replay = True` they are imported into the store and replayed, so this
 # notebook runs offline with zero requests and builds `sample+` for notebooks 02 and 03. For a real
 # dataset choose a real model and `replay = False`, e.g.

@@ -219,7 +219,7 @@ def test_pretrained_offline_says_how_to_supply_weights(env):
 
 def test_shipped_sample_clip():
     if not (clip_mod.SAMPLE_CLIP_DIR / "open_clip_config.json").exists():
-        pytest.skip("the sample CLIP has not been trained yet (python -m dimkit.clip_train)")
+        pytest.skip("the sample CLIP has not been trained yet (python -m dimkit_dev.clip_train)")
     cm = clip_mod.load_clip("sample")
     assert cm.model_id.startswith("dimkit-sample-clip@1") and not cm.weights_real and cm.dim == 64
     size = sum(p.stat().st_size for p in clip_mod.SAMPLE_CLIP_DIR.iterdir())
@@ -246,7 +246,7 @@ def test_cli(env, capsys):
 
 
 def test_clip_train_writes_a_loadable_folder(tmp_path):
-    from dimkit import clip_train
+    from dimkit_dev import clip_train
 
     cfg = clip_train.ClipTrainConfig(num_epochs=1, out=tmp_path / "clip")
     res = clip_train.train_sample_clip(cfg, progress=False)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dimkit import cli, datasets, errors_analysis, synthetic, train
+from dimkit import cli, datasets, errors_analysis, train
+from dimkit_dev import synthetic
 from dimkit.errors import ConfigError, DataError, DimkitError
 from dimkit.link import Linker, link, link_file, read_run
 

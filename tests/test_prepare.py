@@ -323,7 +323,7 @@ def test_explicit_images_root(tmp_path, data_dir):
 
 def test_sample_source_prepares_through_load(tmp_path):
     if not (paths.sample_source_dir() / "wikipedia" / "train.json").is_file():
-        pytest.skip("data/sample/source is not generated yet")
+        pytest.skip("dimkit/data/sample/source is not generated yet")
     ds = datasets.load("sample", data_dir=tmp_path)
     assert ds.counts()["mentions"] > 0 and ds.meta["layout"] == "dim"
     assert ds.image_path(ds.mentions["image"].dropna().iloc[0]) is not None

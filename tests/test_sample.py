@@ -1,7 +1,6 @@
 """The bundled synthetic sample: deterministic, committed as built, in DIM's layout, and ambiguous by design."""
 from __future__ import annotations
 
-import argparse
 import filecmp
 import json
 import re
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimkit import paths, sample
+from dimkit import paths
+from dimkit_dev import sample
 from dimkit.errors import DimkitError
 
 SPLITS = ("train", "dev", "test")
@@ -73,7 +73,7 @@ def test_two_builds_are_byte_identical(built: Path, tmp_path: Path) -> None:
 
 def test_committed_copy_matches_a_fresh_build() -> None:
     root = paths.sample_source_dir()
-    assert (root / "wikipedia" / "train.json").is_file(), "data/sample/source must be committed"
+    assert (root / "wikipedia" / "train.json").is_file(), "dimkit/data/sample/source must be committed"
     res = sample.check_sample(root)
     assert res.ok, (res.different[:5], res.missing[:5], res.extra[:5])
     size = sum((root / f).stat().st_size for f in _files(root))
@@ -219,11 +219,11 @@ def test_check_cli_reports_a_changed_file(built: Path, tmp_path: Path, capsys, m
     shutil.copytree(built, copy)
     # The fresh build is `built` itself (determinism is tested above); this keeps the test fast.
     monkeypatch.setattr(sample, "build_sample", lambda out, **kw: Path(shutil.copytree(built, out)))
-    args = argparse.Namespace(check=True, out=copy, seed=sample.DEFAULT_SEED)
-    assert sample.run_cli(args) == 0
+    args = ["--check", "--out", str(copy)]
+    assert sample.main(args) == 0
     (copy / "wikipedia" / "brief.json").write_text("{}\n")
     (copy / "extra.txt").write_text("x")
-    assert sample.run_cli(args) == 1
+    assert sample.main(args) == 1
     out = capsys.readouterr().out
     assert "different: wikipedia/brief.json" in out and "extra: extra.txt" in out
 

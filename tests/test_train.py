@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dimkit import cli, synthetic, train
+from dimkit import cli, train
+from dimkit_dev import synthetic
 from dimkit.errors import ConfigError
 
 

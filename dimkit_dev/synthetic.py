@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .datasets import Dataset
+from dimkit.datasets import Dataset
 
 
 @dataclass

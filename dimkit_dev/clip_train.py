@@ -1,4 +1,4 @@
-"""Train the small CLIP that ships with the bundled sample (``data/sample/clip/``).
+"""Train the small CLIP that ships with the bundled sample (``dimkit/data/sample/clip/``).
 
 Offline there are no pretrained CLIP weights, and random ones make every feature noise. So dimkit
 trains a small CLIP (open_clip architecture ``dimkit-sample``: 64-px ViT, 64-d embeddings) on the
@@ -10,7 +10,7 @@ result is saved in open_clip's local-folder layout (``open_clip_config.json`` +
 takes (``--clip sample``). Its features are labelled "sample-trained CLIP, not comparable to the
 paper" everywhere.
 
-Regenerate with ``python -m dimkit.clip_train`` (seeded; identical on the same machine and thread
+Regenerate with ``python -m dimkit_dev.clip_train`` (seeded; identical on the same machine and thread
 count, float rounding may differ elsewhere). ``--check`` trains to a temporary folder and reports
 how far the result is from the shipped one.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
-from .clip import CONFIGS, SAMPLE_CLIP_DIR, register_dimkit_configs
-from .errors import DataError, DimkitError
+from dimkit import paths
+from dimkit.clip import CONFIGS, SAMPLE_CLIP_DIR, register_dimkit_configs
+from dimkit.errors import DataError, DimkitError
 
 ARCH = "dimkit-sample"
 MODEL_NAME = "dimkit-sample-clip"
@@ -78,7 +78,7 @@ def _load_json(path: Path):
 
 def training_pairs(source: Path) -> tuple[list[dict], dict[str, str]]:
     """Train-split records ``{image, cue, qid, sentence}`` with a usable image and a cue, and qid -> answer."""
-    from .images import load_image
+    from dimkit.images import load_image
 
     source = Path(source)
     train = _load_json(source / "wikipedia" / "train.json")
@@ -120,7 +120,7 @@ def train_sample_clip(cfg: ClipTrainConfig | None = None, *, progress: bool = Tr
     import torch
     from tqdm.auto import tqdm
 
-    from .clip import ClipModel
+    from dimkit.clip import ClipModel
 
     cfg = cfg or ClipTrainConfig()
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def train_sample_clip(cfg: ClipTrainConfig | None = None, *, progress: bool = Tr
 
     used = torch.unique(torch.cat([cue_tok.flatten(), ans_tok.flatten(), sent_tok.flatten()]))
     folder = _save(model, cfg, used_tokens=used, rows_n=len(rows), losses=losses, r_at_1=r_at_1)
-    from .clip import _local_dir_spec
+    from dimkit.clip import _local_dir_spec
 
     spec = _local_dir_spec(str(folder), folder)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
@@ -225,7 +225,7 @@ def _save(model, cfg: ClipTrainConfig, *, used_tokens, rows_n: int, losses: list
                                            for k, v in asdict(cfg).items() if k not in ("source", "out")},
                    "pairs": rows_n, "final_loss": losses[-1] if losses else None,
                    "train_retrieval_at_1": round(r_at_1, 4),
-                   "regenerate": "python -m dimkit.clip_train"},
+                   "regenerate": "python -m dimkit_dev.clip_train"},
     }
     stage = Path(tempfile.mkdtemp(prefix=".clip-staging-", dir=out.parent))
     try:
@@ -243,8 +243,8 @@ def _save(model, cfg: ClipTrainConfig, *, used_tokens, rows_n: int, losses: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dimkit.clip_train [--out DIR] [--num-epochs N] [--check]``."""
-    p = argparse.ArgumentParser(prog="python -m dimkit.clip_train", description=__doc__.splitlines()[0])
+    """``python -m dimkit_dev.clip_train [--out DIR] [--num-epochs N] [--check]``."""
+    p = argparse.ArgumentParser(prog="python -m dimkit_dev.clip_train", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(SAMPLE_CLIP_DIR), help=f"output folder (default {SAMPLE_CLIP_DIR})")
     p.add_argument("--num-epochs", type=int, default=ClipTrainConfig.num_epochs)
     p.add_argument("--seed", type=int, default=ClipTrainConfig.seed)

@@ -1,6 +1,6 @@
 """The bundled synthetic sample: a deterministic generator in DIM's release layout (notebook ``00_data``).
 
-``build_sample()`` writes ``data/sample/source/`` exactly as the WikiMEL release of DIM is laid out
+``build_sample()`` writes ``dimkit/data/sample/source/`` exactly as the WikiMEL release of DIM is laid out
 (``wikipedia/{train,dev,test}.json``, ``brief.json``, ``qids_ordered.json``, ``ne2qid.json``,
 ``search_top100.json``, ``ImgData/wikipedia/<id>.png``), plus the stored answers later stages replay
 offline (``llm_answers.json`` for ``sample+``, ``expert_cues.json`` for the BLIP-2 expert).
@@ -9,7 +9,8 @@ Everything is fictional and designed so that the claims of the paper can be *sho
 several entities share each surface name (the mention text alone is ambiguous), each entity has a
 visual signature that its mention images carry (the image resolves the ambiguity), the original
 descriptions are generic, and the synthetic "LLM" answers name the entity's kind and signature, the
-same words the synthetic expert cues use. Same seed, same bytes: ``dimkit sample --check`` proves it.
+same words the synthetic expert cues use. Same seed, same bytes: ``python -m dimkit_dev.sample --check``
+proves it (``make sample`` regenerates it).
 """
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ import argparse
 import filecmp
 import io
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import paths
-from .errors import DimkitError
+from dimkit import atomic, paths
+from dimkit.errors import DimkitError
 
 DEFAULT_SEED = 114514
 IMAGE_SIZE = 64
@@ -548,13 +547,13 @@ def _write_tree(root: Path, *, seed: int, n_mentions: int) -> None:
 
     (root / "llm_answers.json").write_bytes(_json_bytes({
         "model": ORACLE, "template": LLM_TEMPLATE,
-        "note": ("synthetic answers written by dimkit.sample, not by an LLM: each names the "
+        "note": ("synthetic answers written by dimkit_dev.sample, not by an LLM: each names the "
                  "fictional entity's kind and visual signature"),
         "answers": {e.qid: e.answer for e in entities},
     }))
     (root / "expert_cues.json").write_bytes(_json_bytes({
         "expert": ORACLE, "prompt": EXPERT_PROMPT,
-        "note": ("synthetic cues written by dimkit.sample from each image's drawing recipe, not by "
+        "note": ("synthetic cues written by dimkit_dev.sample from each image's drawing recipe, not by "
                  "BLIP-2; about 10% are deliberately wrong or unhelpful; unreadable images have none"),
         "cues": cues,
     }))
@@ -569,29 +568,13 @@ def _looks_like_sample(path: Path) -> bool:
 
 def build_sample(out_dir: str | Path | None = None, *, seed: int = DEFAULT_SEED,
                  n_mentions: int = 700) -> Path:
-    """Write the synthetic sample in DIM's release layout to ``out_dir`` (default data/sample/source)."""
+    """Write the synthetic sample in DIM's release layout to ``out_dir`` (default: the package's copy)."""
     out = Path(out_dir) if out_dir is not None else paths.sample_source_dir()
     out = out.resolve()
     if out.exists() and any(out.iterdir()) and not _looks_like_sample(out):
         raise DimkitError(f"{out} exists and is not a dimkit sample; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then swap: a failed build never leaves half a sample behind.
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    old = None
-    try:
-        _write_tree(stage / "tree", seed=seed, n_mentions=n_mentions)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "tree"
-            os.replace(out, old)
-        os.replace(stage / "tree", out)
-    except BaseException:
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
+    with atomic.building(out) as stage:  # a failed build never leaves half a sample behind
+        _write_tree(stage, seed=seed, n_mentions=n_mentions)
     return out
 
 
@@ -614,7 +597,7 @@ def check_sample(path: str | Path | None = None, *, seed: int = DEFAULT_SEED,
     root = Path(path) if path is not None else paths.sample_source_dir()
     result = SampleCheck()
     if not root.is_dir():
-        raise DimkitError(f"no sample at {root}; build it with `dimkit sample`")
+        raise DimkitError(f"no sample at {root}; build it with `make sample`")
     with tempfile.TemporaryDirectory(prefix="dimkit-sample-check-") as tmp:
         fresh = build_sample(Path(tmp) / "source", seed=seed, n_mentions=n_mentions)
         want, have = _files(fresh), _files(root)
@@ -632,17 +615,15 @@ def check_sample(path: str | Path | None = None, *, seed: int = DEFAULT_SEED,
     return result
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit sample``."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dimkit_dev.sample [--out DIR] [--check] [--seed N]``: regenerate or check the sample."""
+    parser = argparse.ArgumentParser(prog="python -m dimkit_dev.sample", description=main.__doc__)
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder to write (default: data/sample/source in the checkout)")
+                        help="folder to write (default: the package's dimkit/data/sample/source)")
     parser.add_argument("--check", action="store_true",
                         help="do not write; verify the folder equals a fresh build")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit sample``: regenerate the bundled sample, or check the committed copy."""
+    args = parser.parse_args(argv)
     if args.check:
         res = check_sample(args.out, seed=args.seed)
         print(f"identical: {len(res.identical)}  same pixels, other bytes: {len(res.pixel_equal)}  "
@@ -652,7 +633,7 @@ def run_cli(args: argparse.Namespace) -> int:
             for rel in items[:20]:
                 print(f"  {label}: {rel}")
         if not res.ok:
-            print("the sample differs from a fresh build; regenerate it with `dimkit sample`")
+            print("the sample differs from a fresh build; regenerate it with `make sample`")
             return 1
         print("the sample matches a fresh build")
         return 0
@@ -660,3 +641,7 @@ def run_cli(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({len(_files(out))} files, {size / 1e6:.2f} MB, seed {args.seed})")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
