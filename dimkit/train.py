@@ -33,7 +33,6 @@ finds its folder (and, with ``resume``, its checkpoint), and a changed config ge
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -71,6 +70,11 @@ class TrainingDiverged(DimkitError):
     """The loss (or the gradient norm) became NaN or infinite; the last good checkpoint is kept."""
 
 
+#: How the weights are seeded and negatives drawn: ``released`` = ``nel_model/train.py::set_seed`` and
+#: ``dataset.py::neg_sample_online``'s Python ``random`` stream; ``dimkit`` = separate numpy/torch generators.
+SEEDINGS = ("released", "dimkit")
+
+
 @dataclass
 class TrainConfig(Config):
     """Everything a training run depends on (defaults = the released WikiMEL script, ``script/wwiki.sh``)."""
@@ -95,9 +99,9 @@ class TrainConfig(Config):
     optimizer: str = setting("torch", "released (transformers 4.x AdamW, released groups) or torch",
                              choices=OPTIMIZERS, cli=False)
     stop_list: str = setting("dimkit", "TF-IDF tokens removed: released (sample_util.py) or dimkit "
-                                       "(all punctuation)", choices=("released", "dimkit"), cli=False)
+                                       "(all punctuation)", choices=tuple(STOP_LISTS), cli=False)
     seeding: str = setting("dimkit", "released (set_seed; negatives from Python's random) or dimkit",
-                           choices=("released", "dimkit"), cli=False)
+                           choices=SEEDINGS, cli=False)
     weight_decay: float = setting(1e-3, "AdamW weight decay", min=0, cli=False)
     adam_epsilon: float = setting(1e-8, "AdamW epsilon", min=0, cli=False)
     max_grad_norm: float = setting(1.0, "gradient clipping", min=0, cli=False)
