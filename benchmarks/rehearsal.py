@@ -1,0 +1,364 @@
+"""Rehearse a full reproduction on a synthetic dataset of a real one's shape, and see what each stage
+costs as the data grows (``make rehearsal LIKE=wikimel``).
+
+At each scale (default 1/16, 1/4 and full size) it builds a ``--like`` dataset with
+``dimkit_dev.like`` (the real split and KB sizes, one image per mention, a realistic share broken)
+and runs the whole chain, each stage as its own ``dimkit`` command, the code a real reproduction
+runs: prepare, image check, candidates over the whole KB, augmentation against the local
+OpenAI-compatible test server (``tests/llm_server.py``) with a realistic latency, expert cues with a
+tiny random BLIP-2 built from a config, CLIP features with a tiny random CLIP (``dimkit-tiny``), a few
+epochs of both variants with both evaluation protocols, tables, Figure 2, and ``dimkit link`` on a
+batch of test mentions. It then runs the whole chain again (a rerun must redo nothing).
+
+Printed per stage and scale: wall time, peak memory of the stage's process, items per second and
+bytes stored; the exponent of time against size (mentions + entities) between the two largest
+scales (candidates also against mentions x names); the rerun's time beside the process start-ups
+it cannot avoid; at the full size, the candidate lists beside DIM's fuzzywuzzy loop on a sample
+of mentions. ``--kill`` adds a pass at the smallest scale that kills every stage with SIGKILL
+halfway, reruns it, and checks the tables come out the same. Results go to
+``<work>/rehearsal-<like>.{json,md,png,pdf}``.
+
+Random weights and synthetic data: the numbers measure cost, not accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "rehearsal-key"
+NAME = "rehearsal"
+LIMIT_GB = 4.0
+
+
+def _du(*folders: Path) -> int:
+    return sum(p.stat().st_size for f in folders if f.exists() for p in f.rglob("*")
+               if p.is_file() and not p.is_symlink())
+
+
+class Chain:
+    """One scale's folders and environment, and the stages run in it."""
+
+    def __init__(self, work: Path, like: str, scale: float, args: argparse.Namespace, server_url: str, blip2: Path):
+        self.work, self.like, self.scale, self.args = work, like, scale, args
+        self.src = work / "source"
+        self.env = dict(os.environ, DIMKIT_DATA=str(work / "data"), DIMKIT_CACHE=str(work / "cache"),
+                        DIMKIT_RUNS=str(work / "runs"), DIMKIT_FIGURES=str(work / "figures"),
+                        OPENAI_BASE_URL=server_url, OPENAI_API_KEY=KEY, HF_HUB_OFFLINE="1",
+                        TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        self.blip2 = blip2
+        self.sizes: dict = {}
+
+    def stages(self) -> list[tuple[str, list[str], str]]:
+        """(stage, command, what its items are) in chain order."""
+        dk = [sys.executable, "-m", "dimkit.cli"]
+        epochs = str(self.args.epochs)
+        clip = ["--clip", "dimkit-tiny:random"]
+        plus = f"{NAME}+"
+        link_in = self.work / "link.jsonl"
+        tables = ("from dimkit import tables; t = tables.build_tables(); tables.write_tables(t); "
+                  "print(len(t), 'tables')")
+        figure = f"from dimkit import stats; stats.figure2(['{plus}'])"
+        return [
+            ("prepare", dk + ["prepare", str(self.src), "--name", NAME], "mentions"),
+            ("images", dk + ["images", NAME], "images"),
+            ("candidates", dk + ["candidates", NAME, "--k", "100"], "mentions"),
+            ("augment", dk + ["augment", NAME, "--model", "fake-model", "--concurrency",
+                              str(self.args.concurrency)], "entities"),
+            ("cues", dk + ["cues", plus, "--expert", f"blip2:{self.blip2}", "--batch-size", "32"], "images"),
+            ("features", dk + ["features", plus] + clip, "texts+images"),
+            ("train paper", dk + ["train", plus, "--epochs", epochs] + clip, "mention-epochs"),
+            ("train released", dk + ["train", plus, "--variant", "released", "--epochs", epochs] + clip,
+             "mention-epochs"),
+            ("tables", [sys.executable, "-c", tables], "runs"),
+            ("figure", [sys.executable, "-c", figure], "entities"),
+            ("link", dk + ["link", "LATEST", "--input", str(link_in), "--output", str(self.work / "linked.jsonl")],
+             "mentions"),
+        ]
+
+    def items(self, stage: str) -> int:
+        s = self.sizes
+        return {"prepare": s["mentions"], "images": s["mentions"], "candidates": s["mentions"],
+                "augment": s["entities"], "cues": s["mentions"], "features": s["texts"] + s["mentions"],
+                "train paper": s["train"] * self.args.epochs, "train released": s["train"] * self.args.epochs,
+                "tables": 2, "figure": s["entities"], "link": s["link"]}[stage]
+
+    def run(self, stage: str, cmd: list[str], kill_after: float | None = None) -> dict:
+        """Run one stage as its own process: wall time, peak memory, bytes stored."""
+        if stage == "link":
+            cmd = [c if c != "LATEST" else str(self.latest_run()) for c in cmd]
+        folders = [self.work / d for d in ("data", "cache", "runs", "figures")]
+        before = _du(*folders)
+        log = open(self.work / f"{stage.replace(' ', '_')}.log", "a")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work)
+        killed = False
+        if kill_after is not None:
+            try:
+                proc.wait(timeout=kill_after)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        log.close()
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not killed:
+            tail = (self.work / f"{stage.replace(' ', '_')}.log").read_text()[-3000:]
+            raise RuntimeError(f"stage {stage} failed ({code}) at scale {self.scale}:\n{tail}")
+        return {"stage": stage, "seconds": wall, "peak_mb": usage.ru_maxrss / 1024, "killed": killed,
+                "bytes": _du(*folders) - before}
+
+    def latest_run(self) -> Path:
+        runs = sorted((self.work / "runs").glob(f"{NAME}+-paper-full-*/metrics.json"), key=lambda p: p.stat().st_mtime)
+        return runs[-1].parent
+
+    def prepare_inputs(self) -> None:
+        """The synthetic source (not timed as a stage) and the link batch."""
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dimkit_dev.like", "--like", self.like, "--scale", str(self.scale),
+                        "--out", str(self.src)], check=True, env=self.env, stdout=subprocess.DEVNULL)
+        self.build_seconds = time.perf_counter() - t0
+        report = json.loads((self.work / "source.like.json").read_text())
+        m = report["mentions"]
+        self.sizes = {"mentions": sum(m.values()), "train": m["train"], "entities": report["entities"]}
+        # texts CLIP encodes: mention, mention+sentence, cue per mention; description and original per entity
+        self.sizes["texts"] = 3 * self.sizes["mentions"] + 2 * self.sizes["entities"]
+        test = json.loads((self.src / "wikipedia" / "test.json").read_text())
+        lines = []
+        for key, rec in list(test.items())[: self.args.link]:
+            lines.append({"id": key, "sentence": rec["sentence"], "mention": rec["mentions"],
+                          "image": str(self.src / "ImgData" / rec["imgPath"])})
+        (self.work / "link.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        self.sizes["link"] = len(lines)
+
+
+def start_server(latency: float) -> tuple[subprocess.Popen, str]:
+    """The fake endpoint in its own process (as a remote one would be)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "llm_server.py"), "--latency", str(latency),
+                             "--api-key", KEY], stdout=subprocess.PIPE, text=True)
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http"):
+        proc.kill()
+        raise RuntimeError("fake LLM server did not start")
+    return proc, url
+
+
+def save_tiny_blip2(folder: Path) -> Path:
+    """A tiny random BLIP-2 saved as a local checkpoint folder (the path a real one takes)."""
+    from dimkit.experts import random_blip2
+
+    if not (folder / "config.json").exists():
+        model, processor = random_blip2("tiny", seed=0)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder
+
+
+def startup_seconds(env: dict, stages: list[tuple[str, list[str], str]]) -> float:
+    """What a rerun cannot avoid: starting each stage's process and importing its code (``--help``)."""
+    total = 0.0
+    for stage, cmd, _ in stages:
+        probe = cmd[:4] + ["--help"] if cmd[1:3] == ["-m", "dimkit.cli"] else [sys.executable, "-c", "import dimkit"]
+        t0 = time.perf_counter()
+        subprocess.run(probe, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        total += time.perf_counter() - t0
+    return total
+
+
+def fuzzywuzzy_side_by_side(chain: Chain, n: int, seconds_dimkit: float) -> dict | None:
+    """DIM's loop (``process.extract`` per mention over every name) on ``n`` mentions, extrapolated."""
+    try:
+        from fuzzywuzzy import process
+    except ImportError:
+        return None
+    import pandas as pd
+
+    root = chain.work / "data" / NAME
+    names = pd.read_parquet(root / "entities.parquet")["name"].astype(str).tolist()
+    mentions = pd.unique(pd.read_parquet(root / "mentions.parquet")["mention"].astype(str))
+    t0 = time.perf_counter()
+    for m in mentions[:n]:
+        process.extract(m, names, limit=100)
+    per = (time.perf_counter() - t0) / min(n, len(mentions))
+    loop = per * len(mentions)
+    return {"sample": min(n, len(mentions)), "distinct_mentions": len(mentions), "names": len(names),
+            "loop_seconds_extrapolated": loop, "dimkit_seconds": seconds_dimkit, "ratio": loop / seconds_dimkit}
+
+
+def _tables_text(work: Path) -> dict[str, str]:
+    folder = work / "figures" / "tables"
+    return {p.name: p.read_text() for p in sorted(folder.glob("*.csv"))}
+
+
+def run_scale(args, like: str, scale: float, url: str, blip2: Path, kill: bool = False) -> dict:
+    work = args.work / f"{like}-{scale:g}{'-kill' if kill else ''}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    chain = Chain(work, like, scale, args, url, blip2)
+    chain.prepare_inputs()
+    print(f"\n== {like} x{scale:g}: {chain.sizes['mentions']:,} mentions, {chain.sizes['entities']:,} entities "
+          f"(source built in {chain.build_seconds:.1f} s)", flush=True)
+    rows = []
+    for stage, cmd, unit in chain.stages():
+        if kill:
+            first = chain.run(stage, cmd, kill_after=args.kill_after.get(stage, 5.0) / 2)
+            again = chain.run(stage, cmd)
+            rows.append({**again, "killed_first": first["killed"]})
+            print(f"   {stage:<15} killed {first['killed']!s:5}  rerun {again['seconds']:8.1f} s", flush=True)
+            continue
+        r = chain.run(stage, cmd)
+        r.update(items=chain.items(stage), unit=unit)
+        r["items_per_s"] = r["items"] / r["seconds"] if r["seconds"] > 0 else None
+        rows.append(r)
+        print(f"   {stage:<15} {r['seconds']:8.1f} s  {r['peak_mb']:8.0f} MB  {r['items_per_s'] or 0:10.0f} {unit}/s"
+              f"  {r['bytes'] / 1e6:9.1f} MB stored", flush=True)
+    out = {"like": like, "scale": scale, "sizes": chain.sizes, "build_seconds": chain.build_seconds, "stages": rows,
+           "tables": _tables_text(work)}
+    if not kill:
+        rerun = [chain.run(stage, cmd) for stage, cmd, _ in chain.stages()]
+        out["rerun_seconds"] = sum(r["seconds"] for r in rerun)
+        out["rerun_stages"] = {r["stage"]: r["seconds"] for r in rerun}
+        out["startup_seconds"] = startup_seconds(chain.env, chain.stages())
+        out["tables_after_rerun_equal"] = _tables_text(work) == out["tables"]
+        print(f"   rerun of the whole chain: {out['rerun_seconds']:.1f} s (process start-ups {out['startup_seconds']:.1f} s)"
+              f"; tables unchanged: {out['tables_after_rerun_equal']}", flush=True)
+        if scale == max(args.scales) and args.fuzzy:
+            cand = next(r for r in rows if r["stage"] == "candidates")
+            out["fuzzywuzzy"] = fuzzywuzzy_side_by_side(chain, args.fuzzy, cand["seconds"])
+    return out
+
+
+def exponents(results: list[dict]) -> dict[str, dict]:
+    """Fitted exponent of each stage's time against size, between the two largest scales."""
+    if len(results) < 2:
+        return {}
+    a, b = sorted(results, key=lambda r: r["scale"])[-2:]
+    size = lambda r: r["sizes"]["mentions"] + r["sizes"]["entities"]  # noqa: E731
+    product = lambda r: r["sizes"]["mentions"] * r["sizes"]["entities"]  # noqa: E731
+    out = {}
+    for ra, rb in zip(a["stages"], b["stages"]):
+        if ra["seconds"] <= 0 or rb["seconds"] <= 0:
+            continue
+        e = math.log(rb["seconds"] / ra["seconds"]) / math.log(size(b) / size(a))
+        out[ra["stage"]] = {"size": round(e, 3)}
+        if ra["stage"] == "candidates":
+            out[ra["stage"]]["mentions_x_names"] = round(
+                math.log(rb["seconds"] / ra["seconds"]) / math.log(product(b) / product(a)), 3)
+    return out
+
+
+def write_report(args, results: list[dict], kill: dict | None) -> Path:
+    like = args.like
+    exps = exponents(results)
+    full = max(results, key=lambda r: r["scale"])
+    lines = [f"# Rehearsal: {like}-shaped synthetic data", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+             f"tiny random CLIP and BLIP-2 (cost, not accuracy); LLM latency {args.latency} s, "
+             f"concurrency {args.concurrency}; {args.epochs} epochs per variant.", ""]
+    for r in results:
+        s = r["sizes"]
+        lines += [f"## x{r['scale']:g}: {s['mentions']:,} mentions, {s['entities']:,} entities", "",
+                  "| stage | wall s | peak MB | items/s | stored MB | exponent |", "|---|---:|---:|---:|---:|---:|"]
+        for st in r["stages"]:
+            e = exps.get(st["stage"], {}) if r is full else {}
+            ex = ", ".join(f"{v:.2f}" + (" (x names)" if k != "size" else "") for k, v in e.items())
+            lines.append(f"| {st['stage']} | {st['seconds']:.1f} | {st['peak_mb']:.0f} | "
+                         f"{(st.get('items_per_s') or 0):.0f} {st.get('unit', '')} | {st['bytes'] / 1e6:.1f} | {ex} |")
+        lines += ["", f"Whole chain {sum(st['seconds'] for st in r['stages']):.1f} s; rerun {r['rerun_seconds']:.1f} s "
+                  f"(process start-ups {r['startup_seconds']:.1f} s); tables unchanged by the rerun: "
+                  f"{r['tables_after_rerun_equal']}.", ""]
+    first = sum(st["seconds"] for st in full["stages"])
+    beyond = max(0.0, full["rerun_seconds"] - full["startup_seconds"])
+    peak = max(st["peak_mb"] for st in full["stages"])
+    worst = max(((k, v["size"]) for k, v in exps.items() if k != "candidates"), key=lambda kv: kv[1], default=None)
+    lines += ["## Targets", "",
+              f"- exponents (time vs mentions + entities, x{sorted(r['scale'] for r in results)[-2]:g} to "
+              f"x{full['scale']:g}): worst {worst[0] if worst else '-'} {worst[1] if worst else '-'} (target <= 1.15); "
+              f"candidates {exps.get('candidates', {})}",
+              f"- peak memory of any stage at x{full['scale']:g}: {peak / 1024:.2f} GB (target <= {LIMIT_GB} GB)",
+              f"- rerun beyond process start-up: {beyond:.1f} s = {100 * beyond / first:.1f}% of the first run "
+              "(target <= 5%)"]
+    fw = full.get("fuzzywuzzy")
+    if fw:
+        lines.append(f"- candidates over {fw['names']:,} names: dimkit {fw['dimkit_seconds']:.0f} s vs DIM's fuzzywuzzy "
+                     f"loop {fw['loop_seconds_extrapolated']:.0f} s (extrapolated from {fw['sample']} of "
+                     f"{fw['distinct_mentions']:,} mentions) -> {fw['ratio']:.0f}x (target >= 100x)")
+    if kill is not None:
+        same = kill["tables"] == min(results, key=lambda r: r["scale"])["tables"]
+        lines.append(f"- kill -9 halfway through every stage at x{kill['scale']:g}, then a rerun: tables identical "
+                     f"to an uninterrupted run: {same}")
+    report = args.work / f"rehearsal-{like}.md"
+    report.write_text("\n".join(lines) + "\n")
+    (args.work / f"rehearsal-{like}.json").write_text(json.dumps(
+        {"results": results, "exponents": exps, "kill": kill}, indent=1, default=str))
+    plot(args, results)
+    return report
+
+
+def plot(args, results: list[dict]) -> None:
+    """Stage time against size, log-log, one line per stage (PNG and PDF)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(results, key=lambda r: r["scale"])
+    sizes = [r["sizes"]["mentions"] + r["sizes"]["entities"] for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, st in enumerate(results[0]["stages"]):
+        ax.loglog(sizes, [r["stages"][i]["seconds"] for r in results], marker="o", label=st["stage"])
+    ax.loglog(sizes, [sizes[0] and results[0]["stages"][0]["seconds"] * s / sizes[0] for s in sizes], "k:",
+              label="linear (prepare's slope 1)")
+    ax.set(xlabel="mentions + entities", ylabel="wall time (s)",
+           title=f"Rehearsal on {args.like}-shaped synthetic data (random tiny models)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(args.work / f"rehearsal-{args.like}.{ext}", dpi=150)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--like", default="wikimel", choices=("wikimel", "richpediamel", "wikidiverse"))
+    p.add_argument("--scales", default="0.0625,0.25,1", help="comma-separated fractions of the real size")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "rehearsal")
+    p.add_argument("--latency", type=float, default=0.3, help="seconds per LLM answer (fake server)")
+    p.add_argument("--concurrency", type=int, default=64, help="LLM requests in flight")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per variant")
+    p.add_argument("--link", type=int, default=200, help="test mentions linked in one batch")
+    p.add_argument("--fuzzy", type=int, default=20, help="mentions timed with DIM's fuzzywuzzy loop (0: skip)")
+    p.add_argument("--kill", action="store_true", help="also kill -9 every stage halfway at the smallest scale")
+    args = p.parse_args(argv)
+    args.scales = sorted(float(s) for s in args.scales.split(","))
+    args.work = args.work.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    server, url = start_server(args.latency)
+    try:
+        blip2 = save_tiny_blip2(args.work / "tiny-blip2")
+        results = [run_scale(args, args.like, s, url, blip2) for s in args.scales]
+        kill = None
+        if args.kill:
+            smallest = results[0]
+            args.kill_after = {st["stage"]: st["seconds"] for st in smallest["stages"]}
+            kill = run_scale(args, args.like, args.scales[0], url, blip2, kill=True)
+    finally:
+        server.terminate()
+    report = write_report(args, results, kill)
+    print("\n" + report.read_text())
+    print(f"wrote {report} (+ .json, .png, .pdf)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
