@@ -1,9 +1,11 @@
 """dimkit.runs, the one home of training runs: finding them, reading metrics.json (old and damaged
-files included), choosing one among several, launching the missing ones."""
+files included), choosing one among several, launching the missing ones -- and proof that reading
+runs never imports the training code."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -13,6 +15,9 @@ import pytest
 
 from dimkit import datasets, runs
 from dimkit.errors import ConfigError, DataError, DimkitError
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def write_run(root: Path, name: str, dataset: str, *, variant: str = "paper", ablation: str = "none",
               status: str = "completed", weights_real: bool = True, test_h1: float = 0.5,
@@ -281,3 +286,18 @@ def test_plan_keeps_original_descriptions_for_plus_datasets_only():
         runs.RunKey("richpediamel+", "paper", "none"), runs.RunKey("richpediamel+", "paper", "no_cue")]
     assert runs.plan(["rich", "rich+", "richpediamel+"], ["paper"], ["original_descriptions"]) == [
         runs.RunKey("richpediamel+", "paper", "original_descriptions")]
+
+
+# --- no back-edge -------------------------------------------------------------------------------------
+
+
+def test_reading_runs_never_imports_the_training_code():
+    """Tables, the error analysis, link and reproduce ask dimkit.runs; only launching imports dimkit.train."""
+    code = ("import sys\n"
+            "import dimkit.tables, dimkit.analysis, dimkit.link, dimkit.reproduce, dimkit.runs\n"
+            "print('dimkit.train' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "importing them loaded dimkit.train"
