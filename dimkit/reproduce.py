@@ -279,7 +279,8 @@ def _check_clip(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> None:
 def check_inputs(names: Iterable[str] | ReproduceConfig, *, data_dir: str | Path | None = None,
                  **options) -> list[InputCheck]:
     """What each dataset needs and whether it is there; nothing is computed or downloaded."""
-    cfg = names if isinstance(names, ReproduceConfig) else ReproduceConfig(datasets=tuple(names), **options)
+    # unknown options are refused naming the known ones, as every setting is
+    cfg = names if isinstance(names, ReproduceConfig) else ReproduceConfig(datasets=tuple(names)).replace(**options)
     cfg.validate()
     out: list[InputCheck] = []
     for name in cfg.datasets:

@@ -63,6 +63,8 @@ def test_config_validation():
         reproduce.ReproduceConfig(sources=("wiki",)).validate()
     with pytest.raises(ConfigError, match="unknown reproduce setting 'epochs'; known: ablations"):
         reproduce.ReproduceConfig.for_dataset("sample", epochs=3)
+    with pytest.raises(ConfigError, match="unknown reproduce setting 'stepz'; known: ablations"):
+        reproduce.check_inputs(["rich"], stepz=DATA_STEPS)
 
 
 def test_the_command_line_is_the_configs(kit_dirs, capsys, monkeypatch):
