@@ -3,7 +3,8 @@
 The package does the work; the numbered notebooks in ``notebooks/`` tell the story:
 ``00_data`` (:mod:`dimkit.datasets`, :mod:`dimkit.prepare`, :mod:`dimkit.images`,
 :mod:`dimkit.candidates`), ``01_augment``, ``02_expert_cues``, ``03_train``, ``04_tables``,
-``05_figure2``, ``06_errors`` (:mod:`dimkit.link`, :mod:`dimkit.errors_analysis`).
+``05_figure2``, ``06_errors`` (:mod:`dimkit.link`, :mod:`dimkit.analysis`). Training runs are
+found, read, chosen and launched by :mod:`dimkit.runs`.
 """
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cues": ("dimkit.cues", "ask an image expert (BLIP-2, a VLM, an API, or stored answers) about every mention image"),
     "features": ("dimkit.features", "CLIP features of mentions, sentences, images, cues and entity descriptions"),
     "train": ("dimkit.train", "train and evaluate DIM (paper or released variant) on a dataset"),
+    "tables": ("dimkit.tables", "rebuild the paper's tables from the runs, training the missing ones if asked"),
     "link": ("dimkit.link", "link new mentions (sentence, mention, image) with a trained run: top-k KB entities"),
     "info": ("dimkit.cli", "show a prepared dataset's counts and the environment"),
     "notebooks": ("dimkit.notebooks", "execute the numbered notebooks headless (make demo)"),

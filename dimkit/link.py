@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import atomic, datasets, paths
+from . import atomic, datasets, paths, runs
 from .errors import ConfigError, DataError, DimkitError
 from .imagefiles import sha256_file
 
@@ -81,69 +81,38 @@ class RunInfo:
         return f"{self.feature_version}-{self.precision}"
 
 
-def resolve_run(model: Any) -> Path:
-    """A run folder from a path, a run name under ``$DIMKIT_RUNS``, or a RunResult."""
-    if model is None:
-        raise ConfigError("name the trained run to link with: model=RUN_DIR (a folder under "
-                          f"{paths.runs_dir()} or its name)")
-    if hasattr(model, "run_dir"):
-        model = model.run_dir
-    p = Path(model).expanduser()
-    if not p.exists() and not p.is_absolute() and len(p.parts) == 1:
-        p = paths.runs_dir() / p
-    if not p.is_dir():
-        raise ConfigError(f"run folder not found: {p} (train one with `dimkit train DATASET`)")
-    return p.resolve()
-
-
 def read_run(model: Any) -> RunInfo:
-    """Read and check a run folder: finished, with its model and the record of its features."""
-    run_dir = resolve_run(model)
+    """Read and check a run folder: finished (:func:`dimkit.runs.read`), with its model and the record
+    of its features."""
+    run_dir = runs.resolve(model)
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if "model.pt" in missing or "metrics.json" in missing:
         raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "train it with `dimkit train` (or `--resume` an interrupted one)")
-    metrics = _read_json(run_dir / "metrics.json", _damaged(_dataset_of(run_dir)))
-    if metrics.get("status") not in ("completed", "early_stopped"):
-        raise DimkitError(f"{run_dir / 'metrics.json'}: the run did not finish (status {metrics.get('status')!r})")
+    rec = runs.read(run_dir).require_finished()
     if "features.json" in missing:
         raise DimkitError(f"{run_dir} does not record which CLIP and expert made its features "
                           "(features.json, written by dimkit.train since `dimkit link` exists); rerun "
-                          f"`dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
-                          "settings to re-evaluate the run and write it")
+                          f"`dimkit train {rec.dataset} --resume` with the same settings to re-evaluate the run "
+                          "and write it")
     src = run_dir / "features.json"
-    f = _read_json(src, f"rerun `dimkit train {metrics.get('dataset', 'DATASET')} --resume` with the same "
+    f = _read_json(src, f"rerun `dimkit train {rec.dataset} --resume` with the same "
                         "settings to re-evaluate the run and write it again")
     for key in ("dataset", "feature_model", "entity_column"):
         if not f.get(key):
             raise DataError("missing in the run's record of its features", file=src, field=key)
-    if f["feature_model"] != metrics.get("feature_model"):
+    if f["feature_model"] != rec.feature_model:
         raise DataError(f"feature model {f['feature_model']!r} differs from metrics.json's "
-                        f"{metrics.get('feature_model')!r}", file=src, field="feature_model")
-    return RunInfo(run_dir=run_dir, run_name=str(metrics.get("run_name", run_dir.name)), dataset=f["dataset"],
-                   variant=str(metrics.get("variant")), ablation=str(metrics.get("ablation")),
-                   feature_model=f["feature_model"], clip_spec=f.get("clip_spec"),
+                        f"{rec.feature_model!r}", file=src, field="feature_model")
+    return RunInfo(run_dir=run_dir, run_name=rec.run_name, dataset=f["dataset"], variant=str(rec.variant),
+                   ablation=rec.ablation, feature_model=f["feature_model"], clip_spec=f.get("clip_spec"),
                    weights_real=bool(f.get("weights_real")), precision=f.get("precision"),
                    feature_version=f.get("feature_version"), cue_expert=f.get("cue_expert"),
                    cue_expert_spec=f.get("cue_expert_spec"), cue_prompt_version=f.get("cue_prompt_version"),
                    synthetic_cues=bool(f.get("synthetic_cues")),
                    missing_description=f.get("missing_description") or "name",
                    entity_column=f["entity_column"], entity_qids_sha256=f.get("entity_qids_sha256"),
-                   note=str(metrics.get("note") or ""))
-
-
-def _damaged(dataset: str) -> str:
-    """What to do about a run file that cannot be read."""
-    return (f"the run's files are damaged: train it again with `dimkit train {dataset}` (same settings) "
-            "or delete the run folder")
-
-
-def _dataset_of(run_dir: Path) -> str:
-    """The run's dataset as its features.json records it, for advice when metrics.json is damaged."""
-    try:
-        return str(json.loads((run_dir / "features.json").read_text(encoding="utf-8"))["dataset"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "DATASET"
+                   note=rec.note)
 
 
 def _read_json(path: Path, todo: str) -> dict:
@@ -159,7 +128,7 @@ def _load_model(info: RunInfo, device: str):
         return load_model(info.run_dir, device)
     except DataError as exc:
         why = exc.reason.split("; ")[0]
-        raise DataError(f"{why}; {_damaged(info.dataset)}", file=exc.file) from None
+        raise DataError(f"{why}; {runs.damaged_advice(info.dataset)}", file=exc.file) from None
 
 
 def _resolve_clip(info: RunInfo):
@@ -706,7 +675,7 @@ def get_linker(model: Any, *, device: str = "auto") -> Linker:
     """The :class:`Linker` of a run, loaded on first use and reused while its files are unchanged."""
     if isinstance(model, Linker):
         return model
-    run_dir = resolve_run(model)
+    run_dir = runs.resolve(model)
     stamp = tuple((run_dir / f).stat().st_mtime_ns if (run_dir / f).exists() else 0 for f in RUN_FILES)
     key = (str(run_dir), stamp, device, str(paths.cache_dir()), str(paths.data_dir()))
     if key not in _LINKERS:

@@ -4,11 +4,13 @@ For each dataset: prepare (from ``$DIMKIT_DATA/raw/<name>`` or ``--source NAME=P
 replay ('+' datasets without a released copy), candidates, expert cues, CLIP features, training
 runs (variants x ablations); then the tables (:mod:`dimkit.tables`) and the figure
 (:mod:`dimkit.stats`). Every stage stores its work, so a rerun only does what is missing; a training
-run whose ``metrics.json`` already says it finished is not trained again.
+run whose settings already finished is not trained again (:func:`dimkit.runs.launch` decides and
+trains; a run that fails is reported and the others still run).
 
 :func:`check_inputs` runs first and says, per dataset, which inputs are there and which are missing
 (the release files, LLM answers or an API key, the BLIP-2 and CLIP weights) and how to supply each;
 with anything missing the chain stops before doing any work (``--check`` only prints the list).
+``run(ReproduceConfig(...))`` is the whole of it, ``dimkit reproduce`` its command line.
 """
 from __future__ import annotations
 
@@ -17,12 +19,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
-from . import datasets, paths
-from .errors import ConfigError, DimkitError
+from . import datasets, paths, runs
+from .errors import ConfigError, DimkitError, option
+from .runs import PICKS
+from .stage import Config, Result, setting
+from .tables import ABLATION_LABELS, VARIANT_LABELS
 
 STEPS = ("prepare", "augment", "candidates", "cues", "features", "train", "tables", "figure")
+DEFAULT_DATASETS = ("sample+",)
+#: Every ablation a run can have; 'all' on the command line means these.
+ABLATIONS = tuple(ABLATION_LABELS)
 
 #: Where each dataset comes from; shown when its source is missing.
 WHERE_FROM = {
@@ -58,46 +66,82 @@ class InputCheck:
 
 
 @dataclass
-class ReproduceConfig:
-    """What ``reproduce`` runs; every field has a default that works on the sample."""
+class ReproduceConfig(Config):
+    """What ``reproduce`` runs; every default works on the sample."""
 
-    datasets: tuple[str, ...] = ("sample+",)
-    variants: tuple[str, ...] = ("paper",)
-    ablations: tuple[str, ...] = ("none",)
-    steps: tuple[str, ...] = STEPS
-    sources: dict = field(default_factory=dict)  # dataset -> source path (else $DIMKIT_DATA/raw/<name>)
-    llm_model: str | None = None  # None: sample-oracle on the sample, augment's default elsewhere
-    replay: bool | None = None  # None: replay on the sample, live requests elsewhere
-    expert: str = "auto"  # cues.default_expert: sample-oracle on the sample, BLIP-2 elsewhere
-    clip: str = "auto"  # features.resolve_clip_name: sample CLIP on the sample, ViT-B-32:openai elsewhere
-    device: str = "auto"
-    num_epochs: int | None = None  # None: the dataset preset's (the released scripts)
-    k: int = 100  # candidates per mention
-    pick: str = "latest"
+    STAGE: ClassVar[str] = "reproduce"
 
-    def validate(self) -> "ReproduceConfig":
-        """Canonical names, known steps/variants/ablations; raise ConfigError otherwise."""
-        from .tables import PICKS
+    # on the command line the datasets are the positional arguments (see add_arguments)
+    datasets: tuple[str, ...] = setting(help="datasets, e.g. wiki+ rich+ diverse+ wikimel", cli=False,
+                                        factory=lambda: DEFAULT_DATASETS)
+    check_only: bool = setting(False, "only list the inputs that are there and missing", cli="--check")
+    variants: tuple[str, ...] = setting(help="variants, comma-joined or apart: paper, released (default: paper)",
+                                        factory=lambda: ("paper",))
+    ablations: tuple[str, ...] = setting(help=f"ablations, comma-joined or apart ('+' joins several into one run, "
+                                              f"'all' is every one): {', '.join(ABLATIONS)} (default: none)",
+                                         factory=lambda: ("none",))
+    steps: tuple[str, ...] = setting(help=f"steps, comma-joined or apart (default: all): {', '.join(STEPS)}",
+                                     factory=lambda: STEPS)
+    sources: tuple[str, ...] = setting(help="NAME=PATH: where a released dataset lies (default: "
+                                            "$DIMKIT_DATA/raw/NAME)", cli="--source", factory=tuple)
+    llm_model: str | None = setting(None, "LLM for the '+' descriptions (default: sample-oracle on the sample, "
+                                          "augment's default elsewhere)", cli="--model")
+    replay: bool | None = setting(None, "use stored LLM answers only (--no-replay: request missing ones; "
+                                        "default: replay on the sample only)")
+    expert: str = setting("auto", "image expert (auto: BLIP-2; sample-oracle on the sample)")
+    clip: str = setting("auto", "CLIP (auto: ViT-B-32:openai; the sample CLIP on the sample)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    num_epochs: int | None = setting(None, "training epochs (None: the dataset presets)", min=1, cli="--epochs")
+    k: int = setting(100, "candidates per mention", min=1)
+    pick: str = setting("latest", "the run a table cell shows when several match: latest or best_dev",
+                        choices=PICKS)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, dict):  # Python callers may hand {name: path}
+            self.sources = tuple(f"{k}={v}" for k, v in self.sources.items())
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The generated flags, and the datasets as positional arguments."""
+        super().add_arguments(parser)
+        # a generated positional takes one value; reproduce takes any number of datasets
+        parser.add_argument("datasets", nargs="*", default=list(DEFAULT_DATASETS),
+                            help="datasets, e.g. wiki+ rich+ diverse+ wikimel (default: sample+)")
+
+    def check(self) -> None:
+        """Canonical dataset names; known steps, variants and ablations; NAME=PATH sources."""
         if not self.datasets:
-            raise ConfigError("name at least one dataset (e.g. DATASETS=\"wiki+ rich+\")")
+            how = option('datasets=("wiki+", "rich+")', 'dimkit reproduce wiki+ rich+, or make reproduce DATASETS="wiki+ rich+"')
+            raise ConfigError(f"name at least one dataset ({how})")
         self.datasets = tuple(dict.fromkeys(datasets.canonical_name(d) for d in self.datasets))
+        self.steps = _items(self.steps)
+        self.variants = _items(self.variants)
+        ablations = _items(self.ablations)
+        self.ablations = ABLATIONS if ablations == ("all",) else ablations
         bad = [s for s in self.steps if s not in STEPS]
         if bad:
             raise ConfigError(f"unknown step {bad[0]!r}; choose from {', '.join(STEPS)}")
         for v in self.variants:
-            if v not in ("paper", "released"):
-                raise ConfigError(f"unknown variant {v!r}; choose from paper, released")
-        known = ("none", "no_image", "no_cue", "no_attention", "text_only", "original_descriptions")
+            if v not in VARIANT_LABELS:
+                raise ConfigError(f"unknown variant {v!r}; choose from {', '.join(VARIANT_LABELS)}")
         for a in self.ablations:
-            if any(p not in known for p in a.split(",")):
-                raise ConfigError(f"unknown ablation {a!r}; choose from {', '.join(known)}")
-        if self.pick not in PICKS:
-            raise ConfigError(f"pick={self.pick!r} is not one of {', '.join(PICKS)}")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ConfigError("num_epochs must be >= 1")
-        self.sources = {datasets.canonical_name(k): str(v) for k, v in self.sources.items()}
-        return self
+            if any(p not in ABLATIONS for p in a.split("+")):
+                raise ConfigError(f"unknown ablation {a!r}; choose from {', '.join(ABLATIONS)} ('+' joins them)")
+        for pair in self.sources:
+            if "=" not in pair:
+                raise ConfigError(f"{option('sources', '--source')} expects NAME=PATH, got {pair!r}")
+        self.sources = tuple(f"{datasets.canonical_name(k)}={v}" for k, v in
+                             (pair.split("=", 1) for pair in self.sources))
+
+    @property
+    def source_paths(self) -> dict[str, str]:
+        """Dataset name -> where its release lies, as given."""
+        return dict(pair.split("=", 1) for pair in self.sources)
+
+
+def _items(values: Sequence[str]) -> tuple[str, ...]:
+    """``("paper,released",)`` or ``("paper", "released")`` -> ``("paper", "released")``."""
+    return tuple(x.strip() for v in values for x in v.split(",") if x.strip())
 
 
 def _prepared(name: str, data_dir: str | Path | None) -> bool:
@@ -123,7 +167,7 @@ def _check_dataset(name: str, cfg: ReproduceConfig, data_dir, out: list[InputChe
     if name == "sample":
         out.append(InputCheck(name, "dataset", True, "the bundled sample (prepared on first use)"))
         return True
-    src = _source(name, cfg.sources, data_dir)
+    src = _source(name, cfg.source_paths, data_dir)
     if src is not None:
         ok = src.exists()
         out.append(InputCheck(name, "dataset", ok, f"will prepare from {src}" if ok else f"{src} does not exist",
@@ -134,7 +178,8 @@ def _check_dataset(name: str, cfg: ReproduceConfig, data_dir, out: list[InputChe
     out.append(InputCheck(name, "dataset", False, f"neither prepared ({datasets.dataset_dir(name, data_dir)}) "
                           f"nor placed ({raw_dir(data_dir) / name})",
                           f"put {WHERE_FROM.get(name, 'the released files')} at {raw_dir(data_dir) / name} "
-                          f"(a symlink to the release root works), or pass --source {name}=PATH"))
+                          f"(a symlink to the release root works), or pass "
+                          f"{option(f'sources={{{name!r}: PATH}}', f'--source {name}=PATH')}"))
     return False
 
 
@@ -234,7 +279,8 @@ def _check_clip(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> None:
 def check_inputs(names: Iterable[str] | ReproduceConfig, *, data_dir: str | Path | None = None,
                  **options) -> list[InputCheck]:
     """What each dataset needs and whether it is there; nothing is computed or downloaded."""
-    cfg = names if isinstance(names, ReproduceConfig) else ReproduceConfig(datasets=tuple(names), **options)
+    # unknown options are refused naming the known ones, as every setting is
+    cfg = names if isinstance(names, ReproduceConfig) else ReproduceConfig(datasets=tuple(names)).replace(**options)
     cfg.validate()
     out: list[InputCheck] = []
     for name in cfg.datasets:
@@ -270,18 +316,31 @@ class MissingInputs(DimkitError):
 
 
 @dataclass
-class ReproduceReport:
-    """What a ``reproduce`` call did, step by step, with timings."""
+class ReproduceReport(Result):
+    """What a ``reproduce`` call did, step by step, with timings; or, with ``check_only``, the checks."""
 
     checks: list[InputCheck] = field(default_factory=list)
     done: list[tuple[str, str, float, str]] = field(default_factory=list)  # dataset, step, seconds, detail
-    runs: list[str] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)  # the runs of the chain, trained now or before
+    failed: list[tuple[str, str]] = field(default_factory=list)  # run key, why
     files: list[str] = field(default_factory=list)
+    check_only: bool = False
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """The checks (``check_only``), or a line per step, the runs, the failures and the files."""
+        if self.check_only:
+            return format_checks(self.checks)
         lines = [f"{d:<14} {s:<11} {sec:8.1f} s  {det}" for d, s, sec, det in self.done]
-        lines += [f"runs: {', '.join(self.runs) or '(none)'}", f"wrote {len(self.files)} table/figure files"]
+        lines += [f"runs: {', '.join(self.runs) or '(none)'}"]
+        lines += [f"FAILED {key}: {why}" for key, why in self.failed]
+        lines += [f"wrote {len(self.files)} table/figure files"]
         return "\n".join(lines)
+
+    @property
+    def exit_code(self) -> int:
+        if self.check_only:
+            return 0 if all(c.ok for c in self.checks) else 1
+        return 1 if self.failed else 0
 
 
 def _clip_for(name: str, clip: str) -> str:
@@ -290,10 +349,15 @@ def _clip_for(name: str, clip: str) -> str:
     return resolve_clip_name(name, clip)
 
 
-def reproduce(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: bool = True) -> ReproduceReport:
-    """Run the chain for ``cfg.datasets``; raise :class:`MissingInputs` (doing nothing) if inputs lack."""
+def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: bool = True) -> ReproduceReport:
+    """Run the chain for ``cfg.datasets``; raise :class:`MissingInputs` (doing nothing) if inputs lack.
+
+    With ``check_only`` only the inputs are checked: the report lists them.
+    """
     cfg.validate()
-    report = ReproduceReport(checks=check_inputs(cfg, data_dir=data_dir))
+    report = ReproduceReport(checks=check_inputs(cfg, data_dir=data_dir), check_only=cfg.check_only)
+    if cfg.check_only:
+        return report
     missing = [c for c in report.checks if not c.ok]
     if missing:
         raise MissingInputs("some inputs are missing; nothing was run:\n" + format_checks(report.checks))
@@ -310,12 +374,12 @@ def reproduce(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progr
     for name in cfg.datasets:
         base = datasets.base_name(name)
         if "prepare" in cfg.steps and not _prepared(name, data_dir):
-            src = _source(name, cfg.sources, data_dir)
+            src = _source(name, cfg.source_paths, data_dir)
             if src is not None:
                 from .prepare import prepare
                 step(name, "prepare", lambda: prepare(src, name=name, data_dir=data_dir))
             elif datasets.is_augmented(name) and not _prepared(base, data_dir):
-                bsrc = _source(base, cfg.sources, data_dir)
+                bsrc = _source(base, cfg.source_paths, data_dir)
                 if bsrc is not None:
                     from .prepare import prepare
                     step(base, "prepare", lambda: prepare(bsrc, name=base, data_dir=data_dir))
@@ -340,26 +404,14 @@ def reproduce(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progr
             step(name, "features", lambda: compute_features(ds, clip, expert=cfg.expert, device=cfg.device,
                                                             progress=progress)[1])
         if "train" in cfg.steps:
-            from . import train
-            from .tables import FINISHED, read_metrics
-            for v in cfg.variants:
-                for a in cfg.ablations:
-                    if "original_descriptions" in a and not datasets.is_augmented(name):
-                        print(f"   skip {name} {a}: only '+' datasets keep the original descriptions")
-                        continue
-                    tcfg = train.TrainConfig.for_dataset(name, variant=v, ablation=a, clip=clip, device=cfg.device,
-                                            num_epochs=cfg.num_epochs)
-                    mpath = paths.runs_dir() / tcfg.name() / "metrics.json"
-                    if mpath.exists():
-                        try:
-                            if read_metrics(mpath)["status"] in FINISHED:
-                                print(f"   {tcfg.name()}: finished before, not trained again")
-                                trained.append(tcfg.name())
-                                continue
-                        except DimkitError:
-                            pass
-                    res = step(name, f"train {v}/{a}", lambda: train.run(tcfg, progress=progress))
-                    trained.append(res.run_name)
+            keys = runs.plan([name], cfg.variants, [a.replace("+", ",") for a in cfg.ablations])
+            if len(keys) < len(cfg.variants) * len(cfg.ablations):
+                print(f"   skip {name} original_descriptions: only '+' datasets keep the original descriptions")
+            launched = step(name, "train", lambda: runs.launch(keys, clip=clip, device=cfg.device,
+                                                               num_epochs=cfg.num_epochs, progress=progress,
+                                                               data_dir=data_dir))
+            trained += [launched.run_dir(k).name for k in keys if launched.run_dir(k) is not None]
+            report.failed += [(str(k), why) for k, why in launched.failed]
     report.runs = trained
     if "tables" in cfg.steps:
         from . import tables
@@ -374,54 +426,5 @@ def reproduce(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progr
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit reproduce``."""
-    d = ReproduceConfig()
-    parser.add_argument("datasets", nargs="*", default=list(d.datasets),
-                        help="datasets, e.g. wiki+ rich+ diverse+ wikimel (default: sample+)")
-    parser.add_argument("--check", action="store_true", help="only list the inputs that are there / missing")
-    parser.add_argument("--variants", default="paper", help="comma list: paper, released")
-    parser.add_argument("--ablations", default="none",
-                        help="comma list (use '+' inside one run to combine): none, no_cue, no_image, "
-                             "no_attention, original_descriptions, text_only; 'all' = every one")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
-    parser.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
-                        help="where a released dataset lies (default $DIMKIT_DATA/raw/NAME)")
-    parser.add_argument("--model", default=None, help="LLM for the '+' descriptions (augment's default)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--replay", action="store_true", default=None, help="use stored LLM answers only")
-    mode.add_argument("--live", action="store_false", dest="replay", default=None,
-                      help="request missing LLM answers")
-    parser.add_argument("--expert", default="auto", help="image expert (default: BLIP-2; sample-oracle on the sample)")
-    parser.add_argument("--clip", default="auto", help="CLIP (default: ViT-B-32:openai; sample CLIP on the sample)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=None, dest="num_epochs", help="override the presets")
-    parser.add_argument("--pick", default="latest", help="run chosen for a table cell: latest | best_dev")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit reproduce``: check the inputs, then run what is missing."""
-    ablations = [a.strip().replace("+", ",") for a in args.ablations.split(",") if a.strip()]
-    if ablations == ["all"]:
-        ablations = ["none", "no_cue", "no_image", "no_attention", "original_descriptions", "text_only"]
-    sources = {}
-    for s in args.source:
-        if "=" not in s:
-            raise ConfigError(f"--source expects NAME=PATH, got {s!r}")
-        k, v = s.split("=", 1)
-        sources[k] = v
-    cfg = ReproduceConfig(datasets=tuple(args.datasets), variants=tuple(x for x in args.variants.split(",") if x),
-                          ablations=tuple(ablations), steps=tuple(x for x in args.steps.split(",") if x),
-                          sources=sources, llm_model=args.model, replay=args.replay, expert=args.expert,
-                          clip=args.clip, device=args.device, num_epochs=args.num_epochs, pick=args.pick)
-    cfg.validate()
-    if args.check:
-        checks = check_inputs(cfg)
-        print(format_checks(checks))
-        return 0 if all(c.ok for c in checks) else 1
-    print(reproduce(cfg))
-    return 0
+#: The command line: ``dimkit reproduce`` takes the flags of :class:`ReproduceConfig` and runs :func:`run`.
+CONFIG = ReproduceConfig

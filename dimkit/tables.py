@@ -1,7 +1,7 @@
-"""The paper's result tables, rebuilt from run folders (notebook ``04_tables``).
+"""The paper's result tables, rebuilt from run folders (notebook ``04_tables``, ``dimkit tables``).
 
-Every training run leaves ``runs/<run-name>/metrics.json`` (:mod:`dimkit.train`); this module reads
-those files directly (plain JSON, no torch) and builds, as pandas DataFrames:
+Every training run leaves ``runs/<run-name>/metrics.json`` (:mod:`dimkit.train`); this module gets
+them from :mod:`dimkit.runs` (plain JSON, no torch) and builds, as pandas DataFrames:
 
 1. results on the original datasets (WikiMEL, RichpediaMEL, WikiDiverse),
 2. results on the enhanced ones (Wiki+, Rich+, Diverse+),
@@ -19,24 +19,29 @@ carries a ``source`` for every number it does hold.
 Choosing a run for a cell: among the finished runs (status ``completed`` or ``early_stopped``) of
 the cell's dataset, variant and ablation -- optionally narrowed by ``filters`` on config keys --
 ``pick="latest"`` takes the most recently written ``metrics.json`` (ties: the larger run name),
-``pick="best_dev"`` the best dev H@1 under the table's protocol (ties: the smaller run name). The
-table says which rule it used, how many runs matched each row and which run it took.
+``pick="best_dev"`` the best dev H@1 under the table's protocol (ties: the smaller run name), as
+:func:`dimkit.runs.choose` picks. The table says which rule it used, how many runs matched each row
+and which run it took.
+
+``run(TablesConfig(...))`` does it all: collects the runs, trains the missing ones when asked
+(through :func:`dimkit.runs.launch`), builds and writes every table.
 
 Percent everywhere in the tables: H@k and MRR are multiplied by 100, MR stays a rank; the
 difference is in percentage points.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import pandas as pd
 
 from . import atomic, datasets, paths
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, option
+from .runs import PICKS, LaunchReport, RunKey, choose, collect, finished, launch, matches, metric, plan
+from .stage import Config, Result, setting
 
 #: Metrics shown per protocol (the released code's top-k; MIMIC-style whole-KB metrics).
 PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
@@ -53,12 +58,10 @@ PROTOCOL_CAPTIONS = {
     "kb": ("Whole-KB protocol (MIMIC and later): rank of the gold among all KB entities, cosine scores; "
            "H@k and MRR in %. Not comparable with candidate-protocol numbers."),
 }
-FINISHED = ("completed", "early_stopped")
 #: Every dimkit row is shown under both rank rules (strict = the released rule, ties favour the gold).
 TABLE_RULES = ("strict", "pessimistic")
 RULE_LABELS = {"strict": "strict (released)", "pessimistic": "pessimistic"}
 TEXT_COLUMNS = ("dataset", "method", "rank rule", "run")
-PICKS = ("latest", "best_dev")
 
 ORIGINAL = ("wikimel", "richpediamel", "wikidiverse")
 ENHANCED = ("wikimel+", "richpediamel+", "wikidiverse+")
@@ -86,136 +89,11 @@ SAMPLE_WARNING = "Synthetic sample: these numbers are not paper numbers."
 
 
 # ---------------------------------------------------------------------------------------------
-# runs
+# runs: read, listed and chosen by dimkit.runs
 
 
 def _is_percent(metric: str) -> bool:
     return metric.startswith("H@") or metric == "MRR"
-
-
-def _as_float(v: Any) -> float:
-    if v is None or isinstance(v, bool):
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def read_metrics(path: str | Path) -> dict:
-    """One ``metrics.json`` as a flat record (name, status, dataset, variant, ablation, metrics ...)."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"unreadable metrics file ({exc})", file=path) from None
-    if not isinstance(d, dict):
-        raise DataError("expected a JSON object", file=path)
-    status = d.get("status")
-    rec = {
-        "run_name": d.get("run_name") or path.parent.name,
-        "status": status if isinstance(status, str) else "unknown",
-        "dataset": None, "variant": d.get("variant"), "ablation": d.get("ablation") or "none",
-        "weights_real": d.get("weights_real"), "feature_model": d.get("feature_model"),
-        "rank_rule": d.get("rank_rule"), "seed": d.get("seed"), "note": d.get("note") or "",
-        "config": d.get("config") if isinstance(d.get("config"), dict) else {},
-        "metrics": d.get("metrics") if isinstance(d.get("metrics"), dict) else {},
-        "metrics_by_rule": d.get("metrics_by_rule") if isinstance(d.get("metrics_by_rule"), dict) else {},
-        "wall_time_s": d.get("wall_time_s"), "path": str(path),
-        "mtime_ns": path.stat().st_mtime_ns, "error": d.get("error") or "",
-    }
-    if not rec["metrics_by_rule"] and rec["metrics"]:  # written before both rules were kept
-        rec["metrics_by_rule"] = {rec["rank_rule"] or "pessimistic": rec["metrics"]}
-    ds = d.get("dataset") or rec["config"].get("dataset")
-    if rec["status"] in FINISHED:
-        for key in ("variant", "ablation"):
-            if not isinstance(rec[key], str):
-                raise DataError("missing or non-string value in a finished run", file=path, field=key)
-        if not isinstance(ds, str):
-            raise DataError("missing dataset name in a finished run", file=path, field="dataset")
-        if not rec["metrics"]:
-            raise DataError("a finished run without metrics", file=path, field="metrics")
-    if isinstance(ds, str):
-        try:
-            rec["dataset"] = datasets.canonical_name(ds)
-        except Exception:
-            rec["dataset"] = ds
-    return rec
-
-
-def collect_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """Every ``<runs_dir>/*/metrics.json`` as one row (unreadable files become rows with status 'unreadable').
-
-    Columns: run_name, status, dataset, variant, ablation, weights_real, feature_model, rank_rule,
-    seed, note, config (dict), metrics (dict), wall_time_s, path, mtime_ns, error, plus one column
-    per ``"<split> <protocol> <metric>"`` (fractions, as in the file).
-    """
-    root = Path(runs_dir) if runs_dir is not None else paths.runs_dir()
-    rows = []
-    for p in sorted(root.glob("*/metrics.json")):
-        try:
-            rec = read_metrics(p)
-        except DataError as exc:
-            # One broken file must not hide every other run; it is listed with its reason.
-            rec = {"run_name": p.parent.name, "status": "unreadable", "path": str(p), "error": str(exc),
-                   "metrics": {}, "metrics_by_rule": {}, "config": {}, "mtime_ns": p.stat().st_mtime_ns}
-        for split, protos in (rec.get("metrics") or {}).items():
-            if not isinstance(protos, dict):
-                continue
-            for proto, ms in protos.items():
-                if isinstance(ms, dict):
-                    for k, v in ms.items():
-                        rec[f"{split} {proto} {k}"] = v
-        rows.append(rec)
-    base = ["run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model",
-            "rank_rule", "seed", "note", "config", "metrics", "metrics_by_rule", "wall_time_s", "path",
-            "mtime_ns", "error"]
-    df = pd.DataFrame(rows)
-    for c in base:
-        if c not in df.columns:
-            df[c] = pd.Series([None] * len(df), dtype=object)
-    extra = sorted(c for c in df.columns if c not in base)
-    return df[base + extra].reset_index(drop=True)
-
-
-def finished(runs: pd.DataFrame) -> pd.DataFrame:
-    """Only the runs that finished (completed or early-stopped)."""
-    return runs[runs["status"].isin(FINISHED)].reset_index(drop=True)
-
-
-def _metric(rec: dict | pd.Series, split: str, protocol: str, metric: str, rule: str | None = None) -> float:
-    """One number of a run: under its own rank rule, or under ``rule`` (NaN when the run lacks it)."""
-    if rule is None:
-        m = rec["metrics"] if isinstance(rec["metrics"], dict) else {}
-    else:
-        by_rule = rec.get("metrics_by_rule") if isinstance(rec.get("metrics_by_rule"), dict) else {}
-        m = by_rule.get(rule) or {}
-    return _as_float(((m.get(split) or {}).get(protocol) or {}).get(metric))
-
-
-def pick_run(candidates: pd.DataFrame, pick: str, protocol: str) -> pd.Series | None:
-    """The one run a table cell shows, by ``pick`` ('latest' or 'best_dev'); None when there is none."""
-    if pick not in PICKS:
-        raise ConfigError(f"pick={pick!r} is not one of {', '.join(PICKS)}")
-    if not len(candidates):
-        return None
-    c = candidates.copy()
-    if pick == "latest":
-        c = c.sort_values(["mtime_ns", "run_name"], ascending=[False, False], kind="mergesort")
-    else:
-        c["_dev"] = [_metric(r, "dev", protocol, "H@1") for _, r in c.iterrows()]
-        c["_dev"] = c["_dev"].fillna(-1.0)
-        c = c.sort_values(["_dev", "run_name"], ascending=[False, True], kind="mergesort")
-    return c.iloc[0]
-
-
-def _matches_filters(rec: pd.Series, filters: dict | None) -> bool:
-    for k, v in (filters or {}).items():
-        cfg = rec["config"] if isinstance(rec["config"], dict) else {}
-        have = cfg.get(k, rec.get(k) if k in rec.index else None)
-        if have != v:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +344,7 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
     """Fill one table from the collected runs and the reference values (missing -> NaN, shown n/a)."""
     if pick not in PICKS:
         raise ConfigError(f"pick={pick!r} is not one of {', '.join(PICKS)}")
-    done = finished(runs) if len(runs) else runs
+    done = finished(runs)
     metrics = table.metrics
     rows: list[dict] = []
     used: list[pd.Series] = []
@@ -486,12 +364,12 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
             if rs.variant is not None and len(done):
                 cand = done[(done["dataset"] == ds) & (done["variant"] == rs.variant)
                             & (done["ablation"] == rs.ablation)]
-                keep = pd.Series([_matches_filters(r, filters) and not math.isnan(
-                    _metric(r, table.split, table.protocol, "H@1")) for _, r in cand.iterrows()],
+                keep = pd.Series([matches(r, filters) and not math.isnan(
+                    metric(r, table.split, table.protocol, "H@1")) for _, r in cand.iterrows()],
                     index=cand.index, dtype=bool)
                 cand = cand.loc[keep]
                 n_match = len(cand)
-                chosen = pick_run(cand, pick, table.protocol)
+                chosen = choose(cand, pick, table.protocol)
             if n_match > 1:
                 multi += 1
             if chosen is not None:
@@ -500,7 +378,7 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
             for rule in (TABLE_RULES if chosen is not None else (None,)):
                 row = dict(base_row, **{"rank rule": RULE_LABELS.get(rule, "")})
                 for m in metrics:
-                    v = _metric(chosen, table.split, table.protocol, m, rule) if chosen is not None else math.nan
+                    v = metric(chosen, table.split, table.protocol, m, rule) if chosen is not None else math.nan
                     if _is_percent(m) and not math.isnan(v):
                         v = 100.0 * v
                     ref, src = reference_value(reference, ds, table.protocol, rs.method, rs.ablation, m) \
@@ -574,7 +452,7 @@ def build_tables(specs: Iterable[TableSpec] | None = None, *, runs: pd.DataFrame
     """Build every table of ``specs`` (default :func:`standard_tables`) from the runs folder."""
     specs = list(specs) if specs is not None else standard_tables()
     if runs is None:
-        runs = collect_runs(runs_dir)
+        runs = collect(runs_dir)
     if reference is None or isinstance(reference, (str, Path)):
         reference = load_reference(reference)
     return {s.name: build_table(s, runs, reference, pick=pick, filters=filters) for s in specs}
@@ -602,24 +480,12 @@ def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path 
 # missing runs
 
 
-@dataclass(frozen=True)
-class RunKey:
-    """What identifies a table cell's run: dataset, variant, ablation."""
-
-    dataset: str
-    variant: str
-    ablation: str = "none"
-
-
 def missing_runs(specs: Iterable[TableSpec], runs: pd.DataFrame, *, only: Iterable[str] | None = None,
                  filters: dict | None = None) -> list[RunKey]:
     """Cells of ``specs`` (restricted to datasets in ``only``) that no finished run fills."""
     only_set = {datasets.canonical_name(d) for d in only} if only is not None else None
-    done = finished(runs) if len(runs) else runs
-    have = set()
-    for _, r in done.iterrows():
-        if _matches_filters(r, filters):
-            have.add(RunKey(r["dataset"], r["variant"], r["ablation"]))
+    have = {RunKey(r["dataset"], r["variant"], r["ablation"]) for _, r in finished(runs).iterrows()
+            if matches(r, filters)}
     out: list[RunKey] = []
     for s in specs:
         for ds in s.datasets:
@@ -636,86 +502,126 @@ def missing_runs(specs: Iterable[TableSpec], runs: pd.DataFrame, *, only: Iterab
     return out
 
 
-def plan_runs(names: Iterable[str], variants: Iterable[str] = ("paper",),
-              ablations: Iterable[str] = ("none",)) -> list[RunKey]:
-    """Every (dataset, variant, ablation) combination asked for, names canonicalised.
-
-    ``original_descriptions`` is kept only for '+' datasets: only they hold the original descriptions.
-    """
-    out = []
-    for d in names:
-        name = datasets.canonical_name(d)
-        for v in variants:
-            for a in ablations:
-                if "original_descriptions" in a and not datasets.is_augmented(name):
-                    continue
-                k = RunKey(name, v, a)
-                if k not in out:
-                    out.append(k)
-    return out
+# ---------------------------------------------------------------------------------------------
+# the stage: dimkit tables
 
 
 @dataclass
-class LaunchReport:
-    """What :func:`launch_missing` ran, skipped (and why) and what failed."""
+class TablesConfig(Config):
+    """Which tables to build and show, how a cell picks its run, and which missing runs to train first."""
 
-    launched: list[str] = field(default_factory=list)  # run names
-    skipped: list[tuple[RunKey, str]] = field(default_factory=list)
-    failed: list[tuple[RunKey, str]] = field(default_factory=list)
+    STAGE: ClassVar[str] = "tables"
 
-    def __str__(self) -> str:
-        lines = [f"launched {len(self.launched)} run(s), skipped {len(self.skipped)}, failed {len(self.failed)}"]
-        lines += [f"  ran     {n}" for n in self.launched]
-        lines += [f"  skipped {k.dataset} {k.variant} {k.ablation}: {why}" for k, why in self.skipped]
-        lines += [f"  FAILED  {k.dataset} {k.variant} {k.ablation}: {why}" for k, why in self.failed]
+    dataset: str = setting("sample", "dataset family shown first, and trained for with launch_missing (with its "
+                                     "+ form): sample, wikimel, richpediamel, wikidiverse")
+    split: str = setting("test", "the split shown (the model is always selected on dev)", choices=("test", "dev"))
+    pick: str = setting("latest", "which run fills a cell when several match: latest or best_dev", choices=PICKS)
+    launch_missing: bool = setting(False, "first train the runs the tables lack, for launch_datasets x variants x "
+                                          "ablations")
+    launch_datasets: list[str] = setting(help="datasets to train for (empty: dataset and its + form)", factory=list)
+    variants: list[str] = setting(help=f"variants to train: {', '.join(VARIANT_LABELS)} (default: paper)", factory=lambda: ["paper"])
+    ablations: list[str] = setting(help=f"ablations to train: {', '.join(ABLATION_LABELS)} (default: none)",
+                                   factory=lambda: ["none"])
+    num_epochs: int | None = setting(None, "epochs of the runs trained here (None: the dataset preset)", above=0,
+                                     cli="--epochs")
+    clip: str = setting("auto", "feature model of the runs trained here: auto (the sample CLIP on the sample, "
+                                "ViT-B-32 elsewhere), default, ARCH:random")
+    out: str | None = setting(None, "where the tables are written (default $DIMKIT_FIGURES/tables)")
+
+    def check(self) -> None:
+        """Canonical dataset names; known variants and ablations."""
+        self.dataset = datasets.canonical_name(self.dataset)
+        self.launch_datasets = [datasets.canonical_name(d) for d in self.launch_datasets]
+        for name, given, known in (("variants", self.variants, VARIANT_LABELS),
+                                   ("ablations", self.ablations, ABLATION_LABELS)):
+            bad = [v for v in given if v not in known]
+            if bad or not given:
+                raise ConfigError(f"{option(name, '--' + name)}: {bad[0] if bad else 'none given'!r} is not "
+                                  f"one of {', '.join(known)}")
+
+    @property
+    def launch_names(self) -> list[str]:
+        """The datasets runs are trained for: ``launch_datasets``, else the family and its + form."""
+        family = datasets.base_name(self.dataset)
+        return list(self.launch_datasets) or [family, family + "+"]
+
+    @property
+    def is_sample(self) -> bool:
+        """True for the bundled synthetic sample (its numbers are not paper numbers)."""
+        return datasets.base_name(self.dataset) == "sample"
+
+    def specs(self) -> list[TableSpec]:
+        """Every table of :func:`standard_tables` for the chosen split."""
+        return standard_tables(split=self.split)
+
+    def shown(self) -> list[str]:
+        """The tables of the dataset family: the sample's, or the original, enhanced and ablation ones."""
+        if self.is_sample:
+            return ["sample_dim", "sample_kb"]
+        return [f"{t}_{p}" for p in PROTOCOL_METRICS for t in ("original", "enhanced", "ablations")]
+
+    def plan(self) -> list[RunKey]:
+        """The runs ``launch_missing`` trains when a table lacks them."""
+        return plan(self.launch_names, self.variants, self.ablations)
+
+
+@dataclass
+class TablesResult(Result):
+    """What ``dimkit tables`` built: the tables, the files, the cells still without a run."""
+
+    config: TablesConfig
+    tables: dict[str, Table]
+    files: list[Path]
+    missing: list[RunKey]
+    runs_used: int
+    launch: LaunchReport | None = None
+
+    def summary(self) -> str:
+        """The launch report if any, the family's tables as Markdown, and what was written."""
+        lines = [self.launch.summary(), ""] if self.launch is not None else []
+        lines += [self.tables[n].to_markdown() for n in self.config.shown() if n in self.tables]
+        names = self.config.launch_names
+        lines.append(f"{len(self.missing)} cell(s) of {', '.join(names)} without a finished run"
+                     + ("" if self.config.launch_missing or not self.missing
+                        else f" ({option('launch_missing=True', '--launch-missing')} trains them)"))
+        lines.append(f"built {len(self.tables)} tables from {self.runs_used} finished run(s) "
+                     f"(run choice {self.config.pick!r}, {self.config.split} split); wrote {len(self.files)} files to "
+                     f"{self.files[0].parent if self.files else '(nowhere)'}")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """Settings, files, the cells without a run, the launch report and each table's caption."""
+        return {"config": self.config.to_dict(), "files": [str(p) for p in self.files],
+                "missing": [str(k) for k in self.missing], "runs_used": self.runs_used,
+                "launch": self.launch.to_dict() if self.launch is not None else None,
+                "tables": {n: {"title": t.spec.title, "caption": t.caption, "rows": len(t.frame)}
+                           for n, t in self.tables.items()}}
 
-def launch_missing(keys: Iterable[RunKey], runs: pd.DataFrame | None = None, *, num_epochs: int | None = None,
-                   clip: str = "auto", device: str | None = None, overrides: dict | None = None,
-                   data_dir: str | Path | None = None) -> LaunchReport:
-    """Train each ``key`` that has no finished run (datasets not prepared are skipped and named).
-
-    Runs go through :func:`dimkit.train.run` with the dataset's preset (``clip="auto"``: the sample
-    CLIP on the sample, DIM's ViT-B-32 elsewhere); a failing run is recorded and the others still run.
-    """
-    from . import train  # torch-heavy: only when something is launched
-
-    runs = collect_runs() if runs is None else runs
-    done = finished(runs) if len(runs) else runs
-    have = {RunKey(r["dataset"], r["variant"], r["ablation"]) for _, r in done.iterrows()}
-    report = LaunchReport()
-    for k in keys:
-        if k in have:
-            report.skipped.append((k, "a finished run exists"))
-            continue
-        root = datasets.dataset_dir(k.dataset, data_dir)
-        if not (root / "meta.json").exists() and k.dataset != "sample":
-            report.skipped.append((k, f"dataset not prepared ({root / 'meta.json'} missing)"))
-            continue
-        try:
-            cfg = train.TrainConfig.for_dataset(k.dataset, variant=k.variant, ablation=k.ablation, num_epochs=num_epochs,
-                                   clip=clip, device=device, **(overrides or {}))
-            result = train.run(cfg)
-            report.launched.append(result.run_name)
-        except Exception as exc:  # one bad cell must not stop the others; it is reported
-            report.failed.append((k, f"{type(exc).__name__}: {exc}"))
-    return report
+    @property
+    def exit_code(self) -> int:
+        return self.launch.exit_code if self.launch is not None else 0
 
 
-def runs_overview(runs: pd.DataFrame) -> pd.DataFrame:
-    """A short view of the collected runs (one row each, newest first) for the notebook."""
-    if not len(runs):
-        return pd.DataFrame(columns=["run_name", "status", "dataset", "variant", "ablation", "weights_real",
-                                     "test dim H@1", "test kb H@1"])
-    cols = [c for c in ("run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model",
-                        "test dim H@1", "test kb H@1", "error") if c in runs.columns]
-    return runs.sort_values(["mtime_ns", "run_name"], ascending=False)[cols].reset_index(drop=True)
+def run(cfg: TablesConfig) -> TablesResult:
+    """Collect the runs, train the missing ones if asked, then build and write every table."""
+    found = collect()
+    report = None
+    if cfg.launch_missing:
+        report = launch(cfg.plan(), reuse="key", runs=found, num_epochs=cfg.num_epochs, clip=cfg.clip)
+        found = collect()
+    specs = cfg.specs()
+    built = build_tables(specs, runs=found, pick=cfg.pick)
+    files = write_tables(built, cfg.out)
+    return TablesResult(config=cfg, tables=built, files=files, runs_used=len(finished(found)),
+                        missing=missing_runs(specs, found, only=cfg.launch_names), launch=report)
+
+
+#: The command line: ``dimkit tables`` takes the flags of :class:`TablesConfig` and runs :func:`run`.
+CONFIG = TablesConfig
 
 
 __all__ = [
-    "PROTOCOL_METRICS", "ORIGINAL", "ENHANCED", "SAMPLES", "RowSpec", "TableSpec", "Table", "RunKey",
-    "LaunchReport", "read_metrics", "collect_runs", "finished", "pick_run", "load_reference",
+    "PROTOCOL_METRICS", "ORIGINAL", "ENHANCED", "SAMPLES", "RowSpec", "TableSpec", "Table", "load_reference",
     "reference_value", "standard_tables", "build_table", "build_tables", "write_tables", "tables_dir",
-    "missing_runs", "plan_runs", "launch_missing", "runs_overview",
+    "missing_runs", "TablesConfig", "TablesResult", "run", "CONFIG",
 ]

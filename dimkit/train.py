@@ -316,18 +316,15 @@ def results_table(results: list[RunResult], split: str = "test", rules: tuple[st
 
 
 def load_result(run_dir: str | Path) -> RunResult:
-    """Read a finished run's ``metrics.json`` back into a :class:`RunResult`."""
-    run_dir = Path(run_dir)
-    d = datasets.read_json_file(run_dir / "metrics.json", what="the run's metrics.json",
-                                fix="train the run again, or delete its folder")
-    if d.get("status") not in ("completed", "early_stopped"):
-        raise DimkitError(f"{run_dir / 'metrics.json'}: run did not finish (status {d.get('status')!r})")
-    return RunResult(run_name=d["run_name"], run_dir=run_dir, dataset=d["dataset"], variant=d["variant"],
-                     ablation=d["ablation"], config=d["config"], metrics=d["metrics"], best=d["best"],
-                     curve=d["curve"], status=d["status"], wall_time_s=d["wall_time_s"],
-                     feature_model=d["feature_model"], weights_real=d["weights_real"], note=d.get("note", ""),
-                     counts=d.get("counts", {}), inputs_missing=d.get("inputs_missing") or {},
-                     metrics_by_rule=d.get("metrics_by_rule") or {d.get("rank_rule", "pessimistic"): d["metrics"]})
+    """Read a finished run's ``metrics.json`` (:func:`dimkit.runs.read`) back into a :class:`RunResult`."""
+    from .runs import read
+
+    r = read(run_dir).require_finished()
+    return RunResult(run_name=r.run_name, run_dir=Path(run_dir), dataset=r.dataset, variant=r.variant,
+                     ablation=r.ablation, config=r.config, metrics=r.metrics, best=r.best, curve=r.curve,
+                     status=r.status, wall_time_s=r.wall_time_s, feature_model=r.feature_model,
+                     weights_real=r.weights_real, note=r.note, counts=r.counts, inputs_missing=r.inputs_missing,
+                     metrics_by_rule=r.metrics_by_rule)
 
 
 def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):

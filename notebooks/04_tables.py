@@ -17,8 +17,8 @@
 # # 04 · The paper's tables, rebuilt from the runs
 #
 # Every training run (notebook 03, `dimkit train`, `make reproduce`) leaves
-# `runs/<run-name>/metrics.json`. `dimkit.tables` reads those files -- it never parses printed text --
-# and rebuilds the paper's three tables as DataFrames:
+# `runs/<run-name>/metrics.json`. `dimkit.runs` finds and reads those files -- nothing parses printed
+# text -- and `dimkit.tables` rebuilds the paper's three tables from them as DataFrames:
 #
 # 1. DIM on the **original** datasets (WikiMEL, RichpediaMEL, WikiDiverse),
 # 2. DIM on the **enhanced** datasets (Wiki+, Rich+, Diverse+),
@@ -55,20 +55,15 @@ num_epochs: int = 0  # 0: the dataset preset (sample 30, released scripts 300, d
 clip: str = "auto"  # feature model for launched runs: auto (sample CLIP on the sample, ViT-B-32 else) | default | ARCH:random
 
 # %%
-from dimkit import datasets, tables
+from dimkit import runs, tables
 
-dataset = datasets.canonical_name(dataset)
-family = datasets.base_name(dataset)
-assert split in ("test", "dev"), f"split must be test or dev, got {split!r}"
-assert pick in tables.PICKS, f"pick must be one of {tables.PICKS}, got {pick!r}"
-assert isinstance(launch_missing, bool), "launch_missing is True or False"
-assert all(v in tables.VARIANT_LABELS for v in variants), f"variants must be among {list(tables.VARIANT_LABELS)}"
-assert all(a in tables.ABLATION_LABELS for a in ablations), f"ablations must be among {list(tables.ABLATION_LABELS)}"
-assert isinstance(num_epochs, int) and num_epochs >= 0, "num_epochs: 0 (the preset) or a positive int"
-launch_names = [datasets.canonical_name(d) for d in launch_datasets] or [family, family + "+"]
-is_sample = family == "sample"
-specs = tables.standard_tables(split=split)
-print(f"tables for {split}, run choice {pick!r}; launch {'ON' if launch_missing else 'off'} for {launch_names}")
+# the parameters, checked as `dimkit tables` checks its flags (0 epochs: the dataset preset)
+cfg = tables.TablesConfig.for_dataset(dataset, split=split, pick=pick, launch_missing=launch_missing,
+                                      launch_datasets=launch_datasets, variants=variants, ablations=ablations,
+                                      num_epochs=num_epochs or None, clip=clip)
+specs = cfg.specs()
+print(f"tables for {cfg.split}, run choice {cfg.pick!r}; launch {'ON' if cfg.launch_missing else 'off'} "
+      f"for {cfg.launch_names}")
 
 # %% [markdown]
 # ## The runs
@@ -76,24 +71,22 @@ print(f"tables for {split}, run choice {pick!r}; launch {'ON' if launch_missing 
 # loss, a broken file) are listed with their status and never used in a table.
 
 # %%
-runs = tables.collect_runs()
-tables.runs_overview(runs)
+found = runs.collect()
+runs.overview(found)
 
 # %% [markdown]
 # ## Missing runs
 # Which table cells of the chosen datasets have no finished run. With `launch_missing=True` the
 # combinations of `launch_datasets` x `variants` x `ablations` that lack a run are trained here
-# (each with its dataset's preset); otherwise this only lists them.
+# (each with its dataset's preset, by `dimkit.runs.launch`); otherwise this only lists them.
 
 # %%
-missing = tables.missing_runs(specs, runs, only=launch_names)
-print(f"{len(missing)} cell(s) without a run for {launch_names}:",
-      ", ".join(f"{k.dataset}/{k.variant}/{k.ablation}" for k in missing[:12]) + (" ..." if len(missing) > 12 else ""))
-if launch_missing:
-    report = tables.launch_missing(tables.plan_runs(launch_names, variants, ablations), runs,
-                                   num_epochs=num_epochs or None, clip=clip)
-    print(report)
-    runs = tables.collect_runs()
+missing = tables.missing_runs(specs, found, only=cfg.launch_names)
+print(f"{len(missing)} cell(s) without a run for {cfg.launch_names}:",
+      ", ".join(map(str, missing[:12])) + (" ..." if len(missing) > 12 else ""))
+if cfg.launch_missing:
+    print(runs.launch(cfg.plan(), reuse="key", runs=found, num_epochs=cfg.num_epochs, clip=cfg.clip))
+    found = runs.collect()
 
 # %% [markdown]
 # ## Building the tables
@@ -102,7 +95,7 @@ if launch_missing:
 # without pretrained weights); a second writes them.
 
 # %%
-built = tables.build_tables(specs, runs=runs, pick=pick)
+built = tables.build_tables(specs, runs=found, pick=cfg.pick)
 files = tables.write_tables(built)
 print(f"wrote {len(files)} files to {files[0].parent}")
 
@@ -120,7 +113,7 @@ from dimkit import paths
 filled = [(t, row) for t in built.values() for _, row in t.frame.iterrows() if isinstance(row["run"], str)]
 for t, row in filled[:1]:
     raw = json.loads((paths.runs_dir() / row["run"] / "metrics.json").read_text())
-    by_hand = 100 * raw["metrics"][split][t.spec.protocol]["H@1"]
+    by_hand = 100 * raw["metrics"][cfg.split][t.spec.protocol]["H@1"]
     assert math.isclose(by_hand, row["H@1"]), (by_hand, row["H@1"])
     print(f"{t.name}: {row['dataset']} / {row['method']}: H@1 {by_hand:.2f} from {row['run']} -- matches the table")
 if not filled:
@@ -134,9 +127,7 @@ if not filled:
 # %%
 from IPython.display import Markdown, display
 
-shown = ["sample_dim", "sample_kb"] if is_sample else [
-    f"{t}_{p}" for p in ("dim", "kb") for t in ("original", "enhanced", "ablations")]
-for name in shown:
+for name in cfg.shown():
     display(Markdown(built[name].to_markdown()))
 
 # %% [markdown]

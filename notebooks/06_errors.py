@@ -23,7 +23,7 @@
 #    (the run folder records them in `features.json`; a model that is not available is refused, not
 #    swapped) and ranks the run's whole knowledge base. `dimkit link RUN --input F.jsonl --output
 #    G.jsonl` does a batch (module `dimkit.link`).
-# 2. **Error analysis** (module `dimkit.errors_analysis`): the worst failures of a run on the test
+# 2. **Error analysis** (module `dimkit.analysis`): the worst failures of a run on the test
 #    split with their image, sentence, gold and predicted entity, expert cue and -- for the `paper`
 #    variant -- the attention over modalities; a summary by error kind; and the `paper` run beside
 #    its text-only ablation on the mentions where they disagree.
@@ -49,26 +49,22 @@ n_worst: int = 8  # failures and disagreements shown
 quick_epochs: int = 5  # only if no run exists yet: train one this many epochs
 
 # %%
-from dimkit import datasets, errors_analysis
+from dimkit import analysis, datasets, runs
 from dimkit.link import Linker, link
-from dimkit.model import ABLATIONS, VARIANTS
 
-dataset = datasets.canonical_name(dataset)
-assert variant in VARIANTS, f"variant must be one of {VARIANTS}, got {variant!r}"
-assert compare_ablation in ABLATIONS and compare_ablation != "none", f"compare_ablation must be one of {ABLATIONS[1:]}"
-assert split in ("test", "dev"), f"split must be test or dev, got {split!r}"
-assert protocol in errors_analysis.PROTOCOLS, f"protocol must be one of {errors_analysis.PROTOCOLS}"
-assert isinstance(n_worst, int) and n_worst > 0, "n_worst must be a positive int"
-assert isinstance(quick_epochs, int) and quick_epochs > 0, "quick_epochs must be a positive int"
-is_sample = datasets.base_name(dataset) == "sample"
+# the parameters, checked as every dimkit setting is (names, choices, ranges)
+cfg = analysis.AnalysisConfig.for_dataset(dataset, run=run, variant=variant, compare_run=compare_run,
+                                          compare_ablation=compare_ablation, split=split, protocol=protocol,
+                                          n_worst=n_worst, quick_epochs=quick_epochs)
+is_sample = datasets.base_name(cfg.dataset) == "sample"
 # Run alone, without 01: the sample's '+' form costs nothing to rebuild from its stored oracle answers.
-if dataset == "sample+" and not (datasets.dataset_dir(dataset) / "meta.json").exists():
+if cfg.dataset == "sample+" and not (datasets.dataset_dir(cfg.dataset) / "meta.json").exists():
     from dimkit import augment
 
     print(augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False).summary())
-datasets.require(dataset)  # fails here, at once, if it is not prepared
+datasets.require(cfg.dataset)  # fails here, at once, if it is not prepared
 
-errors_analysis.find_runs(dataset).drop(columns=["path", "finished"])
+runs.overview(runs.find(cfg.dataset)).drop(columns=["status", "error"])
 
 # %% [markdown]
 # ## The run
@@ -77,7 +73,7 @@ errors_analysis.find_runs(dataset).drop(columns=["path", "finished"])
 # whole knowledge base once.
 
 # %%
-run_dir = errors_analysis.ensure_run(dataset, variant, "none", run=run, quick_epochs=quick_epochs)
+run_dir = cfg.main_run()
 linker = Linker(run_dir)
 print_environment(linker.info.feature_model, linker.info.weights_real)
 print()
@@ -101,7 +97,7 @@ import pandas as pd
 from PIL import Image
 
 ds = linker.dataset
-example = errors_analysis.example_mention(linker, split)  # one the run ranks first, with a usable image
+example = analysis.example_mention(linker, cfg.split)  # one the run ranks first, with a usable image
 sentence = f"A postcard showing {example['mention']} arrived this morning."
 new_image = Path(tempfile.mkdtemp()) / "postcard.jpg"
 Image.open(ds.image_path(example["image"])).convert("RGB").save(new_image, quality=90)
@@ -121,9 +117,9 @@ pd.concat({"dataset image": with_file[["qid", "name", "score"]],
 # `predictions.parquet`: the rank of every gold must be identical.
 
 # %%
-analysis = errors_analysis.analyse(run_dir, split=split, protocol=protocol, linker=linker)
-agreement = errors_analysis.agreement_with_training(analysis)
-print(analysis)
+result = analysis.analyse(run_dir, split=cfg.split, protocol=cfg.protocol, linker=linker)
+agreement = analysis.agreement_with_training(result)
+print(result)
 print(f"ranks identical to training's predictions.parquet for {100 * agreement:.1f}% of mentions")
 assert agreement == 1.0, "re-scoring must reproduce the run's own evaluation"
 
@@ -137,12 +133,12 @@ assert agreement == 1.0, "re-scoring must reproduce the run's own evaluation"
 # %%
 from dimkit.plots import save_figure
 
-fig = errors_analysis.show_failures(analysis, n_worst)
-save_figure(fig, f"06_worst_failures_{dataset}")
+fig = analysis.show_failures(result, cfg.n_worst)
+save_figure(fig, f"06_worst_failures_{cfg.dataset}")
 
 # %%
 with pd.option_context("display.max_colwidth", 120):
-    display(errors_analysis.failure_table(analysis, n_worst))  # noqa: F821
+    display(analysis.failure_table(result, cfg.n_worst))  # noqa: F821
 
 # %% [markdown]
 # ## Failures by kind
@@ -152,7 +148,7 @@ with pd.option_context("display.max_colwidth", 120):
 # overlaps stay visible.
 
 # %%
-summary = errors_analysis.confusion_summary(analysis)
+summary = analysis.confusion_summary(result)
 summary
 
 # %% [markdown]
@@ -161,22 +157,21 @@ summary
 # run was right tells what the extra modalities bought -- or cost.
 
 # %%
-other_dir = errors_analysis.ensure_run(dataset, variant, compare_ablation, run=compare_run,
-                                       quick_epochs=quick_epochs)
-other = errors_analysis.analyse(other_dir, split=split, protocol=protocol)
-comparison = errors_analysis.compare(analysis, other)
+other_dir = cfg.other_run()
+other = analysis.analyse(other_dir, split=cfg.split, protocol=cfg.protocol)
+comparison = analysis.compare(result, other)
 print(comparison)
 comparison.summary()
 
 # %%
-fig = errors_analysis.show_comparison(comparison, n_worst)
-save_figure(fig, f"06_disagreements_{dataset}")
+fig = analysis.show_comparison(comparison, cfg.n_worst)
+save_figure(fig, f"06_disagreements_{cfg.dataset}")
 
 # %%
 with pd.option_context("display.max_colwidth", 80):
-    display(comparison.table.drop(columns=["mention_id", "image"]).head(n_worst))  # noqa: F821
+    display(comparison.table.drop(columns=["mention_id", "image"]).head(cfg.n_worst))  # noqa: F821
 
 # %%
-print("NOTE:", analysis.note or "pretrained feature model on a real dataset")
+print("NOTE:", result.note or "pretrained feature model on a real dataset")
 if is_sample:
     print("These are synthetic-sample runs: the failures illustrate the method, not the paper's model.")

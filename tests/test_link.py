@@ -1,5 +1,5 @@
 """Linking new mentions with a trained run, batch files, refusals, and the error analysis (dimkit.link,
-dimkit.errors_analysis). One short run is trained on the sample for the whole module."""
+dimkit.analysis). One short run is trained on the sample for the whole module."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dimkit import cli, datasets, errors_analysis, train
+from dimkit import analysis, cli, datasets, runs, train
 from dimkit_dev import synthetic
 from dimkit.errors import ConfigError, DataError, DimkitError
 from dimkit.link import Linker, link, link_file, read_run
@@ -178,30 +178,32 @@ def test_a_run_trained_on_features_handed_in_memory_cannot_be_linked(sample_run)
 
 
 def test_error_analysis_agrees_with_training_and_classifies_every_failure(sample_run):
-    a = errors_analysis.analyse(sample_run["run"])
-    assert errors_analysis.agreement_with_training(a) == 1.0
+    a = analysis.analyse(sample_run["run"])
+    assert analysis.agreement_with_training(a) == 1.0
     t = a.table
     assert len(t) == int(sample_run["result"].counts["test"])
-    assert set(t.loc[~t["correct"], "error_kind"]) <= set(errors_analysis.ERROR_KINDS)
+    assert set(t.loc[~t["correct"], "error_kind"]) <= set(analysis.ERROR_KINDS)
     alike = t[t["error_kind"] == "name-alike entity chosen"]
     assert (alike["gold_name"] == alike["pred_name"]).all() and (alike["gold_qid"] != alike["pred_qid"]).all()
     assert (t.loc[t["error_kind"] == "image unusable", "image_ok"] == False).all()  # noqa: E712
-    s = errors_analysis.confusion_summary(a).set_index("error kind")
+    s = analysis.confusion_summary(a).set_index("error kind")
     assert s.loc["all failures", "failures"] == (~t["correct"]).sum() == s["failures"].iloc[:-1].sum()
     assert abs(t["correct"].mean() - sample_run["result"].metrics["test"]["dim"]["H@1"]) < 1e-9
     w = a.worst(3)
     assert (np.diff(w["margin"].to_numpy()) <= 0).all() and not w["correct"].any()
-    assert {"gold description", "predicted description", "cue", "attention"} <= set(errors_analysis.failure_table(a, 3))
+    assert {"gold description", "predicted description", "cue", "attention"} <= set(analysis.failure_table(a, 3))
     assert np.allclose(t[[f"attention {k}" for k in a.attention_keys]].sum(axis=1), 1.0, atol=1e-4)
 
 
 def test_comparing_a_run_with_its_text_only_ablation(sample_run):
-    text = errors_analysis.ensure_run("sample+", "paper", "text_only", quick_epochs=2)
-    assert errors_analysis.latest_run("sample+", "paper", "text_only") == text
-    a = errors_analysis.analyse(sample_run["run"])
-    b = errors_analysis.analyse(text)
+    text = runs.ensure("sample+", "paper", "text_only", quick_epochs=2)
+    assert runs.latest("sample+", "paper", "text_only") == text
+    cfg = analysis.AnalysisConfig.for_dataset("sample+", quick_epochs=2)
+    assert cfg.other_run() == text and cfg.main_run() == sample_run["run"]  # found, not trained again
+    a = analysis.analyse(sample_run["run"])
+    b = analysis.analyse(text)
     assert not b.attention_keys or b.attention_keys == ["mention_sentence"]
-    c = errors_analysis.compare(a, b)
+    c = analysis.compare(a, b)
     merged = a.table.merge(b.table, on="mention_id")
     assert len(c.table) == int((merged["pred_qid_x"] != merged["pred_qid_y"]).sum()) > 0
     summary = c.summary().set_index("outcome")["mentions"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dimkit import reproduce
+from dimkit import cli, reproduce
 from dimkit.errors import ConfigError
 
 # Only the data-side checks: the expert and CLIP checks import the model libraries (slow) and are
@@ -43,7 +43,7 @@ def test_explicit_source_and_the_sample(kit_dirs, tmp_path):
 def test_reproduce_refuses_to_start_with_missing_inputs(kit_dirs):
     cfg = reproduce.ReproduceConfig(datasets=("wikimel",), steps=DATA_STEPS)
     with pytest.raises(reproduce.MissingInputs, match="nothing was run"):
-        reproduce.reproduce(cfg)
+        reproduce.run(cfg)
     assert not (kit_dirs["data"] / "wikimel").exists()
 
 
@@ -54,3 +54,52 @@ def test_config_validation():
         reproduce.ReproduceConfig(ablations=("no_brain",)).validate()
     cfg = reproduce.ReproduceConfig(datasets=("wiki+", "wikimel+", "rich")).validate()
     assert cfg.datasets == ("wikimel+", "richpediamel")
+    cfg = reproduce.ReproduceConfig(variants=("paper,released",), ablations=("none,no_cue+no_image",),
+                                    steps=("prepare", "train"), sources={"wiki": "/data/wiki"}).validate()
+    assert cfg.variants == ("paper", "released") and cfg.ablations == ("none", "no_cue+no_image")
+    assert cfg.source_paths == {"wikimel": "/data/wiki"} and cfg.replace(k=5).sources == cfg.sources
+    assert reproduce.ReproduceConfig(ablations=("all",)).validate().ablations == reproduce.ABLATIONS
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        reproduce.ReproduceConfig(sources=("wiki",)).validate()
+    with pytest.raises(ConfigError, match="unknown reproduce setting 'epochs'; known: ablations"):
+        reproduce.ReproduceConfig.for_dataset("sample", epochs=3)
+    with pytest.raises(ConfigError, match="unknown reproduce setting 'stepz'; known: ablations"):
+        reproduce.check_inputs(["rich"], stepz=DATA_STEPS)
+
+
+def test_the_command_line_is_the_configs(kit_dirs, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    # the Makefile's form: --check, the datasets, comma lists
+    argv = ["reproduce", "--check", "wiki+", "rich", "--variants", "paper,released", "--ablations", "none",
+            "--steps", "prepare,augment", "--epochs", "3"]
+    assert cli.main(argv + ["--show-config"]) == 0
+    shown = capsys.readouterr().out
+    assert '"datasets": [\n    "wikimel+",\n    "richpediamel"\n  ]' in shown and '"num_epochs": 3' in shown
+    assert cli.main(argv) == 1  # inputs missing: listed, exit 1, nothing run
+    out = capsys.readouterr().out
+    assert "input(s) missing" in out and "--source richpediamel=PATH" in out
+    assert cli.main(["reproduce", "--check", "--steps", "prepare", "augment"]) == 0  # the sample by default
+    assert capsys.readouterr().out.strip().endswith("all inputs present")
+    assert cli.main(["reproduce", "--check", "--steps", "bake"]) == 2
+    assert "unknown step 'bake'" in capsys.readouterr().err
+
+
+def test_training_goes_through_runs_and_a_failed_run_is_reported(kit_dirs, monkeypatch):
+    from test_runs import install_fake_train, prepare_tiny
+
+    calls = install_fake_train(monkeypatch, kit_dirs["runs"], fail="no_cue")
+    prepare_tiny("sample+")
+    # the CLIP check and name loads the model libraries: stood in for, as the trainer is
+    monkeypatch.setattr(reproduce, "_check_clip", lambda name, cfg, out: None)
+    monkeypatch.setattr(reproduce, "_clip_for", lambda name, clip: "sample")
+    cfg = reproduce.ReproduceConfig(datasets=("sample+",), ablations=("none", "no_cue"),
+                                    steps=("train",), num_epochs=2)
+    report = reproduce.run(cfg, progress=False)
+    assert report.runs == ["sample+-paper-none-e2"] and calls[0]["clip"] == "sample"
+    assert [k for k, _ in report.failed] == ["sample+/paper/no_cue"] and "boom" in report.failed[0][1]
+    assert report.exit_code == 1 and "FAILED sample+/paper/no_cue" in report.summary()
+    # a rerun trains nothing that finished, and tries the failed one again
+    again = reproduce.run(cfg, progress=False)
+    assert again.runs == ["sample+-paper-none-e2"] and len(calls) == 1
+    assert [k for k, _ in again.failed] == ["sample+/paper/no_cue"]

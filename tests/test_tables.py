@@ -1,53 +1,19 @@
-"""The table builder on hand-made metrics files, and the committed reference values."""
+"""The table builder on hand-made metrics files, the ``dimkit tables`` stage, and the committed
+reference values. Reading, choosing and launching runs is tested in test_runs.py."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import types
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_runs import write_run
 
-from dimkit import datasets, tables
-from dimkit.errors import DataError
+from dimkit import cli, tables
+from dimkit.errors import ConfigError, DataError
+from dimkit.runs import RunKey, collect, overview, plan
 
 REF_HEADER = "dataset,protocol,method,ablation,metric,value,source,note\n"
-
-
-def write_run(root: Path, name: str, dataset: str, *, variant: str = "paper", ablation: str = "none",
-              status: str = "completed", weights_real: bool = True, test_h1: float = 0.5,
-              dev_h1: float = 0.4, kb_h1: float = 0.3, mtime: float | None = None,
-              feature_model: str = "ViT-B-32:openai", note: str = "") -> Path:
-    """A metrics.json in the format of dimkit.train._write_outputs."""
-    def dim(h1: float) -> dict:
-        return {"H@1": h1, "H@5": min(1.0, h1 + 0.2), "H@10": min(1.0, h1 + 0.3), "H@20": min(1.0, h1 + 0.4),
-                "MRR": h1 + 0.05, "MR": 3.5, "n": 10}
-
-    def kb(h1: float) -> dict:
-        return {"H@1": h1, "H@3": h1 + 0.1, "H@5": h1 + 0.15, "H@10": h1 + 0.2, "H@20": h1 + 0.25,
-                "MRR": h1 + 0.07, "MR": 12.0, "n": 10}
-
-    metrics = {"dev": {"dim": dim(dev_h1), "kb": kb(dev_h1 - 0.1)}, "test": {"dim": dim(test_h1), "kb": kb(kb_h1)}}
-    strict = {"dev": {"dim": dim(dev_h1 + 0.01), "kb": kb(dev_h1 - 0.09)},
-              "test": {"dim": dim(test_h1 + 0.01), "kb": kb(kb_h1 + 0.01)}}
-    d = {
-        "run_name": name, "status": status, "dataset": dataset, "variant": variant, "ablation": ablation,
-        "protocol": {"dim": "...", "kb": "..."}, "rank_rule": "pessimistic",
-        "metrics": metrics, "metrics_by_rule": {"pessimistic": metrics, "strict": strict},
-        "best": {"step": 10, "epoch": 1.0}, "config": {"dataset": dataset, "variant": variant, "ablation": ablation,
-                                                       "clip": "default", "lr": 5e-5},
-        "seed": 114514, "feature_model": feature_model, "weights_real": weights_real, "note": note,
-        "wall_time_s": 1.0, "curve": {"train": [], "dev": []},
-    }
-    p = root / name / "metrics.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(d))
-    if mtime is not None:
-        os.utime(p, (mtime, mtime))
-    return p
 
 
 @pytest.fixture
@@ -72,7 +38,7 @@ def spec(name: str) -> tables.TableSpec:
 def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
     runs_dir = tmp_path / "runs"
     write_run(runs_dir, "wplus", "wiki+", test_h1=0.625)  # alias is canonicalised
-    runs = tables.collect_runs(runs_dir)
+    runs = collect(runs_dir)
     t = tables.build_table(spec("enhanced_dim"), runs, reference)
     f = pess(t.frame).set_index(["dataset", "method"])
     paper = tables.VARIANT_LABELS["paper"]
@@ -94,7 +60,7 @@ def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
 
 def test_difference_is_dimkit_minus_reference_in_points(tmp_path, reference):
     write_run(tmp_path / "runs", "r", "rich+", test_h1=0.455)
-    t = tables.build_table(spec("enhanced_dim"), tables.collect_runs(tmp_path / "runs"), reference)
+    t = tables.build_table(spec("enhanced_dim"), collect(tmp_path / "runs"), reference)
     row = pess(t.frame)[(pess(t.frame)["dataset"] == "richpediamel+") & (pess(t.frame)["method"] == tables.VARIANT_LABELS["paper"])]
     assert row["Δ H@1"].iloc[0] == pytest.approx(5.5)
     assert "+5.50" in t.to_markdown()
@@ -103,7 +69,7 @@ def test_difference_is_dimkit_minus_reference_in_points(tmp_path, reference):
 
 def test_protocols_never_share_a_table(tmp_path, reference):
     write_run(tmp_path / "runs", "w", "wikimel", test_h1=0.9, kb_h1=0.25)
-    runs = tables.collect_runs(tmp_path / "runs")
+    runs = collect(tmp_path / "runs")
     dim = tables.build_table(spec("original_dim"), runs, reference).frame
     kb = tables.build_table(spec("original_kb"), runs, reference).frame
     assert list(dim.columns[2:6]) == ["rank rule", "H@1", "H@1 ref", "Δ H@1"] and "H@20" in dim and "MRR" not in dim
@@ -121,7 +87,7 @@ def test_protocols_never_share_a_table(tmp_path, reference):
 
 def test_sample_run_caption_warns(tmp_path, reference):
     write_run(tmp_path / "runs", "s", "sample+", test_h1=0.6)
-    runs = tables.collect_runs(tmp_path / "runs")
+    runs = collect(tmp_path / "runs")
     t = tables.build_table(spec("sample_dim"), runs, reference)
     assert tables.SAMPLE_WARNING in t.caption
     assert list(t.frame["dataset"]) == ["sample+", "sample+"]  # empty sample rows are dropped
@@ -137,7 +103,7 @@ def test_sample_run_caption_warns(tmp_path, reference):
 
 def test_weights_not_real_caption_warns(tmp_path, reference):
     write_run(tmp_path / "runs", "w", "wikimel", weights_real=False, feature_model="ViT-B-32:random")
-    t = tables.build_table(spec("original_dim"), tables.collect_runs(tmp_path / "runs"), reference)
+    t = tables.build_table(spec("original_dim"), collect(tmp_path / "runs"), reference)
     assert any("without real pretrained weights" in w and "ViT-B-32:random" in w for w in t.warnings)
     assert "not comparable to the paper" in t.caption
     assert "not comparable to the paper" in t.to_latex()
@@ -148,7 +114,7 @@ def test_several_runs_per_cell_pick_is_deterministic(tmp_path, reference):
     write_run(root, "old-better-dev", "wikimel", test_h1=0.7, dev_h1=0.9, mtime=1_000_000)
     write_run(root, "new-worse-dev", "wikimel", test_h1=0.5, dev_h1=0.6, mtime=2_000_000)
     write_run(root, "released", "wikimel", variant="released", test_h1=0.1)  # another row
-    runs = tables.collect_runs(root)
+    runs = collect(root)
     paper = tables.VARIANT_LABELS["paper"]
     latest = tables.build_table(spec("original_dim"), runs, reference, pick="latest")
     row = pess(latest.frame).set_index(["dataset", "method"]).loc[("wikimel", paper)]
@@ -160,7 +126,7 @@ def test_several_runs_per_cell_pick_is_deterministic(tmp_path, reference):
     assert "best dev H@1" in best.caption
     # equal times: the tie is broken by run name, the same on every call
     write_run(root, "new-worse-dev-b", "wikimel", test_h1=0.3, mtime=2_000_000)
-    runs = tables.collect_runs(root)
+    runs = collect(root)
     picks = {tables.build_table(spec("original_dim"), runs, reference).frame.iloc[0]["run"] for _ in range(3)}
     assert picks == {"new-worse-dev-b"}
     # filters narrow the candidates by config keys
@@ -178,21 +144,12 @@ def test_unfinished_and_broken_runs_are_listed_not_used(tmp_path, reference):
     (root / "broken").mkdir()
     (root / "broken" / "metrics.json").write_text("{not json")
     (root / "notebooks").mkdir()  # folders without metrics.json are not runs
-    runs = tables.collect_runs(root)
+    runs = collect(root)
     assert dict(zip(runs["run_name"], runs["status"])) == {"broken": "unreadable", "diverged": "diverged"}
     assert "broken" in runs.set_index("run_name").loc["broken", "error"]
     t = tables.build_table(spec("original_dim"), runs, reference)
     assert t.frame["runs matched"].sum() == 0 and t.frame["H@1"].isna().all()
-    assert len(tables.runs_overview(runs)) == 2
-
-
-def test_finished_run_missing_fields_is_an_error_naming_the_field(tmp_path):
-    p = tmp_path / "r" / "metrics.json"
-    p.parent.mkdir()
-    p.write_text(json.dumps({"run_name": "r", "status": "completed", "dataset": "wikimel", "variant": "paper",
-                             "ablation": "none", "metrics": {}}))
-    with pytest.raises(DataError, match="metrics"):
-        tables.read_metrics(p)
+    assert len(overview(runs)) == 2
 
 
 def test_write_tables_csv_markdown_latex(tmp_path, reference):
@@ -217,53 +174,16 @@ def test_write_tables_csv_markdown_latex(tmp_path, reference):
 
 def test_missing_runs_lists_unfilled_cells(tmp_path, reference):
     write_run(tmp_path / "runs", "w", "wikimel+")
-    runs = tables.collect_runs(tmp_path / "runs")
+    runs = collect(tmp_path / "runs")
     miss = tables.missing_runs([spec("ablations_dim")], runs, only=["wiki+"])
-    assert tables.RunKey("wikimel+", "paper", "none") not in miss
-    assert tables.RunKey("wikimel+", "paper", "no_cue") in miss
+    assert RunKey("wikimel+", "paper", "none") not in miss
+    assert RunKey("wikimel+", "paper", "no_cue") in miss
     assert {k.dataset for k in miss} == {"wikimel+"}
-    assert tables.plan_runs(["rich+"], ["paper"], ["none", "no_cue"]) == [
-        tables.RunKey("richpediamel+", "paper", "none"), tables.RunKey("richpediamel+", "paper", "no_cue")]
+    assert plan(["rich+"], ["paper"], ["none", "no_cue"]) == [
+        RunKey("richpediamel+", "paper", "none"), RunKey("richpediamel+", "paper", "no_cue")]
     # only '+' datasets keep original descriptions to ablate to
-    assert tables.plan_runs(["rich", "rich+"], ["paper"], ["original_descriptions"]) == [
-        tables.RunKey("richpediamel+", "paper", "original_descriptions")]
-
-
-def test_launch_missing_trains_only_what_it_can(kit_dirs, monkeypatch):
-    import dimkit
-
-    calls = []
-
-    class Cfg:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    def run(cfg):
-        if cfg.kw["ablation"] == "no_cue":
-            raise RuntimeError("boom")
-        calls.append(cfg.kw)
-        return types.SimpleNamespace(run_name=f"{cfg.kw['dataset']}-{cfg.kw['ablation']}")
-
-    fake = types.SimpleNamespace(TrainConfig=types.SimpleNamespace(
-        for_dataset=lambda dataset, **kw: Cfg(dataset=dataset, **kw)), run=run)
-    monkeypatch.setitem(sys.modules, "dimkit.train", fake)
-    monkeypatch.setattr(dimkit, "train", fake, raising=False)
-    # a tiny prepared dataset, so it counts as launchable
-    m = pd.DataFrame({"mention_id": ["m1"], "split": ["test"], "sentence": ["s"], "mention": ["a"], "image": [None],
-                      "qid": ["Q1"]})
-    e = pd.DataFrame({"qid": ["Q1"], "name": ["a"], "description": ["d"], "description_source": ["x"],
-                      "images": [[]]})
-    datasets.write_prepared(datasets.dataset_dir("wikimel+"), m, e, {"name": "wikimel+"})
-    write_run(kit_dirs["runs"], "done", "wikimel+", ablation="no_image")
-    keys = [tables.RunKey("wikimel+", "paper", "none"), tables.RunKey("wikimel+", "paper", "no_image"),
-            tables.RunKey("wikimel+", "paper", "no_cue"), tables.RunKey("wikidiverse", "paper", "none")]
-    rep = tables.launch_missing(keys, num_epochs=2)
-    assert rep.launched == ["wikimel+-none"] and calls[0]["num_epochs"] == 2
-    skipped = {k.ablation if k.dataset == "wikimel+" else k.dataset: why for k, why in rep.skipped}
-    assert skipped["no_image"] == "a finished run exists"
-    assert "not prepared" in skipped["wikidiverse"]
-    assert rep.failed[0][0].ablation == "no_cue" and "boom" in rep.failed[0][1]
-    assert "FAILED" in str(rep)
+    assert plan(["rich", "rich+"], ["paper"], ["original_descriptions"]) == [
+        RunKey("richpediamel+", "paper", "original_descriptions")]
 
 
 # --- the committed reference file ----------------------------------------------------------------
@@ -303,3 +223,51 @@ def test_reference_duplicates_are_rejected(tmp_path):
     p.write_text(REF_HEADER + "wiki+,dim,DIM,none,H@1,,x,\nwikimel+,dim,DIM,,H@1,,x,\n")
     with pytest.raises(DataError, match="two rows"):
         tables.load_reference(p)
+
+
+# --- the stage: dimkit tables -------------------------------------------------------------------
+
+
+def test_tables_config_checks_what_notebook_04_passes():
+    cfg = tables.TablesConfig.for_dataset("rich", variants=["paper", "released"], num_epochs=None)
+    assert cfg.dataset == "richpediamel" and cfg.launch_names == ["richpediamel", "richpediamel+"]
+    assert cfg.shown() == [f"{t}_{p}" for p in ("dim", "kb") for t in ("original", "enhanced", "ablations")]
+    assert cfg.plan() == [RunKey(d, v) for d in ("richpediamel", "richpediamel+") for v in ("paper", "released")]
+    sample = tables.TablesConfig.for_dataset("sample", launch_datasets=["sample+"], ablations=["none", "text_only"])
+    assert sample.is_sample and sample.shown() == ["sample_dim", "sample_kb"] and sample.launch_names == ["sample+"]
+    with pytest.raises(ConfigError, match="variants: 'paper-ish' is not one of paper, released"):
+        tables.TablesConfig.for_dataset("sample", variants=["paper-ish"])
+    with pytest.raises(ConfigError, match="ablations"):
+        tables.TablesConfig.for_dataset("sample", ablations=["no_brain"])
+    with pytest.raises(ConfigError, match="split='train' is not one of test, dev"):
+        tables.TablesConfig.for_dataset("sample", split="train")
+    with pytest.raises(ConfigError, match="known: ablations, clip"):
+        tables.TablesConfig.for_dataset("sample", launch=True)
+
+
+def test_tables_stage_launches_the_missing_cells_then_builds(kit_dirs, monkeypatch):
+    from test_runs import install_fake_train, prepare_tiny
+
+    calls = install_fake_train(monkeypatch, kit_dirs["runs"])
+    prepare_tiny("wikimel+")
+    write_run(kit_dirs["runs"], "there", "wikimel", test_h1=0.8)
+    cfg = tables.TablesConfig.for_dataset("wikimel", launch_missing=True, num_epochs=2, out=str(kit_dirs["figures"]))
+    result = tables.run(cfg)
+    # wikimel has a run; wikimel+ had none and is trained; nothing else
+    assert [c["dataset"] for c in calls] == ["wikimel+"] and result.launch.launched == ["wikimel+-paper-none-e2"]
+    assert result.runs_used == 2 and result.exit_code == 0
+    row = pess(result.tables["enhanced_dim"].frame).set_index(["dataset", "method"])
+    assert row.loc[("wikimel+", tables.VARIANT_LABELS["paper"]), "run"] == "wikimel+-paper-none-e2"
+    assert (kit_dirs["figures"] / "index.md").exists() and len(result.files) == 3 * len(result.tables) + 1
+    text = result.summary()
+    assert "launched 1 run(s)" in text and "**Results on the original datasets" in text
+    assert json.loads(json.dumps(result.to_dict()))["launch"]["launched"] == ["wikimel+-paper-none-e2"]
+
+
+def test_the_tables_command_writes_and_prints_the_familys_tables(kit_dirs, capsys):
+    write_run(kit_dirs["runs"], "s", "sample+", test_h1=0.6, weights_real=False, feature_model="sample-clip")
+    assert cli.main(["tables", "--pick", "best_dev"]) == 0
+    out = capsys.readouterr().out
+    assert "**The bundled synthetic sample" in out and tables.SAMPLE_WARNING in out
+    assert "run choice 'best_dev'" in out and "--launch-missing" in out
+    assert (tables.tables_dir() / "sample_dim.md").exists()

@@ -15,22 +15,22 @@ the first that applies:
 4. ``other``.
 
 :func:`compare` sets two runs side by side (e.g. ``paper`` and its ``text_only`` ablation) on the
-mentions where their predictions differ. Run selection (:func:`find_runs`, :func:`ensure_run`)
-reads the runs' ``metrics.json``; nobody parses printed text.
+mentions where their predictions differ. Which runs (:class:`AnalysisConfig`) is asked of
+:mod:`dimkit.runs`, which reads their ``metrics.json``; nobody parses printed text.
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
-from . import datasets, paths
+from . import datasets, runs
 from .errors import ConfigError, DimkitError
+from .stage import Config, setting
 
 #: Error kinds, in the order they are assigned (the first that applies).
 ERROR_KINDS = ("gold not in candidates", "image unusable", "name-alike entity chosen", "other")
@@ -38,56 +38,52 @@ PROTOCOLS = ("dim", "kb")
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding runs
+# Settings (notebook 06's parameters)
 
 
-def find_runs(dataset: str | None = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """Finished runs under ``$DIMKIT_RUNS`` (newest first): name, dataset, variant, ablation, test H@1."""
-    root = Path(runs_dir) if runs_dir is not None else paths.runs_dir()
-    want = datasets.canonical_name(dataset) if dataset else None
-    rows = []
-    for mf in root.glob("*/metrics.json"):
-        try:
-            m = json.loads(mf.read_text())
-        except (OSError, ValueError):
-            continue
-        if m.get("status") not in ("completed", "early_stopped") or (want and m.get("dataset") != want):
-            continue
-        test = m.get("metrics", {}).get("test", {})
-        rows.append({"run": mf.parent.name, "dataset": m.get("dataset"), "variant": m.get("variant"),
-                     "ablation": m.get("ablation"),
-                     "test dim H@1": (test.get("dim") or {}).get("H@1"),
-                     "test kb H@1": (test.get("kb") or {}).get("H@1"),
-                     "linkable": all((mf.parent / f).is_file() for f in ("model.pt", "features.json")),
-                     "finished": mf.stat().st_mtime, "path": str(mf.parent)})
-    cols = ["run", "dataset", "variant", "ablation", "test dim H@1", "test kb H@1", "linkable", "finished", "path"]
-    df = pd.DataFrame(rows, columns=cols)
-    return df.sort_values("finished", ascending=False, kind="stable").reset_index(drop=True)
+def _model():
+    """:mod:`dimkit.model` (torch), imported when a setting is checked rather than with this module."""
+    from . import model
+
+    return model
 
 
-def latest_run(dataset: str, variant: str = "paper", ablation: str = "none") -> Path | None:
-    """The newest linkable run of ``dataset`` with this variant and ablation, or None."""
-    runs = find_runs(dataset)
-    hit = runs[(runs["variant"] == variant) & (runs["ablation"] == ablation) & runs["linkable"]]
-    return Path(hit["path"].iloc[0]) if len(hit) else None
+@dataclass
+class AnalysisConfig(Config):
+    """Which run to analyse, which run to set beside it, and on what split and protocol.
 
+    The runs themselves come from :func:`dimkit.runs.ensure`: the one named, else the newest linkable
+    run of the variant, else a short one trained there and then (``quick_epochs``).
+    """
 
-def ensure_run(dataset: str, variant: str = "paper", ablation: str = "none", *, run: str = "",
-               quick_epochs: int = 5, progress: bool = False) -> Path:
-    """``run`` if named, else the newest matching run, else a quick one trained now (``quick_epochs``)."""
-    if run:
-        from .link import resolve_run
+    STAGE: ClassVar[str] = "analysis"
 
-        return resolve_run(run)
-    found = latest_run(dataset, variant, ablation)
-    if found is not None:
-        return found
-    from . import train
+    dataset: str = setting("sample+", "a prepared dataset with trained runs (sample+, wiki+, rich+, diverse+, ...)")
+    run: str = setting("", "run folder or name under $DIMKIT_RUNS (empty: the newest run of the variant)")
+    variant: str = setting("paper", "which run to take when run is empty: paper or released",
+                           choices=lambda: _model().VARIANTS)
+    compare_run: str = setting("", "the run set beside it (empty: the newest compare_ablation run of the variant)")
+    compare_ablation: str = setting("text_only", "the ablation set beside the full run",
+                                    choices=lambda: [a for a in _model().ABLATIONS if a != "none"])
+    split: str = setting("test", "the split analysed", choices=("test", "dev"))
+    protocol: str = setting("dim", "dim (the gold among its candidate list) or kb (the gold among the whole KB)",
+                            choices=PROTOCOLS)
+    n_worst: int = setting(8, "failures and disagreements shown", min=1)
+    quick_epochs: int = setting(5, "epochs of a run trained here because none exists yet", min=1)
 
-    print(f"no finished {variant}/{ablation} run of {dataset} in {paths.runs_dir()}: training a quick one "
-          f"({quick_epochs} epochs; notebook 03 trains the full schedule)")
-    cfg = train.TrainConfig.for_dataset(dataset, variant=variant, ablation=ablation, num_epochs=quick_epochs, resume=True)
-    return Path(train.run(cfg, progress=progress).run_dir)
+    def check(self) -> None:
+        """The dataset's canonical name."""
+        self.dataset = datasets.canonical_name(self.dataset)
+
+    def main_run(self, progress: bool = False) -> Path:
+        """The run analysed: ``run``, else the newest full run of ``variant``, else a quick one trained now."""
+        return runs.ensure(self.dataset, self.variant, "none", run=self.run, quick_epochs=self.quick_epochs,
+                           progress=progress)
+
+    def other_run(self, progress: bool = False) -> Path:
+        """The run set beside it: ``compare_run``, else the newest ``compare_ablation`` run (or a quick one)."""
+        return runs.ensure(self.dataset, self.variant, self.compare_ablation, run=self.compare_run,
+                           quick_epochs=self.quick_epochs, progress=progress)
 
 
 def example_mention(linker: Any, split: str = "test") -> pd.Series:

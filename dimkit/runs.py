@@ -1,0 +1,464 @@
+"""Training runs: where they are, what they say, which one to use, and training the missing ones.
+
+A run of :mod:`dimkit.train` is a folder ``$DIMKIT_RUNS/<run-name>/`` (the name is
+``TrainConfig.name()``) holding ``metrics.json`` -- results are data, never printed text -- and, once
+finished, ``model.pt``, ``predictions.parquet`` and ``features.json`` (what :mod:`dimkit.link` needs).
+The tables, the error analysis, ``dimkit link`` and ``dimkit reproduce`` all ask this module:
+
+- :func:`read` turns one ``metrics.json`` into a :class:`RunRecord`, older files included (written
+  before both rank rules were kept, or without an ablation); a damaged file says what to do;
+- :func:`collect` lists every run folder as one table row (unreadable and unfinished ones with their
+  status and reason); :func:`find` keeps the finished runs of a dataset, variant and ablation;
+- :func:`choose` picks one among several: ``latest`` (newest ``metrics.json``, ties to the larger
+  run name) or ``best_dev`` (best dev H@1, ties to the smaller run name), the same on every call;
+- :func:`launch` trains the runs that are missing. It is the only place besides :mod:`dimkit.train`
+  that trains, and imports it (and torch) only then, so reading runs stays light;
+  :func:`ensure` returns a run to analyse, training a short one when there is none.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from . import datasets, paths
+from .errors import ConfigError, DataError, DimkitError, option
+from .stage import Result
+
+#: The statuses of a run that finished; ``train`` writes ``diverged`` for one that stopped on a NaN.
+FINISHED = ("completed", "early_stopped")
+METRICS_FILE = "metrics.json"
+#: What a finished run folder needs besides ``metrics.json`` to be linked with (:mod:`dimkit.link`).
+LINK_FILES = ("model.pt", "features.json")
+#: How :func:`choose` picks one run among several.
+PICKS = ("latest", "best_dev")
+#: When :func:`launch` takes a run as there already: ``config``, the run of exactly these settings
+#: finished (its name carries their hash); ``key``, any finished run of the dataset, variant and
+#: ablation (all a table cell asks for).
+REUSE = ("config", "key")
+#: The columns of :func:`collect` before the per-metric ones.
+COLUMNS = ("run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model", "rank_rule",
+           "seed", "note", "config", "metrics", "metrics_by_rule", "wall_time_s", "path", "run_dir", "linkable",
+           "mtime_ns", "error")
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What a run is for: a dataset, a variant and an ablation (a table cell, a run to analyse)."""
+
+    dataset: str
+    variant: str = "paper"
+    ablation: str = "none"
+
+    def __str__(self) -> str:
+        return f"{self.dataset}/{self.variant}/{self.ablation}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+
+@dataclass
+class RunRecord:
+    """One run folder as its ``metrics.json`` says (older files filled in, see :func:`read`)."""
+
+    run_name: str
+    run_dir: Path
+    status: str  # completed | early_stopped | diverged | unreadable | unknown
+    dataset: str | None = None
+    variant: str | None = None
+    ablation: str = "none"
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # {"dev": {"dim": {...}, "kb": {...}}, "test": {...}}
+    metrics_by_rule: dict = field(default_factory=dict)  # {"strict": <metrics>, "pessimistic": <metrics>}
+    rank_rule: str | None = None
+    best: dict = field(default_factory=dict)
+    curve: dict = field(default_factory=lambda: {"train": [], "dev": []})
+    feature_model: str | None = None
+    weights_real: bool | None = None
+    seed: int | None = None
+    note: str = ""
+    wall_time_s: float | None = None
+    counts: dict = field(default_factory=dict)
+    inputs_missing: dict = field(default_factory=dict)
+    error: str = ""
+    mtime_ns: int = 0
+
+    @property
+    def path(self) -> Path:
+        """``<run_dir>/metrics.json``."""
+        return self.run_dir / METRICS_FILE
+
+    @property
+    def finished(self) -> bool:
+        """True for a completed or early-stopped run."""
+        return self.status in FINISHED
+
+    @property
+    def linkable(self) -> bool:
+        """True when the run finished and holds what :mod:`dimkit.link` loads."""
+        return self.finished and all((self.run_dir / f).is_file() for f in LINK_FILES)
+
+    @property
+    def key(self) -> RunKey:
+        """The run's dataset, variant and ablation."""
+        return RunKey(str(self.dataset), str(self.variant), self.ablation)
+
+    def metric(self, split: str, protocol: str, name: str, rule: str | None = None) -> float:
+        """One number (a fraction, MR a rank) under the run's rank rule or ``rule``; NaN when missing."""
+        return metric(self, split, protocol, name, rule)
+
+    def require_finished(self) -> "RunRecord":
+        """Self, or a DataError saying the run did not finish and how to finish it."""
+        if not self.finished:
+            why = f": {self.error}" if self.error else ""
+            raise DataError(f"the run did not finish (status {self.status!r}{why}); train it with "
+                            f"`dimkit train {self.dataset or 'DATASET'}` (`--resume` continues an interrupted run)",
+                            file=self.path)
+        return self
+
+    def row(self) -> dict:
+        """The record as one :func:`collect` row, plus a column per ``"<split> <protocol> <metric>"``."""
+        out = {c: getattr(self, c) for c in COLUMNS if c not in ("path", "run_dir", "linkable")}
+        out.update(path=str(self.path), run_dir=str(self.run_dir), linkable=self.linkable)
+        for split, protos in self.metrics.items():
+            for proto, values in (protos.items() if isinstance(protos, dict) else ()):
+                if isinstance(values, dict):
+                    out.update({f"{split} {proto} {k}": v for k, v in values.items()})
+        return out
+
+
+def damaged_advice(dataset: str | None) -> str:
+    """What to do about a run file that cannot be read."""
+    return (f"the run's files are damaged: train it again with `dimkit train {dataset or 'DATASET'}` "
+            "(same settings) or delete the run folder")
+
+
+def _dataset_of(run_dir: Path) -> str | None:
+    """The run's dataset as its ``features.json`` records it: advice when ``metrics.json`` is damaged."""
+    try:
+        return str(json.loads((run_dir / "features.json").read_text(encoding="utf-8"))["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _as_float(value: Any) -> float:
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
+    """One run's ``metrics.json`` (``path``: the file or its run folder) as a :class:`RunRecord`.
+
+    Older files are read too: without ``metrics_by_rule`` the metrics count under the run's own rank
+    rule; a missing ablation is ``none``; dataset and variant fall back to the stored config. A file
+    that is not a JSON object raises DataError saying ``fix`` (default: train again or delete the
+    folder); a finished run without its dataset, variant or metrics raises DataError naming the field.
+    """
+    path = Path(path)
+    if path.name != METRICS_FILE:
+        path = path / METRICS_FILE
+    run_dir = path.parent
+    d = datasets.read_json_file(path, what=f"the run's {METRICS_FILE}", fix=fix or damaged_advice(_dataset_of(run_dir)))
+    config = _dict(d.get("config"))
+    metrics = _dict(d.get("metrics"))
+    rank_rule = d.get("rank_rule") or config.get("rank_rule")
+    by_rule = _dict(d.get("metrics_by_rule"))
+    if not by_rule and metrics:  # written before both rank rules were kept
+        by_rule = {rank_rule or "pessimistic": metrics}
+    status = d.get("status")
+    rec = RunRecord(
+        run_name=str(d.get("run_name") or run_dir.name), run_dir=run_dir,
+        status=status if isinstance(status, str) else "unknown",
+        variant=d.get("variant") or config.get("variant"), ablation=d.get("ablation") or config.get("ablation") or "none",
+        config=config, metrics=metrics, metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
+        curve=_dict(d.get("curve")) or {"train": [], "dev": []}, feature_model=d.get("feature_model"),
+        weights_real=d.get("weights_real"), seed=d.get("seed", config.get("seed")), note=str(d.get("note") or ""),
+        wall_time_s=d.get("wall_time_s"), counts=_dict(d.get("counts")), inputs_missing=_dict(d.get("inputs_missing")),
+        error=str(d.get("error") or ""), mtime_ns=path.stat().st_mtime_ns)
+    ds = d.get("dataset") or config.get("dataset")
+    if rec.finished:
+        for name, value in (("variant", rec.variant), ("ablation", rec.ablation), ("dataset", ds)):
+            if not isinstance(value, str):
+                raise DataError("missing or not a string in a finished run", file=path, field=name)
+        if not metrics:
+            raise DataError("a finished run without metrics", file=path, field="metrics")
+    if isinstance(ds, str):
+        try:
+            rec.dataset = datasets.canonical_name(ds)
+        except DimkitError:  # a dataset name this kit does not know is still shown as written
+            rec.dataset = ds
+    return rec
+
+
+def metric(run: RunRecord | pd.Series | dict, split: str, protocol: str, name: str, rule: str | None = None) -> float:
+    """One number of a run (a record or a :func:`collect` row) under its own rank rule, or under
+    ``rule``; NaN when the run lacks it."""
+    get = (lambda k: getattr(run, k, None)) if isinstance(run, RunRecord) else run.get
+    m = get("metrics") if rule is None else _dict(get("metrics_by_rule")).get(rule)
+    return _as_float(_dict(_dict(_dict(m).get(split)).get(protocol)).get(name))
+
+
+def resolve(model: Any) -> Path:
+    """A run folder from a path, a run name under ``$DIMKIT_RUNS``, or anything with a ``run_dir``."""
+    if model is None:
+        raise ConfigError(f"name the trained run: {option('model=RUN_DIR', 'RUN_DIR')} (a folder under "
+                          f"{paths.runs_dir()} or its name)")
+    if hasattr(model, "run_dir"):
+        model = model.run_dir
+    p = Path(model).expanduser()
+    if not p.exists() and not p.is_absolute() and len(p.parts) == 1:
+        p = paths.runs_dir() / p
+    if not p.is_dir():
+        raise ConfigError(f"run folder not found: {p} (train one with `dimkit train DATASET`)")
+    return p.resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# many runs
+
+
+def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
+    """Every ``<runs_dir>/*/metrics.json`` (default ``$DIMKIT_RUNS``) as one row of :data:`COLUMNS`
+    plus one column per ``"<split> <protocol> <metric>"`` (fractions, as in the files).
+
+    A file that cannot be read is a row with status ``unreadable`` and the reason in ``error``: one
+    broken run never hides the others. Folders without ``metrics.json`` are not runs.
+    """
+    root = Path(runs_dir) if runs_dir is not None else paths.runs_dir()
+    rows = []
+    for p in sorted(root.glob(f"*/{METRICS_FILE}")):
+        try:
+            rows.append(read(p).row())
+        except DataError as exc:
+            rows.append(RunRecord(run_name=p.parent.name, run_dir=p.parent, status="unreadable", error=str(exc),
+                                  mtime_ns=p.stat().st_mtime_ns).row())
+    df = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = pd.Series([None] * len(df), dtype=object)
+    extra = sorted(c for c in df.columns if c not in COLUMNS)
+    return df[list(COLUMNS) + extra].reset_index(drop=True)
+
+
+def finished(runs: pd.DataFrame) -> pd.DataFrame:
+    """Only the rows of runs that finished (completed or early-stopped)."""
+    return runs[runs["status"].isin(FINISHED)].reset_index(drop=True) if len(runs) else runs
+
+
+def matches(run: RunRecord | pd.Series | dict, filters: dict | None) -> bool:
+    """True when each ``key: value`` of ``filters`` equals the run's setting (its config, else its field)."""
+    get = (lambda k: getattr(run, k, None)) if isinstance(run, RunRecord) else run.get
+    config = _dict(get("config"))
+    return all(config.get(k, get(k)) == v for k, v in (filters or {}).items())
+
+
+def _newest_first(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.sort_values(["mtime_ns", "run_name"], ascending=[False, False], kind="mergesort").reset_index(drop=True)
+
+
+def find(dataset: str | None = None, variant: str | None = None, ablation: str | None = None, *,
+         filters: dict | None = None, linkable: bool = False, runs: pd.DataFrame | None = None,
+         runs_dir: str | Path | None = None) -> pd.DataFrame:
+    """The finished runs (of ``runs``, else of :func:`collect`) matching what is given, newest first.
+
+    ``filters`` narrows by settings (``{"lr": 5e-5}``); ``linkable`` keeps the runs :mod:`dimkit.link`
+    can load.
+    """
+    df = finished(collect(runs_dir) if runs is None else runs)
+    if not len(df):
+        return df
+    keep = pd.Series(True, index=df.index)
+    for column, want in (("dataset", datasets.canonical_name(dataset) if dataset else None), ("variant", variant),
+                         ("ablation", ablation)):
+        if want is not None:
+            keep &= df[column] == want
+    if filters:
+        keep &= pd.Series([matches(r, filters) for _, r in df.iterrows()], index=df.index, dtype=bool)
+    if linkable:
+        keep &= df["linkable"].fillna(False).astype(bool)
+    return _newest_first(df[keep])
+
+
+def choose(candidates: pd.DataFrame, pick: str = "latest", protocol: str = "dim") -> pd.Series | None:
+    """The one run of ``candidates`` that ``pick`` takes; None when there is none.
+
+    ``latest``: the newest ``metrics.json`` (equal times: the larger run name); ``best_dev``: the best
+    dev H@1 under ``protocol`` (a run without it counts as -1; equal scores: the smaller run name).
+    """
+    if pick not in PICKS:
+        raise ConfigError(f"{option(f'pick={pick!r}', f'--pick {pick}')} is not one of {', '.join(PICKS)}")
+    if not len(candidates):
+        return None
+    if pick == "latest":
+        return _newest_first(candidates).iloc[0]
+    c = candidates.assign(_dev=[metric(r, "dev", protocol, "H@1") for _, r in candidates.iterrows()])
+    c["_dev"] = c["_dev"].fillna(-1.0)
+    return c.sort_values(["_dev", "run_name"], ascending=[False, True], kind="mergesort").iloc[0].drop("_dev")
+
+
+def latest(dataset: str, variant: str = "paper", ablation: str = "none", *, linkable: bool = True,
+           runs_dir: str | Path | None = None) -> Path | None:
+    """The folder of the newest finished run of ``dataset``, ``variant`` and ``ablation`` (linkable
+    ones only, unless ``linkable=False``), or None."""
+    hit = choose(find(dataset, variant, ablation, linkable=linkable, runs_dir=runs_dir), "latest")
+    return Path(hit["run_dir"]) if hit is not None else None
+
+
+def overview(runs: pd.DataFrame) -> pd.DataFrame:
+    """A short view of collected runs (one row each, newest first): names, status, test H@1."""
+    cols = ["run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model",
+            "test dim H@1", "test kb H@1", "linkable", "error"]
+    if not len(runs):
+        return pd.DataFrame(columns=cols)
+    return _newest_first(runs)[[c for c in cols if c in runs.columns]]
+
+
+# ---------------------------------------------------------------------------------------------
+# training the missing ones
+
+
+def plan(names: Iterable[str], variants: Iterable[str] = ("paper",), ablations: Iterable[str] = ("none",)
+         ) -> list[RunKey]:
+    """Every (dataset, variant, ablation) asked for, dataset names canonical, each once.
+
+    ``original_descriptions`` is kept only for '+' datasets: only they hold original descriptions.
+    """
+    out: list[RunKey] = []
+    for d in names:
+        name = datasets.canonical_name(d)
+        for v in variants:
+            for a in ablations:
+                if "original_descriptions" in a and not datasets.is_augmented(name):
+                    continue
+                k = RunKey(name, v, a)
+                if k not in out:
+                    out.append(k)
+    return out
+
+
+@dataclass
+class LaunchReport(Result):
+    """What :func:`launch` trained, what it left alone (and why), what failed, and each key's run."""
+
+    launched: list[str] = field(default_factory=list)  # run names trained now
+    skipped: list[tuple[RunKey, str]] = field(default_factory=list)
+    failed: list[tuple[RunKey, str]] = field(default_factory=list)
+    run_dirs: dict[str, Path] = field(default_factory=dict)  # str(key) -> its finished run, now or before
+
+    def run_dir(self, key: RunKey) -> Path | None:
+        """The finished run folder of ``key`` (trained now or found), or None."""
+        return self.run_dirs.get(str(key))
+
+    def summary(self) -> str:
+        """One count line, then a line per run trained, left alone or failed."""
+        lines = [f"launched {len(self.launched)} run(s), skipped {len(self.skipped)}, failed {len(self.failed)}"]
+        lines += [f"  ran     {n}" for n in self.launched]
+        lines += [f"  skipped {k.dataset} {k.variant} {k.ablation}: {why}" for k, why in self.skipped]
+        lines += [f"  FAILED  {k.dataset} {k.variant} {k.ablation}: {why}" for k, why in self.failed]
+        return "\n".join(lines)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def _finished_named(done: pd.DataFrame, name: str) -> pd.Series | None:
+    """The finished run in folder ``name``; a run trained with inputs missing carries a suffix."""
+    if not len(done):
+        return None
+    folder = done["run_dir"].map(lambda p: Path(p).name)
+    return choose(done[(folder == name) | folder.str.startswith(name + "-missing-")], "latest")
+
+
+def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame | None = None,
+           filters: dict | None = None, num_epochs: int | None = None, clip: str = "auto",
+           device: str | None = None, overrides: dict | None = None, resume: bool = False,
+           progress: bool = False, data_dir: str | Path | None = None) -> LaunchReport:
+    """Train each of ``keys`` that has no finished run yet, with its dataset's preset.
+
+    ``reuse`` (:data:`REUSE`) says what counts as there: ``config``, the run of exactly these settings;
+    ``key``, any finished run of the key that matches ``filters``. ``runs`` is what :func:`collect`
+    returned (collected now when None). Keys of datasets that are not prepared are skipped and named;
+    a run that fails is reported and the others still run. ``num_epochs``, ``clip``, ``device``,
+    ``resume`` and ``overrides`` (any training setting) go to :class:`dimkit.train.TrainConfig`.
+    """
+    if reuse not in REUSE:
+        raise ConfigError(f"reuse={reuse!r} is not one of {', '.join(REUSE)}")
+    keys = list(keys)
+    report = LaunchReport()
+    if not keys:
+        return report
+    from . import train  # torch-heavy: imported only when something may be trained
+
+    done = finished(collect() if runs is None else runs)
+    for k in keys:
+        if reuse == "key":
+            hit = choose(find(k.dataset, k.variant, k.ablation, filters=filters, runs=done), "latest")
+            if hit is not None:
+                report.skipped.append((k, "a finished run exists"))
+                report.run_dirs[str(k)] = Path(hit["run_dir"])
+                continue
+        root = datasets.dataset_dir(k.dataset, data_dir)
+        if not (root / "meta.json").exists() and k.dataset != "sample":  # the sample is prepared on first use
+            report.skipped.append((k, f"dataset not prepared ({root / 'meta.json'} missing)"))
+            continue
+        try:
+            settings = dict(variant=k.variant, ablation=k.ablation, num_epochs=num_epochs, clip=clip, device=device,
+                            resume=resume, **(overrides or {}))
+            cfg = train.TrainConfig.for_dataset(k.dataset, **settings)
+            if reuse == "config":
+                hit = _finished_named(done, cfg.name())
+                if hit is not None:
+                    report.skipped.append((k, f"{hit['run_name']} finished before with the same settings"))
+                    report.run_dirs[str(k)] = Path(hit["run_dir"])
+                    if progress:
+                        print(f"   {hit['run_name']}: finished before, not trained again", flush=True)
+                    continue
+            result = train.run(cfg, progress=progress)
+            report.launched.append(result.run_name)
+            report.run_dirs[str(k)] = Path(result.run_dir)
+        except Exception as exc:  # one bad run must not stop the others; it is reported
+            report.failed.append((k, f"{type(exc).__name__}: {exc}"))
+    return report
+
+
+def ensure(dataset: str, variant: str = "paper", ablation: str = "none", *, run: str = "",
+           quick_epochs: int = 5, progress: bool = False) -> Path:
+    """``run`` if named, else the newest linkable run of the key, else a short one trained now
+    (``quick_epochs`` epochs, resumed if it was interrupted)."""
+    if run:
+        return resolve(run)
+    found = latest(dataset, variant, ablation)
+    if found is not None:
+        return found
+    key = RunKey(datasets.canonical_name(dataset), variant, ablation)
+    print(f"no finished {variant}/{ablation} run of {key.dataset} in {paths.runs_dir()}: training a quick one "
+          f"({quick_epochs} epochs; notebook 03 trains the full schedule)", flush=True)
+    report = launch([key], num_epochs=quick_epochs, resume=True, progress=progress)
+    where = report.run_dir(key)
+    if where is None:
+        why = (report.failed or report.skipped)[0][1]
+        raise DimkitError(f"no {key} run to use and none could be trained ({why}); train one with "
+                          f"`dimkit train {key.dataset} --variant {variant} --ablation {ablation}`, or name one "
+                          "with run=RUN_DIR")
+    return where
+
+
+__all__ = [
+    "FINISHED", "METRICS_FILE", "LINK_FILES", "PICKS", "REUSE", "COLUMNS", "RunKey", "RunRecord", "LaunchReport",
+    "read", "metric", "resolve", "damaged_advice", "collect", "finished", "matches", "find", "choose", "latest",
+    "overview", "plan", "launch", "ensure",
+]
