@@ -88,15 +88,15 @@ def read_run(model: Any) -> RunInfo:
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if "model.pt" in missing or "metrics.json" in missing:
         raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
-                          "train it with `dimkit train` (or `--resume` an interrupted one)")
+                          "train it with `dimkit train` (run again, it continues an interrupted one)")
     rec = runs.read(run_dir).require_finished()
     if "features.json" in missing:
         raise DimkitError(f"{run_dir} does not record which CLIP and expert made its features "
                           "(features.json, written by dimkit.train since `dimkit link` exists); rerun "
-                          f"`dimkit train {rec.dataset} --resume` with the same settings to re-evaluate the run "
+                          f"`dimkit train {rec.dataset}` with the same settings to re-evaluate the run "
                           "and write it")
     src = run_dir / "features.json"
-    f = _read_json(src, f"rerun `dimkit train {rec.dataset} --resume` with the same "
+    f = _read_json(src, f"rerun `dimkit train {rec.dataset}` with the same "
                         "settings to re-evaluate the run and write it again")
     for key in ("dataset", "feature_model", "entity_column"):
         if not f.get(key):

@@ -117,7 +117,7 @@ class RunRecord:
         if not self.finished:
             why = f": {self.error}" if self.error else ""
             raise DataError(f"the run did not finish (status {self.status!r}{why}); train it with "
-                            f"`dimkit train {self.dataset or 'DATASET'}` (`--resume` continues an interrupted run)",
+                            f"`dimkit train {self.dataset or 'DATASET'}` (run again, it continues an interrupted run)",
                             file=self.path)
         return self
 

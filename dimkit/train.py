@@ -129,7 +129,8 @@ class TrainConfig(Config):
     num_threads: int | None = setting(None, "CPU threads for torch during the run (None: torch's default)",
                                       above=0, cli=False)
     run_name: str | None = setting(None, "run folder name (default: from the settings)")
-    resume: bool = setting(False, "continue from the run's last checkpoint")
+    resume: bool = setting(True, "reuse the run's checkpoint: a finished run is read back, an interrupted one "
+                                 "continues (--no-resume trains it again from the start)")
     allow_missing_inputs: bool = setting(False, "train the paper variant even when most images or cues are "
                                                 "missing", cli=False)
 
@@ -728,7 +729,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
         try:
             ck = load_checkpoint(ckpt_path, device)
         except DataError as exc:
-            raise DataError(f"{exc.reason}. It cannot be resumed: rerun {option('with resume=False', 'without --resume')} "
+            raise DataError(f"{exc.reason}. It cannot be resumed: rerun {option('with resume=False', 'with --no-resume')} "
                             f"to train {run_name} from the start (the damaged file is then replaced)",
                             file=ckpt_path) from None
     if ck is not None and (ck.get("format") != CHECKPOINT_FORMAT or ck.get("code_version") != CODE_VERSION
@@ -742,7 +743,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
         diff = [k for k in old if k not in _NOT_IN_FINGERPRINT and old[k] != cfg.to_dict().get(k)]
         if diff:
             raise ConfigError(f"{ckpt_path} was written with a different config ({', '.join(diff)}); "
-                              "start a new run instead of --resume")
+                              f"start a new run instead ({option('resume=False', '--no-resume')})")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])

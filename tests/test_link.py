@@ -290,7 +290,7 @@ def test_a_damaged_run_file_is_refused_naming_it(sample_run, tmp_path, capsys):
         (damaged / "features.json").write_text(text)
         with pytest.raises(DataError) as err:
             Linker(damaged)
-        assert err.value.file == str(damaged / "features.json") and "dimkit train sample+ --resume" in str(err.value)
+        assert err.value.file == str(damaged / "features.json") and "`dimkit train sample+` with the same" in str(err.value)
     assert cli.main(["link", str(damaged), "--input", str(src), "--output", str(out)]) == 2
     assert "features.json" in capsys.readouterr().err
 

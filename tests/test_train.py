@@ -74,7 +74,8 @@ def test_unknown_names_and_bad_values_fail():
 def test_run_names_follow_the_config_not_the_device():
     a = train.TrainConfig.for_dataset("rich+", variant="released")
     assert a.name().startswith("richpediamel+-released-full-s114514-")
-    assert dataclasses.replace(a, device="cpu", resume=True).name() == a.name()
+    assert dataclasses.replace(a, device="cpu", resume=False).name() == a.name()
+    assert a.resume, "a rerun reads a finished run back instead of training it again"
     assert dataclasses.replace(a, lr=1e-4).name() != a.name()
     assert train.TrainConfig.for_dataset("rich+", ablation="text_only").name().startswith("richpediamel+-paper-text_only-")
 
@@ -311,8 +312,8 @@ def test_damaged_checkpoint_model_and_metrics_are_named(problem, kit_dirs):
     (r.run_dir / "metrics.json").write_text('{"status": "compl')
     with pytest.raises(train.DataError, match="metrics.json is damaged"):
         train.load_result(r.run_dir)
-    # without --resume the damaged run is simply trained again
-    again = train.run(_cfg(num_epochs=1, run_name="dmg"), dataset=ds, features=fs)
+    # with --no-resume the damaged run is simply trained again
+    again = train.run(_cfg(num_epochs=1, run_name="dmg", resume=False), dataset=ds, features=fs)
     assert train.load_result(again.run_dir).metrics == again.metrics
 
 
