@@ -316,18 +316,6 @@ def results_table(results: list[RunResult], split: str = "test", rules: tuple[st
     return pd.DataFrame(rows)
 
 
-def load_result(run_dir: str | Path) -> RunResult:
-    """Read a finished run's ``metrics.json`` (:func:`dimkit.runs.read`) back into a :class:`RunResult`."""
-    from .runs import read
-
-    r = read(run_dir).require_finished()
-    return RunResult(run_name=r.run_name, run_dir=Path(run_dir), dataset=r.dataset, variant=r.variant,
-                     ablation=r.ablation, config=r.config, metrics=r.metrics, best=r.best, curve=r.curve,
-                     status=r.status, wall_time_s=r.wall_time_s, feature_model=r.feature_model,
-                     weights_real=r.weights_real, note=r.note, counts=r.counts, inputs_missing=r.inputs_missing,
-                     metrics_by_rule=r.metrics_by_rule)
-
-
 def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):
     """Training loss per epoch and dev H@1 per evaluation, one line per run; returns the figure."""
     import matplotlib.pyplot as plt

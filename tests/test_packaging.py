@@ -58,3 +58,37 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_from_any_folder(tmp_path):
     assert list((work / "runs").glob("sample+-paper-full-*/metrics.json"))
     notebooks = run("-m", "dimkit.cli", "notebooks")
     assert notebooks.returncode == 2 and "live in the dimkit repository" in notebooks.stderr
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """dimkit modules a module imports, at the top or inside a function."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dimkit"):
+            parts = node.module.split(".")
+            out.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+    return (out & modules) - {path.stem}
+
+
+def test_no_module_of_the_package_imports_one_that_imports_it_back():
+    """The modules form layers: no import cycle, even through an import inside a function."""
+    files = {p.stem: p for p in (ROOT / "dimkit").glob("*.py") if p.stem != "__init__"}
+    graph = {m: _imports(p, set(files)) for m, p in files.items()}
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            assert state.get(n) != "open", "import cycle: " + " -> ".join(path[path.index(n):] + [n])
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert "prepare" not in graph["datasets"] and "train" not in graph["tables"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dimkit import cli, train
+from dimkit import cli, runs, train
 from dimkit_dev import synthetic
 from dimkit.errors import ConfigError
 
@@ -112,7 +112,7 @@ def test_paper_beats_text_only_when_images_decide(problem, kit_dirs):
     assert {"H@1", "H@3", "H@5", "H@10", "H@20", "MRR", "MR"} <= set(d["metrics"]["test"]["kb"])
     assert len(d["curve"]["train"]) == 10 and len(d["curve"]["dev"]) == 10
     assert d["metrics"]["dev"]["dim"]["H@1"] == pytest.approx(max(p["dim"]["H@1"] for p in d["curve"]["dev"]))
-    assert train.load_result(full.run_dir).metrics == full.metrics
+    assert runs.read(full.run_dir).require_finished().metrics == full.metrics
 
     pred = pd.read_parquet(full.run_dir / "predictions.parquet")
     test_pred = pred[pred.split == "test"]
@@ -218,7 +218,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(problem, kit_d
     status = json.loads((run_dir / "metrics.json").read_text())
     assert status["status"] == "diverged" and "step 8" in status["error"]
     with pytest.raises(Exception, match="did not finish"):
-        train.load_result(run_dir)
+        runs.read(run_dir).require_finished()
 
 
 def test_early_stopping_on_dev_h1(problem, kit_dirs):
@@ -277,7 +277,7 @@ def test_mostly_missing_inputs_refuse_the_paper_variant_and_mark_other_runs(prob
 
     released = train.run(_cfg(num_epochs=1, variant="released"), dataset=ds, features=bare)
     assert released.run_name.endswith("-missing-image+cue") and "WARNING" in capsys.readouterr().err
-    assert train.load_result(released.run_dir).inputs_missing["cue"]["share"] == 1.0
+    assert runs.read(released.run_dir).inputs_missing["cue"]["share"] == 1.0
 
 
 def test_every_input_is_checked_before_the_features_are_computed(problem, kit_dirs, monkeypatch):
@@ -311,10 +311,10 @@ def test_damaged_checkpoint_model_and_metrics_are_named(problem, kit_dirs):
     assert err.value.file == str(model)
     (r.run_dir / "metrics.json").write_text('{"status": "compl')
     with pytest.raises(train.DataError, match="metrics.json is damaged"):
-        train.load_result(r.run_dir)
+        runs.read(r.run_dir)
     # with --no-resume the damaged run is simply trained again
     again = train.run(_cfg(num_epochs=1, run_name="dmg", resume=False), dataset=ds, features=fs)
-    assert train.load_result(again.run_dir).metrics == again.metrics
+    assert runs.read(again.run_dir).metrics == again.metrics
 
 
 # ---------------------------------------------------------------- the released procedure
