@@ -41,7 +41,7 @@ print_environment()
 # %% tags=["parameters"]
 dataset: str = "sample+"  # sample+ | sample | wiki+ | rich+ | diverse+ | wikimel | richpediamel | wikidiverse
 variant: str = "paper"  # paper | released: the main variant; the ablation below is applied to it
-ablation: str = "text_only"  # text_only | no_image | no_cue | no_attention | original_descriptions
+ablation: str = "text_only"  # text_only | no_image | no_cue | no_attention | original_descriptions | none (no ablation run)
 compare_variants: bool = True  # also train the other variant (paper <-> released)
 num_epochs: int = 0  # 0 means the dataset preset (sample 30, released scripts 300, diverse 500)
 lr: float = 0.0  # 0.0 means the dataset preset (sample 1e-3, released scripts 5e-5, diverse 5e-6)
@@ -54,27 +54,19 @@ min_margin: float = 0.10  # sample, preset num_epochs: required test H@1 gain of
 
 # %%
 from dimkit import datasets, train
-from dimkit.model import ABLATIONS, VARIANTS
 
 dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
-assert variant in VARIANTS, f"variant must be one of {VARIANTS}, got {variant!r}"
-assert ablation in ABLATIONS and ablation != "none", f"ablation must be one of {ABLATIONS[1:]}, got {ablation!r}"
-for _name, _value in (("num_epochs", num_epochs), ("batch_size", batch_size)):
-    assert isinstance(_value, int) and _value >= 0, f"{_name} must be a non-negative int (0: the preset)"
-assert isinstance(seed, int) and seed >= 0, "seed must be a non-negative int"
-assert isinstance(lr, (int, float)) and lr >= 0, "lr must be a non-negative number (0.0: the preset)"
-# 0 stands for "the dataset preset" (papermill parameters must be plain literals)
-num_epochs, lr, batch_size = (num_epochs or None), (lr or None), (batch_size or None)
-assert isinstance(compare_variants, bool) and isinstance(resume, bool)
 is_sample = datasets.base_name(dataset) == "sample"
-
-common = dict(num_epochs=num_epochs, lr=lr, batch_size=batch_size, seed=seed, clip=clip, rank_rule=rank_rule,
-              resume=resume)
+# 0 stands for "the dataset preset" (papermill parameters must be plain literals); every value is
+# checked by TrainConfig, which names the setting and what it accepts
+common = dict(num_epochs=num_epochs or None, lr=lr or None, batch_size=batch_size or None, seed=seed, clip=clip,
+              rank_rule=rank_rule, resume=resume)
 other = "released" if variant == "paper" else "paper"
 configs = [train.TrainConfig.for_dataset(dataset, variant=variant, ablation="none", **common)]
 if compare_variants:
     configs.append(train.TrainConfig.for_dataset(dataset, variant=other, ablation="none", **common))
-configs.append(train.TrainConfig.for_dataset(dataset, variant=variant, ablation=ablation, **common))  # fails fast on clashes
+if ablation != "none":
+    configs.append(train.TrainConfig.for_dataset(dataset, variant=variant, ablation=ablation, **common))
 for c in configs:
     print(f"{c.name():60s} lr={c.lr} batch_size={c.batch_size} num_epochs={c.num_epochs} loss={c.loss} "
           f"negatives={c.negatives}\n{'':60s} optimizer={c.optimizer} patience={c.patience} "
