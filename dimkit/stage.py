@@ -276,6 +276,20 @@ class Config:
         return cfg.replace(**sets) if sets else cfg
 
 
+def load_dataset(cfg: Config, dataset: Any = None) -> Any:
+    """The prepared dataset a stage runs on: ``dataset`` when the caller already holds it (it must
+    be ``cfg.dataset``: the config is what the result says it ran on), else ``cfg.dataset`` loaded."""
+    from . import datasets
+
+    if dataset is None:
+        return datasets.load(cfg.dataset)
+    if datasets.canonical_name(dataset.name) != cfg.dataset:
+        raise ConfigError(f"the {cfg.STAGE} config names dataset {cfg.dataset!r} but was given the loaded "
+                          f"dataset {dataset.name!r}: build it with {type(cfg).__name__}.for_dataset"
+                          f"({dataset.name!r}, ...)")
+    return dataset
+
+
 class Result:
     """Base of every stage's result: a readable summary, a dict, and a JSON file."""
 
