@@ -211,8 +211,8 @@ def load(name: str, data_dir: str | Path | None = None) -> Dataset:
     key = require(name, data_dir)
     root = dataset_dir(key, data_dir)
     if not (root / "meta.json").exists():  # the bundled sample, on first use
-        from .prepare import prepare
-        prepare(paths.sample_source_dir(), name="sample", data_dir=data_dir)
+        from . import prepare
+        prepare.run(prepare.PrepareConfig(src=paths.sample_source_dir(), dataset="sample", data_dir=data_dir))
     meta = read_json_file(root / "meta.json", what="the dataset's meta.json",
                           fix=f"prepare it again with `dimkit prepare SRC --name {key}`")
     mentions = read_table(root / "mentions.parquet", MENTION_SCHEMA, key)
