@@ -31,7 +31,7 @@ def test_cli_messages_name_flags_and_python_names_arguments():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["features", "sample+", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["features", "sample+", "--precision", "fp8"], "--precision fp8 is not one of fp32, fp16, bf16"),
     (["features", "sample+", "--batch-size", "0"], "--batch-size must be a positive whole number, got 0"),
     (["features", "sample+", "--image-batch-size", "-1"], "--image-batch-size must be a positive whole number"),
     (["cues", "sample+", "--max-new-tokens", "-1"], "--max-new-tokens must be a positive whole number, got -1"),
@@ -52,9 +52,9 @@ def test_python_api_refuses_the_same_values(kit_dirs):
     from dimkit import cues, features
     from dimkit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="precision 'fp8' is not one of fp32, fp16, bf16"):
-        features.compute_features("sample", "sample", expert="none", precision="fp8")
+    with pytest.raises(ConfigError, match="precision='fp8' is not one of fp32, fp16, bf16"):
+        features.FeaturesConfig.for_dataset("sample", clip="sample", expert="none", precision="fp8")
     with pytest.raises(ConfigError, match="image_batch_size must be a positive whole number"):
-        features.compute_features("sample", "sample", expert="none", image_batch_size=-1)
+        features.load_features("sample", "sample", expert="none", image_batch_size=-1)
     with pytest.raises(ConfigError, match="max_new_tokens must be a positive whole number"):
-        cues.run_cues("sample", "sample-oracle", max_new_tokens=-1)
+        cues.get_cues("sample", "sample-oracle", max_new_tokens=-1)

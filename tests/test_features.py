@@ -26,10 +26,12 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _run(env, ds, **kw):
-    kw.setdefault("expert", f"replay:{env / 'cues.json'}")
-    kw.setdefault("progress", False)
-    return features.compute_features(ds, kw.pop("clip", TINY), **kw)
+def _run(env, ds, *, progress: bool = False, **settings):
+    """(FeatureSet, report) of a loaded dataset through the stage (``features.run``)."""
+    settings.setdefault("expert", f"replay:{env / 'cues.json'}")
+    settings.setdefault("clip", TINY)
+    res = features.run(features.FeaturesConfig.for_dataset(ds.name, **settings), dataset=ds, progress=progress)
+    return res.features, res.report
 
 
 def test_shapes_alignment_and_bad_images(env):
@@ -89,9 +91,9 @@ def test_trimmed_text_encoding_matches_open_clip():
 
 def test_determinism_across_stores(env, tmp_path):
     ds = tinymedia.make_dataset(env / "data")
-    a, _ = _run(env, ds, store_root=tmp_path / "s1")
+    a, _ = _run(env, ds, store=tmp_path / "s1")
     clip_mod.clear_cache()                                           # rebuild the random model
-    b, _ = _run(env, ds, store_root=tmp_path / "s2")
+    b, _ = _run(env, ds, store=tmp_path / "s2")
     for name in ("mention", "mention_sentence", "image", "cue", "entity"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     torch.manual_seed(123)
