@@ -236,11 +236,12 @@ class Config:
             meta = f.metadata
             if meta.get("cli") is False:
                 continue
-            kind, _ = _kind(f.type)
+            kind, optional = _kind(f.type)
             # Choices are left to validate(), so a flag and a Python argument get the same message.
             choices = meta.get("choices")
             choices = None if callable(choices) else choices
-            metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
+            metavar = ("{" + ",".join(map(str, choices)) + "}" if choices
+                       else cls.flag(f.name).lstrip("-").replace("-", "_").upper())  # --epochs EPOCHS
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = meta.get("help", "")
             if meta.get("positional"):
@@ -249,7 +250,8 @@ class Config:
             flag = cls.flag(f.name)
             preset = any(f.name in p for p in cls.PRESETS.values())
             shown = (" (default: the dataset's preset)" if preset else
-                     f" (default {default})" if default not in (None, "", False) and kind != "bool" else "")
+                     f" (default {default})" if default not in (None, "", False) and kind != "bool" else
+                     " (required)" if default is None and not optional else "")
             if kind == "bool":
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=help_text)
