@@ -57,8 +57,8 @@ def cue_key(expert: Expert, image_sha256: str) -> str:
 
 #: What ``--expert`` takes (``dimkit cues`` and ``dimkit features``).
 EXPERT_HELP = ("blip2[:ID_OR_FOLDER] (DIM's), hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, openai:MODEL (key from "
-               "OPENAI_API_KEY), replay:FILE.json, replay:MODEL_ID, sample-oracle, none (default auto: the last "
-               "one used, else sample-oracle on the sample and blip2 elsewhere)")
+               "OPENAI_API_KEY), replay:FILE.json, replay:MODEL_ID, sample-oracle, none; auto: the last one "
+               "used, else sample-oracle on the sample and blip2 elsewhere")
 
 
 @dataclass

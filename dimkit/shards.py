@@ -106,8 +106,8 @@ def wait_for_all(shard: Shard) -> None:
 
 def help_text(what: str) -> str:
     """The help of the ``shard`` setting of ``dimkit cues`` / ``dimkit features`` (``what``: the rows it splits)."""
-    return (f"i/n: only this process's share of the {what} (default auto: the launcher's RANK/WORLD_SIZE under "
-            "accelerate launch or torchrun, else everything)")
+    return (f"i/n: only this process's share of the {what}; auto: the launcher's RANK/WORLD_SIZE under "
+            "accelerate launch or torchrun, else everything")
 
 
 def check(spec: str | None) -> None:
