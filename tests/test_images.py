@@ -337,7 +337,7 @@ def counted_loads(monkeypatch):
     return calls
 
 
-def test_check_dataset_images_counts_and_writes(kit_dirs, counted_loads):
+def test_image_check_counts_and_writes(kit_dirs, counted_loads):
     ds = _toy_dataset(kit_dirs)
     filters_before = list(warnings.filters)
     report = check(ds, progress=False, workers=3)
