@@ -284,11 +284,14 @@ def get_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, progr
              **settings: Any) -> pd.Series:
     """Cue text per mention (index mention_id, None where there is none), computing what is missing.
 
-    ``expert``: a spec or an Expert; ``settings``: any other :class:`CuesConfig` setting.
+    ``expert``: a spec or an Expert; ``settings``: any other :class:`CuesConfig` setting. Every
+    mention's cue, even in a process a launcher started (``shard=None`` unless given).
     """
     obj = expert if isinstance(expert, Expert) else None
     cfg = CuesConfig.for_dataset(ds if isinstance(ds, str) else ds.name, **({} if obj else {"expert": expert}),
                                  **settings)
+    if "shard" not in settings:
+        cfg = cfg.replace(shard=None)
     return run(cfg, dataset=None if isinstance(ds, str) else ds, expert=obj, progress=progress).cues
 
 

@@ -630,10 +630,13 @@ def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", *, pro
     ``clip="default"`` is DIM's ViT-B-32 with OpenAI weights; ``"auto"`` is that on real datasets
     and the shipped sample-trained CLIP on ``sample``/``sample+`` (so the sample runs offline);
     ``"ViT-B-32:random"`` or a local checkpoint work anywhere. ``settings`` are any other
-    :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``.
+    :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``. The set is whole
+    even in a process a launcher started (``shard=None`` unless given): training needs every row.
     """
     name = ds_or_name if isinstance(ds_or_name, str) else ds_or_name.name
     cfg = FeaturesConfig.for_dataset(name, clip=clip, **settings)
+    if "shard" not in settings:
+        cfg = cfg.replace(shard=None)
     return run(cfg, dataset=None if isinstance(ds_or_name, str) else ds_or_name, progress=progress).features
 
 

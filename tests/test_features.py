@@ -273,3 +273,20 @@ def test_loading_a_clip_leaves_no_temporary_config_folder(tmp_path):
             "import open_clip; assert 'dimkit-sample' in open_clip.list_models()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     assert not list(tmp_path.glob("dimkit-*"))  # (torch may keep its own caches there)
+
+
+def test_under_a_launcher_the_stage_shards_and_load_features_stays_whole(env, monkeypatch):
+    """``features.run`` takes this process's share where a launcher set RANK/WORLD_SIZE (the default
+    ``shard="auto"``, as ``dimkit features``); ``load_features``, what training reads, is always whole."""
+    ds = tinymedia.make_dataset(env / "data")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = features.FeaturesConfig.for_dataset(ds.name, clip=TINY, expert=f"replay:{env / 'cues.json'}")
+    share = features.run(cfg, dataset=ds, progress=False)
+    assert share.report.shard == "1/2" and "run again with shard=None to assemble" in share.summary()
+    assert not (ds.root / "reports" / "features.json").exists()       # a share writes no dataset report
+    fs = features.load_features(ds, TINY, expert=f"replay:{env / 'cues.json'}", progress=False)
+    assert fs.meta["report"]["shard"] is None and fs.image_ok.sum() == 4 and fs.cue_ok.sum() == 4
+    assert (ds.root / "reports" / "features.json").exists()
