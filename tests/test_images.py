@@ -418,6 +418,9 @@ def test_missing_folder_is_noted(kit_dirs):
 
 def test_cli_prints_report_and_succeeds(kit_dirs, capsys):
     _toy_dataset(kit_dirs)
+    assert cli.main(["images", "toy", "--no-write"]) == 0
+    assert "images of toy" in capsys.readouterr().out
+    assert not (kit_dirs["data"] / "toy" / "reports").exists()
     assert cli.main(["images", "toy"]) == 0
     out = capsys.readouterr().out
     assert "images of toy" in out and "truncated" in out and "svg" in out
