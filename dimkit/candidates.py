@@ -425,8 +425,8 @@ class CandidateReport(Result):
     kb: str = ""                  # what the knowledge base searched is: recall means little without it
     note: str = ""
     #: The lists (``mention_id``, ``qids``) and the dataset folder they belong to; not in the JSON report.
-    candidates: pd.DataFrame | None = field(default=None, repr=False)
-    root: Path | None = field(default=None, repr=False)
+    candidates: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    root: Path | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (written to ``reports/candidates.json``)."""
