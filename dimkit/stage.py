@@ -261,8 +261,13 @@ class Config:
                 typ = {"int": int, "float": float}.get(kind, str)
                 parser.add_argument(flag, dest=f.name, type=typ, default=None, metavar=metavar,
                                     help=help_text + shown)
+        # the example is one of this command's own settings, preferably one without a flag
+        fields = [f for f in dataclasses.fields(cls)
+                  if not f.metadata.get("positional") and f.default not in (None, dataclasses.MISSING)]
+        example = next((f for f in fields if f.metadata.get("cli") is False), fields[0] if fields else None)
+        shown = f", e.g. --set {example.name}={example.default}" if example is not None else ""
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="_set",
-                            help="set any setting, flag or not (repeatable), e.g. --set patience=5")
+                            help=f"set any setting, flag or not (repeatable){shown}")
         parser.add_argument("--show-config", action="store_true", dest="_show_config",
                             help="print the resolved settings and exit")
 
