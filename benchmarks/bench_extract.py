@@ -7,7 +7,7 @@ Same model, same inputs, measured side by side (random weights: timing only, out
    (``prepare_wikipedia.py::convert_examples_to_features`` + ``neg_clip_extract.py``) encodes, per
    mention, ``mention + " [SEP] " + sentence``, the mention, the image and the cue, each as a batch
    of one with 77 tokens, then every entity description one by one. dimkit runs
-   ``features.compute_features`` end to end with an empty store (image check, hashing, cue replay,
+   ``features.run`` end to end with an empty store (image check, hashing, cue replay,
    batched encoding, durable writes), then once more with the store full.
 2. A small BLIP-2-shaped model (``experts.random_blip2("small")``): the released loop calls the
    processor and ``generate(max_new_tokens=20)`` per image; dimkit's ``TransformersExpert`` batches.
@@ -107,7 +107,7 @@ def released_clip_loop(cm, ds, cues: dict):
 
 
 def bench_clip(n_mentions: int, arch: str, repeat: int) -> list[float]:
-    """CLIP: the released loop vs features.compute_features; returns end-to-end, text, image ratios."""
+    """CLIP: the released loop vs features.run; returns end-to-end, text, image ratios."""
     from dimkit import clip, cues, features
 
     _hr(f"CLIP {arch} (random weights), {n_mentions} mentions of the sample + 103 entity descriptions, CPU")
@@ -123,13 +123,14 @@ def bench_clip(n_mentions: int, arch: str, repeat: int) -> list[float]:
         if m_s + e_s < t_loop:
             t_loop, t_m, t_e = m_s + e_s, m_s, e_s
         store_root = Path(os.environ["DIMKIT_CACHE"]) / f"features-run{r}"  # empty store each time
+        cfg = features.FeaturesConfig.for_dataset(ds.name, clip=f"{arch}:random", expert="sample-oracle",
+                                                  device="cpu", workers=2, store=store_root)
         t0 = time.perf_counter()
-        fs, rep = features.compute_features(ds, f"{arch}:random", expert="sample-oracle", device="cpu",
-                                            progress=False, workers=2, store_root=store_root)
+        res = features.run(cfg, dataset=ds, progress=False)
+        fs, rep = res.features, res.report
         t_cold = min(t_cold, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        features.compute_features(ds, f"{arch}:random", expert="sample-oracle", device="cpu", progress=False,
-                                  store_root=store_root)
+        features.run(cfg, dataset=ds, progress=False)
         t_warm = min(t_warm, time.perf_counter() - t0)
 
     # Same numbers? (ordering and dedup must not change any vector)

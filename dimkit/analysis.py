@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from . import datasets, runs
+from . import cues, datasets, runs
 from .errors import ConfigError, DimkitError
 from .stage import Config, setting
 
@@ -143,18 +143,26 @@ class Analysis:
                 f"{len(self.failures)} failures" + (f"\nnote: {self.note}" if self.note else ""))
 
 
-def _expert(linker) -> Any:
-    """The run's cue expert: its recorded spec, or the expert the linker was given, or none."""
-    return linker.info.cue_expert_spec or linker.expert or "none"
+def _expert(linker) -> tuple[str, Any]:
+    """The run's cue expert as a stage setting and an object: its recorded spec, else the expert the
+    linker was given (``auto`` + the object), else none."""
+    if linker.info.cue_expert_spec:
+        return linker.info.cue_expert_spec, None
+    if linker.expert is not None:
+        return "auto", linker.expert
+    return "none", None
 
 
 def _dataset_features(linker, progress: bool):
     """The run dataset's FeatureSet from the stores, with the run's CLIP, precision and expert."""
-    from .features import compute_features
+    from . import features
 
     info = linker.info
-    fs, _ = compute_features(linker.dataset, info.clip_spec, expert=_expert(linker), precision=info.precision,
-                             missing_description=info.missing_description, progress=progress, write_report=False)
+    spec, obj = _expert(linker)
+    cfg = features.FeaturesConfig.for_dataset(
+        linker.dataset.name, clip=info.clip_spec, expert=spec, precision=info.precision,
+        missing_description=info.missing_description, write_report=False).replace(shard=None)
+    fs = features.run(cfg, dataset=linker.dataset, expert=obj, progress=progress).features
     if fs.model_id != info.feature_model:
         raise DimkitError(f"the dataset's features are of {fs.model_id}, the run's of {info.feature_model}")
     return fs
@@ -165,7 +173,6 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
     """Score every mention of ``split`` with the run and classify its failures (see the module doc)."""
     import torch
 
-    from .cues import run_cues
     from .evaluate import candidate_matrix, gold_rank
     from .link import Linker
 
@@ -226,7 +233,9 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
     pred_i, rank_a = np.concatenate(pred), np.concatenate(rank)
     gold_q, pred_q = linker.qids[gold], linker.qids[pred_i]
 
-    cue_table = run_cues(ds, _expert(linker), progress=progress, write_report=False).table.set_index("mention_id")
+    spec, obj = _expert(linker)
+    ccfg = cues.CuesConfig.for_dataset(ds.name, expert=spec, write_report=False).replace(shard=None)
+    cue_table = cues.run(ccfg, dataset=ds, expert=obj, progress=progress).table.set_index("mention_id")
     sub = m.iloc[rows]
     image_ok = np.asarray(fs.image_ok)[rows]
     if "image_status" in sub.columns:

@@ -14,7 +14,8 @@ from . import augment, datasets, paths, prepare
 
 def build_sample(data_dir: Path | None = None) -> Path:
     """Prepare ``sample`` from the shipped source."""
-    return prepare.prepare(paths.sample_source_dir(), name="sample", data_dir=data_dir)
+    return prepare.run(prepare.PrepareConfig(src=paths.sample_source_dir(), dataset="sample",
+                                             data_dir=data_dir)).root
 
 
 def build_sample_plus(data_dir: Path | None = None) -> Path:

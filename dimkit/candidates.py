@@ -33,19 +33,18 @@ What is kept from fuzzywuzzy 0.18 (with python-Levenshtein), and what is not:
   scores 0 against every entity, so its list is the first k entities in KB order -- what
   fuzzywuzzy returns too. The report counts such mentions (``n_empty_mentions``).
 
-:func:`build_candidates` applies this WikiMEL/RichpediaMEL rule to every dataset. DIM built
+:func:`run` (``dimkit candidates NAME``) applies this WikiMEL/RichpediaMEL rule to every dataset. DIM built
 WikiDiverse's lists differently (the release's candidates plus random entities of the same type,
 keyed by the gold entity, docs/fidelity.md row 11), so lists built here for WikiDiverse are not DIM's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, datasets
 from .errors import ConfigError, DataError, option
+from .stage import Config, Result, load_dataset, setting
 from .store import content_hash, make_key
 
 #: Bump when the ranking (processing, scorer, tie order) changes: stored lists are then rebuilt.
@@ -384,8 +384,27 @@ def rank_names(queries: Sequence[str], names: Sequence[str], k: int = 100, *, wo
 
 
 @dataclass
-class CandidateReport:
-    """What :func:`build_candidates` did: sizes, recall of the gold within the lists, time."""
+class CandidatesConfig(Config):
+    """What ``dimkit candidates NAME`` builds."""
+
+    STAGE: ClassVar[str] = "candidates"
+
+    dataset: str = setting(None, "prepared dataset name (e.g. sample, rich+)", positional=True)
+    k: int = setting(100, "candidates per mention (DIM: 100)", min=1)
+    workers: int = setting(-1, "threads for scoring (-1: all cores)")
+    force: bool = setting(False, "rebuild even if identical lists exist")
+    replace_released: bool = setting(False, "overwrite lists imported from a DIM release (kept by default)")
+
+    def check(self) -> None:
+        """``workers`` is -1 (all cores) or a positive count."""
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"{self.label('workers')} must be -1 (all cores) or a positive number, "
+                              f"got {self.workers}")
+
+
+@dataclass
+class CandidateReport(Result):
+    """What :func:`run` did: sizes, recall of the gold within the lists, time; ``candidates`` holds the lists."""
 
     dataset: str
     k: int
@@ -405,12 +424,18 @@ class CandidateReport:
     written: bool = True          # False when the dataset's released lists were kept (see note)
     kb: str = ""                  # what the knowledge base searched is: recall means little without it
     note: str = ""
+    #: The lists (``mention_id``, ``qids``) and the dataset folder they belong to; not in the JSON report.
+    candidates: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    root: Path | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (written to ``reports/candidates.json``)."""
-        return asdict(self)
+        out = asdict(replace(self, candidates=None))
+        del out["candidates"], out["root"]
+        return out
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """Sizes, the knowledge base, recall@k overall and per split, time, and what was written."""
         def pct(r: float | None) -> str:
             return "n/a" if r is None else f"{100 * r:.2f}%"
         lines = [
@@ -433,6 +458,9 @@ class CandidateReport:
             lines.append(f"  built in {self.seconds:.1f}s ({self.scorer})")
         if self.note:
             lines.append(f"  note: {self.note}")
+        if self.root is not None and not self.reused:
+            lines.append(f"  wrote {self.root / 'candidates.parquet'} and {self.root / REPORT_FILE}" if self.written
+                         else f"  wrote {self.root / REPORT_FILE} only")
         return "\n".join(lines)
 
 
@@ -474,7 +502,7 @@ def _recall(mentions: pd.DataFrame, lists: list[list[str]]) -> tuple[int, int, d
     return int(has_gold.sum()), int(hit.sum()), by_split
 
 
-def _load_previous(ds: datasets.Dataset, key: str) -> tuple[pd.DataFrame, CandidateReport] | None:
+def _load_previous(ds: datasets.Dataset, key: str) -> CandidateReport | None:
     report_path = ds.root / REPORT_FILE
     cand_path = ds.root / "candidates.parquet"
     if not (report_path.exists() and cand_path.exists()):
@@ -491,38 +519,38 @@ def _load_previous(ds: datasets.Dataset, key: str) -> tuple[pd.DataFrame, Candid
         return None
     stored["reused"] = True
     stored["kb"] = describe_kb(ds)  # reports written before the KB was described lack it
-    known = set(CandidateReport.__dataclass_fields__)
-    return df, CandidateReport(**{k: v for k, v in stored.items() if k in known})
+    known = set(CandidateReport.__dataclass_fields__) - {"candidates", "root"}
+    return CandidateReport(**{k: v for k, v in stored.items() if k in known}, candidates=df, root=ds.root)
 
 
-def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, progress: bool = True,
-                     force: bool = False, replace_released: bool = False
-                     ) -> tuple[pd.DataFrame, CandidateReport]:
+def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progress: bool = True) -> CandidateReport:
     """Build, write and report the top-k fuzzy candidate list of every mention (DIM's search_top100).
 
     Writes ``candidates.parquet`` (``mention_id``, ``qids``), ``reports/candidates.json`` and
-    ``meta.json["candidates"]`` in the dataset folder. A rerun on unchanged mentions, entities and
-    k loads the stored lists unless ``force``. Lists imported from a DIM release (meta source
-    "release") are DIM's own and are kept unless ``replace_released``: the built lists are then
-    returned and reported, not written.
+    ``meta.json["candidates"]`` in the dataset folder; the report's ``candidates`` holds the lists.
+    A rerun on unchanged mentions, entities and k loads the stored lists unless ``cfg.force``. Lists
+    imported from a DIM release (meta source "release") are DIM's own and are kept unless
+    ``cfg.replace_released``: the built lists are then returned and reported, not written.
+    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it.
     """
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    cfg = cfg.replace()  # a checked copy
+    ds = load_dataset(cfg, dataset)
+    k = cfg.k
     entities = ds.entities
     if len(entities) == 0:
         raise DataError("the knowledge base has no entities: no candidates can be built",
                         file=ds.root / "entities.parquet", field="name")
     key = _content_key(ds, k)
-    if not force:
+    if not cfg.force:
         previous = _load_previous(ds, key)
         if previous is not None:
-            ds._candidates = previous[0]
+            ds._candidates = previous.candidates
             return previous
 
     t0 = time.perf_counter()
     mentions = ds.mentions
     distinct = pd.unique(mentions["mention"].astype(str)).tolist()
-    ranking = rank_names(distinct, entities["name"].astype(str).tolist(), k, workers=workers,
+    ranking = rank_names(distinct, entities["name"].astype(str).tolist(), k, workers=cfg.workers,
                          progress=progress)
     qids = np.asarray(entities["qid"].astype(str).tolist(), dtype=object)
     per_string = {m: qids[row].tolist() for m, row in zip(distinct, ranking.indices)}
@@ -535,7 +563,7 @@ def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, p
     if datasets.base_name(ds.name) == "sample":
         notes.append("synthetic sample: recall says nothing about the paper's datasets")
     released = (ds.meta.get("candidates") or {}).get("source") == "release"
-    write = not released or replace_released
+    write = not released or cfg.replace_released
     if not write:
         notes.append("candidates.parquet holds the lists of the DIM release and was kept; these "
                      f"built lists were not written ({option('replace_released=True', '--replace-released')} replaces them)")
@@ -546,7 +574,7 @@ def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, p
         n_empty_mentions=sum(1 for m in distinct if not process_name(m)),
         n_empty_names=int(sum(1 for n in entities["name"] if not process_name(n))),
         seconds=round(seconds, 3), scorer=_scorer_id(), key=key, written=write, kb=describe_kb(ds),
-        note="; ".join(notes))
+        note="; ".join(notes), candidates=df, root=ds.root)
     report_path = ds.root / REPORT_FILE
     if write:
         # Lists, then meta, then the report: the report's key vouches only for lists in place.
@@ -563,31 +591,8 @@ def build_candidates(ds: datasets.Dataset, k: int = 100, *, workers: int = -1, p
         ds.meta = meta
         ds._candidates = df
     atomic.write_text(json.dumps(report.to_dict(), indent=2) + "\n", report_path)
-    return df, report
+    return report
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit candidates``."""
-    parser.add_argument("dataset", help="dataset name (e.g. sample, rich+)")
-    parser.add_argument("--k", type=int, default=100, help="candidates per mention (DIM: 100)")
-    parser.add_argument("--workers", type=int, default=-1, help="threads for scoring (-1: all cores)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if identical lists exist")
-    parser.add_argument("--replace-released", action="store_true",
-                        help="overwrite lists imported from a DIM release (kept by default)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit candidates NAME``: build the lists and print the report."""
-    if args.k < 1:
-        raise ConfigError(f"--k must be at least 1, got {args.k}")
-    if args.workers == 0 or args.workers < -1:
-        raise ConfigError(f"--workers must be -1 (all cores) or a positive number, got {args.workers}")
-    ds = datasets.load(args.dataset)
-    _, report = build_candidates(ds, k=args.k, workers=args.workers, force=args.force,
-                                 replace_released=args.replace_released)
-    print(report)
-    if report.written and not report.reused:
-        print(f"  wrote {ds.root / 'candidates.parquet'} and {ds.root / REPORT_FILE}")
-    elif not report.written:
-        print(f"  wrote {ds.root / REPORT_FILE} only")
-    return 0
+#: The command line: ``dimkit candidates NAME`` takes the flags of :class:`CandidatesConfig`.
+CONFIG = CandidatesConfig

@@ -9,7 +9,8 @@ import sys
 
 from .errors import _CLI, DimkitError
 
-#: sub-command -> module exposing ``add_arguments(parser)`` and ``run_cli(args) -> int``.
+#: sub-command -> module: a stage (``CONFIG``, a :class:`dimkit.stage.Config`, and ``run(cfg) -> Result``),
+#: or a module exposing ``add_arguments(parser)`` and ``run_cli(args) -> int`` (``info``, ``notebooks``, ...).
 #: Modules are imported only when their command runs, so ``dimkit --help`` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dimkit.prepare", "convert a released dataset into dimkit's prepared form"),

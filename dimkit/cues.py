@@ -1,8 +1,8 @@
 """Expert cues: what an image expert says about each mention image (notebook ``02_expert_cues``).
 
 DIM asks BLIP-2 "Question:  Who are the characters in the picture? Answer: " about every mention
-image and CLIP-encodes the answer as a fourth input (the released ``prepare_wikipedia.py::convert_caption``). :func:`run_cues` does this for any
-expert of :mod:`dimkit.experts` and any prepared dataset -- WikiDiverse included, which the released
+image and CLIP-encodes the answer as a fourth input (the released ``prepare_wikipedia.py::convert_caption``).
+:func:`run` (``dimkit cues NAME``) does this for any expert of :mod:`dimkit.experts` and any prepared dataset -- WikiDiverse included, which the released
 code skips (and then crashes on). Each distinct usable image is asked once; its answer is stored in
 ``$DIMKIT_CACHE/cues.sqlite`` under (expert model id, prompt version, SHA-256 of the image bytes)
 the moment a batch finishes, so an interrupted run resumes where it stopped and a rerun asks
@@ -13,22 +13,23 @@ the sample generator, not BLIP-2 output.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import atomic, datasets, shards
-from .errors import check_positive
-from .experts import (NoExpert, CueItem, Expert, ReplayFileExpert, SAMPLE_ORACLE, make_expert)
+from .errors import ConfigError
+from .experts import (NoExpert, CueItem, Expert, RELEASED_MAX_NEW_TOKENS, ReplayFileExpert, SAMPLE_ORACLE,
+                      make_expert)
 from .imagefiles import ImageScan, scan_images
-from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
+from .shards import Shard, in_shard, run_then_assemble, shard_device
+from .stage import Config, Result, load_dataset, setting
 from .store import Store, default_store_path, make_key
 
 KIND = "expert_cue"
@@ -52,6 +53,38 @@ def default_expert(ds_name: str) -> str:
 def cue_key(expert: Expert, image_sha256: str) -> str:
     """Store key of one cue: expert model id, prompt version and the image's content hash."""
     return make_key(KIND, expert.model_id, expert.version, {"image_sha256": image_sha256})
+
+
+#: What ``--expert`` takes (``dimkit cues`` and ``dimkit features``).
+EXPERT_HELP = ("blip2[:ID_OR_FOLDER] (DIM's), hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, openai:MODEL (key from "
+               "OPENAI_API_KEY), replay:FILE.json, replay:MODEL_ID, sample-oracle, none; auto: the last one "
+               "used, else sample-oracle on the sample and blip2 elsewhere")
+
+
+@dataclass
+class CuesConfig(Config):
+    """Which expert ``dimkit cues NAME`` asks about the dataset's mention images, and how."""
+
+    STAGE: ClassVar[str] = "cues"
+
+    dataset: str = setting(None, "prepared dataset name (e.g. sample+, wiki+, diverse)", positional=True)
+    expert: str = setting("auto", EXPERT_HELP)
+    prompt: str | None = setting(None, "prompt (default: DIM's released BLIP-2 prompt)")
+    max_new_tokens: int = setting(RELEASED_MAX_NEW_TOKENS, "generated tokens (DIM: 20)", min=1)
+    batch_size: int | None = setting(None, "images per model call (default: the expert's)", min=1)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    base_url: str | None = setting(None, "OpenAI-compatible endpoint (else OPENAI_BASE_URL)")
+    workers: int = setting(4, "parallel requests for openai:", min=1)
+    shard: str | None = setting("auto", shards.help_text("images"))
+    force: bool = setting(False, "recompute stored cues")
+    store: Path | None = setting(None, "cue store file (default $DIMKIT_CACHE/cues.sqlite)", cli=False)
+    write_report: bool = setting(True, "write reports/cues.json (an unsharded run only)", cli=False)
+
+    def check(self) -> None:
+        """A non-empty expert spec and a well-formed shard."""
+        if not self.expert.strip():
+            raise ConfigError(f"{self.label('expert')} must name an expert ({EXPERT_HELP})")
+        shards.check(self.shard)
 
 
 @dataclass
@@ -100,30 +133,54 @@ class CueReport:
 
 
 @dataclass
-class CueResult:
+class CueResult(Result):
     """Cues per mention plus the report; ``cues`` is the contract's Series (mention_id -> text or None)."""
 
     cues: pd.Series
     table: pd.DataFrame  # mention_id, image, image_sha256, cue, cue_status
     report: CueReport
     expert: Expert
+    next_step: str = ""  # a shard's run: what comes next (set by dimkit.shards)
+
+    def summary(self) -> str:
+        """The report, and what comes next after a shard's run."""
+        return str(self.report) + (f"\n{self.next_step}" if self.next_step else "")
+
+    def to_dict(self) -> dict:
+        """The report as a plain dict."""
+        return self.report.to_dict()
 
 
-def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, prompt: str | None = None,
-             device: str = "auto", batch_size: int | None = None, max_new_tokens: int = 20,
-             force: bool = False, progress: bool = True, store_path: str | Path | None = None,
-             write_report: bool = True, shard: str | tuple[int, int] | Shard | None = None,
-             scan: ImageScan | None = None, **expert_options: Any) -> CueResult:
-    """Ask ``expert`` about every distinct usable mention image; reuse stored answers; report."""
+def run(cfg: CuesConfig, *, dataset: datasets.Dataset | None = None, expert: Expert | None = None,
+        progress: bool = True) -> CueResult:
+    """Ask the expert about every distinct usable mention image; reuse stored answers; report.
+
+    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it. ``expert``: an expert built in
+    Python, asked instead of the spec ``cfg.expert`` (which must then stay ``auto``). With
+    ``cfg.shard`` this process computes its share (:mod:`dimkit.shards`).
+    """
+    cfg = cfg.replace()  # a checked copy
+    ds = load_dataset(cfg, dataset)
+
+    def one(shard: Shard | None, assembling: bool) -> CueResult:
+        return compute(cfg.replace(force=False) if assembling else cfg, ds, shard=shard, expert=expert,
+                       progress=progress)
+
+    return run_then_assemble(cfg.shard, one, lambda result: print(result.summary(), flush=True))
+
+
+def compute(cfg: CuesConfig, ds: datasets.Dataset, *, shard: Shard | None = None, expert: Expert | None = None,
+            scan: ImageScan | None = None, progress: bool = True) -> CueResult:
+    """One pass over ``shard`` (None: every image), without :func:`run`'s launch flow; ``scan``: the
+    dataset's images, when the caller has checked them already (:mod:`dimkit.features`)."""
     t0 = time.perf_counter()
-    check_positive({"max_new_tokens": max_new_tokens, "batch_size": batch_size})  # before any work
-    if isinstance(ds, str):
-        ds = datasets.load(ds)
-    expert_name = default_expert(ds.name) if expert == "auto" else expert
-    ex = make_expert(expert_name, prompt=prompt, device=shard_device(device), batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, **expert_options)
+    if expert is not None and cfg.expert != "auto":
+        raise ConfigError(f"two experts given: expert={type(expert).__name__} and the spec {cfg.expert!r}; "
+                          "keep one")
+    expert_name = expert if expert is not None else default_expert(ds.name) if cfg.expert == "auto" else cfg.expert
+    ex = make_expert(expert_name, prompt=cfg.prompt, device=shard_device(cfg.device), batch_size=cfg.batch_size,
+                     max_new_tokens=cfg.max_new_tokens, base_url=cfg.base_url, workers=cfg.workers)
     spec_str = expert_name if isinstance(expert_name, str) else None  # an in-memory expert cannot be rebuilt by name
-    shard_t = parse_shard(shard)
     scan = scan or scan_images(ds, progress=progress)
     pm = scan.per_mention
     sha_of = {rel: f.sha256 for rel, f in scan.files.items() if f.status == "ok"}
@@ -138,15 +195,15 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
     failures: dict[str, str] = {}    # sha -> reason
     done = cached = 0
     if not isinstance(ex, NoExpert):
-        with Store(store_path or default_store_path("cues")) as store:
+        with Store(cfg.store or default_store_path("cues")) as store:
             keys = {sha: cue_key(ex, sha) for sha in items}
-            known = {} if force else store.get_many(keys.values())
+            known = {} if cfg.force else store.get_many(keys.values())
             todo = []
             for sha, k in keys.items():
                 if k in known:
                     answers[sha] = known[k]["cue"]
                     cached += 1
-                elif in_shard(sha, shard_t):
+                elif in_shard(sha, shard):
                     todo.append(items[sha])
             bs = max(1, int(ex.batch_size or 8))
             from .images import load_image
@@ -217,15 +274,25 @@ def run_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, promp
         cached=cached, empty=int(sum(1 for v in answers.values() if not v)),
         failed=dict(sorted(Counter(failures.values()).items())), no_usable_image=dict(sorted(no_img.items())),
         seconds=round(time.perf_counter() - t0, 3), note=note,
-        shard=str(shard_t) if shard_t else None)
-    if write_report and shard_t is None:
+        shard=str(shard) if shard else None)
+    if cfg.write_report and shard is None:
         atomic.write_text(json.dumps(report.to_dict(), indent=1) + "\n", Path(ds.root) / REPORT_FILE)
     return CueResult(cues=cues, table=table, report=report, expert=ex)
 
 
-def get_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", **options: Any) -> pd.Series:
-    """Cue text per mention (index mention_id, None where there is none), computing what is missing."""
-    return run_cues(ds, expert, **options).cues
+def get_cues(ds: datasets.Dataset | str, expert: str | Expert = "auto", *, progress: bool = True,
+             **settings: Any) -> pd.Series:
+    """Cue text per mention (index mention_id, None where there is none), computing what is missing.
+
+    ``expert``: a spec or an Expert; ``settings``: any other :class:`CuesConfig` setting. Every
+    mention's cue, even in a process a launcher started (``shard=None`` unless given).
+    """
+    obj = expert if isinstance(expert, Expert) else None
+    cfg = CuesConfig.for_dataset(ds if isinstance(ds, str) else ds.name, **({} if obj else {"expert": expert}),
+                                 **settings)
+    if "shard" not in settings:
+        cfg = cfg.replace(shard=None)
+    return run(cfg, dataset=None if isinstance(ds, str) else ds, expert=obj, progress=progress).cues
 
 
 def show_cues(ds: datasets.Dataset | str, result: CueResult, n: int = 8, *, seed: int = 0,
@@ -250,34 +317,5 @@ def show_cues(ds: datasets.Dataset | str, result: CueResult, n: int = 8, *, seed
     return plots.mention_grid(ds, rows, extra=extra, ncols=ncols, title=f"{ds.name}: {label}")
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit cues``."""
-    parser.add_argument("dataset", help="prepared dataset name (e.g. sample+, wiki+, diverse)")
-    parser.add_argument("--expert", default="auto",
-                        help="blip2[:ID_OR_FOLDER] (DIM's), hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, openai:MODEL "
-                             "(key from OPENAI_API_KEY), replay:FILE.json, replay:MODEL_ID, sample-oracle, none "
-                             "(default: last used, else sample-oracle on the sample and blip2 elsewhere)")
-    parser.add_argument("--prompt", default=None, help="prompt (default: DIM's released BLIP-2 prompt)")
-    parser.add_argument("--max-new-tokens", type=int, default=20, help="generated tokens (DIM: 20)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per model call")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (else OPENAI_BASE_URL)")
-    parser.add_argument("--workers", type=int, default=4, help="parallel requests for openai:")
-    shards.add_argument(parser, "images")
-    parser.add_argument("--force", action="store_true", help="recompute stored cues")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit cues NAME``: compute or replay cues and print the report."""
-    def run(shard, assembling):
-        return run_cues(args.dataset, args.expert, prompt=args.prompt, device=args.device,
-                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        force=args.force and not assembling, base_url=args.base_url, workers=args.workers,
-                        shard=shard)
-
-    run_then_assemble(args.shard, run, lambda result: print(result.report))
-    return 0
+#: The command line: ``dimkit cues NAME`` takes the flags of :class:`CuesConfig`.
+CONFIG = CuesConfig

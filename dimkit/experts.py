@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from . import paths
-from .errors import ConfigError, DimkitError, check_positive
+from .errors import ConfigError, DimkitError, check_positive, option
 
 #: DIM's BLIP-2 prompt, verbatim (two spaces after "Question:"), from ``prepare_wikipedia.py::convert_caption``.
 RELEASED_PROMPT = "Question:  Who are the characters in the picture? Answer: "
@@ -474,7 +474,7 @@ def make_expert(name: str | Expert, **options: Any) -> Expert:
     if unknown:
         raise ConfigError(f"unknown expert option(s): {', '.join(sorted(unknown))}")
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"--expert must be a non-empty string, got {name!r}")
+        raise ConfigError(f"{option('expert', '--expert')} must be a non-empty string, got {name!r}")
     check_positive({"max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size, "workers": opts.workers})
     name = name.strip()
     kind, _, rest = name.partition(":")
@@ -504,7 +504,7 @@ def make_expert(name: str | Expert, **options: Any) -> Expert:
         model_id, _, version = rest.partition("@@")
         return StoreReplayExpert(model_id, version or None)
     raise ConfigError(
-        f"unknown --expert {name!r}: use blip2[:ID_OR_FOLDER], hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, "
+        f"unknown {option('expert', '--expert')} {name!r}: use blip2[:ID_OR_FOLDER], hf:ID_OR_FOLDER, vqa:ID_OR_FOLDER, "
         "openai:MODEL, replay:FILE.json, replay:MODEL_ID, sample-oracle or none")
 
 

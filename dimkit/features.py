@@ -27,7 +27,6 @@ patch-level features.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,8 +44,9 @@ from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths, shards
 from .clip import ClipModel, ClipSpec, load_clip, parse_clip_spec
-from .errors import ConfigError, DataError, DimkitError, check_positive
-from .shards import Shard, in_shard, parse_shard, run_then_assemble, shard_device
+from .errors import ConfigError, DataError, DimkitError
+from .shards import Shard, in_shard, run_then_assemble, shard_device
+from .stage import Config, Result, load_dataset, setting
 from .store import content_hash, make_key
 
 #: Bump when the way a vector is computed changes (then nothing stored is reused).
@@ -330,8 +330,6 @@ def _precision_for(device: str, precision: str | None) -> str:
     from .env import pick_device
 
     if precision:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         return precision
     return "fp16" if pick_device(device).startswith("cuda") else "fp32"
 
@@ -426,55 +424,132 @@ class _Computer:
         return done, failed
 
 
-def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", *,
-                     expert: str | Any = "auto", device: str = "auto", precision: str | None = None,
-                     batch_size: int = 64, image_batch_size: int = 64, flush_rows: int = 2048,
-                     workers: int = 2, force: bool = False, progress: bool = True,
-                     missing_description: str = "name", store_root: str | Path | None = None,
-                     cue_store_path: str | Path | None = None, shard: str | tuple[int, int] | Shard | None = None,
-                     write_report: bool = True) -> tuple[FeatureSet, FeatureReport]:
-    """Compute what is missing from the feature store and assemble the dataset's FeatureSet + report."""
+# ---------------------------------------------------------------------------------------------
+# The stage: FeaturesConfig -> run -> FeatureResult
+
+
+@dataclass
+class FeaturesConfig(Config):
+    """Which CLIP ``dimkit features NAME`` encodes the dataset with, and how."""
+
+    STAGE: ClassVar[str] = "features"
+
+    dataset: str = setting(None, "prepared dataset name (e.g. sample+, wiki+, diverse)", positional=True)
+    clip: str = setting("auto", "default (ViT-B-32:openai, what DIM used), ARCH:TAG, ARCH:random, sample "
+                                "(sample-trained, shipped), a checkpoint file or folder, hf-hub:ORG/REPO "
+                                "(auto: sample on sample/sample+, else default)")
+    expert: str = setting("auto", "cue expert (see `dimkit cues --help`)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    precision: str | None = setting(None, "default: fp16 on GPU (as DIM's OpenAI CLIP), fp32 on CPU",
+                                    choices=PRECISIONS)
+    batch_size: int = setting(64, "texts per CLIP call (sorted by length, so small batches pad little)", min=1)
+    image_batch_size: int = setting(64, "images per CLIP call", min=1)
+    flush_rows: int = setting(2048, "rows computed between two durable writes to the store", min=1, cli=False)
+    workers: int = setting(2, "image decoding threads", min=1)
+    missing_description: str = setting("name", "what stands in for a missing description: the entity's name, "
+                                               "or the released code's literal 'None'",
+                                       choices=MISSING_DESCRIPTION, cli=False)
+    shard: str | None = setting("auto", shards.help_text("rows"))
+    save: Path | None = setting(None, "also write the FeatureSet to this .safetensors file")
+    force: bool = setting(False, "recompute stored rows")
+    store: Path | None = setting(None, "feature store folder (default $DIMKIT_CACHE/features)", cli=False)
+    cue_store: Path | None = setting(None, "cue store file (default $DIMKIT_CACHE/cues.sqlite)", cli=False)
+    write_report: bool = setting(True, "write reports/features.json (an unsharded run only)", cli=False)
+
+    def check(self) -> None:
+        """Non-empty clip and expert specs and a well-formed shard."""
+        for name in ("clip", "expert"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{self.label(name)} must not be empty")
+        shards.check(self.shard)
+
+
+@dataclass
+class FeatureResult(Result):
+    """The dataset's :class:`FeatureSet` and the run's report (and where the set was saved)."""
+
+    features: FeatureSet
+    report: FeatureReport
+    saved: Path | None = None
+    next_step: str = ""  # a shard's run: what comes next (set by dimkit.shards)
+
+    def summary(self) -> str:
+        """The report, where the set was saved, and what comes next after a shard's run."""
+        lines = [str(self.report)]
+        if self.saved is not None:
+            lines.append(f"saved {self.saved}")
+        if self.next_step:
+            lines.append(self.next_step)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The report as a plain dict (and the saved file)."""
+        return {**self.report.to_dict(), "saved": str(self.saved) if self.saved else None}
+
+
+def run(cfg: FeaturesConfig, *, dataset: datasets.Dataset | None = None, clip: ClipSpec | None = None,
+        expert: Any = None, progress: bool = True) -> FeatureResult:
+    """Compute what is missing from the feature store and assemble the dataset's FeatureSet and report.
+
+    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it. ``clip`` (a ClipSpec) and
+    ``expert`` (an Expert) replace the specs ``cfg.clip`` and ``cfg.expert`` (which must then stay
+    ``auto``). With ``cfg.shard`` this process computes its share (:mod:`dimkit.shards`).
+    """
+    cfg = cfg.replace()  # a checked copy
+    ds = load_dataset(cfg, dataset)
+    if clip is not None and cfg.clip != "auto":
+        raise ConfigError(f"two CLIPs given: clip={clip.model_id!r} and the spec {cfg.clip!r}; keep one")
+
+    def one(shard: Shard | None, assembling: bool) -> FeatureResult:
+        result = compute(cfg.replace(force=False) if assembling else cfg, ds, shard=shard, clip=clip, expert=expert,
+                         progress=progress)
+        if cfg.save is not None and shard is None:
+            result.saved = result.features.save(cfg.save)
+        return result
+
+    return run_then_assemble(cfg.shard, one, lambda result: print(result.summary(), flush=True))
+
+
+def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = None, clip: ClipSpec | None = None,
+            expert: Any = None, progress: bool = True) -> FeatureResult:
+    """One pass over ``shard`` (None: every row), without :func:`run`'s launch flow (nor ``cfg.save``)."""
     from . import cues as cues_mod
     from .imagefiles import scan_images
 
     t0 = time.perf_counter()
-    check_positive({"batch_size": batch_size, "image_batch_size": image_batch_size, "flush_rows": flush_rows,
-                    "workers": workers})
-    if missing_description not in MISSING_DESCRIPTION:
-        raise DimkitError(f"missing_description must be one of {MISSING_DESCRIPTION}, got {missing_description!r}")
-    if isinstance(ds, str):
-        ds = datasets.load(ds)
-    clip_spec = clip if isinstance(clip, ClipSpec) else parse_clip_spec(resolve_clip_name(ds.name, clip))
-    device = shard_device(device)
-    precision = _precision_for(device, precision)
+    clip_spec = clip if clip is not None else parse_clip_spec(resolve_clip_name(ds.name, cfg.clip))
+    device = shard_device(cfg.device)
+    precision = _precision_for(device, cfg.precision)
     version = f"{FEATURE_VERSION}-{precision}"
-    shard_t = parse_shard(shard)
-    store = FeatureStore(clip_spec.model_id, store_root)
-    comp = _Computer(clip_spec, store, device, precision, batch_size, image_batch_size, flush_rows, workers, progress)
+    force = cfg.force
+    store = FeatureStore(clip_spec.model_id, cfg.store)
+    comp = _Computer(clip_spec, store, device, precision, cfg.batch_size, cfg.image_batch_size, cfg.flush_rows,
+                     cfg.workers, progress)
 
     scan = scan_images(ds, progress=progress)
-    cue_res = cues_mod.run_cues(ds, expert, device=device, progress=progress, store_path=cue_store_path,
-                                scan=scan, shard=shard)
+    cue_cfg = cues_mod.CuesConfig.for_dataset(ds.name, expert=cfg.expert, device=device, store=cfg.cue_store,
+                                              shard=None)
+    cue_res = cues_mod.compute(cue_cfg, ds, shard=shard, expert=expert, scan=scan, progress=progress)
     m, ents = ds.mentions, ds.entities
     mention_texts = m["mention"].astype(str).tolist()
     sent_texts = [a + SEP + b for a, b in zip(mention_texts, m["sentence"].astype(str).tolist())]
     cue_texts = [c if isinstance(c, str) and c else None for c in cue_res.cues.tolist()]
-    ent_texts, n_missing = _entity_texts(ents, "description", missing_description)
+    ent_texts, n_missing = _entity_texts(ents, "description", cfg.missing_description)
     orig_texts, n_missing_orig = (None, 0)
     if datasets.is_augmented(ds.name) and "description_original" in ents.columns:
-        orig_texts, n_missing_orig = _entity_texts(ents, "description_original", missing_description)
+        orig_texts, n_missing_orig = _entity_texts(ents, "description_original", cfg.missing_description)
 
     all_texts = mention_texts + sent_texts + [c for c in cue_texts if c] + ent_texts + (orig_texts or [])
     tkeys = {t: text_key(clip_spec.model_id, version, t) for t in dict.fromkeys(all_texts)}
     todo_t = [(k, t) for t, k in tkeys.items()
-              if (force or k not in store) and in_shard(k, shard_t)]
+              if (force or k not in store) and in_shard(k, shard)]
     cached_t = sum(1 for k in tkeys.values() if k in store) if not force else 0
 
     files = {rel: f for rel, f in scan.files.items() if f.status == "ok" and f.sha256}
     ikeys = {f.sha256: image_key(clip_spec.model_id, version, f.sha256) for f in files.values()}
     path_of = {f.sha256: f.path for f in files.values()}
     todo_i = [(k, path_of[sha]) for sha, k in ikeys.items()
-              if (force or k not in store) and in_shard(sha, shard_t)]
+              if (force or k not in store) and in_shard(sha, shard)]
     cached_i = sum(1 for k in ikeys.values() if k in store) if not force else 0
 
     done_t = comp.texts(todo_t)
@@ -504,7 +579,7 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
                 image_v[row] = vecs[found].sum(axis=0)
                 image_ok[row] = True
 
-    incomplete = shard_t is None and (not ok_m.all() or not ok_s.all() or not ok_e.all())
+    incomplete = shard is None and (not ok_m.all() or not ok_s.all() or not ok_e.all())
     if incomplete:
         raise DimkitError("some text features are missing after computing them; is another process "
                           "compacting the store? rerun `dimkit features`")
@@ -527,7 +602,7 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
         entities={"entities": int(len(ents)), "no_description": n_missing,
                   **({"no_description_original": n_missing_orig} if orig_texts is not None else {})},
         model_loaded=comp.model is not None, seconds=round(time.perf_counter() - t0, 3), notes=notes,
-        shard=str(shard_t) if shard_t else None)
+        shard=str(shard) if shard else None)
     fs = FeatureSet(model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim),
                     mention_ids=m["mention_id"].astype(str).tolist(), entity_qids=ents["qid"].astype(str).tolist(),
                     mention=mention_v, mention_sentence=sent_v, image=image_v, image_ok=image_ok,
@@ -536,10 +611,9 @@ def compute_features(ds: datasets.Dataset | str, clip: str | ClipSpec = "auto", 
                           "cue_expert": cue_res.report.expert, "cue_prompt_version": cue_res.report.prompt_version,
                           "synthetic_cues": cue_res.report.synthetic, "label": "", "report": report.to_dict()})
     fs.meta["label"] = fs.label
-    if write_report and shard_t is None:
-        atomic.write_text(json.dumps(report.to_dict(), indent=1) + "\n",
-                                   Path(ds.root) / "reports" / "features.json")
-    return fs, report
+    if cfg.write_report and shard is None:
+        atomic.write_text(json.dumps(report.to_dict(), indent=1) + "\n", Path(ds.root) / "reports" / "features.json")
+    return FeatureResult(features=fs, report=report)
 
 
 def resolve_clip_name(ds_name: str, clip: str) -> str:
@@ -549,57 +623,25 @@ def resolve_clip_name(ds_name: str, clip: str) -> str:
     return "sample" if datasets.base_name(ds_name) == "sample" else "default"
 
 
-def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", **options: Any) -> FeatureSet:
+def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", *, progress: bool = True,
+                  **settings: Any) -> FeatureSet:
     """The dataset's FeatureSet (what :mod:`dimkit.train` reads): computes missing rows, reuses the store.
 
     ``clip="default"`` is DIM's ViT-B-32 with OpenAI weights; ``"auto"`` is that on real datasets
     and the shipped sample-trained CLIP on ``sample``/``sample+`` (so the sample runs offline);
-    ``"ViT-B-32:random"`` or a local checkpoint work anywhere. Options go to :func:`compute_features`;
-    the run's report is in ``fs.meta["report"]``.
+    ``"ViT-B-32:random"`` or a local checkpoint work anywhere. ``settings`` are any other
+    :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``. The set is whole
+    even in a process a launcher started (``shard=None`` unless given): training needs every row.
     """
-    fs, _ = compute_features(ds_or_name, clip, **options)
-    return fs
+    name = ds_or_name if isinstance(ds_or_name, str) else ds_or_name.name
+    cfg = FeaturesConfig.for_dataset(name, clip=clip, **settings)
+    if "shard" not in settings:
+        cfg = cfg.replace(shard=None)
+    return run(cfg, dataset=None if isinstance(ds_or_name, str) else ds_or_name, progress=progress).features
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit features``."""
-    parser.add_argument("dataset", help="prepared dataset name (e.g. sample+, wiki+, diverse)")
-    parser.add_argument("--clip", default="auto",
-                        help="default (ViT-B-32:openai, what DIM used), ARCH:TAG, ARCH:random, sample "
-                             "(sample-trained, shipped), a checkpoint file or folder, hf-hub:ORG/REPO "
-                             "(default auto: sample on sample/sample+, else default)")
-    parser.add_argument("--expert", default="auto", help="cue expert (see `dimkit cues --help`)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--precision", default=None, choices=PRECISIONS,
-                        help="default: fp16 on GPU (as DIM's OpenAI CLIP), fp32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per CLIP call (sorted by length, so small batches pad little)")
-    parser.add_argument("--image-batch-size", type=int, default=64, help="images per CLIP call")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    shards.add_argument(parser, "rows")
-    parser.add_argument("--save", default=None, help="also write the FeatureSet to this .safetensors file")
-    parser.add_argument("--force", action="store_true", help="recompute stored rows")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit features NAME``: compute what is missing and print the report."""
-    def run(shard, assembling):
-        return compute_features(args.dataset, args.clip, expert=args.expert, device=args.device,
-                                precision=args.precision, batch_size=args.batch_size,
-                                image_batch_size=args.image_batch_size, workers=args.workers,
-                                force=args.force and not assembling, shard=shard)
-
-    def show(result):
-        fs, report = result
-        print(report)
-        if args.save and report.shard is None:
-            print(f"saved {fs.save(args.save)}")
-
-    run_then_assemble(args.shard, run, show)
-    return 0
+#: The command line: ``dimkit features NAME`` takes the flags of :class:`FeaturesConfig`.
+CONFIG = FeaturesConfig
 
 
 # ---------------------------------------------------------------------------------------------

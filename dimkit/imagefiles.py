@@ -3,7 +3,7 @@
 Cues and image features are stored under the SHA-256 of the image *bytes*, so a renamed or copied
 file reuses its stored results and an edited one is recomputed. Hashing 25K images on every run
 would be wasted work, so each file's hash is kept in ``$DIMKIT_CACHE/file_hashes.sqlite`` under its
-(path, size, modification time). Usability comes from :func:`dimkit.images.check_dataset_images`,
+(path, size, modification time). Usability comes from :func:`dimkit.images.run`,
 which also writes ``image_status`` into ``mentions.parquet`` -- an unusable image is flagged there,
 counted in the reports, and gets no cue and a zero image feature; never silently.
 """
@@ -110,7 +110,7 @@ def hash_files(paths: list[Path], *, store: Store | None = None, progress: bool 
 
 def scan_images(ds, *, progress: bool = True, flag: bool = True) -> ImageScan:
     """Check every mention image (flagging ``image_status`` in mentions.parquet) and hash the usable ones."""
-    report = images_mod.check_dataset_images(ds, progress=progress, write=flag)
+    report = images_mod.run(images_mod.ImagesConfig.for_dataset(ds.name, write=flag), dataset=ds, progress=progress)
     status_of = dict(zip(report.per_mention["image"], report.per_mention["status"]))
     files: dict[str, ImageFile] = {}
     lists = mention_image_lists(ds)

@@ -4,16 +4,14 @@ Released MEL code trusts every image file: MIMIC turns a missing or unreadable i
 all-zero tensor without a word, and a single truncated JPEG or decompression bomb can
 crash a feature run hours in. Here every image goes through :func:`load_image`, which never raises
 for a bad file: it returns an RGB image, possibly converted (and says how), or ``None`` with the
-reason. :func:`check_dataset_images` runs it over a prepared dataset, counts the outcomes, writes
-``image_status`` / ``image_converted`` into ``mentions.parquet`` and ``reports/images.json``, and
-reuses the stored result of every file whose size and modification time are unchanged.
+reason. :func:`run` (``dimkit images NAME``) runs it over a prepared dataset, counts the outcomes,
+writes ``image_status`` / ``image_converted`` into ``mentions.parquet`` and ``reports/images.json``,
+and reuses the stored result of every file whose size and modification time are unchanged.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import numbers
 import os
 import threading
 import warnings
@@ -21,7 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import numpy as np
 import pandas as pd
@@ -29,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import atomic, datasets
-from .errors import ConfigError, DataError
+from .errors import DataError
+from .stage import Config, Result, load_dataset, setting
 
 #: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder);
 #: ``outside_root`` paths that lead out of the dataset's images (never opened).
@@ -329,12 +328,26 @@ def _decode(fh, path: Path, head: bytes, tail: bytes, size: int, max_pixels: int
 
 
 # --------------------------------------------------------------------------------------------
-# Dataset check
+# Dataset check: ImagesConfig -> run -> ImageReport
 
 
 @dataclass
-class ImageReport:
-    """What :func:`check_dataset_images` found: counts per status and conversion, and per mention."""
+class ImagesConfig(Config):
+    """What ``dimkit images NAME`` checks, and how."""
+
+    STAGE: ClassVar[str] = "images"
+
+    dataset: str = setting(None, "prepared dataset name (e.g. sample, rich+)", positional=True)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "images larger than this (from the header) are 'too_large'",
+                              min=1)
+    workers: int | None = setting(None, "decoding threads (default: up to 4)", min=1)
+    write: bool = setting(True, "write image_status into mentions.parquet and reports/images.json "
+                                "(--no-write: only report)")
+
+
+@dataclass
+class ImageReport(Result):
+    """What :func:`run` found: counts per status and conversion, and per mention."""
 
     dataset: str
     counts: dict[str, int]
@@ -391,7 +404,8 @@ class ImageReport:
                          if r != "no_image" and self.counts.get(r)},
         }
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """Mentions and files per status, conversions, examples of each unusable reason, notes."""
         n = len(self.per_mention)
         lines = [f"images of {self.dataset}: {n} mentions, {self.usable} with a usable image "
                  f"({self.decoded} files decoded, {self.reused} reused from the last check)"]
@@ -437,25 +451,17 @@ def _file_key(path: Path) -> tuple[int, int] | None:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def _check_positive(value: object, name: str, flag: str, what: str) -> None:
-    """Refuse a limit below 1 (``max_pixels=0`` would mark every image too large)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive {what} ({flag} on the command line), "
-                          f"got {value!r}")
-
-
-def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: bool = True,
-                         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> ImageReport:
+def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress: bool = True) -> ImageReport:
     """Load every distinct mention image of a prepared dataset and count the outcomes by reason.
 
-    With ``write=True`` the ``image_status`` ("ok" or the reason) and ``image_converted`` columns
-    are written into ``mentions.parquet`` (and ``ds.mentions``), and ``reports/images.json`` keeps
-    the summary plus each file's result keyed by (path, size, mtime), so a rerun on unchanged
-    files decodes nothing.
+    With ``cfg.write`` the ``image_status`` ("ok" or the reason) and ``image_converted`` columns
+    are written into ``mentions.parquet`` (and the dataset's ``mentions``), and ``reports/images.json``
+    keeps the summary plus each file's result keyed by (path, size, mtime), so a rerun on unchanged
+    files decodes nothing. ``dataset``: the loaded ``cfg.dataset``, when the caller holds it.
     """
-    _check_positive(max_pixels, "max_pixels", "--max-pixels", "number of pixels")
-    if workers is not None:
-        _check_positive(workers, "workers", "--workers", "number of threads")
+    cfg = cfg.replace()  # a checked copy
+    ds = load_dataset(cfg, dataset)
+    max_pixels, workers = cfg.max_pixels, cfg.workers
     mentions = ds.mentions
     report_path = Path(ds.root) / REPORT_FILE
     previous = _read_previous(report_path, max_pixels)
@@ -563,7 +569,7 @@ def check_dataset_images(ds: datasets.Dataset, *, progress: bool = True, write: 
     report = ImageReport(dataset=ds.name, counts=counts, conversions=conversions,
                          file_counts=file_counts, per_mention=per_mention, decoded=len(todo),
                          reused=reused, max_pixels=max_pixels, notes=notes, images_root=images_root)
-    if write:
+    if cfg.write:
         _write_status(ds, per_mention)
         summary = report.to_dict()
         summary["files"] = {rel: results[rel] for rel in sorted(results)}
@@ -626,26 +632,5 @@ def _write_status(ds: datasets.Dataset, per_mention: pd.DataFrame) -> None:
     atomic.write_parquet(on_disk, target)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit images``."""
-    parser.add_argument("dataset", help="prepared dataset name (e.g. sample, rich+)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="images larger than this (from the header) are 'too_large' "
-                             f"(default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads (default: up to 4)")
-    parser.add_argument("--no-write", action="store_true",
-                        help="only report; do not update mentions.parquet or reports/images.json")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit images NAME``: print the image report; unusable images are reported, not fatal."""
-    ds = datasets.load(args.dataset)
-    report = check_dataset_images(ds, write=not args.no_write, max_pixels=args.max_pixels,
-                                  workers=args.workers)
-    print(report)
-    return 0
+#: The command line: ``dimkit images NAME`` takes the flags of :class:`ImagesConfig`.
+CONFIG = ImagesConfig

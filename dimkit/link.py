@@ -1,4 +1,4 @@
-"""Link new mentions with a trained run (notebook ``06_errors``; ``dimkit link RUN_DIR``).
+"""Link new mentions with a trained run (notebook ``06_errors``; ``dimkit link RUN --input FILE --output FILE``).
 
 No released MEL code applies a trained model to a new sentence and image. Here
 ``link(sentence, mention, image, model=RUN_DIR, k=10)`` returns the top-k entities of the run's
@@ -21,7 +21,6 @@ This module imports torch only when a run is loaded, so ``import dimkit`` stays 
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import json
@@ -30,15 +29,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths, runs
-from .errors import ConfigError, DataError, DimkitError
+from .errors import DataError, DimkitError
 from .imagefiles import sha256_file
+from .stage import Config, Result, setting
 
 #: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image
 #: is null or absent is linked as a mention without an image, as ``link(sentence, mention, None)`` is).
@@ -697,11 +697,33 @@ def link(sentence: str, mention: str, image: Any = None, model: Any = None, k: i
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch files (dimkit link RUN_DIR --input FILE.jsonl --output FILE.jsonl)
+# Batch files (dimkit link RUN --input FILE.jsonl --output FILE.jsonl): LinkConfig -> run -> LinkFileReport
 
 
 @dataclass
-class LinkFileReport:
+class LinkConfig(Config):
+    """Which run links which JSONL file, and how (``dimkit link``)."""
+
+    STAGE: ClassVar[str] = "link"
+
+    run: str = setting(None, "trained run: a folder, or a run name under $DIMKIT_RUNS", positional=True)
+    input: Path = setting(None, "UTF-8 JSONL, one mention a line: sentence, mention, and optionally image (a path "
+                                "relative to the file's folder, or a list of paths; null or absent: linked without "
+                                "an image) and id")
+    output: Path = setting(None, "JSONL of results, one line per linked mention")
+    k: int = setting(10, "entities per mention", min=1)
+    batch_size: int = setting(64, "mentions encoded together", min=1)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    expert: str | None = setting(None, "only when the run folder cannot rebuild its expert: a spec with the run's "
+                                       "expert model id and prompt version (e.g. blip2:/path/to/local/copy)")
+    allow_unusable_images: bool = setting(False, "link lines whose image is given but unusable with the image "
+                                                 "masked, instead of skipping them")
+    skipped_file: Path | None = setting(None, "where to list skipped lines (default <output stem>.skipped.jsonl)",
+                                        cli="--skipped")
+
+
+@dataclass
+class LinkFileReport(Result):
     """What a batch link did: lines linked, and lines skipped with their reasons."""
 
     run: str
@@ -720,7 +742,8 @@ class LinkFileReport:
         """Skipped lines per reason."""
         return dict(Counter(s["reason"] for s in self.skipped).most_common())
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """Lines linked and skipped (the first ten with their reasons), what was computed, the run's note."""
         lines = [f"linked {self.linked} of {self.lines} lines of {self.input} with {self.run} -> {self.output} "
                  f"({self.seconds:.1f} s)"]
         if self.no_image:
@@ -792,23 +815,37 @@ def _read_lines(src: Path) -> list[tuple[int, str]]:
         raise
 
 
-def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10, batch_size: int = 64,
-              device: str = "auto", expert: Any = None, allow_unusable_images: bool = False,
-              skipped_file: str | Path | None = None, progress: bool = True) -> LinkFileReport:
-    """Link every line of a JSONL file (sentence, mention, optional image); one JSON line per mention out.
+def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bool = True,
+              **settings: Any) -> LinkFileReport:
+    """Link every line of a JSONL file with the run ``model`` (a folder, a run name, a RunResult or a Linker).
+
+    ``settings`` are :class:`LinkConfig`'s (``k``, ``batch_size``, ``device``, ``expert``,
+    ``allow_unusable_images``, ``skipped_file``); see :func:`run`.
+    """
+    linker = model if isinstance(model, Linker) else None
+    where = getattr(model, "run_dir", None) or ("in-memory model" if linker is not None else model)
+    cfg = LinkConfig(run=str(where), input=input, output=output).replace(**settings)
+    return run(cfg, linker=linker, progress=progress)
+
+
+def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True) -> LinkFileReport:
+    """Link every line of ``cfg.input`` (sentence, mention, optional image); one JSON line per mention out.
 
     A line whose image is null or absent is linked without an image, as ``link(sentence, mention, None)``
     links it (counted in ``report.no_image``). The file must be UTF-8 (a byte-order mark is allowed).
     Lines with a missing or malformed field or an unusable image are skipped and reported (in the
-    returned report and in ``skipped_file``, default ``<output stem>.skipped.jsonl``); they never stop
-    the batch. Both files are written atomically when the batch is done.
+    returned report and in ``cfg.skipped_file``, default ``<output stem>.skipped.jsonl``); they never
+    stop the batch. Both files are written atomically when the batch is done. ``linker``: the run
+    already loaded (then ``cfg.run``, ``device`` and ``expert`` are not read).
     """
+    cfg = cfg.replace()  # a checked copy
     t0 = time.perf_counter()
-    src, dst = Path(input), Path(output)
+    src, dst = cfg.input, cfg.output
+    k, batch_size = cfg.k, cfg.batch_size
     if not src.is_file():
         raise DimkitError(f"input file not found: {src}")
-    linker = model if isinstance(model, Linker) else Linker(model, device=device, expert=expert, progress=progress)
-    skipped_path = Path(skipped_file) if skipped_file else dst.with_name(f"{dst.stem}.skipped.jsonl")
+    linker = linker or Linker(cfg.run, device=cfg.device, expert=cfg.expert, progress=progress)
+    skipped_path = cfg.skipped_file or dst.with_name(f"{dst.stem}.skipped.jsonl")
     report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
                             note=linker.note, skipped_file=str(skipped_path))
     raw = _read_lines(src)
@@ -829,7 +866,7 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
                 else:
                     items.append(item)
                     linenos.append(lineno)
-            results = linker._link_chunk(items, k, 0, True, allow_unusable_images, str(src)) if items else []
+            results = linker._link_chunk(items, k, 0, True, cfg.allow_unusable_images, str(src)) if items else []
             for lineno, item, res in zip(linenos, items, results):
                 if isinstance(res, DataError):
                     why = getattr(res, "image_status", "unusable")
@@ -862,36 +899,5 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, k: int = 10,
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit link``."""
-    parser.add_argument("run", help="trained run: a folder, or a run name under $DIMKIT_RUNS")
-    parser.add_argument("--input", required=True, help="UTF-8 JSONL, one mention a line: sentence, mention, and "
-                        "optionally image (a path relative to the file's folder, or a list of paths; null or "
-                        "absent: linked without an image) and id")
-    parser.add_argument("--output", required=True, help="JSONL of results, one line per linked mention")
-    parser.add_argument("--k", type=int, default=10, help="entities per mention (default 10)")
-    parser.add_argument("--batch-size", type=int, default=64, help="mentions encoded together")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--expert", default=None,
-                        help="only when the run folder cannot rebuild its expert: a spec with the run's "
-                             "expert model id and prompt version (e.g. blip2:/path/to/local/copy)")
-    parser.add_argument("--allow-unusable-images", action="store_true",
-                        help="link lines whose image is given but unusable with the image masked, instead of "
-                             "skipping them")
-    parser.add_argument("--skipped", default=None, help="where to list skipped lines "
-                        "(default <output stem>.skipped.jsonl)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit link RUN --input FILE --output FILE``: link a batch and report skipped lines."""
-    if args.k < 1 or args.batch_size < 1:
-        raise ConfigError("--k and --batch-size must be >= 1")
-    report = link_file(args.run, args.input, args.output, k=args.k, batch_size=args.batch_size,
-                       device=args.device, expert=args.expert, allow_unusable_images=args.allow_unusable_images,
-                       skipped_file=args.skipped)
-    print(report)
-    return 0
+#: The command line: ``dimkit link RUN --input FILE --output FILE`` takes the flags of :class:`LinkConfig`.
+CONFIG = LinkConfig

@@ -19,7 +19,6 @@ exist (``images_missing``) and those that a link takes outside the images root
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,14 +27,15 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 from urllib.parse import unquote
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import datasets, paths
-from .errors import DataError, DimkitError
+from .errors import DataError, DimkitError, option
+from .stage import Config, Result, setting
 
 LAYOUTS = ("dim", "mimic", "melbench")
 #: The three dataset families; every layout's subset maps to one of them.
@@ -367,8 +367,9 @@ def _resolve_subset(layout: str, src: Path, detected: str | None, subset: str | 
     if layout == "mimic" and not choices:
         raise DataError("file not found: no <PREFIX>_train.json / _dev.json / _test.json split "
                         "files in the MIMIC folder", file=src / "<PREFIX>_train.json")
+    named = option("dataset='wikimel'", "--name wikimel")
     raise DimkitError(f"cannot tell which dataset {src} holds (found: {', '.join(choices)}); pick "
-                      f"one with --subset, or name the dataset after it (e.g. --name wikimel)")
+                      f"one with {option('subset=...', '--subset')}, or name the dataset after it (e.g. {named})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -979,24 +980,52 @@ def _remove(p: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# the entry point
+# the stage: PrepareConfig -> run -> PrepareResult
 
 
-def prepare(src: str | Path, name: str, data_dir: str | Path | None = None, *,
-            layout: str = "auto", subset: str | None = None, images: str | Path | None = None,
-            seed: int = DEFAULT_SEED, link_images: bool = True) -> Path:
-    """Convert ``src`` into the prepared dataset ``$DIMKIT_DATA/<name>``; returns its folder."""
-    key = datasets.canonical_name(name)
-    out = datasets.dataset_dir(key, data_dir)
-    src_given = src
-    src = Path(src).expanduser()
-    if layout not in ("auto",) + LAYOUTS:
-        raise DimkitError(f"unknown layout {layout!r}; choose from auto, {', '.join(LAYOUTS)}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise DimkitError(f"seed must be an integer, got {seed!r}")
+@dataclass
+class PrepareConfig(Config):
+    """What ``dimkit prepare SRC --name NAME`` converts, and where to."""
+
+    STAGE: ClassVar[str] = "prepare"
+
+    src: Path = setting(None, "DIM data root or dataset folder, MIMIC folder, or a MELBench .json file",
+                        positional=True)
+    dataset: str = setting(None, "prepared dataset name (e.g. wikimel, rich+)", cli="--name")
+    layout: str = setting("auto", "source layout (auto: detected)", choices=("auto",) + LAYOUTS)
+    subset: str | None = setting(None, "which dataset of a source holding several: wikipedia, richpedia, "
+                                       "wikidiverse (DIM), WIKIMEL, RichpediaMEL, wiki_diverse (MIMIC); "
+                                       "aliases wikimel/rich/diverse work everywhere")
+    images: Path | None = setting(None, "images root (DIM: the ImgData folder; MIMIC: the folder holding "
+                                        "kb_image/ and mention_image/)")
+    seed: int = setting(DEFAULT_SEED, "seed of the splits dimkit makes (MELBench; dev carved from train)")
+    copy_images: bool = setting(False, "copy the referenced images instead of linking the images root")
+    data_dir: Path | None = setting(None, "output root (default $DIMKIT_DATA)")
+
+
+@dataclass
+class PrepareResult(Result):
+    """The prepared dataset: its name, folder and ``meta.json``."""
+
+    dataset: str
+    root: Path
+    meta: dict = field(default_factory=dict, repr=False)
+
+    def summary(self) -> str:
+        """Counts, images, candidates and the reader's notes (:func:`format_summary`)."""
+        return format_summary(self.root)
+
+
+def run(cfg: PrepareConfig) -> PrepareResult:
+    """Convert ``cfg.src`` into the prepared dataset ``$DIMKIT_DATA/<cfg.dataset>``."""
+    cfg = cfg.replace()  # a checked copy
+    key, layout, images, seed = cfg.dataset, cfg.layout, cfg.images, cfg.seed
+    out = datasets.dataset_dir(key, cfg.data_dir)
+    src_given = cfg.src
+    src = cfg.src.expanduser()
     if not src.exists():
         raise DataError("source not found", file=src)
-    if images is not None and not Path(images).is_dir():
+    if images is not None and not images.is_dir():
         raise DataError("images folder not found", file=images)
     if layout == "auto":
         layout, detected_subset = detect_layout(src)
@@ -1011,7 +1040,7 @@ def prepare(src: str | Path, name: str, data_dir: str | Path | None = None, *,
             detected_layout, detected_subset = None, None
         if detected_layout != layout:
             detected_subset = None
-    sub = _resolve_subset(layout, src, detected_subset, subset, key)
+    sub = _resolve_subset(layout, src, detected_subset, cfg.subset, key)
     # ---- read everything first: every DataError is raised before anything is written
     if layout == "dim":
         read = _read_dim(src, sub, key, images, seed)
@@ -1020,7 +1049,7 @@ def prepare(src: str | Path, name: str, data_dir: str | Path | None = None, *,
     else:
         read = _read_melbench(src, key, seed)
         if images is not None:
-            read.notes.append(f"--images {images} ignored: MELBench has no images")
+            read.notes.append(f"{option('images=', '--images ')}{images} ignored: MELBench has no images")
     family = _family(sub)
     read.mentions = read.mentions.drop(columns=[c for c in ("_key",) if c in read.mentions.columns])
     # ---- where images go: referenced in place when inside the output folder, else via images/
@@ -1044,9 +1073,9 @@ def prepare(src: str | Path, name: str, data_dir: str | Path | None = None, *,
                 read.notes.append(f"images folder {root_abs} not found: image paths point to "
                                   "images/ which does not exist; every image counts as missing")
             else:
-                action = "symlink" if link_images else "copy"
-                img_meta["placement"] = ("images/ -> symlink to the images root" if link_images
-                                         else "images/ holds copies of the referenced files")
+                action = "copy" if cfg.copy_images else "symlink"
+                img_meta["placement"] = ("images/ holds copies of the referenced files" if cfg.copy_images
+                                         else "images/ -> symlink to the images root")
         mention_rel, entity_rel = _referenced(read)
         # A link in the image folder may point anywhere (evil.jpg -> /etc/passwd): such files are
         # refused like missing ones, never copied, and dimkit.images never opens them either.
@@ -1125,7 +1154,7 @@ def prepare(src: str | Path, name: str, data_dir: str | Path | None = None, *,
         _remove(backup)
     elif action is None and target.is_symlink():
         target.unlink()  # a link left by an earlier prepare of this name that no longer applies
-    return out
+    return PrepareResult(dataset=key, root=out, meta=meta)
 
 
 def format_summary(root: str | Path) -> str:
@@ -1155,29 +1184,5 @@ def format_summary(root: str | Path) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit prepare``."""
-    parser.add_argument("src", help="DIM data root or dataset folder, MIMIC folder, or a MELBench "
-                                    ".json file")
-    parser.add_argument("--name", required=True, help="prepared dataset name (e.g. wikimel, rich+)")
-    parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
-    parser.add_argument("--subset", default=None,
-                        help="which dataset of a source holding several: wikipedia, richpedia, "
-                             "wikidiverse (DIM), WIKIMEL, RichpediaMEL, wiki_diverse (MIMIC); "
-                             "aliases wikimel/rich/diverse work everywhere")
-    parser.add_argument("--images", default=None,
-                        help="images root (DIM: the ImgData folder; MIMIC: the folder holding "
-                             "kb_image/ and mention_image/)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="seed of the splits dimkit makes (MELBench; dev carved from train)")
-    parser.add_argument("--copy-images", action="store_true",
-                        help="copy the referenced images instead of linking the images root")
-    parser.add_argument("--data-dir", default=None, help="output root (default $DIMKIT_DATA)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit prepare``: convert a source and print a short summary."""
-    root = prepare(args.src, args.name, args.data_dir, layout=args.layout, subset=args.subset,
-                   images=args.images, seed=args.seed, link_images=not args.copy_images)
-    print(format_summary(root))
-    return 0
+#: The command line: ``dimkit prepare SRC --name NAME`` takes the flags of :class:`PrepareConfig`.
+CONFIG = PrepareConfig

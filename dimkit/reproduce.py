@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
 
-from . import datasets, paths, runs
+from . import augment, candidates, cues, datasets, features, paths, prepare, runs
 from .errors import ConfigError, DimkitError, option
 from .runs import PICKS
 from .stage import Config, Result, setting
@@ -193,8 +193,6 @@ def _check_llm(name: str, cfg: ReproduceConfig, data_dir, out: list[InputCheck])
     if replay:
         if _prepared(base, data_dir):
             try:
-                from . import augment
-
                 rep = augment.augment(base, out=name, model=model, dry_run=True, progress=False,
                                       data_dir=data_dir)
                 have = rep.cached + rep.imported
@@ -222,9 +220,7 @@ def _check_expert(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> Non
     if cfg.expert == "auto":
         expert = "sample-oracle" if datasets.base_name(name) == "sample" else "blip2"
         try:
-            from .cues import default_expert
-
-            expert = default_expert(name)
+            expert = cues.default_expert(name)
         except Exception:
             pass
     else:
@@ -344,9 +340,7 @@ class ReproduceReport(Result):
 
 
 def _clip_for(name: str, clip: str) -> str:
-    from .features import resolve_clip_name
-
-    return resolve_clip_name(name, clip)
+    return features.resolve_clip_name(name, clip)
 
 
 def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: bool = True) -> ReproduceReport:
@@ -376,15 +370,14 @@ def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: b
         if "prepare" in cfg.steps and not _prepared(name, data_dir):
             src = _source(name, cfg.source_paths, data_dir)
             if src is not None:
-                from .prepare import prepare
-                step(name, "prepare", lambda: prepare(src, name=name, data_dir=data_dir))
+                step(name, "prepare", lambda: prepare.run(prepare.PrepareConfig(src=src, dataset=name,
+                                                                                data_dir=data_dir)).root)
             elif datasets.is_augmented(name) and not _prepared(base, data_dir):
                 bsrc = _source(base, cfg.source_paths, data_dir)
                 if bsrc is not None:
-                    from .prepare import prepare
-                    step(base, "prepare", lambda: prepare(bsrc, name=base, data_dir=data_dir))
+                    step(base, "prepare", lambda: prepare.run(prepare.PrepareConfig(src=bsrc, dataset=base,
+                                                                                    data_dir=data_dir)).root)
         if "augment" in cfg.steps and datasets.is_augmented(name) and not _prepared(name, data_dir):
-            from . import augment
             replay = cfg.replay if cfg.replay is not None else base == "sample"
             model = cfg.llm_model or ("sample-oracle" if base == "sample" else None)
             rep = step(name, "augment", lambda: augment.augment(base, out=name, model=model, replay=replay,
@@ -393,16 +386,17 @@ def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: b
                 raise DimkitError(f"augment did not write {name}: {rep}")
         ds = datasets.load(name, data_dir)
         if "candidates" in cfg.steps and ds.candidates is None:
-            from .candidates import build_candidates
-            step(name, "candidates", lambda: build_candidates(ds, k=cfg.k, progress=progress)[1])
+            step(name, "candidates", lambda: candidates.run(candidates.CandidatesConfig.for_dataset(ds.name, k=cfg.k),
+                                                            dataset=ds, progress=progress))
+        # one process does every share: reproduce never waits for other shards
         if "cues" in cfg.steps:
-            from .cues import run_cues
-            step(name, "cues", lambda: run_cues(ds, cfg.expert, device=cfg.device, progress=progress))
+            ccfg = cues.CuesConfig.for_dataset(ds.name, expert=cfg.expert, device=cfg.device).replace(shard=None)
+            step(name, "cues", lambda: cues.run(ccfg, dataset=ds, progress=progress))
         clip = _clip_for(name, cfg.clip)
         if "features" in cfg.steps:
-            from .features import compute_features
-            step(name, "features", lambda: compute_features(ds, clip, expert=cfg.expert, device=cfg.device,
-                                                            progress=progress)[1])
+            fcfg = features.FeaturesConfig.for_dataset(ds.name, clip=clip, expert=cfg.expert,
+                                                       device=cfg.device).replace(shard=None)
+            step(name, "features", lambda: features.run(fcfg, dataset=ds, progress=progress).report)
         if "train" in cfg.steps:
             keys = runs.plan([name], cfg.variants, [a.replace("+", ",") for a in cfg.ablations])
             if len(keys) < len(cfg.variants) * len(cfg.ablations):

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .errors import DimkitError
+from .errors import ConfigError, DimkitError, option
 
 #: How long finished shards wait for the slowest one before giving up (hours; env DIMKIT_SHARD_WAIT_HOURS).
 DEFAULT_WAIT_HOURS = 72.0
@@ -61,11 +61,11 @@ def parse_shard(shard: str | tuple[int, int] | Shard | None) -> Shard | None:
         try:
             i, n = (int(x) for x in shard.split("/"))
         except ValueError:
-            raise DimkitError(f"--shard must be 'auto' or look like 0/2, got {shard!r}") from None
+            raise ConfigError(f"{option('shard', '--shard')} must be 'auto' or look like 0/2, got {shard!r}") from None
     else:
         i, n = shard
     if n < 1 or not 0 <= i < n:
-        raise DimkitError(f"shard index {i} out of range for {n} shards")
+        raise ConfigError(f"shard index {i} out of range for {n} shards")
     return Shard(i, n) if n > 1 else None
 
 
@@ -104,30 +104,42 @@ def wait_for_all(shard: Shard) -> None:
             dist.destroy_process_group()
 
 
-def add_argument(parser, what: str) -> None:
-    """The ``--shard`` option of ``dimkit cues`` / ``dimkit features`` (``what``: the rows it splits)."""
-    parser.add_argument("--shard", default="auto",
-                        help=f"i/n: only this process's share of the {what} (default auto: the launcher's "
-                             "RANK/WORLD_SIZE under accelerate launch or torchrun, else everything)")
+def help_text(what: str) -> str:
+    """The help of the ``shard`` setting of ``dimkit cues`` / ``dimkit features`` (``what``: the rows it splits)."""
+    return (f"i/n: only this process's share of the {what}; auto: the launcher's RANK/WORLD_SIZE under "
+            "accelerate launch or torchrun, else everything")
 
 
-def run_then_assemble(shard_arg, run, show) -> None:
-    """The CLI flow: ``run(shard, assembling=False)`` computes this process's share (or everything,
-    unsharded) and ``show`` prints its report; under a launcher with a rendezvous every shard then
-    waits for the others and rank 0 runs ``run(None, assembling=True)`` (no --force: it only
-    assembles and writes the report) and shows that."""
+def check(spec: str | None) -> None:
+    """Refuse a ``shard`` setting that is neither None, ``auto`` nor ``i/n`` (without reading the launcher's variables)."""
+    if spec not in (None, "auto"):
+        parse_shard(spec)
+
+
+def run_then_assemble(shard_arg, run, show):
+    """The launch flow of ``cues`` and ``features``; returns the result to report.
+
+    ``run(shard, assembling=False)`` computes this process's share (or everything, unsharded). Under
+    a launcher with a rendezvous every shard then waits for the others, and rank 0 shows its share's
+    result (``show``) and returns ``run(None, assembling=True)``, which only assembles and writes the
+    dataset's report (it must not force a recompute). A shard that does not assemble returns its
+    share's result with ``next_step`` saying what comes next.
+    """
     shard = parse_shard(shard_arg)
-    show(run(shard, False))
+    result = run(shard, False)
     if shard is None:
-        return
+        return result
     if not can_wait(shard):
-        print(f"shard {shard} done; once every shard has finished, run the same command without --shard "
-              "to assemble (it computes only what is left)")
-        return
+        again = option("run again with shard=None", "run the same command without --shard")
+        result.next_step = (f"shard {shard} done; once every shard has finished, {again} to assemble "
+                            "(it computes only what is left)")
+        return result
+    if shard.i == 0:
+        show(result)
     print(f"shard {shard} done; waiting for the other shards", flush=True)
     wait_for_all(shard)
     if shard.i == 0:
-        print(f"all {shard.n} shards done; assembling")
-        show(run(None, True))
-    else:
-        print("all shards done; rank 0 assembles")
+        print(f"all {shard.n} shards done; assembling", flush=True)
+        return run(None, True)
+    result.next_step = "all shards done; rank 0 assembles"
+    return result

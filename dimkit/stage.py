@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, option
 
 
 def setting(default: Any = None, help: str = "", *, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
@@ -32,7 +33,7 @@ def setting(default: Any = None, help: str = "", *, choices: Sequence[str] | Cal
     ``choices`` (a sequence, or a function returning one), ``min`` (inclusive) and ``above``
     (exclusive) are checked by :meth:`Config.validate`. ``cli``: False keeps it off the command line
     (still settable with ``--set``), a string gives its flag another name. ``positional`` makes it
-    the command's positional argument.
+    the command's positional argument. A field annotated ``Path`` takes a str or any path object.
     """
     meta = {"help": help, "choices": choices, "min": min, "above": above, "cli": cli, "positional": positional}
     if factory is not None:
@@ -41,11 +42,13 @@ def setting(default: Any = None, help: str = "", *, choices: Sequence[str] | Cal
 
 
 def _kind(annotation: Any) -> tuple[str, bool]:
-    """``("int" | "float" | "str" | "bool" | "list" | "dict" | "any", optional)`` of an annotation string."""
+    """``("int" | "float" | "str" | "path" | "bool" | "list" | "dict" | "any", optional)`` of an annotation string."""
     text = str(annotation).replace(" ", "")
     parts = text.split("|")
     optional = "None" in parts
     base = next((p for p in parts if p != "None"), "Any")
+    if base == "Path":
+        return "path", optional
     for kind in ("bool", "int", "float", "str", "list", "tuple", "dict"):
         if base == kind or base.startswith(kind + "["):
             return ("list" if kind == "tuple" else kind), optional
@@ -61,6 +64,8 @@ def _type_ok(kind: str, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "str":
         return isinstance(value, str)
+    if kind == "path":
+        return isinstance(value, (str, os.PathLike))
     if kind == "list":
         return isinstance(value, (list, tuple))
     if kind == "dict":
@@ -114,31 +119,68 @@ class Config:
         return dataclasses.replace(self, **overrides).validate()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-safe)."""
-        return dataclasses.asdict(self)
+        """Plain dict (JSON-safe: paths as text)."""
+        return _plain(dataclasses.asdict(self))
 
     # ---- checking
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """How the command line sets ``name``: its flag (``--batch-size``), its positional argument
+        (``SRC``) or, for a setting without a flag, ``--set name``."""
+        meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+        if meta.get("positional"):
+            return name.upper()
+        cli = meta.get("cli", True)
+        if cli is False:
+            return f"--set {name}"
+        return cli if isinstance(cli, str) else "--" + name.replace("_", "-")
+
+    @classmethod
+    def label(cls, name: str, *value: Any) -> str:
+        """A setting (and a value) as a message names it: ``batch_size`` / ``precision='fp8'`` in
+        Python, ``--batch-size`` / ``--precision fp8`` on the command line."""
+        flag = cls.flag(name)
+        if not value:
+            return option(name, flag)
+        sep = "=" if flag.startswith("--set ") else " "
+        return option(f"{name}={value[0]!r}", f"{flag}{sep}{value[0]}")
+
     def validate(self):
-        """Check every value's type, choices and range, then :meth:`check`; returns self."""
+        """Check every value's type, choices and range, then :meth:`check`; returns self.
+
+        The messages are the same in Python and on the command line, except that they name the
+        argument (``batch_size``) in one and the flag (``--batch-size``) in the other.
+        """
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind, optional = _kind(f.type)
             if value is None:
                 if optional:
                     continue
-                raise ConfigError(f"{self.STAGE} setting {f.name} must be given (got None)")
+                raise ConfigError(f"{self.STAGE}: {self.label(f.name)} must be given")
             if not _type_ok(kind, value):
-                raise ConfigError(f"{self.STAGE} setting {f.name}={value!r} has the wrong type (expected {f.type})")
+                raise ConfigError(f"{self.STAGE} setting {self.label(f.name, value)} has the wrong type "
+                                  f"(expected {f.type})")
+            if kind == "path" and not isinstance(value, Path):
+                value = Path(value)
+                setattr(self, f.name, value)
             meta = f.metadata
             choices = meta.get("choices")
             if callable(choices):
                 choices = choices()
             if choices is not None and value not in choices:
-                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
-            if meta.get("min") is not None and value < meta["min"]:
-                raise ConfigError(f"{f.name} must be >= {meta['min']}, got {value!r}")
-            if meta.get("above") is not None and value <= meta["above"]:
-                raise ConfigError(f"{f.name} must be > {meta['above']}, got {value!r}")
+                raise ConfigError(f"{self.label(f.name, value)} is not one of {', '.join(map(str, choices))}")
+            low, above = meta.get("min"), meta.get("above")
+            if kind == "int" and (low == 1 or above == 0) and value < 1:
+                raise ConfigError(f"{self.label(f.name)} must be a positive whole number, got {value!r}")
+            if low is not None and value < low:
+                raise ConfigError(f"{self.label(f.name)} must be >= {low}, got {value!r}")
+            if above is not None and value <= above:
+                raise ConfigError(f"{self.label(f.name)} must be > {above}, got {value!r}")
+        if isinstance(getattr(self, "dataset", None), str):
+            from .datasets import canonical_name
+
+            self.dataset = canonical_name(self.dataset)
         self.check()
         return self
 
@@ -166,6 +208,8 @@ class Config:
                 return float(text)
             if kind == "list":
                 return [t.strip() for t in text.split(",") if t.strip()]
+            if kind == "path":
+                return Path(text)
         except ValueError:
             raise ConfigError(f"{name}={text!r} is not a valid {kind}") from None
         return text
@@ -192,18 +236,22 @@ class Config:
             meta = f.metadata
             if meta.get("cli") is False:
                 continue
-            kind, _ = _kind(f.type)
+            kind, optional = _kind(f.type)
+            # Choices are left to validate(), so a flag and a Python argument get the same message.
             choices = meta.get("choices")
             choices = None if callable(choices) else choices
+            metavar = ("{" + ",".join(map(str, choices)) + "}" if choices
+                       else cls.flag(f.name).lstrip("-").replace("-", "_").upper())  # --epochs EPOCHS
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = meta.get("help", "")
             if meta.get("positional"):
-                parser.add_argument(f.name, help=help_text)
+                parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
                 continue
-            flag = meta["cli"] if isinstance(meta.get("cli"), str) else "--" + f.name.replace("_", "-")
+            flag = cls.flag(f.name)
             preset = any(f.name in p for p in cls.PRESETS.values())
             shown = (" (default: the dataset's preset)" if preset else
-                     f" (default {default})" if default not in (None, "", False) and kind != "bool" else "")
+                     f" (default {default})" if default not in (None, "", False) and kind != "bool" else
+                     " (required)" if default is None and not optional else "")
             if kind == "bool":
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=help_text)
@@ -211,10 +259,15 @@ class Config:
                 parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text + shown)
             else:
                 typ = {"int": int, "float": float}.get(kind, str)
-                parser.add_argument(flag, dest=f.name, type=typ, default=None, choices=choices,
+                parser.add_argument(flag, dest=f.name, type=typ, default=None, metavar=metavar,
                                     help=help_text + shown)
+        # the example is one of this command's own settings, preferably one without a flag
+        fields = [f for f in dataclasses.fields(cls)
+                  if not f.metadata.get("positional") and f.default not in (None, dataclasses.MISSING)]
+        example = next((f for f in fields if f.metadata.get("cli") is False), fields[0] if fields else None)
+        shown = f", e.g. --set {example.name}={example.default}" if example is not None else ""
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="_set",
-                            help="set any setting, flag or not (repeatable), e.g. --set patience=5")
+                            help=f"set any setting, flag or not (repeatable){shown}")
         parser.add_argument("--show-config", action="store_true", dest="_show_config",
                             help="print the resolved settings and exit")
 
@@ -228,6 +281,20 @@ class Config:
         else:
             cfg = cls(**given).validate()
         return cfg.replace(**sets) if sets else cfg
+
+
+def load_dataset(cfg: Config, dataset: Any = None) -> Any:
+    """The prepared dataset a stage runs on: ``dataset`` when the caller already holds it (it must
+    be ``cfg.dataset``: the config is what the result says it ran on), else ``cfg.dataset`` loaded."""
+    from . import datasets
+
+    if dataset is None:
+        return datasets.load(cfg.dataset)
+    if datasets.canonical_name(dataset.name) != cfg.dataset:
+        raise ConfigError(f"the {cfg.STAGE} config names dataset {cfg.dataset!r} but was given the loaded "
+                          f"dataset {dataset.name!r}: build it with {type(cfg).__name__}.for_dataset"
+                          f"({dataset.name!r}, ...)")
+    return dataset
 
 
 class Result:

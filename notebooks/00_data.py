@@ -40,10 +40,12 @@ k: int = 100  # candidates per mention (DIM's search_top100 uses 100)
 n_examples: int = 8  # mentions shown with their images
 
 # %%
-from dimkit import datasets
+from dimkit import candidates, datasets, images
 
 dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
-assert isinstance(k, int) and k > 0, "k must be a positive integer"
+# The settings of this notebook's two stages (`dimkit images`, `dimkit candidates`): a bad value fails here, named.
+image_cfg = images.ImagesConfig.for_dataset(dataset)
+candidate_cfg = candidates.CandidatesConfig.for_dataset(dataset, k=k)
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative integer"
 ds = datasets.load(dataset)
 if dataset.startswith("sample"):
@@ -84,10 +86,8 @@ name_sizes.sort_values(ascending=False).head(10)
 # 16-bit and animated files are converted and counted too.
 
 # %%
-from dimkit.images import check_dataset_images
-
-image_report = check_dataset_images(ds)
-print(image_report)
+image_report = images.run(image_cfg, dataset=ds)
+print(image_report.summary())
 
 # %%
 image_report.per_mention[image_report.per_mention["status"] != "ok"]
@@ -100,10 +100,8 @@ image_report.per_mention[image_report.per_mention["status"] != "ok"]
 # much that protocol gives away.
 
 # %%
-from dimkit.candidates import build_candidates
-
-candidates, candidate_report = build_candidates(ds, k=k)
-print(candidate_report)
+candidate_report = candidates.run(candidate_cfg, dataset=ds)
+print(candidate_report.summary())
 
 # %% [markdown]
 # ## A few mentions

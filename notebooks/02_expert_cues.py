@@ -45,12 +45,14 @@ from dimkit import cues, datasets, features
 from dimkit.clip import parse_clip_spec
 
 dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
-assert isinstance(expert, str) and expert.strip(), "expert must be a non-empty string"
-assert isinstance(clip, str) and clip.strip(), "clip must be a non-empty string"
+# One expert for both stages: "auto" is resolved once (the last one used on the dataset, else its default).
+expert_spec = cues.default_expert(dataset) if expert == "auto" else expert
+# The settings of this notebook's two stages (`dimkit cues`, `dimkit features`): a bad value fails here, named.
+cue_cfg = cues.CuesConfig.for_dataset(dataset, expert=expert_spec)
+feature_cfg = features.FeaturesConfig.for_dataset(dataset, clip=clip, expert=expert_spec)
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative integer"
 ds = datasets.load(dataset)
 clip_spec = parse_clip_spec(features.resolve_clip_name(ds.name, clip))  # fails fast on an unknown spec
-expert_spec = cues.default_expert(ds.name) if expert == "auto" else expert
 print_environment(clip_spec.model_id, clip_spec.weights_real)
 print(f"\ndataset {ds.name} | expert {expert_spec} | clip {clip_spec.model_id}")
 if dataset.startswith("sample"):
@@ -80,8 +82,8 @@ print(f"expert {ex.model_id}, prompt version {ex.version}")
 # `mentions.parquet` (`image_status`) and counted in the report.
 
 # %%
-cue_result = cues.run_cues(ds, expert_spec)
-print(cue_result.report)
+cue_result = cues.run(cue_cfg, dataset=ds)
+print(cue_result.summary())
 
 # %%
 cue_result.table["cue_status"].value_counts().to_frame()
@@ -97,8 +99,9 @@ fig = cues.show_cues(ds, cue_result, n=n_examples)
 # not L2-normalised, as in the released code.
 
 # %%
-fs, feature_report = features.compute_features(ds, clip, expert=expert_spec)
-print(feature_report)
+feature_result = features.run(feature_cfg, dataset=ds)
+fs, feature_report = feature_result.features, feature_result.report
+print(feature_result.summary())
 fs.summary()
 
 # %% [markdown]

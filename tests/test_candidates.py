@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dimkit import candidates, cli, datasets
-from dimkit.candidates import build_candidates, process_name, rank_names
+from dimkit.candidates import process_name, rank_names
 from dimkit.errors import ConfigError, DataError
 
 NAMES = ["Barack Obama", "Michelle Obama", "Obama (surname)", "Barack Obama Sr.", "Michael Jordan",
@@ -156,6 +156,13 @@ def _tiny(root, meta=None, lists=None):
     datasets.write_prepared(root, mentions, entities, meta or {"layout": "test"}, candidates=cands)
 
 
+def build_candidates(ds, *, progress: bool = False, **settings):
+    """Build the lists of a loaded dataset through the stage (``candidates.run``): (lists, report)."""
+    report = candidates.run(candidates.CandidatesConfig.for_dataset(ds.name, **settings), dataset=ds,
+                            progress=progress)
+    return report.candidates, report
+
+
 def test_build_candidates_lists_recall_and_files(kit_dirs):
     _tiny(kit_dirs["data"] / "tiny")
     ds = datasets.load("tiny")
@@ -245,10 +252,15 @@ def test_cli_candidates(kit_dirs, capsys):
     assert cli.main(["candidates", "tiny", "--k", "2", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "recall@2" in out and "100.00%" in out
+    assert f"wrote {kit_dirs['data'] / 'tiny' / 'candidates.parquet'} and " in out
     assert (kit_dirs["data"] / "tiny" / "candidates.parquet").exists()
     assert cli.main(["candidates", "missing-dataset"]) == 2
     assert cli.main(["candidates", "tiny", "--k", "0"]) == 2
-    assert "error" in capsys.readouterr().err
+    assert "--k must be a positive whole number, got 0" in capsys.readouterr().err
+    assert cli.main(["candidates", "tiny", "--workers", "0"]) == 2
+    assert "--workers must be -1 (all cores) or a positive number, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^workers must be -1 \(all cores\) or a positive number, got -2$"):
+        candidates.CandidatesConfig.for_dataset("tiny", workers=-2)
 
 
 def test_recall_says_what_the_knowledge_base_is(kit_dirs, tmp_path, capsys):
@@ -258,9 +270,9 @@ def test_recall_says_what_the_knowledge_base_is(kit_dirs, tmp_path, capsys):
 
     sys.path.insert(0, str(Path(__file__).parent))
     import fixtures_prepare as fx
-    from dimkit.prepare import prepare
+    from dimkit import prepare
 
-    prepare(fx.build_melbench_wikidata(tmp_path / "mb"), "wdmel")
+    prepare.run(prepare.PrepareConfig(src=fx.build_melbench_wikidata(tmp_path / "mb"), dataset="wdmel"))
     assert cli.main(["candidates", "wdmel", "--k", "5"]) == 0
     out = capsys.readouterr().out
     assert "knowledge base: 20 entities, only the gold entities of the mentions" in out

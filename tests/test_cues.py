@@ -21,6 +21,14 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
+def run_cues(ds, expert="auto", *, progress: bool = False, **settings):
+    """Cues of a dataset (a name or loaded) through the stage (``cues.run``); ``expert``: a spec or an Expert."""
+    obj = expert if isinstance(expert, experts.Expert) else None
+    name = ds if isinstance(ds, str) else ds.name
+    cfg = cues.CuesConfig.for_dataset(name, **({} if obj else {"expert": expert}), **settings)
+    return cues.run(cfg, dataset=None if isinstance(ds, str) else ds, expert=obj, progress=progress)
+
+
 @pytest.fixture(scope="module")
 def blip2_folder(tmp_path_factory):
     """A tiny random BLIP-2 saved like a downloaded checkpoint."""
@@ -30,7 +38,7 @@ def blip2_folder(tmp_path_factory):
 def test_replay_file_cues_and_unusable_images(env):
     ds = tinymedia.make_dataset(env / "data")
     cue_file = tinymedia.write_cue_file(env / "cues.json")
-    res = cues.run_cues(ds, f"replay:{cue_file}", progress=False)
+    res = run_cues(ds, f"replay:{cue_file}", progress=False)
     got = res.cues.to_dict()
     assert got["m1"] == got["m4"] == "a teal boat on blue water"   # shared image, asked once
     assert got["m2"] == "an orange ring" and got["m3"] == "a blue mountain"
@@ -52,45 +60,45 @@ def test_replay_file_cues_and_unusable_images(env):
 def test_store_reuse_and_replay_from_store(env, tmp_path):
     ds = tinymedia.make_dataset(env / "data")
     cue_file = tinymedia.write_cue_file(env / "cues.json")
-    first = cues.run_cues(ds, f"replay:{cue_file}", progress=False)
-    again = cues.run_cues(ds, f"replay:{cue_file}", progress=False)
+    first = run_cues(ds, f"replay:{cue_file}", progress=False)
+    again = run_cues(ds, f"replay:{cue_file}", progress=False)
     assert (again.report.done, again.report.cached) == (0, 3)
     assert again.cues.equals(first.cues)
     # replay by model id: no file, no model, only the store
     ex = experts.make_expert("replay:test-oracle")
     assert ex.version == first.expert.version
-    stored = cues.run_cues(ds, ex, progress=False)
+    stored = run_cues(ds, ex, progress=False)
     assert stored.cues.equals(first.cues) and stored.report.done == 0
     # an image the store never saw is reported, not invented
     tinymedia.draw(ds.root / "img" / "c.png", (0, 0, 0), 99)
     ds = datasets.load("tiny")
-    miss = cues.run_cues(ds, experts.make_expert("replay:test-oracle"), progress=False)
+    miss = run_cues(ds, experts.make_expert("replay:test-oracle"), progress=False)
     assert miss.cues["m3"] is None and miss.report.failed == {"not_in_store": 1}
 
 
 def test_edited_cue_file_is_not_replayed_stale(env):
     ds = tinymedia.make_dataset(env / "data")
     f = tinymedia.write_cue_file(env / "cues.json")
-    cues.run_cues(ds, f"replay:{f}", progress=False)
+    run_cues(ds, f"replay:{f}", progress=False)
     tinymedia.write_cue_file(f, {**tinymedia.CUES, "b.png": "a red ring"})
-    res = cues.run_cues(ds, f"replay:{f}", progress=False)
+    res = run_cues(ds, f"replay:{f}", progress=False)
     assert res.cues["m2"] == "a red ring" and res.report.done == 3
 
 
 def test_tiny_blip2_batched_equals_single_and_is_reused(env, blip2_folder, monkeypatch):
     ds = tinymedia.make_dataset(env / "data")
-    batched = cues.run_cues(ds, f"blip2:{blip2_folder}", batch_size=4, progress=False)
+    batched = run_cues(ds, f"blip2:{blip2_folder}", batch_size=4, progress=False)
     texts = batched.cues.dropna()
     assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
     assert batched.cues["m1"] != batched.cues["m2"]           # answers depend on the image
     assert batched.report.prompt_version == "released@1"      # DIM's exact prompt and 20 tokens
     assert batched.expert.prompt == "Question:  Who are the characters in the picture? Answer: "
-    single = cues.run_cues(ds, f"blip2:{blip2_folder}", batch_size=1, force=True, progress=False)
+    single = run_cues(ds, f"blip2:{blip2_folder}", batch_size=1, force=True, progress=False)
     assert single.cues.equals(batched.cues)                   # batching changes nothing (deterministic)
     # a rerun finds everything stored and never loads the model
     monkeypatch.setattr(experts.TransformersExpert, "_load",
                         lambda self: (_ for _ in ()).throw(AssertionError("model loaded")))
-    again = cues.run_cues(ds, f"blip2:{blip2_folder}", progress=False)
+    again = run_cues(ds, f"blip2:{blip2_folder}", progress=False)
     assert again.report.done == 0 and again.cues.equals(batched.cues)
 
 
@@ -121,8 +129,8 @@ def test_failing_batch_is_bisected_down_to_the_bad_image(monkeypatch):
 
 def test_changed_prompt_is_a_new_key(env, blip2_folder):
     ds = tinymedia.make_dataset(env / "data")
-    a = cues.run_cues(ds, f"blip2:{blip2_folder}", progress=False, max_new_tokens=3)
-    b = cues.run_cues(ds, f"blip2:{blip2_folder}", prompt="Question: What is it? Answer:", progress=False,
+    a = run_cues(ds, f"blip2:{blip2_folder}", progress=False, max_new_tokens=3)
+    b = run_cues(ds, f"blip2:{blip2_folder}", prompt="Question: What is it? Answer:", progress=False,
                       max_new_tokens=3)
     assert a.report.prompt_version != b.report.prompt_version
     assert b.report.done == 3 and b.report.cached == 0
@@ -132,7 +140,7 @@ def test_changed_prompt_is_a_new_key(env, blip2_folder):
 def test_offline_hub_blip2_says_how_to_supply_a_folder(env):
     ds = tinymedia.make_dataset(env / "data")
     with pytest.raises(DimkitError, match=r"blip2:/path/to/folder"):
-        cues.run_cues(ds, "blip2", progress=False)
+        run_cues(ds, "blip2", progress=False)
 
 
 class _FakeChat(BaseHTTPRequestHandler):
@@ -183,7 +191,7 @@ def test_openai_compatible_endpoint(env, monkeypatch):
         _FakeChat.seen = []
         ds = tinymedia.make_dataset(env / "data")
         ex = experts.OpenAIExpert("tiny-vlm", max_retries=0, workers=2)
-        res = cues.run_cues(ds, ex, progress=False)
+        res = run_cues(ds, ex, progress=False)
         assert res.cues["m1"].startswith("answer") and res.cues["m4"] == res.cues["m1"]
         assert res.cues["m2"] is None and res.report.failed == {"api_error": 1}
         assert res.cues["m3"] is None and res.report.empty == 1
@@ -200,14 +208,14 @@ def test_openai_compatible_endpoint(env, monkeypatch):
         assert "sk-test-secret" not in json.dumps(res.report.to_dict())
         # the failed image is retried next run; the empty answer is not asked again
         n = len(_FakeChat.seen)
-        cues.run_cues(ds, ex, progress=False)
+        run_cues(ds, ex, progress=False)
         assert len(_FakeChat.seen) == n + 1
     finally:
         server.shutdown()
 
 
 def test_sample_oracle_on_the_bundled_sample(env):
-    res = cues.run_cues("sample", progress=False)
+    res = run_cues("sample", progress=False)
     rep = res.report
     assert rep.expert == "sample-oracle" and rep.synthetic
     assert "synthetic" in str(rep) and "not comparable" in rep.note

@@ -10,9 +10,21 @@ import numpy as np
 import pytest
 
 import tinymedia
-from dimkit import features
+from dimkit import cues, features
 
 pytestmark = pytest.mark.slow
+
+
+def compute_features(ds, clip, **settings):
+    """(FeatureSet, report) of a loaded dataset through the stage (``features.run``)."""
+    res = features.run(features.FeaturesConfig.for_dataset(ds.name, clip=clip, **settings), dataset=ds,
+                       progress=False)
+    return res.features, res.report
+
+
+def run_cues(ds, expert, **settings):
+    """Cues of a loaded dataset through the stage (``cues.run``)."""
+    return cues.run(cues.CuesConfig.for_dataset(ds.name, expert=expert, **settings), dataset=ds, progress=False)
 
 
 def test_two_processes_share_the_stores(tmp_path, monkeypatch):
@@ -36,11 +48,11 @@ def test_two_processes_share_the_stores(tmp_path, monkeypatch):
     # both shards wrote their own part files into the same store
     store = features.FeatureStore("dimkit-tiny:random")
     assert len({p.name.split("-")[2] for p in store.parts()}) == 2   # two writer pids
-    fs, rep = features.compute_features(ds, "dimkit-tiny:random", expert=f"replay:{cue_file}", progress=False)
+    fs, rep = compute_features(ds, "dimkit-tiny:random", expert=f"replay:{cue_file}")
     assert (rep.texts["done"], rep.images["done"], rep.model_loaded) == (0, 0, False)
     assert rep.cues["with_cue"] == 4 and fs.image_ok.sum() == 4
-    single, _ = features.compute_features(ds, "dimkit-tiny:random", expert=f"replay:{cue_file}", progress=False,
-                                          store_root=tmp_path / "single", force=True)
+    single, _ = compute_features(ds, "dimkit-tiny:random", expert=f"replay:{cue_file}", store=tmp_path / "single",
+                                 force=True)
     for name in ("mention", "mention_sentence", "image", "cue", "entity", "entity_original"):
         np.testing.assert_allclose(getattr(fs, name), getattr(single, name), rtol=1e-5, atol=1e-6)
 
@@ -60,8 +72,6 @@ def test_accelerate_launch_shards_then_rank0_assembles(tmp_path, monkeypatch):
     assembles -- computing nothing new -- and writes the dataset's report."""
     import json
     from pathlib import Path
-
-    from dimkit import cues
 
     monkeypatch.setenv("DIMKIT_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("DIMKIT_CACHE", str(tmp_path / "cache"))
@@ -89,10 +99,9 @@ def test_accelerate_launch_shards_then_rank0_assembles(tmp_path, monkeypatch):
     # rank 0's assembling pass found every cue stored (both shards' answers) and asked nothing
     report = json.loads((ds.root / cues.REPORT_FILE).read_text())
     assert report["shard"] is None and report["done"] == 0 and report["cached"] == report["images"] == 3
-    launched = cues.run_cues(ds, f"blip2:{blip2}", progress=False)
+    launched = run_cues(ds, f"blip2:{blip2}")
     assert launched.report.done == 0
-    single = cues.run_cues(ds, f"blip2:{blip2}", progress=False, store_path=tmp_path / "single.sqlite",
-                           write_report=False)
+    single = run_cues(ds, f"blip2:{blip2}", store=tmp_path / "single.sqlite", write_report=False)
     assert single.report.done == 3 and launched.cues.equals(single.cues)
 
     # the features: both processes wrote part files; the assembled report computed nothing new
@@ -101,10 +110,8 @@ def test_accelerate_launch_shards_then_rank0_assembles(tmp_path, monkeypatch):
     assert freport["model_loaded"] is False
     store = features.FeatureStore("dimkit-tiny:random")
     assert len({p.name.split("-")[2] for p in store.parts()}) == 2
-    fs, _ = features.compute_features(ds, "dimkit-tiny:random", expert=f"blip2:{blip2}", progress=False,
-                                      write_report=False)
-    one, _ = features.compute_features(ds, "dimkit-tiny:random", expert=f"blip2:{blip2}", progress=False,
-                                       store_root=tmp_path / "single", cue_store_path=tmp_path / "single.sqlite",
-                                       force=True, write_report=False)
+    fs, _ = compute_features(ds, "dimkit-tiny:random", expert=f"blip2:{blip2}", write_report=False)
+    one, _ = compute_features(ds, "dimkit-tiny:random", expert=f"blip2:{blip2}", store=tmp_path / "single",
+                              cue_store=tmp_path / "single.sqlite", force=True, write_report=False)
     for name in ("mention", "mention_sentence", "image", "cue", "entity", "entity_original"):
         np.testing.assert_allclose(getattr(fs, name), getattr(one, name), rtol=1e-5, atol=1e-6)

@@ -26,10 +26,12 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _run(env, ds, **kw):
-    kw.setdefault("expert", f"replay:{env / 'cues.json'}")
-    kw.setdefault("progress", False)
-    return features.compute_features(ds, kw.pop("clip", TINY), **kw)
+def _run(env, ds, *, progress: bool = False, **settings):
+    """(FeatureSet, report) of a loaded dataset through the stage (``features.run``)."""
+    settings.setdefault("expert", f"replay:{env / 'cues.json'}")
+    settings.setdefault("clip", TINY)
+    res = features.run(features.FeaturesConfig.for_dataset(ds.name, **settings), dataset=ds, progress=progress)
+    return res.features, res.report
 
 
 def test_shapes_alignment_and_bad_images(env):
@@ -89,9 +91,9 @@ def test_trimmed_text_encoding_matches_open_clip():
 
 def test_determinism_across_stores(env, tmp_path):
     ds = tinymedia.make_dataset(env / "data")
-    a, _ = _run(env, ds, store_root=tmp_path / "s1")
+    a, _ = _run(env, ds, store=tmp_path / "s1")
     clip_mod.clear_cache()                                           # rebuild the random model
-    b, _ = _run(env, ds, store_root=tmp_path / "s2")
+    b, _ = _run(env, ds, store=tmp_path / "s2")
     for name in ("mention", "mention_sentence", "image", "cue", "entity"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     torch.manual_seed(123)
@@ -271,3 +273,20 @@ def test_loading_a_clip_leaves_no_temporary_config_folder(tmp_path):
             "import open_clip; assert 'dimkit-sample' in open_clip.list_models()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     assert not list(tmp_path.glob("dimkit-*"))  # (torch may keep its own caches there)
+
+
+def test_under_a_launcher_the_stage_shards_and_load_features_stays_whole(env, monkeypatch):
+    """``features.run`` takes this process's share where a launcher set RANK/WORLD_SIZE (the default
+    ``shard="auto"``, as ``dimkit features``); ``load_features``, what training reads, is always whole."""
+    ds = tinymedia.make_dataset(env / "data")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = features.FeaturesConfig.for_dataset(ds.name, clip=TINY, expert=f"replay:{env / 'cues.json'}")
+    share = features.run(cfg, dataset=ds, progress=False)
+    assert share.report.shard == "1/2" and "run again with shard=None to assemble" in share.summary()
+    assert not (ds.root / "reports" / "features.json").exists()       # a share writes no dataset report
+    fs = features.load_features(ds, TINY, expert=f"replay:{env / 'cues.json'}", progress=False)
+    assert fs.meta["report"]["shard"] is None and fs.image_ok.sum() == 4 and fs.cue_ok.sum() == 4
+    assert (ds.root / "reports" / "features.json").exists()

@@ -318,9 +318,14 @@ def _toy_dataset(kit_dirs) -> datasets.Dataset:
     return datasets.load("toy")
 
 
+def check(ds, *, progress: bool = False, **settings):
+    """The image check of a loaded dataset, through the stage (``images.run``)."""
+    return images.run(images.ImagesConfig.for_dataset(ds.name, **settings), dataset=ds, progress=progress)
+
+
 @pytest.fixture
 def counted_loads(monkeypatch):
-    """Record every path images.check_dataset_images hands to load_image."""
+    """Record every path the image check hands to load_image."""
     calls = []
     real = images.load_image
 
@@ -332,10 +337,10 @@ def counted_loads(monkeypatch):
     return calls
 
 
-def test_check_dataset_images_counts_and_writes(kit_dirs, counted_loads):
+def test_image_check_counts_and_writes(kit_dirs, counted_loads):
     ds = _toy_dataset(kit_dirs)
     filters_before = list(warnings.filters)
-    report = images.check_dataset_images(ds, progress=False, workers=3)
+    report = check(ds, progress=False, workers=3)
     assert list(warnings.filters) == filters_before  # threads did not leave filters behind
     assert report.counts == {"ok": 3, "no_image": 1, "missing": 1, "empty": 1, "truncated": 1, "svg": 1}
     assert report.file_counts == {"ok": 2, "missing": 1, "empty": 1, "truncated": 1, "svg": 1}
@@ -371,12 +376,12 @@ def test_check_dataset_images_counts_and_writes(kit_dirs, counted_loads):
 
 def test_rerun_reuses_results_and_rechecks_changed_files(kit_dirs, counted_loads):
     ds = _toy_dataset(kit_dirs)
-    images.check_dataset_images(ds, progress=False)
+    check(ds, progress=False)
     parquet = ds.root / "mentions.parquet"
     stamp = parquet.stat().st_mtime_ns
     counted_loads.clear()
 
-    again = images.check_dataset_images(datasets.load("toy"), progress=False)
+    again = check(datasets.load("toy"), progress=False)
     assert counted_loads == []  # nothing decoded, not even the missing file re-tried
     assert again.decoded == 0 and again.reused == 6
     assert again.counts["truncated"] == 1
@@ -385,20 +390,20 @@ def test_rerun_reuses_results_and_rechecks_changed_files(kit_dirs, counted_loads
     # Repair the truncated file: only it is decoded again, and the status follows.
     make_rgb(ds.root / "img").replace(ds.root / "img" / "cut.jpg")
     Image.fromarray(_rgb_array()).save(ds.root / "img" / "plain.png")  # rewritten: new mtime
-    third = images.check_dataset_images(datasets.load("toy"), progress=False)
+    third = check(datasets.load("toy"), progress=False)
     assert sorted(counted_loads) == ["cut.jpg", "plain.png"]
     assert third.counts["ok"] == 4 and "truncated" not in third.counts
     assert pd.read_parquet(parquet).set_index("mention_id").loc["m4", "image_status"] == "ok"
 
     # A different size limit invalidates every stored verdict.
     counted_loads.clear()
-    tiny = images.check_dataset_images(datasets.load("toy"), progress=False, max_pixels=10)
+    tiny = check(datasets.load("toy"), progress=False, max_pixels=10)
     assert len(counted_loads) == 6 and tiny.counts["too_large"] == 4
 
 
 def test_check_without_write_leaves_files_alone(kit_dirs):
     ds = _toy_dataset(kit_dirs)
-    report = images.check_dataset_images(ds, progress=False, write=False, workers=1)
+    report = check(ds, progress=False, write=False, workers=1)
     assert report.counts["ok"] == 3 and report.report_path is None
     assert not (ds.root / "reports").exists()
     assert "image_status" not in pd.read_parquet(ds.root / "mentions.parquet").columns
@@ -407,26 +412,30 @@ def test_check_without_write_leaves_files_alone(kit_dirs):
 def test_missing_folder_is_noted(kit_dirs):
     ds = _toy_dataset(kit_dirs)
     ds.mentions.loc[ds.mentions["mention_id"] == "m5", "image"] = "mention_images/x.jpg"
-    report = images.check_dataset_images(ds, progress=False, write=False)
+    report = check(ds, progress=False, write=False)
     assert any("mention_images" in note for note in report.notes)
 
 
 def test_cli_prints_report_and_succeeds(kit_dirs, capsys):
     _toy_dataset(kit_dirs)
+    assert cli.main(["images", "toy", "--no-write"]) == 0
+    assert "images of toy" in capsys.readouterr().out
+    assert not (kit_dirs["data"] / "toy" / "reports").exists()
     assert cli.main(["images", "toy"]) == 0
     out = capsys.readouterr().out
     assert "images of toy" in out and "truncated" in out and "svg" in out
     assert (kit_dirs["data"] / "toy" / "reports" / "images.json").exists()
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"max_pixels": 0}, "--max-pixels"),
-                                          ({"max_pixels": -5}, "--max-pixels"),
-                                          ({"workers": 0}, "--workers")])
-def test_nonsense_limits_are_refused_before_anything_is_written(kwargs, flag, kit_dirs, counted_loads):
+@pytest.mark.parametrize("name, value, flag", [("max_pixels", 0, "--max-pixels"), ("max_pixels", -5, "--max-pixels"),
+                                               ("workers", 0, "--workers")])
+def test_nonsense_limits_are_refused_before_anything_is_written(name, value, flag, kit_dirs, counted_loads, capsys):
     ds = _toy_dataset(kit_dirs)
-    name = next(iter(kwargs))
-    with pytest.raises(ConfigError, match=f"{name} must be a positive .*{flag}.* got {kwargs[name]}"):
-        images.check_dataset_images(ds, progress=False, **kwargs)
+    with pytest.raises(ConfigError) as err:
+        check(ds, **{name: value})
+    assert str(err.value) == f"{name} must be a positive whole number, got {value}"
+    assert cli.main(["images", "toy", flag, str(value)]) == 2
+    assert f"{flag} must be a positive whole number, got {value}" in capsys.readouterr().err
     assert counted_loads == []
     assert not (ds.root / "reports").exists()
     assert "image_status" not in pd.read_parquet(ds.root / "mentions.parquet").columns
@@ -468,7 +477,7 @@ def _plant_escapes(kit_dirs) -> datasets.Dataset:
 
 def test_paths_out_of_the_dataset_are_never_opened(kit_dirs, counted_loads):
     ds = _plant_escapes(kit_dirs)
-    report = images.check_dataset_images(ds, progress=False, workers=1)
+    report = check(ds, progress=False, workers=1)
     assert not [n for n in counted_loads if "secret" in n or "link_out" in n]
     assert "outside_root" in images.REASONS
     pm = report.per_mention.set_index("mention_id")
@@ -486,11 +495,11 @@ def test_paths_out_of_the_dataset_are_never_opened(kit_dirs, counted_loads):
         ds.image_path("img/link_out.png")
     # a rerun refuses them again (no stored verdict is trusted for them)
     counted_loads.clear()
-    again = images.check_dataset_images(datasets.load("toy"), progress=False)
+    again = check(datasets.load("toy"), progress=False)
     assert again.counts["outside_root"] == 3 and counted_loads == []
     # once the link is gone the image is simply missing (not a stale outside_root verdict)
     (ds.root / "img" / "link_out.png").unlink()
-    third = images.check_dataset_images(datasets.load("toy"), progress=False)
+    third = check(datasets.load("toy"), progress=False)
     assert third.per_mention.set_index("mention_id").loc["m8", "status"] == "missing"
 
 
@@ -527,7 +536,7 @@ def test_images_through_a_chain_of_links_stay_usable(kit_dirs):
     for f in ("mentions.parquet", "entities.parquet", "meta.json"):
         (plus / f).write_bytes((ds.root / f).read_bytes())
     (plus / "img").symlink_to("../toy/img")  # as augment links the source's images
-    report = images.check_dataset_images(datasets.load("toy+"), progress=False, write=False)
+    report = check(datasets.load("toy+"), progress=False, write=False)
     assert report.counts["ok"] == 3 and "outside_root" not in report.counts
 
 
@@ -537,21 +546,21 @@ def test_images_through_a_chain_of_links_stay_usable(kit_dirs):
 
 def test_moved_raw_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
     import fixtures_prepare as fx
-    from dimkit.prepare import prepare
+    from dimkit import prepare
 
     src = fx.build_dim_wiki(tmp_path / "dim")
-    root = prepare(src, "wl")
+    root = prepare.run(prepare.PrepareConfig(src=src, dataset="wl")).root
     old = (src / "ImgData").resolve()
     ds = datasets.load("wl")
     # while the link works, a subfolder missing from the paths gets the folder-name hint
     ds.mentions.loc[0, "image"] = "images/mention_image/x.jpg"
-    report = images.check_dataset_images(ds, progress=False, write=False)
+    report = check(ds, progress=False, write=False)
     assert any("check the folder name" in n and "mention_image" in n for n in report.notes)
     assert report.to_dict()["images_root"] == {"path": str(root / "images"), "link_target": str(old),
                                                "exists": True}
 
     (src / "ImgData").rename(tmp_path / "moved")
-    report = images.check_dataset_images(datasets.load("wl"), progress=False)
+    report = check(datasets.load("wl"), progress=False)
     assert report.counts == {"missing": 11}
     assert (f"images/ is a link to {old}, which no longer exists: the raw image folder was moved or "
             f"deleted; prepare again with `dimkit prepare {src} --name wl --images NEW_FOLDER` "
@@ -566,12 +575,12 @@ def test_missing_copied_image_folder_is_named_as_the_cause(tmp_path, kit_dirs):
     import shutil
 
     import fixtures_prepare as fx
-    from dimkit.prepare import prepare
+    from dimkit import prepare
 
     src = fx.build_dim_wiki(tmp_path / "dim")
-    root = prepare(src, "wc", link_images=False)
+    root = prepare.run(prepare.PrepareConfig(src=src, dataset="wc", copy_images=True)).root
     shutil.rmtree(root / "images")
-    report = images.check_dataset_images(datasets.load("wc"), progress=False, write=False)
+    report = check(datasets.load("wc"), progress=False, write=False)
     assert report.to_dict()["images_root"] == {"path": str(root / "images"), "link_target": None,
                                                "exists": False}
     assert any(n.startswith(f"{root / 'images'} does not exist") and "--images" in n

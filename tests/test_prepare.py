@@ -12,7 +12,12 @@ import fixtures_prepare as fx
 from dimkit import cli, datasets, paths
 from dimkit.errors import DataError, DimkitError
 from dimkit import prepare as prepare_mod
-from dimkit.prepare import detect_layout, prepare, seeded_split
+from dimkit.prepare import detect_layout, seeded_split
+
+
+def prepare(src, name, **settings) -> Path:
+    """Prepare ``src`` as ``name`` through the stage (``prepare.run``); the dataset folder."""
+    return prepare_mod.run(prepare_mod.PrepareConfig(src=src, dataset=name, **settings)).root
 
 
 @pytest.fixture
@@ -159,11 +164,13 @@ def test_dim_richpedia_carves_dev_and_keeps_all_jpgs(tmp_path, data_dir):
     assert any(o != dev_ids for o in other)
 
 
-def test_dim_root_with_several_subsets_needs_a_choice(tmp_path, data_dir):
+def test_dim_root_with_several_subsets_needs_a_choice(tmp_path, data_dir, capsys):
     src = fx.build_dim_rich(tmp_path / "dim")
     fx.build_dim_wiki(src)
-    with pytest.raises(DimkitError, match="--subset"):
+    with pytest.raises(DimkitError, match=r"subset=\.\.\., or name the dataset after it \(e\.g\. dataset='wikimel'\)"):
         prepare(src, "mydata")
+    assert cli.main(["prepare", str(src), "--name", "mydata"]) == 2
+    assert "pick one with --subset, or name the dataset after it (e.g. --name wikimel)" in capsys.readouterr().err
     with pytest.raises(DimkitError, match="unknown subset"):
         prepare(src, "mydata", subset="wikidiverse")
     assert datasets.load(prepare(src, "mydata", subset="WIKIMEL").name).meta["subset"] == "wikipedia"
@@ -299,7 +306,7 @@ def test_images_inside_the_output_folder_are_referenced_in_place(tmp_path, data_
 
 def test_copy_images_instead_of_linking(tmp_path, data_dir):
     src = fx.build_dim_wiki(tmp_path / "dim")
-    root = prepare(src, "wcopy", link_images=False)
+    root = prepare(src, "wcopy", copy_images=True)
     assert (root / "images").is_dir() and not (root / "images").is_symlink()
     assert (root / "images" / "wikipedia" / "10.jpg").is_file()
     assert sorted(p.name for p in (root / "images" / "wikipedia").iterdir())[:2] == ["10.jpg", "11.jpg"]
@@ -545,7 +552,7 @@ def test_json_with_a_utf8_bom_is_read(case, tmp_path, data_dir):
 def test_copy_images_refuses_links_out_of_the_image_folder(tmp_path, data_dir, capsys):
     src = fx.build_dim_wiki(tmp_path / "dim")
     fx.plant_outside_links(src, tmp_path / "outside")
-    root = prepare(src, "wcopy", link_images=False)
+    root = prepare(src, "wcopy", copy_images=True)
     copied = root / "images" / "wikipedia"
     assert not (copied / "evil.jpg").exists() and not (copied / "linked").exists()
     assert not any("secret" in p.read_bytes().decode("latin-1") for p in copied.rglob("*") if p.is_file())
@@ -558,7 +565,7 @@ def test_copy_images_refuses_links_out_of_the_image_folder(tmp_path, data_dir, c
     assert "refused (outside the images root): 2" in summary
     # the image check sees them as missing: nothing of the outside files is in the dataset
     from dimkit import images
-    pm = images.check_dataset_images(datasets.load("wcopy"), progress=False, write=False).per_mention
+    pm = images.run(images.ImagesConfig.for_dataset("wcopy", write=False), progress=False).per_mention
     status = pm.set_index("mention_id")["status"]
     assert status["train-13"] == "missing" and status["train-15"] == "missing"
     assert status["train-12"] == "ok"

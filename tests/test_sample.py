@@ -237,7 +237,7 @@ def test_build_refuses_to_replace_a_folder_that_is_not_a_sample(tmp_path: Path) 
 
 def test_reader_loads_the_sample(built: Path, tmp_path: Path, monkeypatch) -> None:
     prepare = pytest.importorskip("dimkit.prepare", reason="dimkit.prepare not written yet")
-    root = prepare.prepare(built, name="sample", data_dir=tmp_path)
+    root = prepare.run(prepare.PrepareConfig(src=built, dataset="sample", data_dir=tmp_path)).root
     from dimkit import datasets
     ds = datasets.load("sample", data_dir=tmp_path)
     assert ds.root == Path(root)

@@ -44,18 +44,27 @@ def test_shards_partition_the_hashes():
 
 
 def test_run_then_assemble(no_launcher, capsys):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Share:
+        shard: object
+        assembling: bool
+        next_step: str = ""
+
     calls = []
 
     def run(shard, assembling):
         calls.append((shard, assembling))
-        return f"report {shard} {assembling}"
+        return Share(shard, assembling)
 
-    shards.run_then_assemble("auto", run, print)                  # no launcher: one plain run
-    assert calls == [(None, False)]
+    shown = []
+    got = shards.run_then_assemble("auto", run, shown.append)     # no launcher: one plain run
+    assert calls == [(None, False)] and got == Share(None, False) and not shown
     calls.clear()
-    shards.run_then_assemble("0/2", run, print)                   # by hand: tells how to assemble
-    assert calls == [(shards.Shard(0, 2), False)]
-    assert "run the same command without --shard" in capsys.readouterr().out
+    got = shards.run_then_assemble("0/2", run, shown.append)      # by hand: tells how to assemble
+    assert calls == [(shards.Shard(0, 2), False)] and not shown
+    assert got.next_step.startswith("shard 0/2 done") and "run again with shard=None to assemble" in got.next_step
 
     waited = []
     no_launcher.setattr(shards, "wait_for_all", waited.append)
@@ -64,8 +73,24 @@ def test_run_then_assemble(no_launcher, capsys):
     for rank in (1, 0):
         calls.clear()
         no_launcher.setenv("RANK", str(rank))
-        shards.run_then_assemble("auto", run, print)
+        got = shards.run_then_assemble("auto", run, shown.append)
         share = shards.Shard(rank, 2, launched=True)
         assert waited[-1] == share
         assert calls == ([(share, False)] if rank else [(share, False), (None, True)])  # rank 0 assembles
-    assert "all 2 shards done; assembling" in capsys.readouterr().out
+        if rank:
+            assert got == Share(share, False, "all shards done; rank 0 assembles") and not shown
+        else:
+            assert got == Share(None, True) and shown == [Share(share, False)]    # its share shown first
+    out = capsys.readouterr().out
+    assert "shard 1/2 done; waiting for the other shards" in out and "all 2 shards done; assembling" in out
+
+
+def test_shard_settings_are_checked_without_a_launcher(no_launcher):
+    from dimkit import cues
+    from dimkit.errors import ConfigError
+
+    no_launcher.setenv("RANK", "5")                      # read only when a run starts
+    assert cues.CuesConfig(dataset="tiny").shard == "auto"
+    cues.CuesConfig(dataset="tiny").validate()
+    with pytest.raises(ConfigError, match="shard must be 'auto' or look like 0/2, got '1-2'"):
+        cues.CuesConfig(dataset="tiny", shard="1-2").validate()
