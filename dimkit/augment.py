@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
-from .imagefiles import sha256_file as imagefile_sha256
+from .images import sha256_file as imagefile_sha256
 from .llm import (BATCH_FINAL, BatchClient, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
                   estimate_prompt_tokens, parse_completion, price_of)
 from .store import Store, content_hash, default_store_path, make_key

@@ -27,7 +27,7 @@ from . import atomic, datasets, shards
 from .errors import ConfigError
 from .experts import (NoExpert, CueItem, Expert, RELEASED_MAX_NEW_TOKENS, ReplayFileExpert, SAMPLE_ORACLE,
                       make_expert)
-from .imagefiles import ImageScan, scan_images
+from .images import ImageScan, scan_images
 from .shards import Shard, in_shard, run_then_assemble, shard_device
 from .stage import Config, Result, load_dataset, setting
 from .store import Store, default_store_path, make_key

@@ -514,7 +514,7 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
             expert: Any = None, progress: bool = True) -> FeatureResult:
     """One pass over ``shard`` (None: every row), without :func:`run`'s launch flow (nor ``cfg.save``)."""
     from . import cues as cues_mod
-    from .imagefiles import scan_images
+    from .images import scan_images
 
     t0 = time.perf_counter()
     clip_spec = clip if clip is not None else parse_clip_spec(resolve_clip_name(ds.name, cfg.clip))

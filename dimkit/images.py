@@ -1,22 +1,23 @@
-"""Load mention images robustly and report the unusable ones (notebook ``00_data``).
+"""Mention images: load them robustly, check a dataset's, and hash the usable ones (notebook ``00_data``).
 
-Released MEL code trusts every image file: MIMIC turns a missing or unreadable image into an
-all-zero tensor without a word, and a single truncated JPEG or decompression bomb can
-crash a feature run hours in. Here every image goes through :func:`load_image`, which never raises
-for a bad file: it returns an RGB image, possibly converted (and says how), or ``None`` with the
-reason. :func:`run` (``dimkit images NAME``) runs it over a prepared dataset, counts the outcomes,
-writes ``image_status`` / ``image_converted`` into ``mentions.parquet`` and ``reports/images.json``,
-and reuses the stored result of every file whose size and modification time are unchanged.
+Released MEL code trusts every image file: MIMIC turns a missing or unreadable image into an all-zero
+tensor without a word, and one truncated JPEG or decompression bomb can crash a feature run hours in.
+:func:`load_image` never raises for a bad file: it returns an RGB image (saying how it was converted)
+or None with the reason. :func:`run` (``dimkit images NAME``) checks every mention image of a dataset,
+writes ``image_status`` into ``mentions.parquet`` and ``reports/images.json``, and reuses the result
+of every file whose size and modification time are unchanged. :func:`scan_images` gives cues and
+features the usable images and the SHA-256 of their bytes, under which their results are stored.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import threading
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import ClassVar, Iterable
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from . import atomic, datasets
 from .errors import DataError
 from .stage import Config, Result, load_dataset, setting
+from .store import Store, default_store_path, make_key
 
 #: Why an image is unusable. ``unreadable`` covers files the OS refuses (permission, a folder);
 #: ``outside_root`` paths that lead out of the dataset's images (never opened).
@@ -87,11 +89,6 @@ class LoadedImage:
     def status(self) -> str:
         """``"ok"`` or the reason the image is unusable."""
         return "ok" if self.reason is None else self.reason
-
-    @property
-    def conversions(self) -> tuple[str, ...]:
-        """The conversions applied, in order (empty when the file was plain RGB)."""
-        return tuple(self.converted.split("+")) if self.converted else ()
 
 
 def _fail(path: Path | None, reason: str, detail: str | None) -> LoadedImage:
@@ -424,11 +421,11 @@ class ImageReport(Result):
         return "\n".join(lines)
 
 
-def _ordered_counts(counter: Counter, order: Iterable[str]) -> dict[str, int]:
-    keys = list(order)
-    out = {k: int(counter[k]) for k in keys if counter.get(k)}
-    out.update({k: int(v) for k, v in sorted(counter.items()) if k not in out and v})
-    return out
+def _ordered_counts(values: Iterable[str], order: Iterable[str]) -> dict[str, int]:
+    """Non-zero counts of ``values``, the keys in ``order`` first, then any others sorted."""
+    counter = Counter(values)
+    keys = list(dict.fromkeys([*order, *sorted(counter)]))
+    return {k: int(counter[k]) for k in keys if counter[k]}
 
 
 def _read_previous(path: Path, max_pixels: int) -> dict[str, dict]:
@@ -443,14 +440,6 @@ def _read_previous(path: Path, max_pixels: int) -> dict[str, dict]:
     return files if isinstance(files, dict) else {}
 
 
-def _file_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return int(st.st_size), int(st.st_mtime_ns)
-
-
 def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress: bool = True) -> ImageReport:
     """Load every distinct mention image of a prepared dataset and count the outcomes by reason.
 
@@ -461,14 +450,13 @@ def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress:
     """
     cfg = cfg.replace()  # a checked copy
     ds = load_dataset(cfg, dataset)
-    max_pixels, workers = cfg.max_pixels, cfg.workers
     mentions = ds.mentions
     report_path = Path(ds.root) / REPORT_FILE
-    previous = _read_previous(report_path, max_pixels)
+    previous = _read_previous(report_path, cfg.max_pixels)
 
     rels = [r for r in pd.unique(mentions["image"].dropna()) if isinstance(r, str) and r]
     results: dict[str, dict] = {}
-    todo: list[tuple[str, Path, tuple[int, int] | None]] = []
+    todo: list[tuple[str, Path, dict]] = []
     refused: dict[str, dict] = {}
     for rel in rels:
         try:
@@ -477,82 +465,60 @@ def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress:
             refused[rel] = {"status": "outside_root", "converted": None, "detail": exc.reason,
                             "size": None, "mtime_ns": None}
             continue
-        key = _file_key(path)
+        try:
+            st = path.stat()
+            stamp = {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+        except OSError:
+            stamp = {"size": None, "mtime_ns": None}
         old = previous.get(rel)
-        # A file still missing (key None, stored size None) is reused too: nothing to re-read.
-        # An outside_root verdict carries no key either, and is decided afresh above.
-        stored = ([old.get("size"), old.get("mtime_ns")]
-                  if isinstance(old, dict) and old.get("status") != "outside_root" else None)
-        if stored is not None and stored == (list(key) if key is not None else [None, None]):
+        # A file still missing (no size) is reused too: nothing to re-read. An outside_root verdict
+        # has no size either, and is decided afresh above.
+        if (isinstance(old, dict) and old.get("status") != "outside_root"
+                and [old.get("size"), old.get("mtime_ns")] == [stamp["size"], stamp["mtime_ns"]]):
             results[rel] = old
         else:
-            todo.append((rel, path, key))
+            todo.append((rel, path, stamp))
     reused = len(results)
     results.update(refused)
 
-    def work(item: tuple[str, Path, tuple[int, int] | None]) -> tuple[str, dict]:
-        rel, path, key = item
-        # load_image is looked up at call time so tests can count decodes.
-        res = load_image(path, max_pixels=max_pixels)
-        entry = {"status": res.status, "converted": res.converted, "detail": res.detail,
-                 "size": key[0] if key else None, "mtime_ns": key[1] if key else None}
-        res.image = None  # the check only needs the verdict; free the pixels now
-        return rel, entry
+    def work(item: tuple[str, Path, dict]) -> tuple[str, dict]:
+        rel, path, stamp = item
+        # load_image is looked up at call time so tests can count decodes; only the verdict is kept.
+        res = load_image(path, max_pixels=cfg.max_pixels)
+        return rel, {"status": res.status, "converted": res.converted, "detail": res.detail, **stamp}
 
     if todo:
-        n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+        workers = cfg.workers or min(4, os.cpu_count() or 1)
         bar_kwargs = {} if progress else {"disable": True}  # TQDM_DISABLE wins unless we disable
-        with tqdm(total=len(todo), desc=f"images {ds.name}", unit="img", **bar_kwargs) as bar:
-            if n_workers <= 1:
-                for item in todo:
-                    rel, entry = work(item)
-                    results[rel] = entry
-                    bar.update(1)
-            else:
-                with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                    futures = [pool.submit(work, item) for item in todo]
-                    for fut in as_completed(futures):
-                        rel, entry = fut.result()
-                        results[rel] = entry
-                        bar.update(1)
+        with (ThreadPoolExecutor(max_workers=workers) as pool,
+              tqdm(total=len(todo), desc=f"images {ds.name}", unit="img", **bar_kwargs) as bar):
+            for rel, entry in pool.map(work, todo):
+                results[rel] = entry
+                bar.update(1)
 
-    status, converted, detail = [], [], []
-    for img in mentions["image"]:
-        entry = results.get(img) if isinstance(img, str) and img else None
-        if entry is None:
-            status.append("no_image")
-            converted.append(None)
-            detail.append("the mention has no image")
-        else:
-            status.append(entry["status"])
-            converted.append(entry.get("converted"))
-            detail.append(entry.get("detail"))
+    no_image = {"status": "no_image", "converted": None, "detail": "the mention has no image"}
+    images = [i if isinstance(i, str) and i else None for i in mentions["image"]]
+    entries = [results[i] if i is not None else no_image for i in images]
     per_mention = pd.DataFrame({
         "mention_id": mentions["mention_id"].astype(str).tolist(),
-        "image": [i if isinstance(i, str) and i else None for i in mentions["image"]],
-        "status": status,
-        "converted": converted,
-        "detail": detail,
+        "image": images,
+        "status": [e["status"] for e in entries],
+        "converted": [e.get("converted") for e in entries],
+        "detail": [e.get("detail") for e in entries],
     })
-
-    counts = _ordered_counts(Counter(status), ("ok",) + REASONS)
-    conv_counter: Counter = Counter()
-    for c in converted:
-        if c:
-            conv_counter.update(c.split("+"))
-    conversions = _ordered_counts(conv_counter, CONVERSIONS)
-    file_counts = _ordered_counts(Counter(e["status"] for e in results.values()), ("ok",) + REASONS)
+    counts = _ordered_counts(per_mention["status"], ("ok",) + REASONS)
+    conversions = _ordered_counts([c for e in entries if e.get("converted") for c in e["converted"].split("+")],
+                                  CONVERSIONS)
+    file_counts = _ordered_counts((e["status"] for e in results.values()), ("ok",) + REASONS)
 
     notes = []
     images_root = _images_root(ds, [r for r in rels if r not in refused])
-    missing_dirs = sorted({str(Path(e["detail"].split(": ", 1)[1]))
-                           for e in results.values()
+    missing_dirs = sorted({e["detail"].split(": ", 1)[1] for e in results.values()
                            if e["status"] == "missing" and (e.get("detail") or "").startswith("folder not found")})
     if images_root is not None and not images_root["exists"]:
         notes.append(_missing_root_note(ds, images_root))
         # every folder below a missing root is missing too: the folder names are not the cause
-        top = Path(images_root["path"])
-        missing_dirs = [d for d in missing_dirs if not Path(d).is_relative_to(top)]
+        missing_dirs = [d for d in missing_dirs if not Path(d).is_relative_to(images_root["path"])]
     if missing_dirs:
         shown = ", ".join(missing_dirs[:3]) + (" ..." if len(missing_dirs) > 3 else "")
         notes.append(f"image folder(s) not found: {shown} -- check the folder name "
@@ -568,12 +534,11 @@ def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress:
 
     report = ImageReport(dataset=ds.name, counts=counts, conversions=conversions,
                          file_counts=file_counts, per_mention=per_mention, decoded=len(todo),
-                         reused=reused, max_pixels=max_pixels, notes=notes, images_root=images_root)
+                         reused=reused, max_pixels=cfg.max_pixels, notes=notes, images_root=images_root)
     if cfg.write:
         _write_status(ds, per_mention)
-        summary = report.to_dict()
-        summary["files"] = {rel: results[rel] for rel in sorted(results)}
-        atomic.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n", report_path)
+        atomic.write_json({**report.to_dict(), "files": {rel: results[rel] for rel in sorted(results)}},
+                          report_path)
         report.report_path = report_path
     return report
 
@@ -588,12 +553,12 @@ def _images_root(ds: datasets.Dataset, rels: list[str]) -> dict | None:
     target = None
     if path.is_symlink():
         # Follow the chain (a '+' dataset links to its source's images/, which links the raw folder).
-        hop = path
+        target = path
         for _ in range(40):
-            if not hop.is_symlink():
+            if not target.is_symlink():
                 break
-            hop = Path(os.path.normpath(hop.parent / os.readlink(hop)))
-        target = str(hop)
+            target = Path(os.path.normpath(target.parent / os.readlink(target)))
+        target = str(target)
     return {"path": str(path), "link_target": target, "exists": path.is_dir()}
 
 
@@ -613,19 +578,17 @@ def _write_status(ds: datasets.Dataset, per_mention: pd.DataFrame) -> None:
     """Add/update ``image_status`` and ``image_converted`` in mentions.parquet (skipped if unchanged)."""
     target = Path(ds.root) / "mentions.parquet"
     on_disk = pd.read_parquet(target)
-    same_rows = (len(on_disk) == len(per_mention)
-                 and on_disk["mention_id"].astype(str).tolist() == per_mention["mention_id"].tolist())
-    if not same_rows:
+    if on_disk["mention_id"].astype(str).tolist() != per_mention["mention_id"].tolist():
         raise DataError("mentions.parquet changed since the dataset was loaded; load it again and "
                         "rerun the image check", file=target, field="mention_id")
-    new_status = [str(s) for s in per_mention["status"]]
-    # pandas 3 reads None in a string column back as NaN; compare and store plain None.
-    new_conv = [c if isinstance(c, str) else None for c in per_mention["converted"]]
+    def plain(values) -> list:  # pandas 3 reads None in a string column back as NaN: compare plain None
+        return [v if isinstance(v, str) else None for v in values]
+
+    new_status, new_conv = per_mention["status"].astype(str).tolist(), plain(per_mention["converted"])
     ds.mentions["image_status"] = new_status
     ds.mentions["image_converted"] = new_conv
-    if ("image_status" in on_disk.columns and "image_converted" in on_disk.columns
-            and on_disk["image_status"].tolist() == new_status
-            and [c if isinstance(c, str) else None for c in on_disk["image_converted"]] == new_conv):
+    if ({"image_status", "image_converted"} <= set(on_disk.columns)
+            and on_disk["image_status"].tolist() == new_status and plain(on_disk["image_converted"]) == new_conv):
         return
     on_disk["image_status"] = pd.Series(new_status, dtype=object)
     on_disk["image_converted"] = pd.Series(new_conv, dtype=object)
@@ -634,3 +597,103 @@ def _write_status(ds: datasets.Dataset, per_mention: pd.DataFrame) -> None:
 
 #: The command line: ``dimkit images NAME`` takes the flags of :class:`ImagesConfig`.
 CONFIG = ImagesConfig
+
+
+# --------------------------------------------------------------------------------------------
+# For cues and features: which mention images are usable, and what their bytes hash to.
+# Their results are stored under the SHA-256 of the image bytes, so a renamed or copied file reuses
+# them and an edited one is recomputed; each hash is kept under (path, size, mtime), so that 25K
+# images are not read again on every run.
+
+HASH_KIND = "file_sha256"
+
+
+@dataclass
+class ImageFile:
+    """One image file of a dataset: its status ("ok" or the reason it is unusable) and content hash."""
+
+    rel: str
+    path: Path | None
+    status: str
+    sha256: str | None = None
+
+
+@dataclass
+class ImageScan:
+    """Usability and hashes of a dataset's mention images."""
+
+    files: dict[str, ImageFile]
+    per_mention: pd.DataFrame  # mention_id, image, images (list), status (of ``image``)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(paths: list[Path], *, progress: bool = True) -> dict[Path, str | None]:
+    """SHA-256 of each file's bytes (None when unreadable); unchanged files reuse their stored hash."""
+    out: dict[Path, str | None] = dict.fromkeys(paths)
+    keys: dict[Path, str] = {}
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        keys[p] = make_key(HASH_KIND, "sha256", "1",
+                           {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    with Store(default_store_path("file_hashes")) as store:
+        known = store.get_many(keys.values())
+        todo = [p for p, k in keys.items() if k not in known]
+        out.update({p: known[k]["sha256"] for p, k in keys.items() if k in known})
+        rows = []
+        bar_kw = {} if progress and todo else {"disable": True}  # else TQDM_DISABLE decides
+        for p in tqdm(todo, desc="hashing images", unit="img", **bar_kw):
+            try:
+                out[p] = sha256_file(p)
+            except OSError:
+                continue
+            rows.append((keys[p], {"sha256": out[p]}, str(p)))
+        store.put_many(rows, kind=HASH_KIND, model="sha256", version="1")
+    return out
+
+
+def scan_images(ds: datasets.Dataset, *, progress: bool = True, flag: bool = True) -> ImageScan:
+    """Check every mention image (flagging ``image_status`` in mentions.parquet) and hash the usable ones."""
+    report = run(ImagesConfig.for_dataset(ds.name, write=flag), dataset=ds, progress=progress)
+    status_of = dict(zip(report.per_mention["image"], report.per_mention["status"]))
+    # every image of a mention: its ``images`` list (Richpedia) or else [image]
+    m = ds.mentions
+    lists = []
+    for img, more in zip(m["image"], m["images"] if "images" in m.columns else [None] * len(m)):
+        if more is not None and not isinstance(more, (str, float)) and len(more):
+            lists.append([str(x) for x in more if isinstance(x, str) and x])
+        else:
+            lists.append([img] if isinstance(img, str) and img else [])
+    files: dict[str, ImageFile] = {}
+    for rel in dict.fromkeys(rel for rels in lists for rel in rels):
+        try:
+            path = ds.image_path(rel)
+        except DataError:  # leads out of the dataset's images: never opened nor hashed
+            files[rel] = ImageFile(rel=rel, path=None, status="outside_root")
+            continue
+        # Extra images (Richpedia's img_list) are not covered by the mention-image check.
+        status = status_of[rel] if rel in status_of else load_image(path).status
+        files[rel] = ImageFile(rel=rel, path=path, status=status)
+    ok = [f for f in files.values() if f.status == "ok"]
+    hashes = hash_files([f.path for f in ok], progress=progress)
+    for f in ok:
+        f.sha256 = hashes.get(f.path)
+        if f.sha256 is None:  # vanished between the check and the hash
+            f.status = "missing"
+    per_mention = pd.DataFrame({
+        "mention_id": m["mention_id"].astype(str).tolist(),
+        "image": [r if isinstance(r, str) and r else None for r in m["image"]],
+        "images": lists,
+        "status": [files[r].status if isinstance(r, str) and r in files else "no_image" for r in m["image"]],
+    })
+    return ImageScan(files=files, per_mention=per_mention)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths, runs
 from .errors import DataError, DimkitError
-from .imagefiles import sha256_file
+from .images import sha256_file
 from .stage import Config, Result, setting
 
 #: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image

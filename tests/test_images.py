@@ -504,12 +504,10 @@ def test_paths_out_of_the_dataset_are_never_opened(kit_dirs, counted_loads):
 
 
 def test_scan_for_features_and_cues_skips_paths_out_of_the_dataset(kit_dirs, monkeypatch):
-    from dimkit import imagefiles
-
     ds = _plant_escapes(kit_dirs)
     hashed = []
-    real_sha = imagefiles.sha256_file
-    monkeypatch.setattr(imagefiles, "sha256_file", lambda p: hashed.append(p) or real_sha(p))
+    real_sha = images.sha256_file
+    monkeypatch.setattr(images, "sha256_file", lambda p: hashed.append(p) or real_sha(p))
     real_load = images.load_image
 
     def guarded(path, **kw):
@@ -519,7 +517,7 @@ def test_scan_for_features_and_cues_skips_paths_out_of_the_dataset(kit_dirs, mon
     monkeypatch.setattr(images, "load_image", guarded)
     ds.mentions.loc[ds.mentions["mention_id"] == "m1", "image"] = "img/plain.png"
     ds.mentions["images"] = [["img/link_out.png"] if mid == "m6" else [] for mid in ds.mentions["mention_id"]]
-    scan = imagefiles.scan_images(ds, progress=False, flag=False)
+    scan = images.scan_images(ds, progress=False, flag=False)
     assert scan.files["img/link_out.png"].status == "outside_root"
     assert scan.files["img/link_out.png"].path is None
     assert scan.per_mention.set_index("mention_id").loc["m5", "status"] == "outside_root"
