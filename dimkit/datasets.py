@@ -17,14 +17,10 @@ it is the KB key, whatever its form.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
-
 
 import pandas as pd
 
@@ -107,32 +103,6 @@ def check_relative_path(value: str, *, file: str | Path, record: object, field: 
     return str(p)
 
 
-def image_path_in(root: str | Path, rel: str) -> Path:
-    """``root / rel`` once it is known to stay inside the dataset's images; else DataError.
-
-    The path must be relative without escaping '..' (:func:`check_relative_path`) and must
-    resolve, symlinks followed, inside the dataset folder or inside the target of the link its
-    first folder is (``images -> /data/ImgData``, as prepare and augment make them). A link in the
-    image folder that points elsewhere (``evil.jpg -> /etc/passwd``) is refused.
-    """
-    root = Path(root)
-    where = root / "mentions.parquet"
-    clean = check_relative_path(rel, file=where, record=None, field="image")
-    path = root / rel
-    real = path.resolve()
-    allowed = [root.resolve()]
-    top = PurePosixPath(clean).parts
-    if len(top) > 1 and (root / top[0]).is_symlink():
-        allowed.append((root / top[0]).resolve())
-    if not any(real.is_relative_to(base) for base in allowed):
-        folders = " or ".join(str(base) for base in allowed)
-        raise DataError(f"image path {rel!r} resolves to {real}, outside the dataset's image "
-                        f"folder ({folders}); it is not opened (a link in the image folder points "
-                        "elsewhere, or the path climbs out of a linked folder with '..'): put the "
-                        "file itself in the image folder", file=where, field="image")
-    return path
-
-
 @dataclass
 class Dataset:
     """A prepared dataset: mentions, entities (the KB), optional candidates and meta."""
@@ -166,29 +136,41 @@ class Dataset:
         return self.mentions[self.mentions["split"] == split].reset_index(drop=True)
 
     def image_path(self, rel: str | None) -> Path | None:
-        """Absolute path of a dataset-relative image path (None stays None).
+        """Absolute path of a dataset-relative image path (None stays None); DataError, without
+        opening the file, when the path leads out of the dataset's images.
 
-        Raises DataError, without opening the file, when the path leads out of the dataset's
-        images (see :func:`image_path_in`).
+        The path must be relative without escaping '..' (:func:`check_relative_path`) and must
+        resolve, symlinks followed, inside the dataset folder or inside the target of the link its
+        first folder is (``images -> /data/ImgData``, as prepare and augment make them). A link in the
+        image folder that points elsewhere (``evil.jpg -> /etc/passwd``) is refused.
         """
         if rel is None or (isinstance(rel, float) and rel != rel):
             return None
-        return image_path_in(self.root, rel)
+        where = self.root / "mentions.parquet"
+        top = PurePosixPath(check_relative_path(rel, file=where, record=None, field="image")).parts
+        path = self.root / rel
+        real = path.resolve()
+        allowed = [self.root.resolve()]
+        if len(top) > 1 and (self.root / top[0]).is_symlink():
+            allowed.append((self.root / top[0]).resolve())
+        if not any(real.is_relative_to(base) for base in allowed):
+            folders = " or ".join(str(base) for base in allowed)
+            raise DataError(f"image path {rel!r} resolves to {real}, outside the dataset's image "
+                            f"folder ({folders}); it is not opened (a link in the image folder points "
+                            "elsewhere, or the path climbs out of a linked folder with '..'): put the "
+                            "file itself in the image folder", file=where, field="image")
+        return path
 
     def counts(self) -> dict:
         """Mentions per split, entities, mentions with an image, NIL mentions."""
-        m = self.mentions
-        out = {f"mentions_{s}": int((m["split"] == s).sum()) for s in SPLITS}
-        out["mentions"] = int(len(m))
-        out["entities"] = int(len(self.entities))
-        out["mentions_with_image"] = int(m["image"].notna().sum())
-        out["nil_mentions"] = int(m["qid"].isna().sum())
-        return out
+        return _counts(self.mentions, self.entities)
 
-    @property
-    def entity_index(self) -> dict[str, int]:
-        """qid -> row of ``entities``."""
-        return {q: i for i, q in enumerate(self.entities["qid"].tolist())}
+
+def _counts(mentions: pd.DataFrame, entities: pd.DataFrame) -> dict:
+    out = {f"mentions_{s}": int((mentions["split"] == s).sum()) for s in SPLITS}
+    out.update(mentions=len(mentions), entities=len(entities), mentions_with_image=int(mentions["image"].notna().sum()),
+               nil_mentions=int(mentions["qid"].isna().sum()))
+    return out
 
 
 #: How to build a bundled dataset the first time it is asked for, by name. :mod:`dimkit.bundled`
@@ -223,11 +205,7 @@ def load(name: str, data_dir: str | Path | None = None) -> Dataset:
                           fix=f"prepare it again with `dimkit prepare SRC --name {key}`")
     mentions = read_table(root / "mentions.parquet", MENTION_SCHEMA, key)
     entities = read_table(root / "entities.parquet", ENTITY_SCHEMA, key)
-    bad = ~mentions["split"].isin(SPLITS)
-    if bad.any():
-        row = mentions[bad].iloc[0]
-        raise DataError(f"split {row['split']!r} is not one of {SPLITS}", file=root / "mentions.parquet",
-                        record=row["mention_id"], field="split")
+    _check_splits(mentions, root / "mentions.parquet")
     return Dataset(name=key, root=root, mentions=mentions, entities=entities, meta=meta)
 
 
@@ -271,8 +249,8 @@ def read_table(path: Path, schema: dict[str, str], dataset: str) -> pd.DataFrame
         if inferred not in _TEXT_KINDS:
             raise DataError(f"expected text, the column holds {inferred} values; {fix}", file=path, field=col)
         if kind == "text" and values.isna().any():
-            raise DataError(f"missing value; {fix}", file=path, record=_row_id(df, int(values.isna().to_numpy().argmax())),
-                            field=col)
+            row = _row_id(df, int(values.isna().to_numpy().argmax()))
+            raise DataError(f"missing value; {fix}", file=path, record=row, field=col)
     return df
 
 
@@ -296,49 +274,43 @@ def read_json_file(path: Path, *, what: str, fix: str) -> dict:
     return data
 
 
-def validate(mentions: pd.DataFrame, entities: pd.DataFrame, *, source: str | Path = "<dataset>",
-             candidates: pd.DataFrame | None = None) -> None:
-    """Check the prepared form; raise DataError naming the table, record and field."""
-    mfile = f"{source}: mentions"
-    efile = f"{source}: entities"
-    for col in MENTION_COLUMNS:
-        if col not in mentions.columns:
-            raise DataError("missing column", file=mfile, field=col)
-    for col in ENTITY_COLUMNS:
-        if col not in entities.columns:
-            raise DataError("missing column", file=efile, field=col)
-    dup = entities["qid"][entities["qid"].duplicated()]
-    if len(dup):
-        raise DataError("duplicate entity id", file=efile, record=dup.iloc[0], field="qid")
-    if entities["qid"].isna().any():
-        raise DataError("entity without id", file=efile, record=int(entities["qid"].isna().idxmax()),
-                        field="qid")
-    dup = mentions["mention_id"][mentions["mention_id"].duplicated()]
-    if len(dup):
-        raise DataError("duplicate mention id", file=mfile, record=dup.iloc[0], field="mention_id")
+def _check_splits(mentions: pd.DataFrame, file: str | Path) -> None:
     bad = ~mentions["split"].isin(SPLITS)
     if bad.any():
         row = mentions[bad].iloc[0]
-        raise DataError(f"split {row['split']!r} is not one of {SPLITS}", file=mfile,
-                        record=row["mention_id"], field="split")
-    kb = set(entities["qid"].tolist())
-    missing = mentions["qid"].notna() & ~mentions["qid"].isin(kb)
+        raise DataError(f"split {row['split']!r} is not one of {SPLITS}", file=file, record=row["mention_id"],
+                        field="split")
+
+
+def validate(mentions: pd.DataFrame, entities: pd.DataFrame, *, source: str | Path = "<dataset>",
+             candidates: pd.DataFrame | None = None) -> None:
+    """Check the prepared form; raise DataError naming the table, record and field."""
+    mfile, efile = f"{source}: mentions", f"{source}: entities"
+    for table, columns, file in ((mentions, MENTION_COLUMNS, mfile), (entities, ENTITY_COLUMNS, efile)):
+        for col in columns:
+            if col not in table.columns:
+                raise DataError("missing column", file=file, field=col)
+    qids, ids = entities["qid"], mentions["mention_id"]
+    if qids.duplicated().any():
+        raise DataError("duplicate entity id", file=efile, record=qids[qids.duplicated()].iloc[0], field="qid")
+    if qids.isna().any():
+        raise DataError("entity without id", file=efile, record=int(qids.isna().idxmax()), field="qid")
+    if ids.duplicated().any():
+        raise DataError("duplicate mention id", file=mfile, record=ids[ids.duplicated()].iloc[0], field="mention_id")
+    _check_splits(mentions, mfile)
+    missing = mentions["qid"].notna() & ~mentions["qid"].isin(set(qids))
     if missing.any():
         row = mentions[missing].iloc[0]
-        raise DataError(f"answer {row['qid']!r} is not in the knowledge base "
-                        f"({int(missing.sum())} such mention(s))", file=mfile,
-                        record=row["mention_id"], field="qid")
+        raise DataError(f"answer {row['qid']!r} is not in the knowledge base ({int(missing.sum())} such mention(s))",
+                        file=mfile, record=row["mention_id"], field="qid")
     for col in ("sentence", "mention"):
-        empty = mentions[col].isna()
-        if empty.any():
-            raise DataError("missing value", file=mfile,
-                            record=mentions.loc[empty.idxmax(), "mention_id"], field=col)
-    for mid, img in zip(mentions["mention_id"], mentions["image"]):
+        if mentions[col].isna().any():
+            raise DataError("missing value", file=mfile, record=ids[mentions[col].isna().idxmax()], field=col)
+    for mid, img in zip(ids, mentions["image"]):
         if img is not None and img == img:
             check_relative_path(img, file=mfile, record=mid, field="image")
     if candidates is not None:
-        known = set(mentions["mention_id"].tolist())
-        unknown = ~candidates["mention_id"].isin(known)
+        unknown = ~candidates["mention_id"].isin(set(ids))
         if unknown.any():
             raise DataError("candidate list for an unknown mention", file=f"{source}: candidates",
                             record=candidates.loc[unknown.idxmax(), "mention_id"], field="mention_id")
@@ -360,54 +332,43 @@ def _normalise(mentions: pd.DataFrame, entities: pd.DataFrame) -> tuple[pd.DataF
     return mentions.reset_index(drop=True), entities.reset_index(drop=True)
 
 
+def _candidate_table(candidates: pd.DataFrame) -> pd.DataFrame:
+    out = candidates[list(CANDIDATE_COLUMNS)].copy()
+    out["qids"] = [list(map(str, q)) for q in out["qids"]]
+    return out
+
+
 def write_candidates(root: Path, candidates: pd.DataFrame) -> Path:
     """Write ``candidates.parquet`` atomically into a prepared dataset folder."""
-    candidates = candidates[list(CANDIDATE_COLUMNS)].copy()
-    candidates["qids"] = [list(map(str, q)) for q in candidates["qids"]]
-    return atomic.write_parquet(candidates, Path(root) / "candidates.parquet")
+    return atomic.write_parquet(_candidate_table(candidates), Path(root) / "candidates.parquet")
 
 
 def write_prepared(root: str | Path, mentions: pd.DataFrame, entities: pd.DataFrame, meta: dict,
                    candidates: pd.DataFrame | None = None, *, source: str | Path = "<dataset>") -> Path:
     """Validate and write a prepared dataset; on any failure nothing new is left behind.
 
-    Files are staged in a hidden folder inside ``root`` and moved in at the end; ``meta.json``
+    Every file is serialised before the folder is touched, then written atomically; ``meta.json``
     goes last, so a dataset without it is incomplete and :func:`load` refuses it.
     """
     root = Path(root)
     mentions, entities = _normalise(mentions, entities)
     validate(mentions, entities, source=source, candidates=candidates)
-    meta = dict(meta)
-    meta.setdefault("counts", {})
-    counts = {f"mentions_{s}": int((mentions["split"] == s).sum()) for s in SPLITS}
-    counts.update(mentions=int(len(mentions)), entities=int(len(entities)),
-                  mentions_with_image=int(mentions["image"].notna().sum()),
-                  nil_mentions=int(mentions["qid"].isna().sum()))
-    meta["counts"].update(counts)
+    meta = {**meta, "counts": {**meta.get("counts", {}), **_counts(mentions, entities)}}
+    tables = {"mentions": mentions, "entities": entities}
+    if candidates is not None:
+        tables["candidates"] = _candidate_table(candidates)
+    files = {f"{name}.parquet": table.to_parquet(index=False) for name, table in tables.items()}
+    files["meta.json"] = (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode()
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        mentions.to_parquet(stage / "mentions.parquet", index=False)
-        entities.to_parquet(stage / "entities.parquet", index=False)
-        names = ["mentions.parquet", "entities.parquet"]
-        if candidates is not None:
-            c = candidates[list(CANDIDATE_COLUMNS)].copy()
-            c["qids"] = [list(map(str, q)) for q in c["qids"]]
-            c.to_parquet(stage / "candidates.parquet", index=False)
-            names.append("candidates.parquet")
-        (stage / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        # An older meta.json must not vouch for a mixture of old and new files while we move them.
+        # An older meta.json must not vouch for a mixture of old and new files while they are replaced.
         (root / "meta.json").unlink(missing_ok=True)
         if candidates is None:
             (root / "candidates.parquet").unlink(missing_ok=True)
-        for fname in names:
-            os.replace(stage / fname, root / fname)
-        os.replace(stage / "meta.json", root / "meta.json")
+        for name, data in files.items():  # meta.json last
+            atomic.write_bytes(data, root / name)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         if created:
-            shutil.rmtree(root, ignore_errors=True)
+            atomic.remove(root)
         raise
-    shutil.rmtree(stage, ignore_errors=True)
     return root
