@@ -1,41 +1,21 @@
 """Fuzzy candidate lists: DIM's ``search_top100`` (notebook ``00_data``).
 
-DIM's ``search_fuzz`` ran ``fuzzywuzzy.process.extract(mention, list(ne2qid.keys()), limit=100)``
-once per mention string: WRatio of the mention against every entity name, top 100, keyed by the
-mention string (equal mentions share one list). The gold is not inserted (the released ``search_fuzz``, ``num_search = 100``).
-This module computes the same thing with RapidFuzz over the distinct mention strings, in chunks
-of bounded memory, on all cores. It does not score every (mention, name) pair with the full WRatio:
-WRatio's cheap parts are computed for all pairs and its expensive parts (partial_ratio) only where
-an upper bound says they can reach the k-th best score of the mention (:class:`_Scorer`). The lists
-and scores are identical to ``process.cdist(scorer=fuzz.WRatio)`` on all pairs
-(``rank_names(..., strategy="full")``; the tests compare the two). ``benchmarks/bench_candidates.py``
-measures it against DIM's loop.
+DIM's ``search_fuzz`` ran ``fuzzywuzzy.process.extract(mention, list(ne2qid.keys()), limit=100)`` once per
+mention string and did not insert the gold. :func:`rank_names` computes the same top k with RapidFuzz over
+the distinct mention strings, in chunks of bounded memory: WRatio's cheap parts are scored for every
+pair, its expensive ones only where an upper bound says they can reach the top k (:class:`_Scorer`). The
+lists and scores are those of ``cdist(scorer=fuzz.WRatio)`` on all pairs (``strategy="full"``; the tests
+compare the two, ``benchmarks/bench_candidates.py`` measures both against DIM's loop).
 
-What is kept from fuzzywuzzy 0.18 (with python-Levenshtein), and what is not:
+Where they can differ from fuzzywuzzy 0.18's: the processing is the same (:func:`process_name` deletes
+U+0080..U+00FF as ``force_ascii`` does: "Müller" -> "mller"), but the score is RapidFuzz's float WRatio,
+whose exact ``partial_ratio`` (strings 1.5 times longer or more) is often higher than fuzzywuzzy's
+matching-block heuristic, mostly for weak matches far below the cut. Ties, and entities sharing a name
+(each takes one of the k places), follow KB row order; a mention that processes to "" scores 0 with every
+entity and gets the first k, as in fuzzywuzzy (``n_empty_mentions`` counts them).
 
-- Pre-processing is fuzzywuzzy's, exactly: ``extract`` with the WRatio scorer runs
-  ``full_process(force_ascii=True)`` on the query and every choice, which *deletes* the
-  characters U+0080..U+00FF ("Müller" -> "mller"; characters above U+00FF stay), turns every
-  non-word character into a space, lower-cases and strips. :func:`process_name` does the same.
-  Choices that process to an empty string are not dropped: they score 0 with every query.
-- The score is RapidFuzz's ``fuzz.WRatio``, a float. It equals fuzzywuzzy's integer WRatio up to
-  rounding (+-1) when the two strings have similar lengths; when one is 1.5 times longer or more
-  WRatio uses ``partial_ratio``, which RapidFuzz computes exactly (best alignment) while
-  fuzzywuzzy + python-Levenshtein uses a matching-block heuristic, so RapidFuzz's score is then
-  often higher (mostly for weak matches, far below the cut). The benchmark reports how often the
-  top-100 lists and the recall agree.
-- Ties: fuzzywuzzy sorts by the integer score with a stable sort, so equal scores keep the order of
-  ``ne2qid`` (a dict). dimkit ranks by the float score, then by KB row (``entities.parquet``) order.
-- Several entities may share a name in dimkit's KB (DIM's ``ne2qid`` keeps one qid per name): every
-  entity whose name matches is a candidate, each taking one of the k places; entities with the
-  same name have the same score, so they follow KB row order.
-- A mention that processes to an empty string (only punctuation, or only U+0080..U+00FF characters)
-  scores 0 against every entity, so its list is the first k entities in KB order -- what
-  fuzzywuzzy returns too. The report counts such mentions (``n_empty_mentions``).
-
-:func:`run` (``dimkit candidates NAME``) applies this WikiMEL/RichpediaMEL rule to every dataset. DIM built
-WikiDiverse's lists differently (the release's candidates plus random entities of the same type,
-keyed by the gold entity, docs/fidelity.md row 11), so lists built here for WikiDiverse are not DIM's.
+:func:`run` (``dimkit candidates NAME``) applies this WikiMEL/RichpediaMEL rule to every dataset; DIM built
+WikiDiverse's lists differently (docs/fidelity.md row 11), so lists built here for it are not DIM's.
 """
 from __future__ import annotations
 
@@ -74,7 +54,8 @@ def _scorer_id() -> str:
 
 
 def process_name(text: str) -> str:
-    """Normalise a mention or entity name as fuzzywuzzy's ``extract`` does (see module docstring)."""
+    """Normalise a mention or entity name as fuzzywuzzy's ``extract`` does: U+0080..U+00FF deleted, every
+    non-word character a space, lower case, stripped."""
     s = str(text).translate(_LATIN1_DELETE)
     s = _NON_WORD.sub(" ", s)
     return s.lower().strip()
@@ -489,15 +470,14 @@ def describe_kb(ds: datasets.Dataset) -> str:
 
 
 def _recall(mentions: pd.DataFrame, lists: list[list[str]]) -> tuple[int, int, dict]:
-    gold = mentions["qid"].tolist()
-    hit = np.array([g is not None and g == g and g in set(c) for g, c in zip(gold, lists)], bool)
-    has_gold = mentions["qid"].notna().to_numpy()
+    """Mentions with a gold qid and how many of them have it in their list; the same per split."""
+    has_gold = mentions["qid"].notna()
+    hit = pd.Series([g in c for g, c in zip(mentions["qid"], lists)], index=mentions.index) & has_gold
     by_split = {}
     for split in datasets.SPLITS:
-        sel = (mentions["split"] == split).to_numpy() & has_gold
-        n = int(sel.sum())
-        if (mentions["split"] == split).any():
-            h = int(hit[sel].sum())
+        in_split = mentions["split"] == split
+        if in_split.any():
+            n, h = int((in_split & has_gold).sum()), int((in_split & hit).sum())
             by_split[split] = {"n_gold_mentions": n, "n_hits": h, "recall": h / n if n else None}
     return int(has_gold.sum()), int(hit.sum()), by_split
 
@@ -518,7 +498,6 @@ def _load_previous(ds: datasets.Dataset, key: str) -> CandidateReport | None:
     if df["mention_id"].tolist() != ds.mentions["mention_id"].tolist():
         return None
     stored["reused"] = True
-    stored["kb"] = describe_kb(ds)  # reports written before the KB was described lack it
     known = set(CandidateReport.__dataclass_fields__) - {"candidates", "root"}
     return CandidateReport(**{k: v for k, v in stored.items() if k in known}, candidates=df, root=ds.root)
 
@@ -572,7 +551,7 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
         n_entities=len(entities), n_gold_mentions=n_gold, n_hits=n_hits,
         recall=n_hits / n_gold if n_gold else None, recall_by_split=by_split,
         n_empty_mentions=sum(1 for m in distinct if not process_name(m)),
-        n_empty_names=int(sum(1 for n in entities["name"] if not process_name(n))),
+        n_empty_names=sum(1 for n in entities["name"] if not process_name(n)),
         seconds=round(seconds, 3), scorer=_scorer_id(), key=key, written=write, kb=describe_kb(ds),
         note="; ".join(notes), candidates=df, root=ds.root)
     report_path = ds.root / REPORT_FILE
@@ -590,7 +569,7 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
                                    ds.root / "meta.json")
         ds.meta = meta
         ds._candidates = df
-    atomic.write_text(json.dumps(report.to_dict(), indent=2) + "\n", report_path)
+    report.save(report_path)
     return report
 
 
