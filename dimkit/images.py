@@ -178,45 +178,31 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+#: What converting a mode to RGB is called (besides "alpha" for the modes with transparency; any mode
+#: not listed is "other_mode").
+_MODE_CONVERSIONS = {"P": ["palette"], "PA": ["palette"], "CMYK": ["cmyk"], "L": ["grayscale"], "1": ["grayscale"],
+                     "LA": ["grayscale"], "La": ["grayscale"], "RGBA": [], "RGBa": []}
+
+
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     """Convert a decoded frame of any mode to a new RGB image; list what was changed."""
     mode = img.mode
-    conv: list[str] = []
     if mode == "RGB":
-        return img.copy(), conv
-    if mode in ("P", "PA"):
-        conv.append("palette")
-        if mode == "PA" or "transparency" in img.info:
-            conv.append("alpha")
-            return _composite_on_white(img.convert("RGBA")), conv
-        return img.convert("RGB"), conv
-    if mode == "CMYK":
-        conv.append("cmyk")
-        return img.convert("RGB"), conv
+        return img.copy(), []
+    if mode == "F":
+        arr = np.asarray(img)
+        hi = float(np.nanmax(arr)) if arr.size else 0.0
+        return Image.fromarray(_scale_to_uint8(arr, 1.0 if hi <= 1.0 else 255.0)).convert("RGB"), ["float"]
     if mode.startswith("I;16") or mode == "I":
-        conv.append("16bit")
         # 16-bit samples (and 32-bit "I" holding 16-bit PNG/TIFF data) keep their fixed
         # 0..65535 scale; 8-bit data in a 16-bit container stays as it is (scaling it would turn
         # it black); anything outside 0..65535 is stretched.
         arr = np.asarray(img)
         full = 255.0 if arr.size and arr.min() >= 0 and arr.max() <= 255 else 65535.0
-        gray = _scale_to_uint8(arr, full)
-        return Image.fromarray(gray).convert("RGB"), conv
-    if mode == "F":
-        conv.append("float")
-        arr = np.asarray(img)
-        hi = float(np.nanmax(arr)) if arr.size else 0.0
-        gray = _scale_to_uint8(arr, 1.0 if hi <= 1.0 else 255.0)
-        return Image.fromarray(gray).convert("RGB"), conv
-    if mode in ("RGBA", "RGBa", "LA", "La"):
-        if mode in ("LA", "La"):
-            conv.append("grayscale")
-        conv.append("alpha")
-        return _composite_on_white(img.convert("RGBA")), conv
-    if mode in ("L", "1"):
-        conv.append("grayscale")
-        return img.convert("RGB"), conv
-    conv.append("other_mode")
+        return Image.fromarray(_scale_to_uint8(arr, full)).convert("RGB"), ["16bit"]
+    conv = list(_MODE_CONVERSIONS.get(mode, ["other_mode"]))
+    if mode in ("PA", "RGBA", "RGBa", "LA", "La") or (mode == "P" and "transparency" in img.info):
+        return _composite_on_white(img.convert("RGBA")), conv + ["alpha"]
     return img.convert("RGB"), conv
 
 
@@ -385,21 +371,12 @@ class ImageReport(Result):
 
     def to_dict(self) -> dict:
         """JSON-ready summary (counts, conversions, a few examples per unusable reason)."""
-        return {
-            "dataset": self.dataset,
-            "mentions": int(len(self.per_mention)),
-            "counts": dict(self.counts),
-            "file_counts": dict(self.file_counts),
-            "conversions": dict(self.conversions),
-            "decoded": self.decoded,
-            "reused": self.reused,
-            "max_pixels": self.max_pixels,
-            "loader_version": LOADER_VERSION,
-            "notes": list(self.notes),
-            "images_root": dict(self.images_root) if self.images_root is not None else None,
-            "examples": {r: self.examples(r) for r in REASONS
-                         if r != "no_image" and self.counts.get(r)},
-        }
+        return {"dataset": self.dataset, "mentions": len(self.per_mention), "counts": dict(self.counts),
+                "file_counts": dict(self.file_counts), "conversions": dict(self.conversions),
+                "decoded": self.decoded, "reused": self.reused, "max_pixels": self.max_pixels,
+                "loader_version": LOADER_VERSION, "notes": list(self.notes),
+                "images_root": dict(self.images_root) if self.images_root is not None else None,
+                "examples": {r: self.examples(r) for r in REASONS if r != "no_image" and self.counts.get(r)}}
 
     def summary(self) -> str:
         """Mentions and files per status, conversions, examples of each unusable reason, notes."""
