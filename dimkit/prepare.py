@@ -215,8 +215,9 @@ def _entity_frame(rows: list[dict], plus: bool) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*datasets.ENTITY_COLUMNS, *(["description_original"] if plus else [])])
 
 
-def _entities(kb_list: list[str], names: dict, descs: dict, original: dict | None, label: str) -> pd.DataFrame:
-    """The KB table of a DIM release; ``original`` (a '+' dataset's description_original) or None."""
+def _entities(kb_list: list[str], names: dict, descs: dict, original: dict | None) -> pd.DataFrame:
+    """The KB table of a DIM release; ``original``: a '+' dataset's description_original, else None."""
+    label = "llm (released)" if original is not None else "wikipedia (released)"
     rows = []
     for key in kb_list:
         desc = descs.get(key)
@@ -226,6 +227,37 @@ def _entities(kb_list: list[str], names: dict, descs: dict, original: dict | Non
             row["description_original"] = original.get(key)
         rows.append(row)
     return _entity_frame(rows, original is not None)
+
+
+def _descriptions(tables: list[tuple[dict | None, Path, str]], field: str, plus: bool, reader: dict,
+                  notes: list[str]) -> tuple[dict, dict, dict | None]:
+    """Descriptions, names and (``plus``) description_original of a DIM release's KB.
+
+    ``tables``: (table or None, file, label) in order of preference; descriptions come from the first
+    table present, a '+' dataset's originals from the next one.
+    """
+    present = [t for t in tables if t[0] is not None]
+    descs, names, none_literal = {}, {}, 0
+    reader["descriptions_from"] = present[0][2] if present else None
+    if present:
+        descs, names, none_literal = _parse_briefs(present[0][0], present[0][1], field)
+    else:
+        notes.append(f"no {' or '.join(t[2] for t in tables)}: entities have no description")
+    original = None
+    if plus:
+        original, reader["description_original_from"] = {}, None
+        if len(present) > 1:
+            original, more_names, n = _parse_briefs(present[1][0], present[1][1], field)
+            names = {**more_names, **names}
+            none_literal += n
+            reader["description_original_from"] = present[1][2]
+        else:
+            notes.append(f"'+' dataset without {' or '.join(t[2] for t in tables[1:])}: description_original "
+                         "is empty")
+    if none_literal:
+        notes.append(f"{none_literal} description(s) were the literal text 'None' (entity without a "
+                     "brief); stored as no description (the released code encodes the word 'None')")
+    return descs, names, original
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +389,8 @@ def _read_dim(src: Path, subset: str, name: str, images: Path | None, seed: int)
     out.images_root = images if images is not None else images_root
     out.meta["dataset_folder"] = str(folder)
     out.meta["reader"]["descriptions"] = int(out.entities["description"].notna().sum())
+    released = "llm (released)" if plus else "wikipedia (released)"
+    out.meta["description_source"] = released if out.meta["reader"]["descriptions_from"] else "none"
     m = out.mentions
     if all(split != "dev" for split, _ in files):
         # The Richpedia release has no dev.json: a seeded 10% of train becomes dev.
@@ -488,38 +522,15 @@ def _read_dim_wiki_rich(folder: Path, subset: str, files: list[tuple[str, Path]]
                 raise DataError(f"expected a qid string, got {q!r:.60}", file=ne_path, record=ent, field="qid")
             ne_names.setdefault(q, ent)
     fact = _read_json(fact_path, dict, "qid -> fact", key_field="qid") if fact_path.is_file() else None
-    # descriptions come from the first of these; a '+' dataset's originals from the next one
     tables = [(brief, brief_path, brief_path.name), (fact, fact_path, fact_path.name),
               (record_briefs or None, files[0][1], "records' brief field")]
-    tables = [t for t in tables if t[0] is not None]
-    descs, brief_names, none_literal, desc_file = {}, {}, 0, None
-    if tables:
-        descs, brief_names, none_literal = _parse_briefs(tables[0][0], tables[0][1], "brief")
-        desc_file = tables[0][2]
-    else:
-        notes.append("no brief.json, fact.json or brief field: entities have no description")
-    original = None
-    if plus:
-        original, reader["description_original_from"] = {}, None
-        if len(tables) > 1:
-            original, names, n = _parse_briefs(tables[1][0], tables[1][1], "brief")
-            brief_names = {**names, **brief_names}
-            none_literal += n
-            reader["description_original_from"] = tables[1][2]
-        else:
-            notes.append("'+' dataset without fact.json or brief fields: description_original is empty")
-    if none_literal:
-        notes.append(f"{none_literal} description(s) were the literal text 'None' (entity without a "
-                     "brief); stored as no description (the released code encodes the word 'None')")
+    descs, brief_names, original = _descriptions(tables, "brief", plus, reader, notes)
     if brief is not None and len(set(brief) - kb):
         notes.append(f"{len(set(brief) - kb)} brief.json entr(y/ies) not in {kb_source} ignored")
-    label = "llm (released)" if plus else "wikipedia (released)"
     names = {**brief_names, **gold_names, **{q: n for q, n in ne_names.items() if n}}
-    entities = _entities(kb_list, names, descs, original, label)
-    reader.update(kb_from=kb_source, descriptions_from=desc_file)
+    reader["kb_from"] = kb_source
     mentions = _mention_frame(rows, "entity_name", *(["images"] if rich else []), "_key")
-    meta = {"reader": reader, "description_source": label if desc_file else "none"}
-    return _Read(mentions, entities, None, None, meta, notes)
+    return _Read(mentions, _entities(kb_list, names, descs, original), None, None, {"reader": reader}, notes)
 
 
 def _read_dim_diverse(folder: Path, subset: str, files: list[tuple[str, Path]], plus: bool) -> _Read:
@@ -568,24 +579,12 @@ def _read_dim_diverse(folder: Path, subset: str, files: list[tuple[str, Path]], 
         notes.append("no entity_list.json, brief.json or entity2desc.json: the KB is the set of gold entities")
     if reader["nil_skipped"]:
         notes.append(f"{reader['nil_skipped']} record(s) without an entity (NIL) skipped")
-    if brief is not None or e2d is not None:
-        table, path = (brief, brief_path) if brief is not None else (e2d, e2d_path)
-        descs, desc_file = _parse_briefs(table, path, "description")[0], path.name
-    else:
-        descs, desc_file = {}, None
-        notes.append("no brief.json or entity2desc.json: entities have no description")
-    original = None
-    if plus:
-        original = _parse_briefs(e2d, e2d_path, "description")[0] if e2d is not None else {}
-        if e2d is None:
-            notes.append("'+' dataset without entity2desc.json: description_original is empty")
-    label = "llm (released)" if plus else "wikipedia (released)"
-    entities = _entities(kb_list, {}, descs, original, label)
-    reader.update(kb_from=kb_source, descriptions_from=desc_file)
+    tables = [(brief, brief_path, brief_path.name), (e2d, e2d_path, e2d_path.name)]
+    descs, _, original = _descriptions(tables, "description", plus, reader, notes)
+    reader["kb_from"] = kb_source
     notes.append("WikiDiverse has no Wikidata ids: the qid column holds the entity's Wikipedia title")
     mentions = _mention_frame(rows, "entity_name", "mention_type", "topic", "start", "end", "_key")
-    meta = {"reader": reader, "description_source": label if desc_file else "none"}
-    return _Read(mentions, entities, None, None, meta, notes)
+    return _Read(mentions, _entities(kb_list, {}, descs, original), None, None, {"reader": reader}, notes)
 
 
 # --------------------------------------------------------------------------------------------
