@@ -163,7 +163,6 @@ class _Scorer:
                 postings.setdefault(t, []).append(j)
         self.postings = {t: np.asarray(js, dtype=np.int64) for t, js in postings.items()}
         self.dup_cols = np.flatnonzero(names.dup)
-        self.counts: dict[str, int] = {}
 
     def _kth(self, S: np.ndarray) -> np.ndarray:
         if self.k >= self.n_entities:
@@ -179,9 +178,6 @@ class _Scorer:
             return np.empty(0, dtype=np.float64)
         return process.cpdist(a[I], b[J], scorer=scorer, processor=None, dtype=np.float64,
                               workers=self.workers)
-
-    def _count(self, what: str, n: int) -> None:
-        self.counts[what] = self.counts.get(what, 0) + int(n)
 
     def scores(self, q: _Strings, rows: np.ndarray) -> np.ndarray:
         """[len(rows), U] float64: WRatio wherever it can reach the k-th best of its row."""
@@ -234,7 +230,6 @@ class _Scorer:
         I, J = np.nonzero(common & full)
         ok = np.maximum(R[I, J], 95.0) + _SLACK >= kth[I]
         I, J = I[ok], J[ok]
-        self._count("wratio", len(I))
         S[I, J] = np.maximum(S[I, J], self._pairs(fuzz.WRatio, qp, n.p, I, J))
         kth = self._kth(S)
 
@@ -281,7 +276,6 @@ class _Scorer:
                 kth = self._kth(S)
             ok = (up >= kth[Ip]) & (up > S[Ip, Jp])
             Ip, Jp = Ip[ok], Jp[ok]
-            self._count("partial", len(Ip))
             v = self._pairs(fuzz.partial_ratio, qp, n.p, Ip, Jp)
             S[Ip, Jp] = np.maximum(S[Ip, Jp], v * scale(Ip, Jp))
             if hi is None:
@@ -298,7 +292,6 @@ class _Scorer:
         UB = bound(TS, q.len_s[rows], n.len_s,
                    np.minimum(q.len_s[rows][:, None], n.len_s[None, :]), 0.95)
         I, J = open_pairs(UB, pair_free & need)
-        self._count("partial_sort", len(I))
         v = self._pairs(fuzz.partial_ratio, qs, n.s, I, J)
         S[I, J] = np.maximum(S[I, J], v * 0.95 * scale(I, J))
         need = q.dup[rows][:, None] | n.dup[None, :]
@@ -306,10 +299,8 @@ class _Scorer:
             UB = bound(TS, q.len_s[rows], n.len_s,
                        np.minimum(q.len_d[rows][:, None], n.len_d[None, :]), 0.95)
             I, J = open_pairs(UB, pair_free & need)
-            self._count("partial_set", len(I))
             v = self._pairs(fuzz.partial_ratio, qd, n.d, I, J)
             S[I, J] = np.maximum(S[I, J], v * 0.95 * scale(I, J))
-        self._count("pairs", c * U)
         return S
 
 
@@ -544,8 +535,9 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
     released = (ds.meta.get("candidates") or {}).get("source") == "release"
     write = not released or cfg.replace_released
     if not write:
-        notes.append("candidates.parquet holds the lists of the DIM release and was kept; these "
-                     f"built lists were not written ({option('replace_released=True', '--replace-released')} replaces them)")
+        flag = option("replace_released=True", "--replace-released")
+        notes.append(f"candidates.parquet holds the lists of the DIM release and was kept; these built lists were "
+                     f"not written ({flag} replaces them)")
     report = CandidateReport(
         dataset=ds.name, k=int(k), n_mentions=len(mentions), n_distinct_mentions=len(distinct),
         n_entities=len(entities), n_gold_mentions=n_gold, n_hits=n_hits,
