@@ -434,12 +434,13 @@ def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress:
     rels = [r for r in pd.unique(mentions["image"].dropna()) if isinstance(r, str) and r]
     results: dict[str, dict] = {}
     todo: list[tuple[str, Path, dict]] = []
-    refused: dict[str, dict] = {}
+    refused: set[str] = set()
     for rel in rels:
         try:
             path = ds.image_path(rel)
         except DataError as exc:  # leads out of the dataset: never stat'ed nor opened
-            refused[rel] = {"status": "outside_root", "converted": None, "detail": exc.reason,
+            refused.add(rel)
+            results[rel] = {"status": "outside_root", "converted": None, "detail": exc.reason,
                             "size": None, "mtime_ns": None}
             continue
         try:
@@ -455,8 +456,7 @@ def run(cfg: ImagesConfig, *, dataset: datasets.Dataset | None = None, progress:
             results[rel] = old
         else:
             todo.append((rel, path, stamp))
-    reused = len(results)
-    results.update(refused)
+    reused = len(results) - len(refused)
 
     def work(item: tuple[str, Path, dict]) -> tuple[str, dict]:
         rel, path, stamp = item

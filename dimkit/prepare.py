@@ -603,11 +603,11 @@ def _read_mimic(src: Path, prefix: str, name: str, images: Path | None) -> _Read
         if i in id2qid:
             raise DataError(f"duplicate id {i} (also used by {id2qid[i]!r})", file=q_path, record=q, field="id")
         id2qid[i] = q
-    ents_raw = {}
+    by_id: dict[int, dict] = {}
     for pos, value in enumerate(_read_json(e_path, list, "KB entity records")):
         rec = _record(value, e_path, pos)
         eid = _need(rec, "id", e_path, pos, types=(int,))
-        if eid in ents_raw:
+        if eid in by_id:
             raise DataError("duplicate entity id", file=e_path, record=eid, field="id")
         ename = _need(rec, "entity_name", e_path, eid)
         attr = _need(rec, "attr", e_path, eid, allow_none=True)
@@ -616,18 +616,16 @@ def _read_mimic(src: Path, prefix: str, name: str, images: Path | None) -> _Read
             if not isinstance(img, str):
                 raise DataError(f"expected a file name, got {img!r:.60}", file=e_path, record=eid, field="image_list")
             rels.append("kb_image/" + _check_image(img, e_path, eid, "image_list"))
-        ents_raw[eid] = (ename, attr, rels)
-    ents = []
-    for eid, (ename, attr, rels) in sorted(ents_raw.items()):  # MIMIC sorts the KB by id
         desc = attr.strip() if isinstance(attr, str) and attr.strip() else None
-        ents.append({"qid": id2qid.get(eid, f"mimic-{eid}"), "name": unquote(ename), "description": desc,
-                     "description_source": "mimic attr (released)" if desc else "none", "images": rels})
-    no_qid = len(set(ents_raw) - set(id2qid))
+        by_id[eid] = {"qid": id2qid.get(eid, f"mimic-{eid}"), "name": unquote(ename), "description": desc,
+                      "description_source": "mimic attr (released)" if desc else "none", "images": rels}
+    no_qid = len(set(by_id) - set(id2qid))
     if no_qid:
         reader["entities_without_qid"] = no_qid
         notes.append(f"{no_qid} KB entit(y/ies) have no qid in qid2id.json; keyed 'mimic-<id>'")
+    ents = [by_id[eid] for eid in sorted(by_id)]  # MIMIC sorts the KB by id
     kb = {e["qid"] for e in ents}
-    dangling = len(set(id2qid) - set(ents_raw))
+    dangling = len(set(id2qid) - set(by_id))
     if dangling:
         reader["qid2id_without_entity"] = dangling
         notes.append(f"{dangling} qid2id.json entr(y/ies) point to no kb_entity.json record")
