@@ -90,9 +90,9 @@ class _Strings:
 
     def __init__(self, keys: list[str]):
         tokens = [key.split() for key in keys]
-        self.p = _objects(keys)                                         # processed string
-        self.s = _objects([" ".join(sorted(t)) for t in tokens])         # tokens sorted
-        self.d = _objects([" ".join(sorted(set(t))) for t in tokens])    # distinct tokens sorted
+        self.p = np.array(keys, dtype=object)                                       # processed string
+        self.s = np.array([" ".join(sorted(t)) for t in tokens], dtype=object)       # tokens sorted
+        self.d = np.array([" ".join(sorted(set(t))) for t in tokens], dtype=object)  # distinct tokens sorted
         self.len_i = np.array([len(x) for x in self.p], dtype=np.int64)
         self.len_p = self.len_i.astype(np.float64)
         self.len_s = np.array([len(x) for x in self.s], dtype=np.float64)
@@ -101,12 +101,6 @@ class _Strings:
         self.dup = np.array([len(t) != len(set(t)) for t in tokens], dtype=bool)
         self.empty = self.len_p == 0
         self.tokens = [set(t) for t in tokens]
-
-
-def _objects(items: list[str]) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
 
 
 #: Slack on bounds and thresholds: bounds are computed in float32 and rapidfuzz's own arithmetic

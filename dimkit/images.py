@@ -347,11 +347,6 @@ class ImageReport(Result):
     images_root: dict | None = None
 
     @property
-    def usable(self) -> int:
-        """Mentions whose image loads."""
-        return int(self.counts.get("ok", 0))
-
-    @property
     def unusable(self) -> pd.DataFrame:
         """Rows of ``per_mention`` whose image exists in the data but cannot be used."""
         pm = self.per_mention
@@ -381,7 +376,7 @@ class ImageReport(Result):
     def summary(self) -> str:
         """Mentions and files per status, conversions, examples of each unusable reason, notes."""
         n = len(self.per_mention)
-        lines = [f"images of {self.dataset}: {n} mentions, {self.usable} with a usable image "
+        lines = [f"images of {self.dataset}: {n} mentions, {self.counts.get('ok', 0)} with a usable image "
                  f"({self.decoded} files decoded, {self.reused} reused from the last check)"]
         frame = self.to_frame()
         lines += ["  " + line for line in frame.to_string(index=False).splitlines()]
