@@ -468,16 +468,14 @@ def _recall(mentions: pd.DataFrame, lists: list[list[str]]) -> tuple[int, int, d
 
 
 def _load_previous(ds: datasets.Dataset, key: str) -> CandidateReport | None:
-    report_path = ds.root / REPORT_FILE
     cand_path = ds.root / "candidates.parquet"
-    if not (report_path.exists() and cand_path.exists()):
-        return None
     try:
-        stored = json.loads(report_path.read_text())
+        stored = json.loads((ds.root / REPORT_FILE).read_text())
     except (OSError, ValueError):
         return None
     # The meta check matters: re-preparing a dataset may bring back released lists under the same key.
-    if stored.get("key") != key or (ds.meta.get("candidates") or {}).get("source") != BUILT_SOURCE:
+    if (stored.get("key") != key or (ds.meta.get("candidates") or {}).get("source") != BUILT_SOURCE
+            or not cand_path.exists()):
         return None
     df = pd.read_parquet(cand_path)
     if df["mention_id"].tolist() != ds.mentions["mention_id"].tolist():

@@ -58,7 +58,7 @@ _KNOWN_UNSUPPORTED = (
 # warnings.catch_warnings blocks from restoring each other's filters out of order (which would
 # leave our filter in place for good).
 _OPEN_LOCK = threading.Lock()
-_ORIENTATION_TAG = 0x0112
+#: EXIF orientation -> the transposition that displays the image upright.
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -172,12 +172,6 @@ def _scale_to_uint8(arr: np.ndarray, full_range: float | None) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _composite_on_white(rgba: Image.Image) -> Image.Image:
-    """Flatten transparency onto white, so transparent areas do not turn black."""
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
 #: What converting a mode to RGB is called (besides "alpha" for the modes with transparency; any mode
 #: not listed is "other_mode").
 _MODE_CONVERSIONS = {"P": ["palette"], "PA": ["palette"], "CMYK": ["cmyk"], "L": ["grayscale"], "1": ["grayscale"],
@@ -202,17 +196,10 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
         return Image.fromarray(_scale_to_uint8(arr, full)).convert("RGB"), ["16bit"]
     conv = list(_MODE_CONVERSIONS.get(mode, ["other_mode"]))
     if mode in ("PA", "RGBA", "RGBa", "LA", "La") or (mode == "P" and "transparency" in img.info):
-        return _composite_on_white(img.convert("RGBA")), conv + ["alpha"]
+        # flattened onto white, so that transparent areas do not turn black
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"), conv + ["alpha"]
     return img.convert("RGB"), conv
-
-
-def _orientation(img: Image.Image) -> tuple[int, str | None]:
-    """EXIF orientation (1 when absent); a broken EXIF block is noted, not fatal."""
-    try:
-        value = img.getexif().get(_ORIENTATION_TAG, 1)
-        return (int(value) if value in _TRANSPOSE else 1), None
-    except Exception as exc:  # EXIF parsing raises many types on damaged blocks
-        return 1, f"EXIF ignored ({_describe(exc)})"
 
 
 def load_image(path: str | os.PathLike | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -274,8 +261,7 @@ def _decode(fh, path: Path, head: bytes, tail: bytes, size: int, max_pixels: int
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fh)
     except Exception as exc:  # Pillow plugins raise many types (SyntaxError, struct.error, ...)
-        reason, detail = _classify_error(exc, head, tail, size)
-        return _fail(path, reason, detail)
+        return _fail(path, *_classify_error(exc, head, tail, size))
     with img:
         width, height = img.size
         if width <= 0 or height <= 0:
@@ -293,9 +279,11 @@ def _decode(fh, path: Path, head: bytes, tail: bytes, size: int, max_pixels: int
             # Decode now, inside the try: a truncated or damaged file fails here, not later.
             img.load()
         except Exception as exc:
-            reason, detail = _classify_error(exc, head, tail, size)
-            return _fail(path, reason, detail)
-        orientation, note = _orientation(img)
+            return _fail(path, *_classify_error(exc, head, tail, size))
+        try:  # EXIF orientation; a damaged EXIF block (parsing raises many types) is noted, not fatal
+            transpose, note = _TRANSPOSE.get(img.getexif().get(0x0112, 1)), None
+        except Exception as exc:
+            transpose, note = None, f"EXIF ignored ({_describe(exc)})"
         try:
             rgb, more = _to_rgb(img)
         except MemoryError as exc:
@@ -303,8 +291,8 @@ def _decode(fh, path: Path, head: bytes, tail: bytes, size: int, max_pixels: int
         except (ValueError, OSError) as exc:
             return _fail(path, "unsupported", f"cannot convert mode {img.mode!r} to RGB ({_describe(exc)})")
         conv.extend(more)
-        if orientation != 1:
-            rgb = rgb.transpose(_TRANSPOSE[orientation])
+        if transpose is not None:
+            rgb = rgb.transpose(transpose)
             conv.append("exif_rotated")
         return LoadedImage(image=rgb, reason=None, converted="+".join(conv) or None,
                            detail=note, path=path)
