@@ -94,7 +94,7 @@ def _read_json(path: Path, expect: type | None = None, what: str = "", *, key_fi
     if isinstance(data, _DupDict):
         raise DataError("duplicate key: the JSON object repeats it (json would keep the last)",
                         file=path, record=data.dup, field=key_field)
-    if repeated:
+    if repeated:  # which record repeats a field (a walk over the whole file, so only when one does)
         items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
         for key, value in items:
             dup = _repeated_key(value)
@@ -178,13 +178,15 @@ def _parse_briefs(table: dict, path: Path, field: str) -> tuple[dict, dict, int]
     names: dict[str, str] = {}
     none_literal = 0
     for key, text in table.items():
-        if text is not None and not isinstance(text, str):
+        if text is None:
+            descs[key] = None
+            continue
+        if not isinstance(text, str):
             raise DataError(f"expected a string, got {type(text).__name__}", file=path, record=key, field=field)
-        desc = text
-        if text is not None and _SEP in text:
+        if _SEP in text:
             names[key] = text.split(_SEP, 1)[0].strip()
-            desc = text.rsplit(_SEP, 1)[1]
-        desc = desc.strip() if desc is not None else None
+            text = text.rsplit(_SEP, 1)[1]
+        desc = text.strip()
         if desc == "None":
             none_literal += 1
         descs[key] = desc if desc not in ("", "None") else None
