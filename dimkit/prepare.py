@@ -276,19 +276,17 @@ def _mimic_prefixes(folder: Path) -> list[str]:
 
 
 def _sniff_dim_subset(folder: Path) -> str | None:
-    """Tell wikipedia / richpedia / wikidiverse apart from the records of a split file."""
-    for fname in ("train.json", "test.json", "dev.json", "valid.json"):
-        if (folder / fname).is_file():
-            data = _read_json(folder / fname)
-            if isinstance(data, list):
-                return "wikidiverse"
-            if isinstance(data, dict):
-                for rec in list(data.values())[:200]:
-                    if isinstance(rec, dict) and "imgPath" in rec:
-                        return "wikipedia"
-                    if isinstance(rec, dict) and "img_list" in rec:
-                        return "richpedia"
-            return None
+    """Tell wikipedia / richpedia / wikidiverse apart from the records of the folder's first split file."""
+    data = _read_json(next(folder / f for f in ("train.json", "test.json", "dev.json", "valid.json")
+                           if (folder / f).exists()))
+    if isinstance(data, list):
+        return "wikidiverse"
+    if isinstance(data, dict):
+        for rec in list(data.values())[:200]:
+            if isinstance(rec, dict) and "imgPath" in rec:
+                return "wikipedia"
+            if isinstance(rec, dict) and "img_list" in rec:
+                return "richpedia"
     return None
 
 
