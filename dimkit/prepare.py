@@ -877,10 +877,7 @@ def run(cfg: PrepareConfig) -> PrepareResult:
             "prepared_by": f"dimkit.prepare {__version__}", "images": img_meta,
             "images_missing": img_meta.get("mention_images_missing", 0) + img_meta.get("entity_images_missing", 0),
             "notes": read.notes, **read.meta}
-    source_label = f"{src} ({layout})"
-    # validated before the images are placed (write_prepared validates again)
-    datasets.validate(read.mentions, read.entities, source=source_label, candidates=read.candidates)
-    # ---- write: the new images/ beside the old one, then the tables, then images/ swapped in
+    # ---- write: the new images/ beside the old one, then the tables (validated), then images/ swapped in
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staged = out / f".images-new-{uuid.uuid4().hex[:8]}"
@@ -893,7 +890,7 @@ def run(cfg: PrepareConfig) -> PrepareResult:
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(read.images_root.resolve() / rel, staged / rel)
         datasets.write_prepared(out, read.mentions, read.entities, meta, candidates=read.candidates,
-                                source=source_label)
+                                source=f"{src} ({layout})")
         if action is not None:
             atomic.swap_in(staged, out / "images")
         elif (out / "images").is_symlink():
