@@ -17,6 +17,7 @@ it is the KB key, whatever its form.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -91,15 +92,8 @@ def check_relative_path(value: str, *, file: str | Path, record: object, field: 
     if p.is_absolute() or re.match(r"^[A-Za-z]:", value):
         raise DataError(f"image path {value!r} is absolute; it must stay inside the dataset root",
                         file=file, record=record, field=field)
-    depth = 0
-    for part in p.parts:
-        if part == "..":
-            depth -= 1
-        elif part not in (".", ""):
-            depth += 1
-        if depth < 0:
-            raise DataError(f"image path {value!r} escapes the dataset root",
-                            file=file, record=record, field=field)
+    if posixpath.normpath(p).split("/")[0] == "..":
+        raise DataError(f"image path {value!r} escapes the dataset root", file=file, record=record, field=field)
     return str(p)
 
 

@@ -138,10 +138,6 @@ def _need(rec: dict, name: str, path: Path, key: object, types: tuple = (str,), 
     return value
 
 
-def _check_image(value: str, path: Path, key: object, field_name: str) -> str:
-    return datasets.check_relative_path(value, file=path, record=key, field=field_name)
-
-
 def _hash_order(keys: Iterable[object], seed: int) -> list:
     """Keys in a seeded order that does not depend on Python's RNG, platform or input order."""
     return sorted(keys, key=lambda k: (hashlib.sha256(f"{seed}:{k}".encode()).hexdigest(), str(k)))
@@ -480,11 +476,12 @@ def _read_dim_wiki_rich(folder: Path, subset: str, files: list[tuple[str, Path]]
                     if item.rsplit(".", 1)[-1].lower() != "jpg":  # prepare_richpedia.py keeps only .jpg files
                         non_jpg += 1
                         continue
-                    images.append(f"richpedia/images/{_check_image(item, path, key, 'img_list')}")
+                    rel = datasets.check_relative_path(item, file=path, record=key, field="img_list")
+                    images.append(f"richpedia/images/{rel}")
                 image = images[0] if images else None
             else:
                 img = _need(rec, "imgPath", path, key, allow_none=True)
-                image = _check_image(img, path, key, "imgPath") if img else None
+                image = datasets.check_relative_path(img, file=path, record=key, field="imgPath") if img else None
             if answer is None or answer.strip().lower() in NIL_ANSWERS:
                 reader["nil_skipped"] += 1
                 continue
@@ -561,7 +558,7 @@ def _read_dim_diverse(folder: Path, subset: str, files: list[tuple[str, Path]], 
             mention = _need(rec, "mention", path, i)
             entity = _need(rec, "entity", path, i, allow_none=True)
             img = _need(rec, "mention_image", path, i, allow_none=True)
-            image = _check_image(img, path, i, "mention_image") if img else None
+            image = datasets.check_relative_path(img, file=path, record=i, field="mention_image") if img else None
             if entity is None or entity.strip().lower() in NIL_ANSWERS:
                 reader["nil_skipped"] += 1
                 continue
@@ -615,7 +612,7 @@ def _read_mimic(src: Path, prefix: str, name: str, images: Path | None) -> _Read
         for img in _need(rec, "image_list", e_path, eid, types=(list,), allow_none=True) or []:
             if not isinstance(img, str):
                 raise DataError(f"expected a file name, got {img!r:.60}", file=e_path, record=eid, field="image_list")
-            rels.append("kb_image/" + _check_image(img, e_path, eid, "image_list"))
+            rels.append("kb_image/" + datasets.check_relative_path(img, file=e_path, record=eid, field="image_list"))
         desc = attr.strip() if isinstance(attr, str) and attr.strip() else None
         by_id[eid] = {"qid": id2qid.get(eid, f"mimic-{eid}"), "name": unquote(ename), "description": desc,
                       "description_source": "mimic attr (released)" if desc else "none", "images": rels}
@@ -650,7 +647,7 @@ def _read_mimic(src: Path, prefix: str, name: str, images: Path | None) -> _Read
             answer = _need(rec, "answer", path, i)
             image = None
             if img:
-                _check_image(img, path, i, "imgPath")
+                datasets.check_relative_path(img, file=path, record=i, field="imgPath")
                 # MIMIC keeps the stem before the first dot and appends .jpg (all converted to JPG)
                 stem = img.replace("\\", "/").split("/")[-1].split(".")[0]
                 if not stem:
