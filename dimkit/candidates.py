@@ -227,9 +227,8 @@ class _Scorer:
         S[I, J] = np.maximum(S[I, J], self._pairs(fuzz.WRatio, qp, n.p, I, J))
         kth = self._kth(S)
 
-        live = None
-        if q_empty.any() or n_empty.any():
-            live = ~(q_empty[:, None] | n_empty[None, :])
+        live = ~(q_empty[:, None] | n_empty[None, :])  # [c, U] pairs without an empty side
+
         def scale(I: np.ndarray, J: np.ndarray) -> np.ndarray:  # WRatio's partial scale, float64
             return np.where(near[I, J], 0.9, 0.6)
 
@@ -241,16 +240,12 @@ class _Scorer:
             len_sum = (len_a[:, None] + len_b[None, :]).astype(np.float32)
             ub = _partial_bound(ratio_, len_sum, short.astype(np.float32))
             ub *= ps32
-            if factor != 1.0:
-                ub *= np.float32(factor)
+            ub *= np.float32(factor)
             ub += np.float32(_SLACK)
             return ub
 
         def open_pairs(ub: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            mask = mask & (ub >= kth[:, None]) & (ub > S)
-            if live is not None:
-                mask &= live
-            return np.nonzero(mask)
+            return np.nonzero(mask & live & (ub >= kth[:, None]) & (ub > S))
 
         # Different lengths: partial_ratio of the strings, scaled by 0.9 or 0.6 ...
         UB = bound(R, q.len_p[rows], n.len_p, mn, 1.0)
