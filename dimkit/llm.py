@@ -180,6 +180,13 @@ def parse_completion(body: bytes | str) -> Completion:
                       finish_reason=finish if isinstance(finish, str) else None)
 
 
+def _status_reason(status: int) -> str:
+    if status < 400:
+        return "ok"
+    return {429: "rate_limited", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
+            409: "server_error"}.get(status, "server_error" if status >= 500 else "bad_request")
+
+
 def classify(exc: BaseException, secret: str | None = None) -> LLMError:
     """Map an ``openai`` exception (or a transport error) to an :class:`LLMError`."""
     import openai
@@ -206,22 +213,16 @@ def _require_key(endpoint: Endpoint) -> None:
             "parameters.")
 
 
-def _status_reason(status: int) -> str:
-    if status < 400:
-        return "ok"
-    return {429: "rate_limited", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
-            409: "server_error"}.get(status, "server_error" if status >= 500 else "bad_request")
-
-
 class Pacer:
     """Spaces request starts: a fixed cap (``fixed`` a second) and/or one learnt from 429s.
 
     Adaptive mode is additive-increase / multiplicative-decrease, as TCP: no cap until the first
     429; then, on each 429 (at most once a second), the cap drops to the success rate of the last
     second or by 10%, whichever is lower; every second of successes raises it by 5% (at least
-    1 request/s). A run then sits just under the server's limit instead of every worker bouncing
-    off it, which matters where rejected requests count against the quota (OpenAI's do). A 429's
-    ``Retry-After`` also holds back every other request until then.
+    1 request/s), or by 25% until the second 429, since the first estimate, taken right after the
+    start-up burst, is low (TCP's slow start). A run then sits just under the server's limit
+    instead of every worker bouncing off it, which matters where rejected requests count against
+    the quota (OpenAI's do). A 429's ``Retry-After`` also holds back every other request until then.
     """
 
     def __init__(self, fixed: float | None = None, adaptive: bool = True):
@@ -231,6 +232,7 @@ class Pacer:
         self._next = 0.0
         self._hold = 0.0
         self._last_decrease = -1e9
+        self._cuts = 0
         self._successes: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
 
@@ -261,7 +263,8 @@ class Pacer:
             while self._successes[0] < now - 1.0:
                 self._successes.popleft()
             if self.learnt:
-                self.learnt += max(1.0, 0.05 * self.learnt) / self.learnt  # per success: +5%/s (>= 1/s)
+                growth = 0.05 if self._cuts > 1 else 0.25  # per second; fast until the second 429
+                self.learnt += max(1.0, growth * self.learnt) / self.learnt  # spread over the successes
 
     def rate_limited(self, now: float, retry_after: float | None = None) -> None:
         """A request got 429 at ``now``; ``retry_after``: the seconds the server asked for."""
@@ -275,6 +278,7 @@ class Pacer:
             if not self._successes:
                 return  # nothing to estimate from yet: the Retry-After hold does the work
             self._last_decrease = now
+            self._cuts += 1
             observed = float(len(self._successes))  # successes in the last second
             self.learnt = max(1.0, observed if self.learnt is None else min(observed, self.learnt * 0.9))
 

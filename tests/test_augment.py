@@ -230,9 +230,11 @@ def test_adaptive_pacer_learns_the_limit_from_429s():
     pacer.rate_limited(2.5)
     assert pacer.rate == 30  # at most one decrease a second
     pacer.success(2.9)
-    assert pacer.rate == pytest.approx(30 + 1.5 / 30)  # +5%/s spread over the successes
+    assert pacer.rate == pytest.approx(30 + 7.5 / 30)  # +25%/s spread over the successes until the 2nd 429
     pacer.rate_limited(3.2)
     assert pacer.rate == pytest.approx(1.0)  # one success in the last second: back off hard
+    pacer.success(3.3)
+    assert pacer.rate == pytest.approx(2.0)  # then +5%/s, at least 1 request/s
     fixed = Pacer(15, adaptive=False)
     fixed.rate_limited(5.0)
     assert fixed.rate == 15
