@@ -10,7 +10,8 @@ share an interpreter):
    beyond that -> target >= 85% of 50/s, every entity done, none failed.
 3. a rerun over the same store sends 0 requests.
 
-Run: ``.venv/bin/python benchmarks/bench_augment.py [--entities 2000]``. Prints a table and writes
+Run: ``.venv/bin/python benchmarks/bench_augment.py [--entities 2000] [--no-adaptive-rate]`` (the latter
+without the request-rate cap learnt from 429s, to see what it earns). Prints a table and writes
 ``$DIMKIT_RUNS/bench/bench_augment.json``. Two throughputs are printed, both from the client's side:
 "overall" = answers / live phase (endpoint check done -> last answer committed, ramp-up and the last
 partial wave included); "sustained" = answers per second between the 10th and the 90th percentile

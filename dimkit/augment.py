@@ -50,7 +50,7 @@ from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .imagefiles import sha256_file as imagefile_sha256
 from .llm import (BATCH_FINAL, ChatClient, Completion, Endpoint, LLMError, estimate_cost, estimate_prompt_tokens,
-                  parse_completion)
+                  parse_completion, status_reason)
 from .stage import Config, Result, setting
 from .store import Store, content_hash, default_store_path, make_key
 
@@ -521,7 +521,7 @@ def _run_live(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: Te
             report.done += len(rows)
             report.prompt_tokens += sum(a.prompt_tokens or 0 for a in answers)
             report.completion_tokens += sum(a.completion_tokens or 0 for a in answers)
-            pbar.update(len(batch) - batch.count(None))
+            pbar.update(len(rows) + len(failures))
             pbar.set_postfix(done=report.done, cached=report.cached + report.imported, failed=report.failed,
                              refresh=False)
     finally:
@@ -540,20 +540,12 @@ def _run_live(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: Te
 # Batch API mode
 # ---------------------------------------------------------------------------------------------
 def _batch_reason(status_code: Any, error: Any) -> str:
-    code = status_code if isinstance(status_code, int) else None
-    if code == 429:
-        return "rate_limited"
-    if code is not None and code >= 500:
-        return "server_error"
-    if code in (401, 403):
-        return "auth"
-    if code is not None and code != 200:
-        return "bad_request"
-    code_text = str(error.get("code", "")) if isinstance(error, dict) else ""
-    if "rate_limit" in code_text:
-        return "rate_limited"
-    if "server_error" in code_text:
-        return "server_error"
+    if isinstance(status_code, int) and status_code != 200:
+        return status_reason(status_code)
+    code = str(error.get("code", "")) if isinstance(error, dict) else ""
+    for reason in ("rate_limit", "server_error"):
+        if reason in code:
+            return "rate_limited" if reason == "rate_limit" else reason
     return "batch_error" if error else "malformed"
 
 

@@ -180,7 +180,8 @@ def parse_completion(body: bytes | str) -> Completion:
                       finish_reason=finish if isinstance(finish, str) else None)
 
 
-def _status_reason(status: int) -> str:
+def status_reason(status: int) -> str:
+    """The failure category of an HTTP status (``ok`` below 400)."""
     if status < 400:
         return "ok"
     return {429: "rate_limited", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
@@ -199,7 +200,7 @@ def classify(exc: BaseException, secret: str | None = None) -> LLMError:
     if isinstance(exc, openai.APIConnectionError):
         return LLMError("connection", detail)
     if isinstance(exc, openai.APIStatusError):
-        return LLMError(_status_reason(exc.status_code), detail, status=exc.status_code)
+        return LLMError(status_reason(exc.status_code), detail, status=exc.status_code)
     if isinstance(exc, openai.APIResponseValidationError):
         return LLMError("malformed", detail)
     return LLMError("connection", detail)
@@ -304,7 +305,7 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
                 with lock:
                     tally["timeout" if timeout else "connection"] += 1
                 raise
-            reason = _status_reason(response.status_code)
+            reason = status_reason(response.status_code)
             with lock:
                 tally[reason] += 1
             if reason == "rate_limited":
