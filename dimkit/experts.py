@@ -303,7 +303,7 @@ class OpenAIExpert(Expert):
                 # local servers ignore the key; the client requires one
                 endpoint = Endpoint(endpoint.base_url, "unused-by-local-server")
             self._client = ChatClient(endpoint, timeout_s=self.timeout, max_retries=self.max_retries,
-                                      max_attempts=self.max_attempts, adaptive_rate=False)
+                                      max_attempts=self.max_attempts)
         return self._client
 
     def _data_url(self, image) -> str:
