@@ -642,22 +642,15 @@ def _ingest_batch(client: ChatClient, value: dict, st: dict, by_key: dict[str, _
 # Writing the '+' dataset
 # ---------------------------------------------------------------------------------------------
 def _image_paths(ds: datasets.Dataset) -> Iterable[str]:
-    for col in ("image",):
-        for v in ds.mentions[col]:
-            if isinstance(v, str) and v:
-                yield v
-    for frame, col in ((ds.mentions, "images"), (ds.entities, "images")):
-        if col in frame.columns:
-            for lst in frame[col]:
-                if lst is None or isinstance(lst, float):
-                    continue
-                for v in lst:
-                    if isinstance(v, str) and v:
-                        yield v
+    lists = [[v] for v in ds.mentions["image"]]
+    for frame in (ds.mentions, ds.entities):
+        if "images" in frame.columns:
+            lists += [lst for lst in frame["images"] if lst is not None and not isinstance(lst, float)]
+    return (v for lst in lists for v in lst if isinstance(v, str) and v)
 
 
 def link_images(source: datasets.Dataset, out_root: Path) -> list[str]:
-    """Link the source's image folders into the '+' dataset; returns the linked names.
+    """Link the source's image folders into the new '+' folder ``out_root``; returns the linked names.
 
     Image paths stay exactly as in the source (relative to the dataset folder, never with '..',
     which :func:`dimkit.datasets.check_relative_path` forbids). Each first path component (e.g.
@@ -674,22 +667,11 @@ def link_images(source: datasets.Dataset, out_root: Path) -> list[str]:
         target = source.root / top
         if not target.exists():
             continue  # nothing to link: the images are missing in the source too (images.py reports it)
-        link = out_root / top
-        rel = os.path.relpath(target, out_root)
-        if link.is_symlink():
-            if os.readlink(link) == rel:
-                linked.append(top)
-                continue
-        elif link.exists():
-            raise DimkitError(f"{link} exists and is not a link to the source's images; remove it and rerun")
-        tmp = out_root / f".{top}.link-tmp"
-        tmp.unlink(missing_ok=True)
         try:
-            os.symlink(rel, tmp, target_is_directory=target.is_dir())
+            os.symlink(os.path.relpath(target, out_root), out_root / top, target_is_directory=target.is_dir())
         except OSError as exc:  # e.g. Windows without the symlink privilege
             raise DimkitError(f"cannot link the source images into {out_root} ({exc}); enable symlinks "
                               "(Windows: Developer Mode) and rerun") from None
-        os.replace(tmp, link)
         linked.append(top)
     return linked
 
