@@ -122,7 +122,7 @@ def test_config_is_validated(kit_dirs):
         aug.augment("toy", concurrency=0)
     with pytest.raises(ConfigError, match="unknown template"):
         aug.augment("toy", template="nope")
-    with pytest.raises(ConfigError, match="max_attempts must be >= 1"):
+    with pytest.raises(ConfigError, match="max_attempts must be a positive whole number, got 0"):
         aug.augment("toy", max_attempts=0)
     cfg = aug.AugmentConfig.for_dataset("toy", template="who-is", out="mine")
     assert (cfg.template, cfg.out, cfg.mode) == ("who-is@1", "mine", "live")

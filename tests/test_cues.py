@@ -226,7 +226,7 @@ def test_openai_expert_asks_again_after_a_malformed_or_empty_answer(env, monkeyp
         monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
         ds = tinymedia.make_dataset(env / "data")
-        res = cues.run_cues(ds, experts.OpenAIExpert("tiny-vlm", workers=2), progress=False)
+        res = run_cues(ds, experts.OpenAIExpert("tiny-vlm", workers=2), progress=False)
         rep = res.report
         assert rep.images == 3 and rep.done == 3 and rep.failed == {} and rep.empty == 0
         assert res.cues["m1"].startswith("Fake LLM answer")
