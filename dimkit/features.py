@@ -11,6 +11,7 @@ patch-level features.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -151,7 +152,7 @@ class FeatureStore:
         self.dim: int | None = None
         self._index: dict[bytes, tuple[int, int]] = {}
         self._arrays: list[np.ndarray] = []
-        self._seen: dict[str, int] = {}
+        self._seen: set[str] = set()
         self._lock = threading.Lock()
         self.refresh()
 
@@ -185,7 +186,7 @@ class FeatureStore:
                     raise DataError(f"feature part has dimension {vecs.shape[1]}, the store {self.dim}", file=p)
                 slot = len(self._arrays)
                 self._arrays.append(vecs)
-                self._seen[p.name] = slot
+                self._seen.add(p.name)
                 for row, k in enumerate(keys):
                     self._index[k.tobytes()] = (slot, row)
 
@@ -311,73 +312,51 @@ def _entity_texts(ents: pd.DataFrame, column: str, missing: str) -> tuple[list[s
     return texts, n_missing
 
 
-class _Computer:
-    """Loads the CLIP on first need and writes computed rows to the store in durable chunks."""
+def _encode_texts(cm: ClipModel, store: FeatureStore, todo: list[tuple[str, str]], cfg: "FeaturesConfig",
+                  bar_kw: dict) -> None:
+    """Encode (key, text) rows into the store, durably every ``flush_rows``."""
+    # Similar lengths in one chunk: each CLIP batch is cut to its longest text (ClipModel.trim_text).
+    todo = sorted(todo, key=lambda kt: len(kt[1]))
+    with tqdm(total=len(todo), desc=f"text features ({cm.model_id})", unit="text", **bar_kw) as bar:
+        for i in range(0, len(todo), cfg.flush_rows):
+            chunk = todo[i:i + cfg.flush_rows]
+            store.put([k for k, _ in chunk], cm.encode_texts([t for _, t in chunk], batch_size=cfg.batch_size))
+            bar.update(len(chunk))
 
-    def __init__(self, cfg: "FeaturesConfig", clip_spec: ClipSpec, store: FeatureStore, device: str, precision: str,
-                 progress: bool):
-        self.cfg, self.spec, self.store, self.device, self.precision = cfg, clip_spec, store, device, precision
-        self.bar_kw = {} if progress else {"disable": True}
-        self.model: ClipModel | None = None
 
-    def clip(self) -> ClipModel:
-        """The model, loaded on first use only (a run whose rows are all stored never loads it)."""
-        if self.model is None:
-            self.model = load_clip(self.spec, device=self.device, precision=self.precision)
-        return self.model
+def _encode_images(cm: ClipModel, store: FeatureStore, todo: list[tuple[str, Path]], cfg: "FeaturesConfig",
+                   bar_kw: dict) -> Counter:
+    """Encode (key, path) images into the store; a file unusable now is counted by reason, not raised."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
 
-    def texts(self, todo: list[tuple[str, str]]) -> int:
-        """Encode (key, text) rows, flushing every ``flush_rows``."""
-        if not todo:
-            return 0
-        cm, step = self.clip(), self.cfg.flush_rows
-        # Similar lengths in one chunk: each CLIP batch is cut to its longest text (ClipModel.trim_text).
-        todo = sorted(todo, key=lambda kt: len(kt[1]))
-        with tqdm(total=len(todo), desc=f"text features ({cm.model_id})", unit="text", **self.bar_kw) as bar:
-            for i in range(0, len(todo), step):
-                chunk = todo[i:i + step]
-                self.store.put([k for k, _ in chunk], cm.encode_texts([t for _, t in chunk],
-                                                                      batch_size=self.cfg.batch_size))
-                bar.update(len(chunk))
-        return len(todo)
+    from .images import load_image
 
-    def images(self, todo: list[tuple[str, Path]]) -> tuple[int, Counter]:
-        """Encode (key, path) images; a file unusable now is counted by reason, not raised."""
-        import torch
-        from concurrent.futures import ThreadPoolExecutor
+    def prep(item: tuple[str, Path]):
+        loaded = load_image(item[1])
+        return item[0], None if loaded.image is None else cm.preprocess(loaded.image), loaded.status
 
-        from .images import load_image
-
-        failed: Counter = Counter()
-        if not todo:
-            return 0, failed
-        cm, step = self.clip(), self.cfg.image_batch_size
-
-        def prep(item: tuple[str, Path]):
-            loaded = load_image(item[1])
-            return item[0], None if loaded.image is None else cm.preprocess(loaded.image), loaded.status
-
-        done = 0
-        keys: list[str] = []
-        vecs: list[np.ndarray] = []
-        # Decoding and resizing run in threads (PIL releases the GIL).
-        with ThreadPoolExecutor(max_workers=self.cfg.workers) as pool, \
-                tqdm(total=len(todo), desc=f"image features ({cm.model_id})", unit="img", **self.bar_kw) as bar:
-            for i in range(0, len(todo), step):
-                batch = list(pool.map(prep, todo[i:i + step]))
-                failed.update(why for _, px, why in batch if px is None)
-                good = [(k, px) for k, px, _ in batch if px is not None]
-                if good:
-                    vecs.append(cm.encode_pixels(torch.stack([px for _, px in good])))   # [B, D]
-                    keys += [k for k, _ in good]
-                    done += len(good)
-                if len(keys) >= self.cfg.flush_rows:
-                    self.store.put(keys, np.concatenate(vecs))
-                    keys, vecs = [], []
-                bar.update(len(batch))
-            if keys:
-                self.store.put(keys, np.concatenate(vecs))
-        return done, failed
+    failed: Counter = Counter()
+    keys: list[str] = []
+    vecs: list[np.ndarray] = []
+    step = cfg.image_batch_size
+    # Decoding and resizing run in threads (PIL releases the GIL).
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, \
+            tqdm(total=len(todo), desc=f"image features ({cm.model_id})", unit="img", **bar_kw) as bar:
+        for i in range(0, len(todo), step):
+            batch = list(pool.map(prep, todo[i:i + step]))
+            failed.update(why for _, px, why in batch if px is None)
+            good = [(k, px) for k, px, _ in batch if px is not None]
+            if good:
+                vecs.append(cm.encode_pixels(torch.stack([px for _, px in good])))   # [B, D]
+                keys += [k for k, _ in good]
+            if len(keys) >= cfg.flush_rows:
+                store.put(keys, np.concatenate(vecs))
+                keys, vecs = [], []
+            bar.update(len(batch))
+        if keys:
+            store.put(keys, np.concatenate(vecs))
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,9 +426,8 @@ def run(cfg: FeaturesConfig, *, dataset: datasets.Dataset | None = None, clip: C
         expert: Any = None, progress: bool = True) -> FeatureResult:
     """Compute what is missing from the feature store and assemble the dataset's FeatureSet and report.
 
-    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it. ``clip`` (a ClipSpec) and
-    ``expert`` (an Expert) replace the specs ``cfg.clip`` and ``cfg.expert`` (which must then stay
-    ``auto``). With ``cfg.shard`` this process computes its share (:mod:`dimkit.shards`).
+    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it. ``clip`` (a ClipSpec) and ``expert``
+    (an Expert) replace the specs ``cfg.clip`` and ``cfg.expert``, which must then stay ``auto``.
     """
     cfg = cfg.replace()  # a checked copy
     ds = load_dataset(cfg, dataset)
@@ -479,7 +457,10 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
     precision = cfg.precision or ("fp16" if pick_device(device).startswith("cuda") else "fp32")  # as load_clip
     version = f"{FEATURE_VERSION}-{precision}"
     store = FeatureStore(clip_spec.model_id, cfg.store)
-    comp = _Computer(cfg, clip_spec, store, device, precision, progress)
+
+    @functools.cache
+    def clip_model() -> ClipModel:  # loaded on first need: a run whose rows are all stored never loads it
+        return load_clip(clip_spec, device=device, precision=precision)
 
     scan = scan_images(ds, progress=progress)
     cue_cfg = cues_mod.CuesConfig.for_dataset(ds.name, expert=cfg.expert, device=device, store=cfg.cue_store,
@@ -505,11 +486,13 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
     todo_i = [(k, path_of[sha]) for sha, k in ikeys.items() if (cfg.force or k not in store) and in_shard(sha, shard)]
     cached_i = 0 if cfg.force else sum(k in store for k in ikeys.values())
 
-    done_t = comp.texts(todo_t)
-    done_i, failed_i = comp.images(todo_i)
+    bar_kw = {} if progress else {"disable": True}
+    if todo_t:
+        _encode_texts(clip_model(), store, todo_t, cfg, bar_kw)
+    failed_i = _encode_images(clip_model(), store, todo_i, cfg, bar_kw) if todo_i else Counter()
     store.refresh()  # pick up rows other shards wrote meanwhile
     store.compact()
-    dim = store.dim or comp.clip().dim
+    dim = store.dim or clip_model().dim
 
     def text_block(texts: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
         return store.gather([tkeys[t] if t else "" for t in texts], dim)  # zeros and False where None
@@ -546,14 +529,15 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
     report = FeatureReport(
         dataset=ds.name, model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim),
         precision=precision,
-        texts={"distinct": len(tkeys), "done": done_t, "cached": cached_t},
-        images={"distinct": len(ikeys), "done": done_i, "cached": cached_i, "failed": dict(failed_i)},
+        texts={"distinct": len(tkeys), "done": len(todo_t), "cached": cached_t},
+        images={"distinct": len(ikeys), "done": len(todo_i) - sum(failed_i.values()), "cached": cached_i,
+                "failed": dict(failed_i)},
         mention_images={("usable" if k == "ok" else k): int(v) for k, v in sorted(pm_status.items())},
         cues={"expert": cue_res.report.expert, "synthetic": cue_res.report.synthetic, "mentions": int(len(m)),
               "with_cue": int(cue_ok.sum()), "status": dict(Counter(cue_res.table["cue_status"]))},
         entities={"entities": int(len(ents)), "no_description": n_missing,
                   **({"no_description_original": n_missing_orig} if orig_texts is not None else {})},
-        model_loaded=comp.model is not None, seconds=round(time.perf_counter() - t0, 3), notes=notes,
+        model_loaded=clip_model.cache_info().currsize > 0, seconds=round(time.perf_counter() - t0, 3), notes=notes,
         shard=str(shard) if shard else None)
     fs = FeatureSet(model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim),
                     mention_ids=m["mention_id"].astype(str).tolist(), entity_qids=ents["qid"].astype(str).tolist(),
@@ -579,11 +563,8 @@ def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", *, pro
                   **settings: Any) -> FeatureSet:
     """The dataset's FeatureSet (what :mod:`dimkit.train` reads): computes missing rows, reuses the store.
 
-    ``clip="default"`` is DIM's ViT-B-32 with OpenAI weights; ``"auto"`` is that on real datasets
-    and the shipped sample-trained CLIP on ``sample``/``sample+`` (so the sample runs offline);
-    ``"ViT-B-32:random"`` or a local checkpoint work anywhere. ``settings`` are any other
-    :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``. The set is whole
-    even in a process a launcher started (``shard=None`` unless given): training needs every row.
+    ``clip`` and ``settings``: any :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``.
+    The set is whole even in a process a launcher started (``shard=None`` unless given): training needs every row.
     """
     name = ds_or_name if isinstance(ds_or_name, str) else ds_or_name.name
     cfg = FeaturesConfig.for_dataset(name, clip=clip, **settings)
@@ -653,6 +634,4 @@ def write_summary(ds: datasets.Dataset, cue_report: Any, feature_report: Feature
     data = {"dataset": ds.name, "cues": cue_report.to_dict(), "features": feature_report.to_dict(),
             "namesake_hits": hits.to_dict(orient="records") if hits is not None else None,
             "label": _label(feature_report.model_id, feature_report.weights_real)}
-    target = folder / f"{ds.name}.json"
-    atomic.write_text(json.dumps(data, indent=1, default=str) + "\n", target)
-    return target
+    return atomic.write_text(json.dumps(data, indent=1, default=str) + "\n", folder / f"{ds.name}.json")

@@ -11,7 +11,6 @@ so a rerun finds its folder and a changed config gets a new one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -302,10 +301,7 @@ def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):
 @torch.no_grad()
 def attention_weights(run_dir: str | Path, dataset: datasets.Dataset, features: Any, split: str = "test",
                       device: str = "cpu") -> pd.DataFrame:
-    """Per-mention attention weights of a ``paper`` run (mean over heads), one column per key.
-
-    Rows follow ``dataset.split(split)``; a masked key (unusable image, missing cue) has weight 0.
-    """
+    """Per-mention attention weights of a ``paper`` run on ``split`` (mean over heads; a masked key has weight 0)."""
     model, cfg = load_model(run_dir, device)
     if getattr(model, "key_names", None) is None or not model.cfg.use_attention:
         raise ConfigError(f"run {Path(run_dir).name} has no attention weights (variant {cfg.variant}, "
@@ -597,13 +593,11 @@ def run(cfg: TrainConfig, *, dataset: datasets.Dataset | None = None, features: 
         callback: Callable[[dict], None] | None = None, progress: bool = True) -> RunResult:
     """Train, select on dev, evaluate dev and test under both protocols; write the run folder.
 
-    ``dataset`` and ``features`` default to ``datasets.load(cfg.dataset)`` and
-    ``features.load_features(...)``; tests pass their own. ``callback`` receives an event dict at
-    the start of each epoch (``"epoch_start"``), after every step (``"step"``: step, epoch, loss),
-    evaluation (``"eval"``: dev metrics) and epoch (``"epoch"``: mean loss), so a notebook can plot
-    live; an exception raised there stops the run like Ctrl-C (the last checkpoint stays).
+    ``dataset`` and ``features`` default to the loaded ``cfg.dataset`` and its features. ``callback`` gets
+    an event dict (``epoch_start``, ``step``, ``eval``, ``epoch``) so a notebook can plot live; an exception
+    raised there stops the run like Ctrl-C (the last checkpoint stays).
     """
-    cfg = copy.deepcopy(cfg).validate()
+    cfg = cfg.replace()  # a checked copy
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -622,7 +616,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     protocols = cfg.protocols.split(",")
     ds = dataset if dataset is not None else datasets.load(cfg.dataset)
     # --- every input that does not need the features is checked before they are computed
-    eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}
+    eindex = ds.entity_index
     need_cand = "dim" in protocols or cfg.negatives == "candidates"
     train, dev, test = (_split_data(ds, split, cfg, eindex, need_cand) for split in ("train", "dev", "test"))
     if len(train.rows) == 0:
@@ -751,7 +745,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
                     state["perm"] = torch.randperm(len(train.rows), generator=shuffle_gen)
             perm = state["perm"].to(device)
             emit({"event": "epoch_start", "epoch": state["epoch"] + 1, "step": state["step"]})
-            while state["pos"] < steps_per_epoch:
+            for _ in range(state["pos"], steps_per_epoch):  # the rest of this epoch
                 b = perm[state["pos"] * cfg.batch_size:(state["pos"] + 1) * cfg.batch_size]
                 rows, gold = train_rows[b], train_gold[b]
                 x = stacked[rows]  # [B, 4, D]: one gather for the four inputs
@@ -801,8 +795,6 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
                     save_checkpoint()
                     if state["finished"]:
                         break
-                if end_of_epoch:
-                    break
     finally:
         bar.close()
 
