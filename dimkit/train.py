@@ -113,12 +113,9 @@ class TrainConfig(Config):
     @classmethod
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
-        """The dataset's preset (from the released scripts) with ``overrides`` (None keeps the preset).
-
-        ``variant="released"`` also takes the released training procedure (:data:`RELEASED_PROCEDURE`)
-        for every key not given. To set a field that accepts None (``candidate_limit``) to None, use
-        :meth:`replace` afterwards, as ``--set candidate_limit=none`` does.
-        """
+        """The dataset's preset (from the released scripts) with ``overrides`` (None keeps the preset; set a
+        setting to None with :meth:`replace`). ``variant="released"`` also takes :data:`RELEASED_PROCEDURE`
+        for every key not given."""
         if (overrides.get("variant") or cls.variant) == "released":
             overrides = {**RELEASED_PROCEDURE, **{k: v for k, v in overrides.items() if v is not None}}
         return super().for_dataset(dataset, **overrides)
@@ -929,8 +926,8 @@ def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Datas
     from .features import resolve_clip_name
     from .store import content_hash
 
-    meta = dict(getattr(features, "meta", None) or {})
-    model_id = str(getattr(features, "model_id", ""))
+    meta = dict(getattr(features, "meta", None) or {})  # features built by hand (as in tests) may have none
+    model_id = str(features.model_id)
     clip_spec = expert_spec = None
     if "feature_version" in meta:  # made by dimkit.features, not built by hand (as in a test)
         given = resolve_clip_name(ds.name, cfg.clip)
@@ -945,7 +942,7 @@ def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Datas
                 expert_spec = given
     return atomic.write_json({
         "format": PROVENANCE_FORMAT, "dataset": ds.name, "feature_model": model_id,
-        "clip_spec": clip_spec, "weights_real": bool(getattr(features, "weights_real", False)),
+        "clip_spec": clip_spec, "weights_real": bool(features.weights_real),
         "precision": meta.get("precision"), "feature_version": meta.get("feature_version"),
         "cue_expert": meta.get("cue_expert"), "cue_expert_spec": expert_spec,
         "cue_prompt_version": meta.get("cue_prompt_version"), "synthetic_cues": meta.get("synthetic_cues"),
