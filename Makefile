@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast sync-notebooks bench clean lab reproduce reproduce-check sample sample-clip
+.PHONY: venv demo test test-fast sync-notebooks bench clean lab reproduce reproduce-check sample sample-clip rehearsal
 
 venv: $(STAMP)
 
@@ -60,6 +60,17 @@ sample: $(STAMP)
 
 sample-clip: $(STAMP)
 	$(PY) -m dimkit_dev.clip_train
+
+# The whole chain on synthetic data shaped like a real dataset, at 1/16, 1/4 and full size: time, peak
+# memory, items/s and bytes per stage, growth exponents, the rerun, DIM's fuzzywuzzy loop beside the
+# candidates (see benchmarks/rehearsal.py). Full size takes about an hour on 2 cores.
+#   make rehearsal LIKE=wikimel [SCALES=0.0625,0.25,1] [REHEARSAL_ARGS="--kill"]
+LIKE ?= wikimel
+SCALES ?= 0.0625,0.25,1
+REHEARSAL_ARGS ?=
+rehearsal: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/rehearsal.py --like $(LIKE) --scales $(SCALES) $(REHEARSAL_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -10,7 +10,8 @@ share an interpreter):
    beyond that -> target >= 85% of 50/s, every entity done, none failed.
 3. a rerun over the same store sends 0 requests.
 
-Run: ``.venv/bin/python benchmarks/bench_augment.py [--entities 2000]``. Prints a table and writes
+Run: ``.venv/bin/python benchmarks/bench_augment.py [--entities 2000] [--no-adaptive-rate]`` (the latter
+without the request-rate cap learnt from 429s, to see what it earns). Prints a table and writes
 ``$DIMKIT_RUNS/bench/bench_augment.json``. Two throughputs are printed, both from the client's side:
 "overall" = answers / live phase (endpoint check done -> last answer committed, ramp-up and the last
 partial wave included); "sustained" = answers per second between the 10th and the 90th percentile
@@ -71,12 +72,13 @@ def make_kb(data_dir: Path, name: str, n: int) -> None:
     datasets.write_prepared(data_dir / name, ments, ents, {"layout": "bench"})
 
 
-def run(name: str, url: str, store: Path, concurrency: int, **kw):
+def run(name: str, url: str, store: Path, concurrency: int, **settings):
     """One ``augment`` run against ``url`` with its own store."""
-    from dimkit.augment import augment
+    from dimkit import augment
 
-    return augment(name, f"{name}+", model="fake-model", concurrency=concurrency, base_url=url,
-                   api_key=KEY, store=store, progress=False, **kw)
+    cfg = augment.AugmentConfig.for_dataset(name, out=f"{name}+", model="fake-model", concurrency=concurrency,
+                                            progress=False, **settings)
+    return augment.run(cfg, base_url=url, api_key=KEY, store=store)
 
 
 def sustained_rate(store: Path, lo: float = 0.1, hi: float = 0.9) -> float:
@@ -99,7 +101,10 @@ def main() -> int:
     p.add_argument("--rate-latency", type=float, default=0.2,
                    help="server latency in the rate-limited case (s): 32 workers could do 160/s unthrottled")
     p.add_argument("--sequential", type=int, default=10, help="entities for the sequential baseline")
+    p.add_argument("--no-adaptive-rate", action="store_true",
+                   help="without the request-rate cap learnt from 429s (to see what it earns)")
     args = p.parse_args()
+    settings = {"adaptive_rate": not args.no_adaptive_rate}
 
     from dimkit import paths
 
@@ -111,7 +116,7 @@ def main() -> int:
     make_kb(tmp / "data", "kb", args.entities)
     make_kb(tmp / "data", "kbseq", args.sequential)
     load_before = os.getloadavg()[0]
-    result: dict = {"entities": args.entities, "concurrency": args.concurrency,
+    result: dict = {"entities": args.entities, "concurrency": args.concurrency, **settings,
                     "python": sys.version.split()[0], "cpus": os.cpu_count()}
     rows = []
 
@@ -126,13 +131,13 @@ def main() -> int:
     # 1. latency-bound, with the sequential loop beside it; 3. the rerun over the same store.
     proc, url = start_server(args.latency, None)
     try:
-        seq = run("kbseq", url, tmp / "seq.sqlite", 1)
+        seq = run("kbseq", url, tmp / "seq.sqlite", 1, **settings)
         seq_row = row(f"sequential, {args.latency * 1000:.0f} ms", seq, 1 / args.latency, None)
-        lat = run("kb", url, tmp / "latency.sqlite", args.concurrency)
+        lat = run("kb", url, tmp / "latency.sqlite", args.concurrency, **settings)
         result["latency_bound"] = row(f"latency-bound, {args.latency * 1000:.0f} ms x {args.concurrency}",
                                       lat, args.concurrency / args.latency, tmp / "latency.sqlite")
         before = stats(url)["requests"]
-        again = run("kb", url, tmp / "latency.sqlite", args.concurrency)
+        again = run("kb", url, tmp / "latency.sqlite", args.concurrency, **settings)
         result["rerun"] = row("rerun (same store)", again, None, None, sent=stats(url)["requests"] - before)
     finally:
         proc.kill()
@@ -141,7 +146,7 @@ def main() -> int:
     # 2. rate-limited.
     proc, url = start_server(args.rate_latency, args.rate_limit)
     try:
-        rl = run("kb", url, tmp / "ratelimited.sqlite", args.concurrency)
+        rl = run("kb", url, tmp / "ratelimited.sqlite", args.concurrency, **settings)
         result["rate_limited"] = row(f"rate-limited {args.rate_limit:.0f}/s, {args.rate_latency * 1000:.0f} ms"
                                      f" x {args.concurrency}", rl, args.rate_limit, tmp / "ratelimited.sqlite")
         result["rate_limited"]["server"] = stats(url)

@@ -154,13 +154,16 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
 
 
 def save_tiny_blip2(folder: Path) -> Path:
-    """A tiny random BLIP-2 saved as a local checkpoint folder (the path a real one takes)."""
-    from dimkit.experts import random_blip2
+    """A tiny random BLIP-2 saved as a local checkpoint folder (the path a real one takes).
 
+    Built in a child process: this one stays small, so the peak memory each stage's process reports
+    (which starts as a fork of this one) is the stage's own.
+    """
     if not (folder / "config.json").exists():
-        model, processor = random_blip2("tiny", seed=0)
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        code = ("import sys; from dimkit.experts import random_blip2; m, p = random_blip2('tiny', seed=0); "
+                "m.save_pretrained(sys.argv[1]); p.save_pretrained(sys.argv[1])")
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     return folder
 
 

@@ -1,19 +1,20 @@
-"""Build the '+' datasets: ask an LLM "Who is ...?" about every entity (notebook ``01_augment``).
+"""Build the '+' datasets: ask an LLM "Who is ...?" about every entity (notebook ``01_augment``;
+``dimkit augment NAME``).
 
 DIM's first contribution (the paper's Wiki+, Rich+, Diverse+) replaces each KB entity's static description
-with a fresher, richer one written by ChatGPT, producing Wiki+, Rich+ and Diverse+. The released
-code ships only the finished files; this module makes the step itself reliable and cheap to rerun:
+with a fresher, richer one written by ChatGPT. The released code ships only the finished files; this
+module makes the step itself reliable and cheap to rerun. ``run(AugmentConfig) -> AugmentReport``:
 
 - the prompt is a named, versioned :class:`Template` (``who-is@1``, modelled on the paper's
   "Who is ...?" question); :func:`register_template` adds more;
 - every answer is stored the moment it arrives in :class:`dimkit.store.Store` under
   (model, template version, entity + rendered prompt), so a rerun sends no request for a stored
   entity and ``kill -9`` loses at most the requests in flight;
-- requests go to any OpenAI-compatible endpoint (:mod:`dimkit.llm`) with bounded concurrency;
-  429 (honouring ``Retry-After``, which also pauses the other workers, and teaching the client a
-  request-rate cap), 5xx, timeouts and dropped connections are retried with exponential backoff
-  and jitter up to a limit, then the entity is recorded as failed and the run goes on; a malformed
-  or empty completion is a failure, never a description, and is retried on the next run;
+- requests go to any OpenAI-compatible endpoint through :class:`dimkit.llm.ChatClient`, from
+  ``concurrency`` worker threads: the openai client retries 429s (after ``Retry-After``), 5xx,
+  timeouts and dropped connections; a malformed or empty answer is asked again up to
+  ``max_attempts`` times and is never a description; what still fails is recorded with its reason,
+  the run goes on, and a rerun asks for it again;
 - ``batch=True`` sends what is missing through the OpenAI Batch API instead (half the price);
   submitted batches are recorded in the store, so an interrupted run resumes them;
 - ``replay`` never calls anything and fails naming the first entity without a stored answer;
@@ -29,24 +30,18 @@ mentions and candidates are copied, and the source's image folders are linked in
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import collections
-import concurrent.futures
+import copy
 import datetime as _dt
-import heapq
 import json
 import os
 import queue
-import random
 import re
-import shutil
 import string
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -54,8 +49,9 @@ from tqdm.auto import tqdm
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .images import sha256_file as imagefile_sha256
-from .llm import (BATCH_FINAL, BatchClient, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
-                  estimate_prompt_tokens, parse_completion, price_of)
+from .llm import (BATCH_FINAL, ChatClient, Completion, Endpoint, LLMError, estimate_cost, estimate_prompt_tokens,
+                  parse_completion, status_reason)
+from .stage import Config, Result, setting
 from .store import Store, content_hash, default_store_path, make_key
 
 #: Store kind of LLM-written entity descriptions.
@@ -157,8 +153,8 @@ def list_templates() -> list[str]:
     return [f"{n}@{v}" for n in sorted(_TEMPLATES) for v in sorted(_TEMPLATES[n])]
 
 
-# The paper's question is "Who is ...?" about each entity (its exact wording is not published; spec
-# 2.3). Asking for distinguishing facts is what makes the answers useful for disambiguation.
+# The paper's question is "Who is ...?" about each entity (its exact wording is not published).
+# Asking for distinguishing facts is what makes the answers useful for disambiguation.
 register_template(Template(
     name="who-is", version=1,
     system="You are an encyclopedic assistant. Answer with verifiable facts only.",
@@ -175,49 +171,77 @@ register_template(Template(
     note="Variant that shows the LLM the original description, so it answers about the right entity.",
 ))
 
-
 # ---------------------------------------------------------------------------------------------
 # Configuration and report
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class AugmentConfig:
-    """Settings of one augment run (defaults suit OpenAI's lower usage tiers)."""
+class AugmentConfig(Config):
+    """Settings of one augment run (defaults suit OpenAI's lower usage tiers).
 
-    model: str = DEFAULT_MODEL
-    template: str = "who-is"
-    concurrency: int = 8              # requests in flight at once
-    max_attempts: int = 5             # per entity, for 5xx / timeouts / dropped connections
-    timeout_s: float = 60.0           # per request
-    backoff_base_s: float = 1.0       # first retry waits about this long, doubling each time
-    backoff_max_s: float = 60.0
-    rate_limit_wait_s: float = 600.0  # most time one entity may spend waiting on 429 Retry-After
-    requests_per_s: float | None = None  # optional client-side cap, if you know your rate limit
-    adaptive_rate: bool = True        # learn a cap from 429s (AIMD) instead of bouncing off the limit
-    seed: int | None = None           # of the retry jitter (tests)
-    batch_poll_s: float = 30.0        # Batch API mode: seconds between status polls
-    batch_max_requests: int = 50_000  # Batch API mode: requests per batch (OpenAI's limit)
+    The endpoint and key are not settings: they come from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``
+    (or :func:`run`'s arguments), so they are never printed with the config or saved with a report.
+    """
 
-    def validate(self) -> "AugmentConfig":
-        """Raise ConfigError on a value out of range."""
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError("model must be a non-empty string")
-        get_template(self.template)
-        if not isinstance(self.concurrency, int) or not 1 <= self.concurrency <= 1024:
-            raise ConfigError(f"concurrency must be an int in 1..1024, got {self.concurrency!r}")
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be a positive int, got {self.max_attempts!r}")
-        if not isinstance(self.batch_max_requests, int) or self.batch_max_requests < 1:
-            raise ConfigError("batch_max_requests must be a positive int")
-        for name in ("timeout_s", "backoff_base_s", "backoff_max_s", "rate_limit_wait_s", "batch_poll_s"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"{name} must be > 0")
-        if self.requests_per_s is not None and not self.requests_per_s > 0:
-            raise ConfigError("requests_per_s must be > 0 (or None for no client-side cap)")
-        return self
+    STAGE: ClassVar[str] = "augment"
+
+    dataset: str = setting("sample", "source dataset (sample, wikimel, richpediamel, wikidiverse, ...)",
+                           positional=True)
+    out: str | None = setting(None, "output dataset name (default: <dataset>+)")
+    model: str = setting(DEFAULT_MODEL, f"model id at the endpoint ('{SAMPLE_ORACLE}' replays the sample's "
+                                        "synthetic answers)")
+    template: str = setting("who-is", "prompt template name[@version]: who-is, who-is-kb or one you registered")
+    concurrency: int = setting(8, "requests in flight (1..1024)", min=1)
+    replay: bool = setting(False, "use stored answers only; never call the LLM")
+    dry_run: bool = setting(False, "count stored answers and estimate tokens and cost; call nothing")
+    batch: bool = setting(False, "use the OpenAI Batch API (half price, results within 24 h) instead of live "
+                                 "requests")
+    batch_wait: bool = setting(True, "with batch: wait for the results (--no-wait: submit and return; rerun the "
+                                     "same command to collect them)", cli="--wait")
+    batch_poll_s: float = setting(30.0, "with batch: seconds between polls", above=0, cli="--poll")
+    batch_max_requests: int = setting(50_000, "with batch: requests per batch (OpenAI's limit)", min=1, cli=False)
+    answers: str | None = setting(None, "JSON file of answers to import first ({qid: text} or "
+                                        "{model, template, answers})")
+    allow_partial: bool = setting(False, "write the dataset even if some entities failed (they keep the "
+                                         "original)")
+    force: bool = setting(False, "replace out even if it holds a dataset this run did not build (replaced whole)")
+    max_retries: int = setting(5, "retries of one request by the openai client: 429 (after Retry-After), "
+                                  "5xx, timeouts, dropped connections", min=0)
+    max_attempts: int = setting(3, "requests per entity while its answer comes back malformed or empty", min=1)
+    timeout_s: float = setting(60.0, "seconds per request", above=0, cli="--timeout")
+    requests_per_s: float | None = setting(None, "client-side cap on request starts per second, if you know "
+                                                 "your rate limit", above=0)
+    adaptive_rate: bool = setting(True, "learn a request-rate cap from 429s (Retry-After is honoured either way)")
+    report: str | None = setting(None, "also write the report JSON to this file")
+    progress: bool = setting(True, "show a progress bar")
+
+    def check(self) -> None:
+        """The template exists (recorded as ``name@version``); source and output are distinct datasets."""
+        if not self.model.strip():
+            raise ConfigError(f"{option('model', '--model')} must be a non-empty string")
+        self.template = get_template(self.template).id
+        if self.concurrency > 1024:
+            raise ConfigError(f"{option('concurrency', '--concurrency')} must be in 1..1024, got {self.concurrency}")
+        self.dataset = datasets.canonical_name(self.dataset)
+        if datasets.is_augmented(self.dataset):
+            raise ConfigError(f"{self.dataset!r} is already an augmented dataset; augment its source "
+                              f"{datasets.base_name(self.dataset)!r}")
+        if self.model == SAMPLE_ORACLE and datasets.base_name(self.dataset) != "sample":
+            real = option("model='gpt-4o-mini'", "--model gpt-4o-mini")
+            raise ConfigError(f"model {SAMPLE_ORACLE!r} only has answers for the bundled sample, not "
+                              f"{self.dataset!r}: pass a real model ({real}) and set OPENAI_API_KEY")
+        if self.out is not None:
+            self.out = datasets.canonical_name(self.out)
+            if self.out == self.dataset:
+                raise ConfigError(f"{option('out', '--out')} must differ from the source dataset")
+
+    @property
+    def mode(self) -> str:
+        """``dry_run``, ``replay``, ``batch`` or ``live`` (in that order of precedence)."""
+        return "dry_run" if self.dry_run else "replay" if self.replay else "batch" if self.batch else "live"
 
 
 @dataclass
-class AugmentReport:
+class AugmentReport(Result):
     """What one augment run did: counts, failures by reason, tokens, cost, where it wrote."""
 
     dataset: str
@@ -253,15 +277,10 @@ class AugmentReport:
     synthetic_answers: bool = False
     note: str = ""
 
-    def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict."""
-        return asdict(self)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the report as JSON (atomically)."""
-        path = Path(path)
-        atomic.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", path)
-        return path
+    @property
+    def exit_code(self) -> int:
+        """1 when the dataset was not written (and nothing is pending and it was no dry run)."""
+        return 0 if (self.written or self.mode == "dry_run" or self.batches_pending) else 1
 
     def summary(self) -> str:
         """A few readable lines."""
@@ -281,6 +300,8 @@ class AugmentReport:
                          f"done {self.done}, failed {self.failed}"
                          + (f" {self.failed_by_reason}" if self.failed else "")
                          + (f", not attempted {self.not_attempted}" if self.not_attempted else ""))
+            for ex in self.failed_examples[:5]:
+                lines.append(f"  failed: {ex['qid']} ({ex['name']!r}): {ex['reason']}: {ex['detail']}")
             if self.mode == "batch":
                 lines.append(f"batches {len(self.batches)} ({sum(b.get('resumed', False) for b in self.batches)} "
                              f"resumed), pending {self.batches_pending}; tokens {self.prompt_tokens:,} prompt + "
@@ -297,17 +318,14 @@ class AugmentReport:
                 lines.append("requests 0 (replay)")
         if self.aborted:
             lines.append(f"ABORTED: {self.aborted}")
-        if self.out_path:
-            lines.append(f"wrote {self.out_path}" if self.written else "")
+        if self.written:
+            lines.append(f"wrote {self.out_path}")
         elif self.mode != "dry_run" and not self.batches_pending:
             lines.append(f"not written: {self.failed + self.not_attempted} entities lack an answer; rerun to "
                          f"retry them (stored answers are kept), or pass {option('allow_partial=True', '--allow-partial')}")
         if self.note:
             lines.append(self.note)
-        return "\n".join(line for line in lines if line)
-
-    def __str__(self) -> str:
-        return self.summary()
+        return "\n".join(lines)
 
 
 def _money(x: float | None) -> str:
@@ -323,8 +341,6 @@ class _Job:
     name: str
     key: str
     messages: list[dict]
-    attempts: int = 0
-    rate_limit_wait: float = 0.0
 
 
 def _jobs(entities: pd.DataFrame, model: str, template: Template) -> list[_Job]:
@@ -412,399 +428,139 @@ def _bundled_answers(ds: datasets.Dataset) -> Path | None:
             return p
     return None
 
-
 # ---------------------------------------------------------------------------------------------
 # The live run
 # ---------------------------------------------------------------------------------------------
-class _Scheduler:
-    """Hands out jobs: retries whose time has come first, then fresh entities."""
+def _answer(job: _Job, answer: Completion, cfg: AugmentConfig, **extra: Any) -> tuple[str, dict, str]:
+    """The store row of one answer."""
+    return (job.key, {"description": answer.text, "qid": job.qid, "name": job.name, "model": cfg.model,
+                      "template": cfg.template, "response_model": answer.model,
+                      "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
+                      "completion_tokens": answer.completion_tokens, **extra}, job.qid)
 
-    def __init__(self, jobs: Iterable[_Job]):
-        self.pending = collections.deque(jobs)
-        self.retry: list[tuple[float, int, _Job]] = []
-        self.inflight = 0
-        self.stopped: str | None = None
-        self._seq = 0
-        self._cond = asyncio.Condition()
 
-    async def next(self) -> _Job | None:
-        loop = asyncio.get_running_loop()
-        async with self._cond:
-            while True:
-                if self.stopped:
-                    return None
-                now = loop.time()
-                if self.retry and self.retry[0][0] <= now:
-                    job = heapq.heappop(self.retry)[2]
-                    break
-                if self.pending:
-                    job = self.pending.popleft()
-                    break
-                if not self.retry and self.inflight == 0:
-                    return None
-                timeout = self.retry[0][0] - now if self.retry else None
+def _failed(job: _Job, err: LLMError, cfg: AugmentConfig, store: Store, report: AugmentReport) -> None:
+    """Record a failure in the store (a rerun asks again) and in the report."""
+    store.put_failure(job.key, kind=KIND, model=cfg.model, version=cfg.template, item=job.qid,
+                      reason=err.reason, detail=err.detail)
+    report.failed += 1
+    report.failed_by_reason[err.reason] = report.failed_by_reason.get(err.reason, 0) + 1
+    if len(report.failed_examples) < 20:
+        report.failed_examples.append({"qid": job.qid, "name": job.name, "reason": err.reason,
+                                       "detail": err.detail})
+
+
+def _run_live(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: Template, store: Store,
+              report: AugmentReport, pbar: Any) -> None:
+    """Ask for every job from ``cfg.concurrency`` worker threads; this thread stores answers as they arrive.
+
+    The store has one writer (this thread): whatever arrived while it committed goes into the next
+    transaction together, so a slow fsync never holds back a request.
+    """
+    jobs = iter(todo)
+    take = threading.Lock()
+    arrivals: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                with take:
+                    job = next(jobs, None)
+                if job is None:
+                    return
                 try:
-                    await asyncio.wait_for(self._cond.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            self.inflight += 1
-            return job
+                    outcome: Any = client.complete(cfg.model, job.messages, max_tokens=tmpl.max_tokens,
+                                                   temperature=tmpl.temperature)
+                except LLMError as err:
+                    outcome = err
+                    if err.fatal:  # every further request would fail alike
+                        stop.set()
+                except Exception as exc:  # a bug: raised by the storing thread
+                    outcome = exc
+                arrivals.put((job, outcome))
+        finally:
+            arrivals.put(None)
 
-    async def finish(self, retry_at: float | None, job: _Job) -> None:
-        async with self._cond:
-            self.inflight -= 1
-            if retry_at is not None:
-                self._seq += 1
-                heapq.heappush(self.retry, (retry_at, self._seq, job))
-            self._cond.notify_all()
-
-    async def stop(self, reason: str) -> None:
-        async with self._cond:
-            self.stopped = self.stopped or reason
-            self._cond.notify_all()
-
-    def left(self) -> int:
-        return len(self.pending) + len(self.retry)
-
-
-class _Gate:
-    """Shared pause after a 429: the server said when to come back, so nobody asks before."""
-
-    def __init__(self, rng: random.Random):
-        self.until = 0.0
-        self.rng = rng
-
-    def hold(self, until: float) -> None:
-        self.until = max(self.until, until)
-
-    async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            delay = self.until - loop.time()
-            if delay <= 0:
-                return
-            # A little jitter so the waiting workers do not all arrive in the same millisecond.
-            await asyncio.sleep(delay + self.rng.uniform(0.0, min(0.05, 0.005 + 0.05 * delay)))
-
-
-class _Pacer:
-    """Spaces request starts: a fixed cap (``requests_per_s``) and/or one learnt from 429s.
-
-    Adaptive mode is additive-increase / multiplicative-decrease, as TCP: no cap until the first
-    429; then, on each 429 (at most once a second), the cap drops to the success rate of the last
-    second or by 10%, whichever is lower; every second of successes raises it by 5% (at least
-    1 request/s). The run then sits just under the server's limit instead of bouncing off it with
-    every worker: far fewer wasted requests, which matters where rejected requests count against
-    the quota (OpenAI's do).
-    """
-
-    def __init__(self, fixed: float | None, adaptive: bool):
-        self.fixed = fixed
-        self.adaptive = adaptive
-        self.learnt: float | None = None
-        self.next = 0.0
-        self.last_decrease = -1e9
-        self.successes: collections.deque[float] = collections.deque()
-
-    @property
-    def rate(self) -> float | None:
-        """Current cap in request starts per second (None: no cap)."""
-        caps = [r for r in (self.fixed, self.learnt) if r]
-        return min(caps) if caps else None
-
-    async def wait(self) -> None:
-        rate = self.rate
-        if rate is None:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        slot = max(now, self.next)
-        self.next = slot + 1.0 / rate
-        if slot > now:
-            await asyncio.sleep(slot - now)
-
-    def success(self, now: float) -> None:
-        if not self.adaptive:
-            return
-        self.successes.append(now)
-        while self.successes and self.successes[0] < now - 1.0:
-            self.successes.popleft()
-        if self.learnt:
-            self.learnt += max(1.0, 0.05 * self.learnt) / self.learnt  # per success: +5%/s (>= 1/s)
-
-    def rate_limited(self, now: float) -> None:
-        if not self.adaptive or now - self.last_decrease < 1.0:
-            return
-        while self.successes and self.successes[0] < now - 1.0:
-            self.successes.popleft()
-        if not self.successes:
-            return  # nothing to estimate from yet: the shared Retry-After pause does the work
-        self.last_decrease = now
-        observed = float(len(self.successes))  # successes in the last second
-        self.learnt = max(1.0, observed if self.learnt is None else min(observed, self.learnt * 0.9))
-
-
-class _GroupWriter:
-    """One thread owns the store's connection and commits answers as they arrive.
-
-    Whatever queued up during a commit goes into the next transaction together (group commit), so
-    a slow fsync does not cap the request rate, and commits never block the event loop. An answer
-    counts as done only once its commit returned; the worker meanwhile sends its next request.
-    """
-
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop):
-        self.store = store
-        self.loop = loop
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._serve, name="dimkit-store", daemon=True)
-        self.thread.start()
-
-    def put(self, key: str, value: Any, item: str, *, kind: str, model: str, version: str) -> asyncio.Future:
-        """Queue one answer; the future resolves once it is committed."""
-        fut = self.loop.create_future()
-        self.queue.put(("put", (key, value, item), (kind, model, version), fut))
-        return fut
-
-    async def put_failure(self, key: str, *, kind: str, model: str, version: str, item: str, reason: str,
-                          detail: str | None) -> None:
-        fut = self.loop.create_future()
-        self.queue.put(("fail", dict(key=key, kind=kind, model=model, version=version, item=item,
-                                     reason=reason, detail=detail), None, fut))
-        await fut
-
-    async def close(self) -> None:
-        """Commit what is queued, close the connection, stop the thread."""
-        fut = self.loop.create_future()
-        self.queue.put(("close", None, None, fut))
-        await fut
-        self.thread.join()
-
-    def _settle(self, fut: asyncio.Future, exc: BaseException | None) -> None:
-        def settle() -> None:
-            if fut.done():
-                return
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
-        self.loop.call_soon_threadsafe(settle)
-
-    def _serve(self) -> None:
-        while True:
-            msgs = [self.queue.get()]
+    workers = [threading.Thread(target=work, name=f"dimkit-augment-{i}", daemon=True)
+               for i in range(min(cfg.concurrency, len(todo)))]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    running = len(workers)
+    try:
+        while running:
+            batch = [arrivals.get()]
             while True:
                 try:
-                    msgs.append(self.queue.get_nowait())
+                    batch.append(arrivals.get_nowait())
                 except queue.Empty:
                     break
-            groups: dict[tuple, list] = {}
-            for op, payload, group, fut in msgs:
-                if op == "put":
-                    groups.setdefault(group, []).append((payload, fut))
-            for (kind, model, version), rows in groups.items():
-                try:
-                    self.store.put_many([r for r, _ in rows], kind=kind, model=model, version=version)
-                    err = None
-                except BaseException as exc:  # handed to the awaiting worker, which raises it
-                    err = exc
-                for _, fut in rows:
-                    self._settle(fut, err)
-            closing = None
-            for op, payload, _, fut in msgs:
-                if op == "fail":
-                    try:
-                        self.store.put_failure(**payload)
-                        self._settle(fut, None)
-                    except BaseException as exc:
-                        self._settle(fut, exc)
-                elif op == "close":
-                    closing = fut
-            if closing is not None:
-                self.store.close()
-                self._settle(closing, None)
-                return
-
-
-def _backoff(attempt: int, cfg: AugmentConfig, rng: random.Random) -> float:
-    """Exponential backoff with 'equal jitter': half fixed, half random."""
-    ceiling = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
-    return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
-
-
-async def _run_live(jobs: list[_Job], *, client: ChatClient, cfg: AugmentConfig, template: Template,
-                    store: Store, report: AugmentReport, pbar: Any) -> None:
-    loop = asyncio.get_running_loop()
-    try:
-        await client.check()  # one clear error before any work if the endpoint is down or the key is bad
-    except BaseException:
-        await client.aclose()
-        raise
-    rng = random.Random(cfg.seed)
-    gate = _Gate(rng)
-    pacer = _Pacer(cfg.requests_per_s, cfg.adaptive_rate)
-    sched = _Scheduler(jobs)
-    writer = _GroupWriter(store, loop)
-    commits: set[asyncio.Future] = set()
-    store_errors: list[BaseException] = []
-    errors: collections.Counter[str] = collections.Counter()
-    failed: collections.Counter[str] = collections.Counter()
-
-    def show() -> None:
-        pbar.set_postfix(done=report.done, cached=report.cached + report.imported, failed=report.failed,
-                         refresh=False)
-
-    async def fail(job: _Job, err: LLMError) -> None:
-        await writer.put_failure(job.key, kind=KIND, model=cfg.model, version=template.id,
-                                 item=job.qid, reason=err.reason, detail=err.detail)
-        report.failed += 1
-        failed[err.reason] += 1
-        if len(report.failed_examples) < 20:
-            report.failed_examples.append({"qid": job.qid, "name": job.name, "reason": err.reason,
-                                           "detail": err.detail})
-        pbar.update(1)
-        show()
-
-    async def attempt(job: _Job) -> float | None:
-        """Send one request for ``job``; returns when to retry it, or None when it is settled."""
-        await gate.wait()
-        await pacer.wait()
-        if sched.stopped:
-            return None
-        report.requests += 1
-        try:
-            answer: Completion = await client.chat(cfg.model, job.messages, max_tokens=template.max_tokens,
-                                                   temperature=template.temperature)
-        except LLMError as err:
-            return await on_error(job, err)
-        value = {"description": answer.text, "qid": job.qid, "name": job.name, "model": cfg.model,
-                 "template": template.id, "response_model": answer.model,
-                 "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
-                 "completion_tokens": answer.completion_tokens}
-        pacer.success(loop.time())
-        commit = writer.put(job.key, value, job.qid, kind=KIND, model=cfg.model, version=template.id)
-        commits.add(commit)
-        commit.add_done_callback(lambda fut, answer=answer: committed(fut, answer))
-        return None
-
-    def committed(fut: asyncio.Future, answer: Completion) -> None:
-        commits.discard(fut)
-        if fut.cancelled() or fut.exception() is not None:  # e.g. disk full: stop, do not lose more
-            store_errors.append(fut.exception() if not fut.cancelled() else asyncio.CancelledError())
-            sched.stopped = sched.stopped or f"store write failed: {store_errors[0]!r}"
-            return
-        report.done += 1
-        report.prompt_tokens += answer.prompt_tokens or 0
-        report.completion_tokens += answer.completion_tokens or 0
-        pbar.update(1)
-        show()
-
-    async def on_error(job: _Job, err: LLMError) -> float | None:
-        errors[err.reason] += 1
-        now = loop.time()
-        if err.fatal:
-            await fail(job, err)
-            await sched.stop(f"{err.reason}: {err.detail}")
-            return None
-        if err.reason == "rate_limited":
-            report.rate_limited += 1
-            pacer.rate_limited(now)
-            if err.retry_after is not None:
-                # The server said when: not an error of this entity, so no attempt is used up, but
-                # the total wait is bounded (a 429 that never ends is an exhausted quota).
-                job.rate_limit_wait += err.retry_after
-                if job.rate_limit_wait > cfg.rate_limit_wait_s:
-                    await fail(job, LLMError("rate_limited", f"still rate limited after waiting "
-                                             f"{job.rate_limit_wait:.0f} s: {err.detail}"))
-                    return None
-                gate.hold(now + err.retry_after)
-                report.retries += 1
-                return now + err.retry_after
-        if err.retryable:
-            job.attempts += 1
-            if job.attempts >= cfg.max_attempts:
-                await fail(job, LLMError(err.reason, f"gave up after {job.attempts} attempts: {err.detail}",
-                                         status=err.status))
-                return None
-            delay = max(_backoff(job.attempts, cfg, rng), err.retry_after or 0.0)
-            if err.reason == "rate_limited":
-                gate.hold(now + delay)
-            report.retries += 1
-            return now + delay
-        await fail(job, err)  # malformed, empty, bad request: retried on the next run, not now
-        return None
-
-    async def worker() -> None:
-        while (job := await sched.next()) is not None:
-            retry_at = None
+            rows, answers, failures = [], [], []
+            for item in batch:
+                if item is None:
+                    running -= 1
+                    continue
+                job, outcome = item
+                if isinstance(outcome, Completion):
+                    rows.append(_answer(job, outcome, cfg))
+                    answers.append(outcome)
+                elif isinstance(outcome, LLMError):
+                    failures.append((job, outcome))
+                    if outcome.fatal and report.aborted is None:
+                        report.aborted = f"{outcome.reason}: {outcome.detail}"
+                else:
+                    raise outcome
             try:
-                retry_at = await attempt(job)
-            finally:
-                await sched.finish(retry_at, job)
-
-    t0 = time.perf_counter()
-    try:
-        await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, len(jobs)))))
+                store.put_many(rows, kind=KIND, model=cfg.model, version=cfg.template)
+                for job, err in failures:
+                    _failed(job, err, cfg, store, report)
+            except Exception as exc:  # e.g. disk full: stop, do not lose more
+                raise DimkitError(f"writing to the store {store.path} failed: {exc!r}; answers committed "
+                                  "before it are kept") from exc
+            report.done += len(rows)
+            report.prompt_tokens += sum(a.prompt_tokens or 0 for a in answers)
+            report.completion_tokens += sum(a.completion_tokens or 0 for a in answers)
+            pbar.update(len(rows) + len(failures))
+            pbar.set_postfix(done=report.done, cached=report.cached + report.imported, failed=report.failed,
+                             refresh=False)
     finally:
-        if commits:  # answers received: wait for their commits (milliseconds), even when interrupted
-            await asyncio.gather(*list(commits), return_exceptions=True)
-        await writer.close()
-        await client.aclose()
+        stop.set()
         elapsed = time.perf_counter() - t0
         report.answers_per_s = round(report.done / elapsed, 2) if elapsed > 0 and report.done else None
-        report.failed_by_reason = dict(failed)
-        report.errors_by_reason = dict(errors)
-        report.aborted = sched.stopped
-        report.not_attempted = sched.left() if sched.stopped else 0
-    if store_errors:
-        raise DimkitError(f"writing to the store {store.path} failed: {store_errors[0]!r}; answers "
-                          "committed before it are kept") from store_errors[0]
-
-
-def _run_coroutine(factory: Callable[[], Any]) -> Any:
-    """Run a coroutine to completion, also from inside Jupyter's running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(factory())
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(lambda: asyncio.run(factory())).result()
+        with take:
+            report.not_attempted = sum(1 for _ in jobs)
+        counts = client.counts()
+        report.requests, report.errors_by_reason = counts["requests"], counts["errors"]
+        report.retries = counts["requests"] - counts["calls"]
+        report.rate_limited = counts["errors"].get("rate_limited", 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch API mode
 # ---------------------------------------------------------------------------------------------
 def _batch_reason(status_code: Any, error: Any) -> str:
-    code = status_code if isinstance(status_code, int) else None
-    if code == 429:
-        return "rate_limited"
-    if code is not None and code >= 500:
-        return "server_error"
-    if code in (401, 403):
-        return "auth"
-    if code is not None and code != 200:
-        return "bad_request"
-    code_text = str(error.get("code", "")) if isinstance(error, dict) else ""
-    if "rate_limit" in code_text:
-        return "rate_limited"
-    if "server_error" in code_text:
-        return "server_error"
+    if isinstance(status_code, int) and status_code != 200:
+        return status_reason(status_code)
+    code = str(error.get("code", "")) if isinstance(error, dict) else ""
+    for reason in ("rate_limit", "server_error"):
+        if reason in code:
+            return "rate_limited" if reason == "rate_limit" else reason
     return "batch_error" if error else "malformed"
 
 
-def _run_batch(todo: list[_Job], *, endpoint: Endpoint, cfg: AugmentConfig, template: Template,
-               store: Store, report: AugmentReport, wait: bool, pbar: Any) -> None:
+def _run_batch(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: Template, store: Store,
+               report: AugmentReport, pbar: Any) -> None:
     """Submit what is missing as Batch API jobs (half price), poll them, ingest answers into the store.
 
     Each submitted batch is recorded in the store (kind ``llm_batch``) the moment it is created, so
     an interrupted run resumes polling it on the next run instead of paying for it twice.
     """
-    client = BatchClient(endpoint, timeout_s=cfg.timeout_s)  # raises before any work if no key
-    client.check()
     by_key = {j.key: j for j in todo}
     pending = []
     for rec in store.items(BATCH_KIND):
         v = rec["value"]
-        if (rec["model"] == cfg.model and rec["version"] == template.id and v.get("state") == "submitted"
+        if (rec["model"] == cfg.model and rec["version"] == cfg.template and v.get("state") == "submitted"
                 and by_key.keys() & set(v["keys"])):
             pending.append((rec["key"], v))
             report.batches.append({"id": v["batch_id"], "requests": len(v["keys"]), "status": "resumed",
@@ -814,27 +570,25 @@ def _run_batch(todo: list[_Job], *, endpoint: Endpoint, cfg: AugmentConfig, temp
     for i in range(0, len(fresh), cfg.batch_max_requests):
         chunk = fresh[i:i + cfg.batch_max_requests]
         lines = [{"custom_id": j.key, "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": cfg.model, "messages": j.messages, "max_tokens": template.max_tokens,
-                           "temperature": template.temperature}} for j in chunk]
-        info = client.submit(lines, metadata={"dimkit": f"{cfg.model} {template.id}"})
+                  "body": {"model": cfg.model, "messages": j.messages, "max_tokens": tmpl.max_tokens,
+                           "temperature": tmpl.temperature}} for j in chunk]
+        info = client.submit(lines, metadata={"dimkit": f"{cfg.model} {cfg.template}"})
         value = {**info, "keys": [j.key for j in chunk], "qids": [j.qid for j in chunk], "state": "submitted",
                  "submitted": time.time()}
-        key = make_key(BATCH_KIND, cfg.model, template.id, {"batch_id": info["batch_id"]})
-        store.put(key, value, kind=BATCH_KIND, model=cfg.model, version=template.id, item=info["batch_id"])
+        key = make_key(BATCH_KIND, cfg.model, cfg.template, {"batch_id": info["batch_id"]})
+        store.put(key, value, kind=BATCH_KIND, model=cfg.model, version=cfg.template, item=info["batch_id"])
         pending.append((key, value))
         report.requests += len(chunk)  # chat requests submitted (in one upload)
         report.batches.append({"id": info["batch_id"], "requests": len(chunk), "status": "submitted",
                                "resumed": False})
-    failed: collections.Counter[str] = collections.Counter(report.failed_by_reason)
-    while pending and wait:
+    while pending and cfg.batch_wait:
         for key, value in list(pending):
             st = client.status(value["batch_id"])
             if st["status"] not in BATCH_FINAL:
                 continue
-            _ingest_batch(client, value, st, by_key, cfg=cfg, template=template, store=store, report=report,
-                          failed=failed, pbar=pbar)
+            _ingest_batch(client, value, st, by_key, cfg, store, report, pbar)
             value = {**value, "state": "ingested", "status": st["status"]}
-            store.put(key, value, kind=BATCH_KIND, model=cfg.model, version=template.id, item=value["batch_id"])
+            store.put(key, value, kind=BATCH_KIND, model=cfg.model, version=cfg.template, item=value["batch_id"])
             pending = [p for p in pending if p[0] != key]
             for b in report.batches:
                 if b["id"] == value["batch_id"]:
@@ -842,12 +596,10 @@ def _run_batch(todo: list[_Job], *, endpoint: Endpoint, cfg: AugmentConfig, temp
         if pending:
             time.sleep(cfg.batch_poll_s)
     report.batches_pending = len(pending)
-    report.failed_by_reason = dict(failed)
 
 
-def _ingest_batch(client: BatchClient, value: dict, st: dict, by_key: dict[str, _Job], *, cfg: AugmentConfig,
-                  template: Template, store: Store, report: AugmentReport,
-                  failed: collections.Counter, pbar: Any) -> None:
+def _ingest_batch(client: ChatClient, value: dict, st: dict, by_key: dict[str, _Job], cfg: AugmentConfig,
+                  store: Store, report: AugmentReport, pbar: Any) -> None:
     """Store the answers of one finished batch; every request without a usable answer is a failure."""
     rows, failures, seen = [], [], set()
     for fid in (st.get("output_file_id"), st.get("error_file_id")):
@@ -873,26 +625,16 @@ def _ingest_batch(client: BatchClient, value: dict, st: dict, by_key: dict[str, 
             except LLMError as err:
                 failures.append((job, err))
                 continue
-            rows.append((key, {"description": answer.text, "qid": job.qid, "name": job.name, "model": cfg.model,
-                               "template": template.id, "response_model": answer.model,
-                               "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
-                               "completion_tokens": answer.completion_tokens,
-                               "batch_id": value["batch_id"]}, job.qid))
+            rows.append(_answer(job, answer, cfg, batch_id=value["batch_id"]))
             report.prompt_tokens += answer.prompt_tokens or 0
             report.completion_tokens += answer.completion_tokens or 0
     for key in value["keys"]:
         if key not in seen and key in by_key:
             failures.append((by_key[key], LLMError(f"batch_{st['status']}", "no result line for this request")))
-    store.put_many(rows, kind=KIND, model=cfg.model, version=template.id)
+    store.put_many(rows, kind=KIND, model=cfg.model, version=cfg.template)
     for job, err in failures:
-        store.put_failure(job.key, kind=KIND, model=cfg.model, version=template.id, item=job.qid,
-                          reason=err.reason, detail=err.detail)
-        failed[err.reason] += 1
-        if len(report.failed_examples) < 20:
-            report.failed_examples.append({"qid": job.qid, "name": job.name, "reason": err.reason,
-                                           "detail": err.detail})
+        _failed(job, err, cfg, store, report)
     report.done += len(rows)
-    report.failed += len(failures)
     pbar.update(len(rows) + len(failures))
 
 
@@ -900,22 +642,15 @@ def _ingest_batch(client: BatchClient, value: dict, st: dict, by_key: dict[str, 
 # Writing the '+' dataset
 # ---------------------------------------------------------------------------------------------
 def _image_paths(ds: datasets.Dataset) -> Iterable[str]:
-    for col in ("image",):
-        for v in ds.mentions[col]:
-            if isinstance(v, str) and v:
-                yield v
-    for frame, col in ((ds.mentions, "images"), (ds.entities, "images")):
-        if col in frame.columns:
-            for lst in frame[col]:
-                if lst is None or isinstance(lst, float):
-                    continue
-                for v in lst:
-                    if isinstance(v, str) and v:
-                        yield v
+    lists = [[v] for v in ds.mentions["image"]]
+    for frame in (ds.mentions, ds.entities):
+        if "images" in frame.columns:
+            lists += [lst for lst in frame["images"] if lst is not None and not isinstance(lst, float)]
+    return (v for lst in lists for v in lst if isinstance(v, str) and v)
 
 
 def link_images(source: datasets.Dataset, out_root: Path) -> list[str]:
-    """Link the source's image folders into the '+' dataset; returns the linked names.
+    """Link the source's image folders into the new '+' folder ``out_root``; returns the linked names.
 
     Image paths stay exactly as in the source (relative to the dataset folder, never with '..',
     which :func:`dimkit.datasets.check_relative_path` forbids). Each first path component (e.g.
@@ -932,22 +667,11 @@ def link_images(source: datasets.Dataset, out_root: Path) -> list[str]:
         target = source.root / top
         if not target.exists():
             continue  # nothing to link: the images are missing in the source too (images.py reports it)
-        link = out_root / top
-        rel = os.path.relpath(target, out_root)
-        if link.is_symlink():
-            if os.readlink(link) == rel:
-                linked.append(top)
-                continue
-        elif link.exists():
-            raise DimkitError(f"{link} exists and is not a link to the source's images; remove it and rerun")
-        tmp = out_root / f".{top}.link-tmp"
-        tmp.unlink(missing_ok=True)
         try:
-            os.symlink(rel, tmp, target_is_directory=target.is_dir())
+            os.symlink(os.path.relpath(target, out_root), out_root / top, target_is_directory=target.is_dir())
         except OSError as exc:  # e.g. Windows without the symlink privilege
             raise DimkitError(f"cannot link the source images into {out_root} ({exc}); enable symlinks "
                               "(Windows: Developer Mode) and rerun") from None
-        os.replace(tmp, link)
         linked.append(top)
     return linked
 
@@ -999,15 +723,9 @@ def _write_plus(ds: datasets.Dataset, out: str, values: dict[str, dict], jobs: l
     if _existing_build(out_root) == meta["augment"]["build_key"]:
         return out_root  # the same source, answers and settings: already written, nothing to redo
     # Built whole beside the old folder, then swapped in: never merged into what was there.
-    stage = out_root.with_name(f".{out_root.name}.build-{os.getpid()}-{time.time_ns()}")
-    try:
-        stage.mkdir(parents=True)
+    with atomic.building(out_root) as stage:
         meta["image_links"] = link_images(ds, stage)
         datasets.write_prepared(stage, ds.mentions, ents, meta, candidates=ds.candidates, source=out_root)
-        atomic.swap_in(stage, out_root)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out_root
 
 
@@ -1029,14 +747,14 @@ def _existing_build(out_root: Path) -> str | None:
         return None
 
 
-def check_out(out_root: Path, ds: datasets.Dataset, cfg: AugmentConfig, template: Template, force: bool) -> None:
-    """Refuse an ``out`` folder that holds a dataset this augment run did not build (unless ``force``).
+def check_out(out_root: Path, ds: datasets.Dataset, cfg: AugmentConfig, template: Template) -> None:
+    """Refuse an ``out`` folder that holds a dataset this augment run did not build (unless ``cfg.force``).
 
     "This run's" means built by ``dimkit augment`` from the same source with the same model and
     template; anything else there (another prepared dataset, another augmentation, stray files)
     would be lost.
     """
-    if force or not (out_root.exists() or out_root.is_symlink()):
+    if cfg.force or not (out_root.exists() or out_root.is_symlink()):
         return
     if out_root.is_dir() and not any(out_root.iterdir()):
         return
@@ -1067,74 +785,50 @@ def check_out(out_root: Path, ds: datasets.Dataset, cfg: AugmentConfig, template
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def augment(name: str, out: str | None = None, *, model: str | None = None, template: str | None = None,
-            concurrency: int | None = None, replay: bool = False, dry_run: bool = False,
-            batch: bool = False, batch_wait: bool = True, base_url: str | None = None,
-            api_key: str | None = None, answers: str | Path | None = None, allow_partial: bool = False,
-            force: bool = False, store: Store | str | Path | None = None,
-            data_dir: str | Path | None = None, progress: bool = True,
-            prices: Mapping[str, tuple[float, float]] | None = None,
-            config: AugmentConfig | None = None, **options: Any) -> AugmentReport:
-    """Write ``out`` (default ``<name>+``) with an LLM description of every entity of ``name``.
+def run(cfg: AugmentConfig, *, store: Store | str | Path | None = None, base_url: str | None = None,
+        api_key: str | None = None, prices: Mapping[str, tuple[float, float]] | None = None,
+        data_dir: str | Path | None = None) -> AugmentReport:
+    """Write ``cfg.out`` (default ``<dataset>+``) with an LLM description of every entity of ``cfg.dataset``.
 
-    Args:
-        replay: never call an LLM; every answer must already be stored (or come from ``answers`` or
-            the file shipped with the dataset); a missing one raises naming the entity.
-        dry_run: only count what is stored and estimate the tokens and cost of the rest.
-        batch: send what is missing through the OpenAI Batch API (half price, up to 24 h) instead of
-            live requests; ``batch_wait=False`` submits and returns, a rerun collects the results.
-        base_url, api_key: the endpoint; default ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``.
-        answers: a JSON file of answers to import first (see :func:`import_answers`).
-        allow_partial: write the dataset even if some entities failed (they keep the original).
-        force: replace ``out`` even if it holds a dataset this run did not build (another prepared
-            dataset, another model's or template's augmentation); it is replaced whole, never merged.
-        options: any other :class:`AugmentConfig` field (``max_attempts``, ``timeout_s``, ...).
+    ``store``: where answers are kept (default ``$DIMKIT_CACHE/llm.sqlite``); ``base_url`` and
+    ``api_key``: the endpoint (default ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``); ``prices``: USD per
+    1M tokens ``{model: (input, output)}`` beside :data:`dimkit.llm.PRICES_USD_PER_1M`. The report is
+    also written to ``runs/augment/<out>.json``.
     """
-    cfg = AugmentConfig(**asdict(config)) if config is not None else AugmentConfig()
-    known = {f.name for f in fields(AugmentConfig)}
-    for key, value in dict(model=model, template=template, concurrency=concurrency, **options).items():
-        if key not in known:
-            raise ConfigError(f"unknown option {key!r}; known: {', '.join(sorted(known))}")
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg.validate()
-    tmpl = get_template(cfg.template)
-    cfg.template = tmpl.id
-
-    ds = datasets.load(name, data_dir)
-    if datasets.is_augmented(ds.name):
-        raise ConfigError(f"{ds.name!r} is already an augmented dataset; augment its source "
-                          f"{datasets.base_name(ds.name)!r}")
-    out = datasets.canonical_name(out or f"{ds.name}+")
-    if out == ds.name:
-        raise ConfigError("out must differ from the source dataset")
-
+    cfg = copy.deepcopy(cfg).validate()
     own_store = not isinstance(store, Store)
     if own_store:
         store = Store(store if store is not None else default_store_path("llm"))
     try:
-        return _augment(ds, out, cfg, tmpl, store=store, replay=replay, dry_run=dry_run, batch=batch,
-                        batch_wait=batch_wait, base_url=base_url, api_key=api_key, answers=answers,
-                        allow_partial=allow_partial, force=force, data_dir=data_dir, progress=progress,
-                        prices=prices)
+        report = _run(cfg, store, base_url, api_key, prices, data_dir)
     finally:
         if own_store:
             store.close()
+    if cfg.report:
+        report.save(cfg.report)
+    return report
 
 
-def _augment(ds: datasets.Dataset, out: str, cfg: AugmentConfig, tmpl: Template, *, store: Store,
-             replay: bool, dry_run: bool, batch: bool, batch_wait: bool, base_url: str | None,
-             api_key: str | None, answers: str | Path | None, allow_partial: bool, force: bool,
-             data_dir: str | Path | None, progress: bool,
-             prices: Mapping[str, tuple[float, float]] | None) -> AugmentReport:
-    mode = "dry_run" if dry_run else ("replay" if replay else ("batch" if batch else "live"))
-    report = AugmentReport(dataset=ds.name, out=out, model=cfg.model, template=tmpl.id, mode=mode)
+def augment(name: str, *, store: Store | str | Path | None = None, base_url: str | None = None,
+            api_key: str | None = None, prices: Mapping[str, tuple[float, float]] | None = None,
+            data_dir: str | Path | None = None, **settings: Any) -> AugmentReport:
+    """``run(AugmentConfig.for_dataset(name, **settings), ...)``: settings are :class:`AugmentConfig`'s."""
+    return run(AugmentConfig.for_dataset(name, **settings), store=store, base_url=base_url, api_key=api_key,
+               prices=prices, data_dir=data_dir)
+
+
+def _run(cfg: AugmentConfig, store: Store, base_url: str | None, api_key: str | None,
+         prices: Mapping[str, tuple[float, float]] | None, data_dir: str | Path | None) -> AugmentReport:
+    tmpl = get_template(cfg.template)
+    ds = datasets.load(cfg.dataset, data_dir)
+    out = cfg.out or f"{ds.name}+"
+    report = AugmentReport(dataset=ds.name, out=out, model=cfg.model, template=tmpl.id, mode=cfg.mode)
     t0 = time.perf_counter()
     jobs = _jobs(ds.entities, cfg.model, tmpl)
     report.entities = len(jobs)
     report.cached = len(store.get_many(j.key for j in jobs))
 
-    answers_path = Path(answers) if answers is not None else None
+    answers_path = Path(cfg.answers) if cfg.answers is not None else None
     if answers_path is not None:
         file_model = _load_answers_file(answers_path).get("model")
         if file_model and file_model != cfg.model:
@@ -1143,7 +837,7 @@ def _augment(ds: datasets.Dataset, out: str, cfg: AugmentConfig, tmpl: Template,
         bundled = _bundled_answers(ds)
         if bundled is not None and _load_answers_file(bundled).get("model") == cfg.model:
             answers_path = bundled
-    if answers_path is not None and not dry_run:
+    if answers_path is not None and not cfg.dry_run:
         tspec = _load_answers_file(answers_path).get("template")
         if tspec and get_template(tspec).name != tmpl.name:
             raise ConfigError(f"{answers_path} holds answers to template {tspec!r}, not {tmpl.id!r}")
@@ -1157,50 +851,41 @@ def _augment(ds: datasets.Dataset, out: str, cfg: AugmentConfig, tmpl: Template,
         report.note = ("NOTE: these descriptions are SYNTHETIC oracle answers shipped with the sample "
                        "(model 'sample-oracle'), not an LLM's.")
 
-    if dry_run:
+    if cfg.dry_run:
         _estimate(report, todo, store, cfg, tmpl, prices, answers_path)
         report.elapsed_s = round(time.perf_counter() - t0, 3)
         return report
-    if replay and todo:
+    if cfg.replay and todo:
         first = todo[0]
         raise DimkitError(
             f"replay: no stored answer for entity {first.qid} ({first.name!r}) of {ds.name!r} "
             f"[model {cfg.model}, template {tmpl.id}]; {len(todo)} of {len(jobs)} entities lack one. "
-            f"Run without replay to request them, or import answers with {option('answers=FILE', '--answers FILE')}.")
+            f"Run without {option('replay=True', '--replay')} to request them, or import answers with "
+            f"{option('answers=FILE', '--answers FILE')}.")
     # before any request: a run that could not write its result must not spend money first
-    check_out(datasets.dataset_dir(out, data_dir), ds, cfg, tmpl, force)
+    check_out(datasets.dataset_dir(out, data_dir), ds, cfg, tmpl)
 
+    report.cost_usd = 0.0
     if todo:
         endpoint = Endpoint.resolve(base_url, api_key)
         report.endpoint = endpoint.public_url
-        bar_kwargs = {} if progress else {"disable": True}
-        if batch:
-            with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"augment {ds.name} (batch)",
-                      unit="entity", **bar_kwargs) as pbar:
-                _run_batch(todo, endpoint=endpoint, cfg=cfg, template=tmpl, store=store, report=report,
-                           wait=batch_wait, pbar=pbar)
-        else:
-            client = ChatClient(endpoint, timeout_s=cfg.timeout_s)  # raises before any work if no key
-            with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"augment {ds.name}",
-                      unit="entity", **bar_kwargs) as pbar:
-                _run_coroutine(lambda: _run_live(todo, client=client, cfg=cfg, template=tmpl, store=store,
-                                                 report=report, pbar=pbar))
-        price = price_of(cfg.model, prices)
-        if price is not None:
-            report.cost_usd = round(estimate_cost(cfg.model, report.prompt_tokens, report.completion_tokens,
-                                                  prices=prices, batch=batch), 6)
+        with ChatClient(endpoint, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,  # raises if no key
+                        max_attempts=cfg.max_attempts, requests_per_s=cfg.requests_per_s,
+                        adaptive_rate=cfg.adaptive_rate) as client, \
+                tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="entity", disable=not cfg.progress,
+                     desc=f"augment {ds.name}" + (" (batch)" if cfg.batch else "")) as pbar:
+            client.check()  # one clear error before any work if the endpoint is down or the key is bad
+            (_run_batch if cfg.batch else _run_live)(todo, client, cfg, tmpl, store, report, pbar)
+        cost = estimate_cost(cfg.model, report.prompt_tokens, report.completion_tokens, prices=prices,
+                             batch=cfg.batch)
+        report.cost_usd = None if cost is None else round(cost, 6)
         values = store.get_many(j.key for j in jobs)
-    else:
-        report.cost_usd = 0.0
 
-    missing = sum(1 for j in jobs if j.key not in values)
-    if missing == 0 or allow_partial:
-        root = _write_plus(ds, out, values, jobs, cfg, tmpl, report, data_dir)
+    if all(j.key in values for j in jobs) or cfg.allow_partial:
+        report.out_path = str(_write_plus(ds, out, values, jobs, cfg, tmpl, report, data_dir))
         report.written = True
-        report.out_path = str(root)
     report.elapsed_s = round(time.perf_counter() - t0, 3)
-    report_path = paths.runs_dir() / "augment" / f"{out}.json"
-    report.save(report_path)
+    report.save(paths.runs_dir() / "augment" / f"{out}.json")
     return report
 
 
@@ -1241,53 +926,5 @@ def before_after(name: str, n: int = 5, data_dir: str | Path | None = None) -> p
     return ds.entities[cols].head(n).reset_index(drop=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dimkit augment``."""
-    d = AugmentConfig()
-    parser.add_argument("dataset", help="source dataset (e.g. sample, wikimel, richpediamel, wikidiverse)")
-    parser.add_argument("--out", help="output dataset name (default: <dataset>+)")
-    parser.add_argument("--model", default=d.model, help=f"model id at the endpoint (default {d.model}; "
-                        f"'{SAMPLE_ORACLE}' replays the sample's synthetic answers)")
-    parser.add_argument("--template", default=d.template,
-                        help=f"prompt template name[@version] (known: {', '.join(list_templates())})")
-    parser.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight")
-    parser.add_argument("--replay", action="store_true", help="use stored answers only; never call the LLM")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="count stored answers and estimate tokens and cost; call nothing")
-    parser.add_argument("--batch", action="store_true",
-                        help="use the OpenAI Batch API (half price, results within 24 h) instead of live requests")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="with --batch: submit and return; rerun the same command to collect the results")
-    parser.add_argument("--poll", type=float, default=d.batch_poll_s, help="with --batch: seconds between polls")
-    parser.add_argument("--answers", help="JSON file of answers to import first ({qid: text} or "
-                        "{model, template, answers})")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="write the dataset even if some entities failed (they keep the original)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace --out even if it holds a dataset this run did not build (replaced whole)")
-    parser.add_argument("--max-attempts", type=int, default=d.max_attempts)
-    parser.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
-    parser.add_argument("--requests-per-s", type=float, default=None,
-                        help="client-side cap on request starts per second")
-    parser.add_argument("--no-adaptive-rate", action="store_true",
-                        help="do not learn a request-rate cap from 429s (Retry-After is still honoured)")
-    parser.add_argument("--report", help="also write the report JSON here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``dimkit augment``: endpoint and key from OPENAI_BASE_URL / OPENAI_API_KEY."""
-    report = augment(args.dataset, args.out, model=args.model, template=args.template,
-                     concurrency=args.concurrency, replay=args.replay, dry_run=args.dry_run,
-                     batch=args.batch, batch_wait=not args.no_wait, batch_poll_s=args.poll,
-                     answers=args.answers, allow_partial=args.allow_partial, force=args.force,
-                     max_attempts=args.max_attempts, timeout_s=args.timeout,
-                     requests_per_s=args.requests_per_s, adaptive_rate=not args.no_adaptive_rate,
-                     progress=not args.quiet)
-    print(report.summary())
-    if args.report:
-        report.save(args.report)
-    return 0 if (report.written or report.mode == "dry_run" or report.batches_pending) else 1
+#: The command line: ``dimkit augment`` takes the flags of :class:`AugmentConfig`, runs :func:`run`, prints its report.
+CONFIG = AugmentConfig

@@ -1,21 +1,9 @@
-"""CLIP through open_clip: pick a model from a short spec, encode texts and images in batches
-(notebook ``02_expert_cues``).
+"""CLIP through open_clip (notebook ``02_expert_cues``): resolve a ``--clip`` spec, load the model, and
+encode texts and images in batches as DIM does (the released ``nel_model/prepare_*.py``): raw, not
+L2-normalised, projected embeddings of OpenAI's ViT-B/32 by default, texts truncated to 77 tokens.
 
-DIM encodes everything with OpenAI's CLIP ViT-B/32 (the released ``nel_model/prepare_*.py``): the mention, mention + " [SEP] " +
-sentence, the image, the expert cue and each entity description, as raw (not L2-normalised)
-projected embeddings, texts truncated to 77 tokens. The specs :func:`parse_clip_spec` accepts:
-
-- ``"default"`` = ``"ViT-B-32:openai"``: the weights DIM used (QuickGELU, as OpenAI trained them);
-- ``"ARCH:TAG"``: any open_clip architecture and pretrained tag (``ViT-L-14:openai`` ...);
-- ``"ARCH:random"`` (or ``"random"`` for ViT-B-32): random weights from a fixed seed;
-- a checkpoint file (``/path/ViT-B-32.pt``, architecture ViT-B-32 QuickGELU, i.e. the OpenAI file
-  DIM loads) or ``"ARCH:/path/file"``; a folder with ``open_clip_config.json`` + weights;
-  ``"hf-hub:org/repo"``;
-- ``"sample"``: the small CLIP dimkit trains on the bundled sample (``dimkit_dev/clip_train.py``),
-  shipped in ``dimkit/data/sample/clip/`` and loaded through open_clip's local-folder path.
-
-Only pretrained weights give numbers comparable to the paper; :attr:`ClipModel.weights_real` says
-which is which and every output built on these features carries it.
+Only pretrained weights give numbers comparable to the paper; :attr:`ClipSpec.weights_real` says which
+is which, and every output built on these features carries it.
 """
 from __future__ import annotations
 
@@ -48,18 +36,15 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 CONFIGS: dict[str, dict] = {p.stem: json.loads(p.read_text()) for p in sorted(MODEL_CONFIG_DIR.glob("*.json"))}
 
 _REGISTER_LOCK = threading.Lock()
-_REGISTERED = False
 
 
 def register_dimkit_configs() -> None:
     """Make dimkit's small architectures known to open_clip (its public config-folder path; no temp files)."""
-    global _REGISTERED
     import open_clip
 
     with _REGISTER_LOCK:
-        if not _REGISTERED or not set(CONFIGS) <= set(open_clip.list_models()):
+        if not set(CONFIGS) <= set(open_clip.list_models()):
             open_clip.add_model_config(MODEL_CONFIG_DIR)
-            _REGISTERED = True
 
 
 @dataclass(frozen=True)
@@ -80,14 +65,13 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def _file_sha256(path: Path) -> str:
+    """SHA-256 of a weights file, hashed once per process while its size and mtime stay the same."""
+    from .images import sha256_file
+
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = sha256_file(path)
     return _FILE_HASHES[key]
 
 
@@ -120,14 +104,21 @@ def _local_dir_spec(text: str, folder: Path) -> ClipSpec:
 
 
 def parse_clip_spec(text: str = "default") -> ClipSpec:
-    """Resolve a ``--clip`` value (see the module docstring) without loading anything heavy."""
+    """Resolve a ``--clip`` value without loading anything heavy.
+
+    ``default`` = ``ViT-B-32:openai``, the weights DIM used (QuickGELU, as OpenAI trained them);
+    ``ARCH:TAG``, any open_clip architecture and pretrained tag; ``ARCH:random[@SEED]`` (``random``:
+    ViT-B-32), random weights from a fixed seed; a checkpoint file (taken as OpenAI's ``ViT-B-32.pt``,
+    the file DIM loads) or ``ARCH:/path/file``; a folder in open_clip's local layout
+    (``open_clip_config.json`` + weights); ``hf-hub:org/repo``; ``sample``, the small CLIP trained on the
+    bundled sample, shipped in the package.
+    """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"--clip must be a non-empty string, got {text!r}")
     text = text.strip()
-    key = text.lower()
-    if key == "default":
-        text = key = DEFAULT_CLIP.lower()
+    if text.lower() == "default":
         text = DEFAULT_CLIP
+    key = text.lower()
     if key in SAMPLE_CLIP_NAMES:
         if not (SAMPLE_CLIP_DIR / "open_clip_config.json").is_file():
             raise DimkitError(f"the sample-trained CLIP is missing from {SAMPLE_CLIP_DIR}; regenerate it "
@@ -212,11 +203,8 @@ def _check_cached_offline(cs: ClipSpec) -> None:
 
     repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
     names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for name in names:
-        hit = try_to_load_from_cache(repo_id=repo, filename=name)
-        if isinstance(hit, str):
-            return
-    raise DimkitError(pretrained_missing_message(cs, f"{repo} is not in the local cache"))
+    if not any(isinstance(try_to_load_from_cache(repo_id=repo, filename=name), str) for name in names):
+        raise DimkitError(pretrained_missing_message(cs, f"{repo} is not in the local cache"))
 
 
 @dataclass
@@ -247,33 +235,6 @@ class ClipModel:
         """CLIP BPE tokens ``[N, context]``, truncated like ``clip.tokenize(..., truncate=True)``."""
         return self.tokenizer(list(texts))
 
-    def _encode_tokens(self, tokens):
-        import torch
-
-        model = self.model
-        if not self.trim_text:
-            return model.encode_text(tokens)
-        # Every row ends at its end-of-text token; CLIP's causal mask means the padding after it
-        # never changes earlier positions, so cutting the batch to its longest row gives the same
-        # pooled vector for a fraction of the 77-token cost (checked against encode_text at load).
-        from open_clip.transformer import text_global_pool
-
-        length = int((tokens != 0).sum(dim=1).max().item())
-        length = max(length, 1)
-        tokens = tokens[:, :length]
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast)                      # [B, L, W]
-        x = x + model.positional_embedding[:length].to(cast)
-        mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-        x = model.transformer(x, attn_mask=mask)
-        x = model.ln_final(x)
-        x = text_global_pool(x, tokens, model.text_pool_type,
-                             eos_token_id=getattr(model, "text_eos_id", None))   # [B, W]
-        proj = model.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj   # [B, D]
-        return x
-
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Raw CLIP text embeddings ``[N, D]`` float32 (texts sorted by length inside for speed)."""
         import torch
@@ -288,7 +249,8 @@ class ClipModel:
         with self._lock, torch.inference_mode():
             for i in range(0, len(texts), batch_size):
                 idx = order[i:i + batch_size]
-                feats = self._encode_tokens(tokens[idx].to(self.device))
+                batch = tokens[idx].to(self.device)
+                feats = _encode_trimmed(self.model, batch) if self.trim_text else self.model.encode_text(batch)
                 out[idx.numpy()] = feats.float().cpu().numpy()
         return out
 
@@ -296,7 +258,7 @@ class ClipModel:
         """The model's eval transform over PIL images -> ``[N, 3, H, W]`` tensor (optionally threaded)."""
         import torch
 
-        if workers and workers > 1 and len(images) > 1:
+        if workers > 1 and len(images) > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 tensors = list(pool.map(self.preprocess, images))
         else:
@@ -321,6 +283,30 @@ class ClipModel:
         return out
 
 
+def _encode_trimmed(model, tokens):
+    """``model.encode_text(tokens)``, with the batch cut to its longest row.
+
+    Every row ends at its end-of-text token; CLIP's causal mask means the padding after it never
+    changes earlier positions, so the cut gives the same pooled vector for a fraction of the 77-token
+    cost (:func:`_probe_trim` checks it against ``encode_text`` at load).
+    """
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    length = max(int((tokens != 0).sum(dim=1).max().item()), 1)
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast)                      # [B, L, W]
+    x = x + model.positional_embedding[:length].to(cast)
+    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+    x = model.ln_final(model.transformer(x, attn_mask=mask))
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))  # [B, W]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj   # [B, D]
+    return x
+
+
 def _probe_trim(model, tokenizer, device: str) -> bool:
     """Whether trimmed text encoding reproduces ``encode_text`` for this model (else keep 77 tokens)."""
     import torch
@@ -335,9 +321,7 @@ def _probe_trim(model, tokenizer, device: str) -> bool:
         with torch.inference_mode():
             tokens = tokenizer(probe).to(device)
             full = model.encode_text(tokens).float()
-            cm = ClipModel(model=model, spec=None, preprocess=None, tokenizer=tokenizer, device=device,  # type: ignore[arg-type]
-                           precision="", dim=full.shape[1], trim_text=True)
-            trimmed = cm._encode_tokens(tokens).float()
+            trimmed = _encode_trimmed(model, tokens).float()
     except Exception:  # an architecture we do not know: fall back to the library's own path
         return False
     scale = full.abs().max().clamp_min(1e-6)
@@ -367,25 +351,21 @@ def load_clip(clip: str | ClipSpec = "default", *, device: str = "auto", precisi
     import torch
 
     register_dimkit_configs()
-    kwargs = dict(precision=precision, device=device, force_quick_gelu=cs.quick_gelu)
+    tagged = cs.weights is not None and not Path(cs.weights).is_file()  # a pretrained tag open_clip fetches
     try:
-        if cs.seed is not None:
-            # Random weights from a private RNG stream: the same on every run, and the caller's
-            # global torch seed is left as it was.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cs.seed)
-                model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, pretrained=None, **kwargs)
-        elif cs.weights is not None and not Path(cs.weights).is_file():
+        if tagged:
             _check_cached_offline(cs)
-            model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, pretrained=cs.weights, **kwargs)
-        elif cs.weights is not None:
-            model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, pretrained=cs.weights, **kwargs)
-        else:
-            model, _, preprocess = open_clip.create_model_and_transforms(cs.arch, **kwargs)
+        # Weights are built from a private RNG stream: random ones are the same on every run, and the
+        # caller's global torch seed is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            if cs.seed is not None:
+                torch.manual_seed(cs.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cs.arch, pretrained=cs.weights, precision=precision, device=device, force_quick_gelu=cs.quick_gelu)
     except DimkitError:
         raise
     except (RuntimeError, OSError, ValueError) as exc:
-        if cs.weights is not None and not Path(cs.weights).is_file():
+        if tagged:
             raise DimkitError(pretrained_missing_message(cs, str(exc).splitlines()[0][:300])) from exc
         raise DimkitError(f"cannot load CLIP {cs.spec!r}: {exc}") from exc
     model.eval()

@@ -1,19 +1,17 @@
-"""Expert cues: what an image expert says about each mention image (notebook ``02_expert_cues``).
+"""Expert cues: what an image expert says about each mention image (``dimkit cues NAME``, notebook
+``02_expert_cues``).
 
 DIM asks BLIP-2 "Question:  Who are the characters in the picture? Answer: " about every mention
-image and CLIP-encodes the answer as a fourth input (the released ``prepare_wikipedia.py::convert_caption``).
-:func:`run` (``dimkit cues NAME``) does this for any expert of :mod:`dimkit.experts` and any prepared dataset -- WikiDiverse included, which the released
-code skips (and then crashes on). Each distinct usable image is asked once; its answer is stored in
-``$DIMKIT_CACHE/cues.sqlite`` under (expert model id, prompt version, SHA-256 of the image bytes)
-the moment a batch finishes, so an interrupted run resumes where it stopped and a rerun asks
-nothing. Mentions whose image is unusable get no cue (``cue_status`` says why) and are counted.
-
-On the bundled sample the default expert is ``sample-oracle``: **synthetic oracle cues** written by
-the sample generator, not BLIP-2 output.
+image and CLIP-encodes the answer as a fourth input (the released ``prepare_wikipedia.py::convert_caption``);
+here any expert of :mod:`dimkit.experts` can answer, on any prepared dataset (WikiDiverse included,
+which the released code skips). Each distinct usable image is asked once, and its answer stored in
+``$DIMKIT_CACHE/cues.sqlite`` (:mod:`dimkit.store`) as soon as its batch finishes, so a rerun asks
+nothing. On the bundled sample the default expert gives **synthetic oracle cues**, not BLIP-2 output.
 """
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,8 +23,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, datasets, shards
 from .errors import ConfigError
-from .experts import (NoExpert, CueItem, Expert, RELEASED_MAX_NEW_TOKENS, ReplayFileExpert, SAMPLE_ORACLE,
-                      make_expert)
+from .experts import NoExpert, CueItem, Expert, RELEASED_MAX_NEW_TOKENS, SAMPLE_ORACLE, make_expert
 from .images import ImageScan, scan_images
 from .shards import Shard, in_shard, run_then_assemble, shard_device
 from .stage import Config, Result, load_dataset, setting
@@ -173,6 +170,8 @@ def compute(cfg: CuesConfig, ds: datasets.Dataset, *, shard: Shard | None = None
             scan: ImageScan | None = None, progress: bool = True) -> CueResult:
     """One pass over ``shard`` (None: every image), without :func:`run`'s launch flow; ``scan``: the
     dataset's images, when the caller has checked them already (:mod:`dimkit.features`)."""
+    from .images import load_image
+
     t0 = time.perf_counter()
     if expert is not None and cfg.expert != "auto":
         raise ConfigError(f"two experts given: expert={type(expert).__name__} and the spec {cfg.expert!r}; "
@@ -206,7 +205,6 @@ def compute(cfg: CuesConfig, ds: datasets.Dataset, *, shard: Shard | None = None
                 elif in_shard(sha, shard):
                     todo.append(items[sha])
             bs = max(1, int(ex.batch_size or 8))
-            from .images import load_image
             bar_kw = {} if progress and todo else {"disable": True}  # else TQDM_DISABLE decides
             with tqdm(total=len(todo), desc=f"cues {ds.name} ({ex.model_id})", unit="img", **bar_kw) as bar:
                 for i in range(0, len(todo), bs):
@@ -230,48 +228,39 @@ def compute(cfg: CuesConfig, ds: datasets.Dataset, *, shard: Shard | None = None
                             answers[it.image_sha256] = text
                             rows.append((keys[it.image_sha256], {"cue": text}, it.rel))
                         else:
-                            failures[it.image_sha256] = ans.reason or "model_error"
+                            failures[it.image_sha256] = reason = ans.reason or "model_error"
                             store.put_failure(keys[it.image_sha256], kind=KIND, model=ex.model_id,
-                                              version=ex.version, item=it.rel, reason=ans.reason or "model_error",
-                                              detail=ans.detail)
+                                              version=ex.version, item=it.rel, reason=reason, detail=ans.detail)
                     store.put_many(rows, kind=KIND, model=ex.model_id, version=ex.version)
                     done += len(rows)
                     bar.update(len(batch))
 
-    cue_col, status_col, sha_col = [], [], []
-    for rel, status in zip(pm["image"], pm["status"]):
-        sha = sha_of.get(rel) if rel else None
-        sha_col.append(sha)
+    sha_col = [sha_of.get(rel) if rel else None for rel in pm["image"]]
+    cue_col = [answers.get(sha) or None for sha in sha_col]
+    status_col = []
+    for sha, status in zip(sha_col, pm["status"]):
         if isinstance(ex, NoExpert):
-            cue_col.append(None)
             status_col.append("no_expert")
         elif sha is None:
-            cue_col.append(None)
             status_col.append(f"image_{status}")
         elif sha in answers:
-            text = answers[sha]
-            cue_col.append(text or None)
-            status_col.append("ok" if text else "empty_answer")
-        elif sha in failures:
-            cue_col.append(None)
-            status_col.append(failures[sha])
-        else:  # another shard's image, not computed by this process
-            cue_col.append(None)
-            status_col.append("other_shard")
+            status_col.append("ok" if answers[sha] else "empty_answer")
+        else:  # a failure, or another shard's image, not computed by this process
+            status_col.append(failures.get(sha, "other_shard"))
     table = pd.DataFrame({"mention_id": pm["mention_id"], "image": pm["image"], "image_sha256": sha_col,
                           "cue": cue_col, "cue_status": status_col})
     cues = pd.Series(cue_col, index=pd.Index(pm["mention_id"], name="mention_id"), name="cue", dtype=object)
 
     no_img = Counter(s for s in pm["status"] if s != "ok")
     synthetic = bool(getattr(ex, "synthetic", False))
-    note = ex.note if isinstance(ex, ReplayFileExpert) else getattr(ex, "note", "")
+    note = getattr(ex, "note", "")
     if synthetic:
         note = ("synthetic oracle cues, not comparable to the paper: " + note).strip()
     report = CueReport(
         dataset=ds.name, expert=ex.model_id, expert_spec=spec_str, prompt_version=ex.version,
         prompt=ex.prompt, synthetic=synthetic, mentions=int(len(pm)),
         mentions_with_cue=int(sum(c is not None for c in cue_col)), images=len(items), done=done,
-        cached=cached, empty=int(sum(1 for v in answers.values() if not v)),
+        cached=cached, empty=sum(1 for v in answers.values() if not v),
         failed=dict(sorted(Counter(failures.values()).items())), no_usable_image=dict(sorted(no_img.items())),
         seconds=round(time.perf_counter() - t0, 3), note=note,
         shard=str(shard) if shard else None)
@@ -305,7 +294,7 @@ def show_cues(ds: datasets.Dataset | str, result: CueResult, n: int = 8, *, seed
     t = result.table.reset_index(drop=True)
     ok = t.index[t["cue_status"] == "ok"].tolist()
     bad = t.index[t["cue_status"].str.startswith("image_") & t["image"].notna()].tolist()
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     pick = rng.sample(ok, min(len(ok), n - (1 if include_unusable and bad else 0)))
     if include_unusable and bad:
         pick.append(rng.choice(bad))

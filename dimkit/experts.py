@@ -261,11 +261,16 @@ _CUE_REASON = {"rate_limited": "rate_limited", "timeout": "timeout", "connection
 
 
 class OpenAIExpert(Expert):
-    """A vision chat model behind an OpenAI-compatible API (key from ``OPENAI_API_KEY`` only)."""
+    """A vision chat model behind an OpenAI-compatible API (key from ``OPENAI_API_KEY`` only).
+
+    Requests go through :class:`dimkit.llm.ChatClient`, as :mod:`dimkit.augment`'s do: the openai
+    client retries 429s, 5xx, timeouts and dropped connections (``max_retries``), and a malformed or
+    empty answer is asked again up to ``max_attempts`` times.
+    """
 
     def __init__(self, model: str, *, base_url: str | None = None, prompt: str | None = None,
                  max_new_tokens: int = RELEASED_MAX_NEW_TOKENS, workers: int = 4, timeout: float = 60.0,
-                 max_retries: int = 3, max_side: int = 1024, batch_size: int = 16):
+                 max_retries: int = 3, max_attempts: int = 3, max_side: int = 1024, batch_size: int = 16):
         from .llm import Endpoint
 
         self.model = model
@@ -280,24 +285,25 @@ class OpenAIExpert(Expert):
         self.workers = workers
         self.timeout = timeout
         self.max_retries = max_retries
+        self.max_attempts = max_attempts
         self.max_side = max_side
         self.batch_size = batch_size
         self._client = None
 
     def _client_or_fail(self):
         if self._client is None:
-            from openai import OpenAI
+            from .llm import ChatClient, Endpoint
 
-            key = self._endpoint.api_key
-            if not key:
+            endpoint = self._endpoint
+            if not endpoint.api_key:
                 if "api.openai.com" in self.base_url:
                     raise DimkitError("OPENAI_API_KEY is not set: export it in the environment (never pass "
                                       "it as an argument or notebook parameter), or point OPENAI_BASE_URL "
                                       "at a local server")
-                key = "unused-by-local-server"  # local servers ignore it; the client requires one
-            # The SDK retries connection errors, 408/409/429 and 5xx itself (with backoff).
-            self._client = OpenAI(api_key=key, base_url=self._endpoint.base_url, timeout=self.timeout,
-                                  max_retries=self.max_retries)
+                # local servers ignore the key; the client requires one
+                endpoint = Endpoint(endpoint.base_url, "unused-by-local-server")
+            self._client = ChatClient(endpoint, timeout_s=self.timeout, max_retries=self.max_retries,
+                                      max_attempts=self.max_attempts)
         return self._client
 
     def _data_url(self, image) -> str:
@@ -310,29 +316,18 @@ class OpenAIExpert(Expert):
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def _ask(self, item: CueItem) -> Answer:
-        import openai
+        from .llm import LLMError
 
-        from .llm import classify
-
-        client = self._client_or_fail()
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": self.prompt},
+            {"type": "image_url", "image_url": {"url": self._data_url(item.image)}}]}]
         try:
-            resp = client.chat.completions.create(
-                model=self.model, temperature=0, max_tokens=self.max_new_tokens,
-                messages=[{"role": "user", "content": [
-                    {"type": "text", "text": self.prompt},
-                    {"type": "image_url", "image_url": {"url": self._data_url(item.image)}}]}])
-        except openai.OpenAIError as exc:
-            err = classify(exc, self._endpoint.api_key)   # the same categories as augmentation; key scrubbed
+            answer = self._client_or_fail().complete(self.model, messages, max_tokens=self.max_new_tokens,
+                                                     temperature=0)
+        except LLMError as err:  # the key is scrubbed from the detail
             detail = f"HTTP {err.status}: {err.detail}" if err.status else err.detail
             return Answer(None, _CUE_REASON.get(err.reason, "api_error"), detail)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            return Answer(None, "bad_response", f"{type(exc).__name__}: {exc}"[:300])
-        try:
-            text = resp.choices[0].message.content
-        except (AttributeError, IndexError, TypeError) as exc:
-            return Answer(None, "bad_response", f"no choices/content: {exc}"[:300])
-        text = (text or "").strip()
-        return Answer(text) if text else Answer(None, "empty_answer", "the endpoint returned no text")
+        return Answer(answer.text)
 
     def describe(self, items: Sequence[CueItem]) -> list[Answer]:
         """Ask the endpoint about each image, ``workers`` requests at a time."""

@@ -1,32 +1,17 @@
-"""CLIP features of mentions, sentences, images, cues and entity descriptions (notebook ``02_expert_cues``).
+"""CLIP features of mentions, sentences, images, cues and entity descriptions (``dimkit features NAME``,
+notebook ``02_expert_cues``): the inputs of the released ``nel_model/prepare_*.py``, raw (not
+L2-normalised) float32 CLIP outputs, one :class:`FeatureSet` per dataset for :mod:`dimkit.train`.
 
-What DIM feeds its model (the released ``nel_model/prepare_*.py``), all raw (not L2-normalised) CLIP outputs, float32:
-
-- ``mention``: ``encode_text(mention)``; ``mention_sentence``: ``encode_text(mention + " [SEP] " + sentence)``
-  (the literal "[SEP]", not a CLIP special token);
-- ``image``: ``encode_image`` of the mention image (Richpedia: the **sum** over the mention's images,
-  as the released code); zeros and ``image_ok = False`` where no image is usable;
-- ``cue``: ``encode_text`` of the expert cue (:mod:`dimkit.cues`); zeros and ``cue_ok = False`` without one;
-- ``entity``: ``encode_text`` of each entity's description; ``entity_original`` of
-  ``description_original`` in ``+`` datasets (the originals, for the with/without-LLM comparison).
-
-Every vector is stored once per (model id, precision, content hash) -- the text itself or the
-image's bytes -- in ``$DIMKIT_CACHE/features/<model>/part-*.safetensors``. Parts are written
-atomically every ``flush_rows`` rows, so an interrupted run keeps what it computed; changing one
-description recomputes one row; a rerun computes nothing and does not even load the model.
-Several processes may fill one store at once (each writes its own part files; the cue store is
-SQLite): on a KB of 160K entities and 25K images, shard by content hash across processes and GPUs
-(:mod:`dimkit.shards`)::
-
-    accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli cues wiki+       # or torchrun --nproc_per_node 4
-    accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli features wiki+   # rank 0 assembles at the end
-
-Only modality-level vectors are computed: the ``paper`` variant of :mod:`dimkit.model` attends over the
-modality vectors and ``released`` sums them (its attention is dead code), so neither uses token- or
+Every vector is stored once per model, precision and content (the text, or the image's bytes) in
+``$DIMKIT_CACHE/features/<model>/part-*.safetensors``, written durably every ``flush_rows`` rows: an
+interrupted run keeps what it computed, a changed description recomputes one row, and a rerun computes
+nothing without even loading the model. Several processes may fill one store at once (:mod:`dimkit.shards`).
+Only modality-level vectors are computed: neither variant of :mod:`dimkit.model` uses token- or
 patch-level features.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -36,7 +21,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,6 +36,7 @@ from .store import content_hash, make_key
 
 #: Bump when the way a vector is computed changes (then nothing stored is reused).
 FEATURE_VERSION = "v1"
+#: Between mention and sentence in ``mention_sentence``: the literal text, not a CLIP special token.
 SEP = " [SEP] "
 STORE_FORMAT = "dimkit-features/1"
 #: What stands in for a missing description: the entity's name (dimkit) or the released code's
@@ -60,6 +46,12 @@ MISSING_DESCRIPTION = ("name", "released")
 
 # ---------------------------------------------------------------------------------------------
 # FeatureSet (the contract with training)
+
+
+def _label(model_id: str, weights_real: bool) -> str:
+    if weights_real:
+        return f"CLIP {model_id}"
+    return f"CLIP {model_id} -- random or sample-trained weights, not comparable to the paper"
 
 
 @dataclass
@@ -72,13 +64,13 @@ class FeatureSet:
     mention_ids: list[str]
     entity_qids: list[str]
     mention: np.ndarray            # [N, D]
-    mention_sentence: np.ndarray   # [N, D]
-    image: np.ndarray              # [N, D], zeros where unusable
+    mention_sentence: np.ndarray   # [N, D] of mention + SEP + sentence
+    image: np.ndarray              # [N, D], zeros where unusable; Richpedia: the sum over the mention's images
     image_ok: np.ndarray           # [N] bool
-    cue: np.ndarray                # [N, D], zeros where no cue
+    cue: np.ndarray                # [N, D] of the expert cue (dimkit.cues), zeros where there is none
     cue_ok: np.ndarray             # [N] bool
-    entity: np.ndarray             # [E, D]
-    entity_original: np.ndarray | None = None  # [E, D] in '+' datasets
+    entity: np.ndarray             # [E, D] of each entity's description
+    entity_original: np.ndarray | None = None  # [E, D] of description_original in '+' datasets (before the LLM)
     meta: dict = field(default_factory=dict)
 
     ARRAYS = ("mention", "mention_sentence", "image", "image_ok", "cue", "cue_ok", "entity", "entity_original")
@@ -86,9 +78,7 @@ class FeatureSet:
     @property
     def label(self) -> str:
         """How to caption numbers built on these features (says when weights are not pretrained)."""
-        if self.weights_real:
-            return f"CLIP {self.model_id}"
-        return f"CLIP {self.model_id} -- random or sample-trained weights, not comparable to the paper"
+        return _label(self.model_id, self.weights_real)
 
     def to_dict(self) -> dict[str, Any]:
         """Arrays plus the scalar fields (lists and strings), e.g. for ``np.savez``."""
@@ -123,13 +113,11 @@ class FeatureSet:
             arrays = {k: fh.get_tensor(k) for k in fh.keys()}
         if header.get("format") != "dimkit-featureset/1":
             raise DataError("not a dimkit FeatureSet file", file=path)
+        for k in ("image_ok", "cue_ok"):
+            arrays[k] = arrays[k].astype(bool)
         return cls(model_id=header["model_id"], weights_real=json.loads(header["weights_real"]),
                    dim=int(header["dim"]), mention_ids=json.loads(header["mention_ids"]),
-                   entity_qids=json.loads(header["entity_qids"]),
-                   mention=arrays["mention"], mention_sentence=arrays["mention_sentence"], image=arrays["image"],
-                   image_ok=arrays["image_ok"].astype(bool), cue=arrays["cue"], cue_ok=arrays["cue_ok"].astype(bool),
-                   entity=arrays["entity"], entity_original=arrays.get("entity_original"),
-                   meta=json.loads(header.get("meta", "{}")))
+                   entity_qids=json.loads(header["entity_qids"]), meta=json.loads(header.get("meta", "{}")), **arrays)
 
     def summary(self) -> pd.DataFrame:
         """One row per array: shape and how many rows are usable."""
@@ -148,16 +136,6 @@ class FeatureSet:
 # The feature store
 
 
-def _slug(model_id: str) -> str:
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[:60]
-    return f"{readable}-{content_hash(model_id)[:8]}"
-
-
-def features_dir() -> Path:
-    """``$DIMKIT_CACHE/features``."""
-    return paths.cache_dir() / "features"
-
-
 class FeatureStore:
     """Vectors of one model keyed by content: append-only safetensors part files, read into memory.
 
@@ -168,12 +146,13 @@ class FeatureStore:
 
     def __init__(self, model_id: str, root: str | Path | None = None):
         self.model_id = model_id
-        self.dir = Path(root or features_dir()) / _slug(model_id)
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[:60]
+        self.dir = Path(root or paths.cache_dir() / "features") / f"{readable}-{content_hash(model_id)[:8]}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim: int | None = None
         self._index: dict[bytes, tuple[int, int]] = {}
         self._arrays: list[np.ndarray] = []
-        self._seen: dict[str, int] = {}
+        self._seen: set[str] = set()
         self._lock = threading.Lock()
         self.refresh()
 
@@ -207,7 +186,7 @@ class FeatureStore:
                     raise DataError(f"feature part has dimension {vecs.shape[1]}, the store {self.dim}", file=p)
                 slot = len(self._arrays)
                 self._arrays.append(vecs)
-                self._seen[p.name] = slot
+                self._seen.add(p.name)
                 for row, k in enumerate(keys):
                     self._index[k.tobytes()] = (slot, row)
 
@@ -216,10 +195,6 @@ class FeatureStore:
 
     def __contains__(self, key: str) -> bool:
         return bytes.fromhex(key) in self._index
-
-    def missing(self, keys: Iterable[str]) -> list[str]:
-        """Keys with no stored vector (order kept, duplicates dropped)."""
-        return [k for k in dict.fromkeys(keys) if bytes.fromhex(k) not in self._index]
 
     def gather(self, keys: Sequence[str], dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors ``[len(keys), D]`` (zeros for absent keys) and a found mask."""
@@ -257,10 +232,7 @@ class FeatureStore:
             return False
         self.refresh()
         keys = sorted(self._index)
-        vecs = np.stack([self._arrays[s][r] for s, r in (self._index[k] for k in keys)]) if keys else None
-        if vecs is None:
-            return False
-        self.put([k.hex() for k in keys], vecs)
+        self.put([k.hex() for k in keys], np.stack([self._arrays[s][r] for s, r in (self._index[k] for k in keys)]))
         for p in parts:  # rows of parts written meanwhile by others stay in their own files
             p.unlink(missing_ok=True)
         return True
@@ -304,18 +276,20 @@ class FeatureReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        weights = "pretrained" if self.weights_real else "NOT pretrained (random or sample-trained): not comparable to the paper"
-        t, i = self.texts, self.images
+        weights = ("pretrained" if self.weights_real else
+                   "NOT pretrained (random or sample-trained): not comparable to the paper")
+        t, i, c, e = self.texts, self.images, self.cues, self.entities
+        no_desc = f", {e['no_description']} without description" if e["no_description"] else ""
+        loaded = "yes" if self.model_loaded else "no (everything was stored)"
         lines = [f"features for {self.dataset}: CLIP {self.model_id} ({weights}), dim {self.dim}, {self.precision}",
-                 f"  texts:  {t.get('distinct', 0)} distinct -- computed {t.get('done', 0)}, reused {t.get('cached', 0)}",
-                 f"  images: {i.get('distinct', 0)} distinct usable -- computed {i.get('done', 0)}, "
-                 f"reused {i.get('cached', 0)}, failed {i.get('failed', {}) or 0}",
+                 f"  texts:  {t['distinct']} distinct -- computed {t['done']}, reused {t['cached']}",
+                 f"  images: {i['distinct']} distinct usable -- computed {i['done']}, reused {i['cached']}, "
+                 f"failed {i['failed'] or 0}",
                  "  mention images: " + ", ".join(f"{k} {v}" for k, v in self.mention_images.items()),
-                 f"  cues: {self.cues.get('with_cue', 0)} of {self.cues.get('mentions', 0)} mentions "
-                 f"(expert {self.cues.get('expert')}{', SYNTHETIC oracle' if self.cues.get('synthetic') else ''})",
-                 f"  entities: {self.entities.get('entities', 0)}"
-                 + (f", {self.entities['no_description']} without description" if self.entities.get("no_description") else ""),
-                 f"  model loaded: {'yes' if self.model_loaded else 'no (everything was stored)'}; {self.seconds:.1f} s"]
+                 f"  cues: {c['with_cue']} of {c['mentions']} mentions "
+                 f"(expert {c['expert']}{', SYNTHETIC oracle' if c['synthetic'] else ''})",
+                 f"  entities: {e['entities']}{no_desc}",
+                 f"  model loaded: {loaded}; {self.seconds:.1f} s"]
         if self.shard:
             lines.append(f"  shard {self.shard}: this process's share only (other shards fill the rest of the store)")
         lines += [f"  note: {n}" for n in self.notes]
@@ -326,15 +300,8 @@ class FeatureReport:
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def _precision_for(device: str, precision: str | None) -> str:
-    from .env import pick_device
-
-    if precision:
-        return precision
-    return "fp16" if pick_device(device).startswith("cuda") else "fp32"
-
-
 def _entity_texts(ents: pd.DataFrame, column: str, missing: str) -> tuple[list[str], int]:
+    """The text encoded for each entity (``missing``: what stands in for no description), and how many had none."""
     texts, n_missing = [], 0
     for name, desc in zip(ents["name"].tolist(), ents[column].tolist()):
         if isinstance(desc, str) and desc.strip():
@@ -345,83 +312,51 @@ def _entity_texts(ents: pd.DataFrame, column: str, missing: str) -> tuple[list[s
     return texts, n_missing
 
 
-class _Computer:
-    """Loads the CLIP on first need and writes computed rows to the store in durable chunks."""
+def _encode_texts(cm: ClipModel, store: FeatureStore, todo: list[tuple[str, str]], cfg: "FeaturesConfig",
+                  bar_kw: dict) -> None:
+    """Encode (key, text) rows into the store, durably every ``flush_rows``."""
+    # Similar lengths in one chunk: each CLIP batch is cut to its longest text (ClipModel.trim_text).
+    todo = sorted(todo, key=lambda kt: len(kt[1]))
+    with tqdm(total=len(todo), desc=f"text features ({cm.model_id})", unit="text", **bar_kw) as bar:
+        for i in range(0, len(todo), cfg.flush_rows):
+            chunk = todo[i:i + cfg.flush_rows]
+            store.put([k for k, _ in chunk], cm.encode_texts([t for _, t in chunk], batch_size=cfg.batch_size))
+            bar.update(len(chunk))
 
-    def __init__(self, clip_spec: ClipSpec, store: FeatureStore, device: str, precision: str,
-                 batch_size: int, image_batch_size: int, flush_rows: int, workers: int, progress: bool):
-        self.spec, self.store, self.device, self.precision = clip_spec, store, device, precision
-        self.batch_size, self.image_batch_size = batch_size, image_batch_size
-        self.flush_rows, self.workers, self.progress = flush_rows, workers, progress
-        self.model: ClipModel | None = None
 
-    def clip(self) -> ClipModel:
-        """The model, loaded on first use only (a run whose rows are all stored never loads it)."""
-        if self.model is None:
-            self.model = load_clip(self.spec, device=self.device, precision=self.precision)
-        return self.model
+def _encode_images(cm: ClipModel, store: FeatureStore, todo: list[tuple[str, Path]], cfg: "FeaturesConfig",
+                   bar_kw: dict) -> Counter:
+    """Encode (key, path) images into the store; a file unusable now is counted by reason, not raised."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
 
-    def texts(self, todo: list[tuple[str, str]]) -> int:
-        """Encode (key, text) rows, flushing every ``flush_rows``."""
-        if not todo:
-            return 0
-        cm = self.clip()
-        # Similar lengths in one chunk: each CLIP batch is cut to its longest text (ClipModel.trim_text).
-        todo = sorted(todo, key=lambda kt: len(kt[1]))
-        bar_kw = {} if self.progress else {"disable": True}
-        with tqdm(total=len(todo), desc=f"text features ({cm.model_id})", unit="text", **bar_kw) as bar:
-            for i in range(0, len(todo), self.flush_rows):
-                chunk = todo[i:i + self.flush_rows]
-                vecs = cm.encode_texts([t for _, t in chunk], batch_size=self.batch_size)
-                self.store.put([k for k, _ in chunk], vecs)
-                bar.update(len(chunk))
-        return len(todo)
+    from .images import load_image
 
-    def images(self, todo: list[tuple[str, Path]]) -> tuple[int, Counter]:
-        """Encode (key, path) images; a file unusable now is counted by reason, not raised."""
-        from concurrent.futures import ThreadPoolExecutor
+    def prep(item: tuple[str, Path]):
+        loaded = load_image(item[1])
+        return item[0], None if loaded.image is None else cm.preprocess(loaded.image), loaded.status
 
-        from .images import load_image
-
-        failed: Counter = Counter()
-        if not todo:
-            return 0, failed
-        cm = self.clip()
-        done = 0
-
-        def prep(item: tuple[str, Path]):
-            """Decode + CLIP preprocessing of one image (threaded)."""
-            loaded = load_image(item[1])
-            if loaded.image is None:
-                return item[0], None, loaded.status
-            return item[0], cm.preprocess(loaded.image), None
-
-        import torch
-
-        bar_kw = {} if self.progress else {"disable": True}
-        pending_keys: list[str] = []
-        pending_vecs: list[np.ndarray] = []
-        # Decoding and resizing run in threads (PIL releases the GIL) while the model encodes.
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool, \
-                tqdm(total=len(todo), desc=f"image features ({cm.model_id})", unit="img", **bar_kw) as bar:
-            for i in range(0, len(todo), self.image_batch_size):
-                batch = list(pool.map(prep, todo[i:i + self.image_batch_size]))
-                good = [(k, px) for k, px, why in batch if px is not None]
-                for _, _, why in batch:
-                    if why is not None:
-                        failed[why] += 1
-                if good:
-                    vecs = cm.encode_pixels(torch.stack([px for _, px in good]))   # [B, D]
-                    pending_keys += [k for k, _ in good]
-                    pending_vecs.append(vecs)
-                    done += len(good)
-                if len(pending_keys) >= self.flush_rows:
-                    self.store.put(pending_keys, np.concatenate(pending_vecs))
-                    pending_keys, pending_vecs = [], []
-                bar.update(len(batch))
-            if pending_keys:
-                self.store.put(pending_keys, np.concatenate(pending_vecs))
-        return done, failed
+    failed: Counter = Counter()
+    keys: list[str] = []
+    vecs: list[np.ndarray] = []
+    step = cfg.image_batch_size
+    # Decoding and resizing run in threads (PIL releases the GIL).
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool, \
+            tqdm(total=len(todo), desc=f"image features ({cm.model_id})", unit="img", **bar_kw) as bar:
+        for i in range(0, len(todo), step):
+            batch = list(pool.map(prep, todo[i:i + step]))
+            failed.update(why for _, px, why in batch if px is None)
+            good = [(k, px) for k, px, _ in batch if px is not None]
+            if good:
+                vecs.append(cm.encode_pixels(torch.stack([px for _, px in good])))   # [B, D]
+                keys += [k for k, _ in good]
+            if len(keys) >= cfg.flush_rows:
+                store.put(keys, np.concatenate(vecs))
+                keys, vecs = [], []
+            bar.update(len(batch))
+        if keys:
+            store.put(keys, np.concatenate(vecs))
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,9 +426,8 @@ def run(cfg: FeaturesConfig, *, dataset: datasets.Dataset | None = None, clip: C
         expert: Any = None, progress: bool = True) -> FeatureResult:
     """Compute what is missing from the feature store and assemble the dataset's FeatureSet and report.
 
-    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it. ``clip`` (a ClipSpec) and
-    ``expert`` (an Expert) replace the specs ``cfg.clip`` and ``cfg.expert`` (which must then stay
-    ``auto``). With ``cfg.shard`` this process computes its share (:mod:`dimkit.shards`).
+    ``dataset``: the loaded ``cfg.dataset``, when the caller holds it. ``clip`` (a ClipSpec) and ``expert``
+    (an Expert) replace the specs ``cfg.clip`` and ``cfg.expert``, which must then stay ``auto``.
     """
     cfg = cfg.replace()  # a checked copy
     ds = load_dataset(cfg, dataset)
@@ -514,17 +448,19 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
             expert: Any = None, progress: bool = True) -> FeatureResult:
     """One pass over ``shard`` (None: every row), without :func:`run`'s launch flow (nor ``cfg.save``)."""
     from . import cues as cues_mod
+    from .env import pick_device
     from .images import scan_images
 
     t0 = time.perf_counter()
     clip_spec = clip if clip is not None else parse_clip_spec(resolve_clip_name(ds.name, cfg.clip))
     device = shard_device(cfg.device)
-    precision = _precision_for(device, cfg.precision)
+    precision = cfg.precision or ("fp16" if pick_device(device).startswith("cuda") else "fp32")  # as load_clip
     version = f"{FEATURE_VERSION}-{precision}"
-    force = cfg.force
     store = FeatureStore(clip_spec.model_id, cfg.store)
-    comp = _Computer(clip_spec, store, device, precision, cfg.batch_size, cfg.image_batch_size, cfg.flush_rows,
-                     cfg.workers, progress)
+
+    @functools.cache
+    def clip_model() -> ClipModel:  # loaded on first need: a run whose rows are all stored never loads it
+        return load_clip(clip_spec, device=device, precision=precision)
 
     scan = scan_images(ds, progress=progress)
     cue_cfg = cues_mod.CuesConfig.for_dataset(ds.name, expert=cfg.expert, device=device, store=cfg.cue_store,
@@ -541,26 +477,25 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
 
     all_texts = mention_texts + sent_texts + [c for c in cue_texts if c] + ent_texts + (orig_texts or [])
     tkeys = {t: text_key(clip_spec.model_id, version, t) for t in dict.fromkeys(all_texts)}
-    todo_t = [(k, t) for t, k in tkeys.items()
-              if (force or k not in store) and in_shard(k, shard)]
-    cached_t = sum(1 for k in tkeys.values() if k in store) if not force else 0
+    todo_t = [(k, t) for t, k in tkeys.items() if (cfg.force or k not in store) and in_shard(k, shard)]
+    cached_t = 0 if cfg.force else sum(k in store for k in tkeys.values())
 
     files = {rel: f for rel, f in scan.files.items() if f.status == "ok" and f.sha256}
     ikeys = {f.sha256: image_key(clip_spec.model_id, version, f.sha256) for f in files.values()}
     path_of = {f.sha256: f.path for f in files.values()}
-    todo_i = [(k, path_of[sha]) for sha, k in ikeys.items()
-              if (force or k not in store) and in_shard(sha, shard)]
-    cached_i = sum(1 for k in ikeys.values() if k in store) if not force else 0
+    todo_i = [(k, path_of[sha]) for sha, k in ikeys.items() if (cfg.force or k not in store) and in_shard(sha, shard)]
+    cached_i = 0 if cfg.force else sum(k in store for k in ikeys.values())
 
-    done_t = comp.texts(todo_t)
-    done_i, failed_i = comp.images(todo_i)
+    bar_kw = {} if progress else {"disable": True}
+    if todo_t:
+        _encode_texts(clip_model(), store, todo_t, cfg, bar_kw)
+    failed_i = _encode_images(clip_model(), store, todo_i, cfg, bar_kw) if todo_i else Counter()
     store.refresh()  # pick up rows other shards wrote meanwhile
     store.compact()
-    dim = store.dim or comp.clip().dim
+    dim = store.dim or clip_model().dim
 
     def text_block(texts: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
-        """Stored vectors of texts (zeros and False where None)."""
-        return store.gather([tkeys[t] if t else "" for t in texts], dim)
+        return store.gather([tkeys[t] if t else "" for t in texts], dim)  # zeros and False where None
 
     mention_v, ok_m = text_block(mention_texts)
     sent_v, ok_s = text_block(sent_texts)
@@ -568,7 +503,8 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
     ent_v, ok_e = text_block(ent_texts)
     orig_v = text_block(orig_texts)[0] if orig_texts is not None else None
 
-    # Image per mention: the sum over its usable images (one image except Richpedia's img_list).
+    # Image per mention: the sum over its usable images (one image except Richpedia's img_list). A usable
+    # image whose vector is absent failed now (changed on disk) or belongs to another shard.
     image_v = np.zeros((len(m), dim), dtype=np.float32)
     image_ok = np.zeros(len(m), dtype=bool)
     for row, rels in enumerate(scan.per_mention["images"]):
@@ -579,12 +515,10 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
                 image_v[row] = vecs[found].sum(axis=0)
                 image_ok[row] = True
 
-    incomplete = shard is None and (not ok_m.all() or not ok_s.all() or not ok_e.all())
-    if incomplete:
+    if shard is None and not (ok_m.all() and ok_s.all() and ok_e.all()):
         raise DimkitError("some text features are missing after computing them; is another process "
                           "compacting the store? rerun `dimkit features`")
     pm_status = Counter(scan.per_mention["status"])
-    # A usable image whose vector is absent failed now (changed on disk) or belongs to another shard.
     notes = []
     if not clip_spec.weights_real:
         why = clip_spec.note or "not pretrained"
@@ -593,15 +527,17 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
     if cue_res.report.synthetic:
         notes.append("cues are synthetic oracle cues (sample generator), not BLIP-2 output")
     report = FeatureReport(
-        dataset=ds.name, model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim), precision=precision,
-        texts={"distinct": len(tkeys), "done": done_t, "cached": cached_t},
-        images={"distinct": len(ikeys), "done": done_i, "cached": cached_i, "failed": dict(failed_i)},
+        dataset=ds.name, model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim),
+        precision=precision,
+        texts={"distinct": len(tkeys), "done": len(todo_t), "cached": cached_t},
+        images={"distinct": len(ikeys), "done": len(todo_i) - sum(failed_i.values()), "cached": cached_i,
+                "failed": dict(failed_i)},
         mention_images={("usable" if k == "ok" else k): int(v) for k, v in sorted(pm_status.items())},
         cues={"expert": cue_res.report.expert, "synthetic": cue_res.report.synthetic, "mentions": int(len(m)),
               "with_cue": int(cue_ok.sum()), "status": dict(Counter(cue_res.table["cue_status"]))},
         entities={"entities": int(len(ents)), "no_description": n_missing,
                   **({"no_description_original": n_missing_orig} if orig_texts is not None else {})},
-        model_loaded=comp.model is not None, seconds=round(time.perf_counter() - t0, 3), notes=notes,
+        model_loaded=clip_model.cache_info().currsize > 0, seconds=round(time.perf_counter() - t0, 3), notes=notes,
         shard=str(shard) if shard else None)
     fs = FeatureSet(model_id=clip_spec.model_id, weights_real=clip_spec.weights_real, dim=int(dim),
                     mention_ids=m["mention_id"].astype(str).tolist(), entity_qids=ents["qid"].astype(str).tolist(),
@@ -609,8 +545,8 @@ def compute(cfg: FeaturesConfig, ds: datasets.Dataset, *, shard: Shard | None = 
                     cue=cue_v, cue_ok=cue_ok, entity=ent_v, entity_original=orig_v,
                     meta={"dataset": ds.name, "precision": precision, "feature_version": FEATURE_VERSION,
                           "cue_expert": cue_res.report.expert, "cue_prompt_version": cue_res.report.prompt_version,
-                          "synthetic_cues": cue_res.report.synthetic, "label": "", "report": report.to_dict()})
-    fs.meta["label"] = fs.label
+                          "synthetic_cues": cue_res.report.synthetic, "missing_description": cfg.missing_description,
+                          "label": _label(clip_spec.model_id, clip_spec.weights_real), "report": report.to_dict()})
     if cfg.write_report and shard is None:
         atomic.write_text(json.dumps(report.to_dict(), indent=1) + "\n", Path(ds.root) / "reports" / "features.json")
     return FeatureResult(features=fs, report=report)
@@ -627,11 +563,8 @@ def load_features(ds_or_name: datasets.Dataset | str, clip: str = "auto", *, pro
                   **settings: Any) -> FeatureSet:
     """The dataset's FeatureSet (what :mod:`dimkit.train` reads): computes missing rows, reuses the store.
 
-    ``clip="default"`` is DIM's ViT-B-32 with OpenAI weights; ``"auto"`` is that on real datasets
-    and the shipped sample-trained CLIP on ``sample``/``sample+`` (so the sample runs offline);
-    ``"ViT-B-32:random"`` or a local checkpoint work anywhere. ``settings`` are any other
-    :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``. The set is whole
-    even in a process a launcher started (``shard=None`` unless given): training needs every row.
+    ``clip`` and ``settings``: any :class:`FeaturesConfig` setting; the run's report is in ``fs.meta["report"]``.
+    The set is whole even in a process a launcher started (``shard=None`` unless given): training needs every row.
     """
     name = ds_or_name if isinstance(ds_or_name, str) else ds_or_name.name
     cfg = FeaturesConfig.for_dataset(name, clip=clip, **settings)
@@ -700,8 +633,5 @@ def write_summary(ds: datasets.Dataset, cue_report: Any, feature_report: Feature
     folder = Path(folder) if folder is not None else paths.runs_dir() / "02_expert_cues"
     data = {"dataset": ds.name, "cues": cue_report.to_dict(), "features": feature_report.to_dict(),
             "namesake_hits": hits.to_dict(orient="records") if hits is not None else None,
-            "label": ("CLIP " + feature_report.model_id + ("" if feature_report.weights_real else
-                      " -- random or sample-trained weights, not comparable to the paper"))}
-    target = folder / f"{ds.name}.json"
-    atomic.write_text(json.dumps(data, indent=1, default=str) + "\n", target)
-    return target
+            "label": _label(feature_report.model_id, feature_report.weights_real)}
+    return atomic.write_text(json.dumps(data, indent=1, default=str) + "\n", folder / f"{ds.name}.json")

@@ -1,22 +1,30 @@
-"""A thin, strict client for any OpenAI-compatible chat endpoint (used by notebook ``01_augment``).
+"""One strict client for any OpenAI-compatible chat endpoint, shared by :mod:`dimkit.augment` and
+:class:`dimkit.experts.OpenAIExpert`.
 
 OpenAI, Azure OpenAI, vLLM, Ollama and llama.cpp servers all speak the same protocol; the official
-``openai`` client talks to them. This module adds what a long unattended run needs and the client
-leaves to the caller: every failure is turned into an :class:`LLMError` with a short ``reason``
-category (``rate_limited``, ``server_error``, ``timeout``, ``connection``, ``malformed``, ``empty``,
-``auth``, ``not_found``, ``bad_request``) and the server's ``Retry-After``; a completion that is
-not well-formed JSON with a non-empty message is an error, never an answer. The client's own retries
-are off (``max_retries=0``): :mod:`dimkit.augment` schedules retries itself, across entities.
+``openai`` client talks to them and retries what is worth retrying: 429 (after the server's
+``Retry-After``), 408/409, 5xx, timeouts and dropped connections, with exponential backoff, up to
+``max_retries`` times a request. :class:`ChatClient` adds what a long unattended run needs on top:
+
+- a completion that is not well-formed JSON with a non-empty message is never an answer; it is
+  asked again, up to ``max_attempts`` requests, then fails as ``malformed`` or ``empty``;
+- every failure is an :class:`LLMError` with a short ``reason`` (``rate_limited``, ``server_error``,
+  ``timeout``, ``connection``, ``malformed``, ``empty``, ``auth``, ``not_found``, ``bad_request``);
+- every HTTP attempt (the client's retries included) is counted by outcome, and paced by a
+  :class:`Pacer`: an optional fixed cap, and a cap learnt from 429s;
+- the Batch API calls (upload, create, poll, download) for half-price runs.
 
 The endpoint and key come from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` or explicit arguments; the
 key is never printed, stored or put in a report (:class:`Endpoint` hides it from ``repr``).
 """
 from __future__ import annotations
 
+import collections
 import email.utils
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -26,8 +34,8 @@ from .errors import ConfigError, DimkitError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-#: Failure categories worth retrying within a run (with backoff); others are recorded at once.
-RETRYABLE = frozenset({"rate_limited", "server_error", "timeout", "connection"})
+#: Answers asked again (up to ``max_attempts`` requests) before they count as failed.
+CONTENT_FAILURES = frozenset({"malformed", "empty"})
 #: Failures that make every further request pointless (a bad key, a model the endpoint lacks).
 FATAL = frozenset({"auth", "not_found"})
 
@@ -94,18 +102,11 @@ class Endpoint:
 class LLMError(Exception):
     """One failed chat request: ``reason`` is a short category, ``detail`` a (scrubbed) message."""
 
-    def __init__(self, reason: str, detail: str = "", *, status: int | None = None,
-                 retry_after: float | None = None):
+    def __init__(self, reason: str, detail: str = "", *, status: int | None = None):
         self.reason = reason
         self.detail = detail
         self.status = status
-        self.retry_after = retry_after
         super().__init__(f"{reason}: {detail}" if detail else reason)
-
-    @property
-    def retryable(self) -> bool:
-        """Worth another try in this run."""
-        return self.reason in RETRYABLE
 
     @property
     def fatal(self) -> bool:
@@ -179,6 +180,14 @@ def parse_completion(body: bytes | str) -> Completion:
                       finish_reason=finish if isinstance(finish, str) else None)
 
 
+def status_reason(status: int) -> str:
+    """The failure category of an HTTP status (``ok`` below 400)."""
+    if status < 400:
+        return "ok"
+    return {429: "rate_limited", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
+            409: "server_error"}.get(status, "server_error" if status >= 500 else "bad_request")
+
+
 def classify(exc: BaseException, secret: str | None = None) -> LLMError:
     """Map an ``openai`` exception (or a transport error) to an :class:`LLMError`."""
     import openai
@@ -191,21 +200,7 @@ def classify(exc: BaseException, secret: str | None = None) -> LLMError:
     if isinstance(exc, openai.APIConnectionError):
         return LLMError("connection", detail)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        retry_after = parse_retry_after(exc.response.headers)
-        if status == 429:
-            reason = "rate_limited"
-        elif status in (401, 403):
-            reason = "auth"
-        elif status == 404:
-            reason = "not_found"
-        elif status == 408:
-            reason = "timeout"
-        elif status == 409 or status >= 500:
-            reason = "server_error"
-        else:
-            reason = "bad_request"
-        return LLMError(reason, detail, status=status, retry_after=retry_after)
+        return LLMError(status_reason(exc.status_code), detail, status=exc.status_code)
     if isinstance(exc, openai.APIResponseValidationError):
         return LLMError("malformed", detail)
     return LLMError("connection", detail)
@@ -217,6 +212,109 @@ def _require_key(endpoint: Endpoint) -> None:
             "no API key: set OPENAI_API_KEY in the environment (any non-empty value for local "
             "servers such as vLLM or Ollama), or pass api_key= in code. Keys are never notebook "
             "parameters.")
+
+
+class Pacer:
+    """Spaces request starts: a fixed cap (``fixed`` a second) and/or one learnt from 429s.
+
+    Adaptive mode is additive-increase / multiplicative-decrease, as TCP: no cap until the first
+    429; then, on each 429 (at most once a second), the cap drops to the success rate of the last
+    second or by 10%, whichever is lower; every second of successes raises it by 5% (at least
+    1 request/s), or by 25% until the second 429, since the first estimate, taken right after the
+    start-up burst, is low (TCP's slow start). A run then sits just under the server's limit
+    instead of every worker bouncing off it, which matters where rejected requests count against
+    the quota (OpenAI's do). A 429's ``Retry-After`` also holds back every other request until then.
+    """
+
+    def __init__(self, fixed: float | None = None, adaptive: bool = True):
+        self.fixed = fixed
+        self.adaptive = adaptive
+        self.learnt: float | None = None
+        self._next = 0.0
+        self._hold = 0.0
+        self._last_decrease = -1e9
+        self._cuts = 0
+        self._successes: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    @property
+    def rate(self) -> float | None:
+        """Current cap in request starts per second (None: no cap)."""
+        caps = [r for r in (self.fixed, self.learnt) if r]
+        return min(caps) if caps else None
+
+    def wait(self) -> None:
+        """Block until this request may start."""
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._hold)
+            rate = self.rate
+            if rate:
+                slot = max(slot, self._next)
+                self._next = slot + 1.0 / rate
+        if slot > now:
+            time.sleep(slot - now)
+
+    def success(self, now: float) -> None:
+        """A request was answered at ``now`` (monotonic seconds)."""
+        if not self.adaptive:
+            return
+        with self._lock:
+            self._successes.append(now)
+            while self._successes[0] < now - 1.0:
+                self._successes.popleft()
+            if self.learnt:
+                growth = 0.05 if self._cuts > 1 else 0.25  # per second; fast until the second 429
+                self.learnt += max(1.0, growth * self.learnt) / self.learnt  # spread over the successes
+
+    def rate_limited(self, now: float, retry_after: float | None = None) -> None:
+        """A request got 429 at ``now``; ``retry_after``: the seconds the server asked for."""
+        with self._lock:
+            if retry_after:
+                self._hold = max(self._hold, now + retry_after)
+            if not self.adaptive or now - self._last_decrease < 1.0:
+                return
+            while self._successes and self._successes[0] < now - 1.0:
+                self._successes.popleft()
+            if not self._successes:
+                return  # nothing to estimate from yet: the Retry-After hold does the work
+            self._last_decrease = now
+            self._cuts += 1
+            observed = float(len(self._successes))  # successes in the last second
+            self.learnt = max(1.0, observed if self.learnt is None else min(observed, self.learnt * 0.9))
+
+
+def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock):
+    """The openai client's own HTTP client, with every chat request paced and counted by outcome.
+
+    It sits under the openai client's retry loop, so each retry is paced and counted too. Overriding
+    ``send`` (not the transport) keeps proxies from the environment working.
+    """
+    import openai
+
+    class _Paced(openai.DefaultHttpxClient):
+        def send(self, request, **kwargs):
+            if not request.url.path.endswith("/chat/completions"):
+                return super().send(request, **kwargs)
+            pacer.wait()
+            try:
+                response = super().send(request, **kwargs)
+            except Exception as exc:
+                # httpx and httpx2 alike call their timeouts' base class this
+                timeout = any(k.__name__ == "TimeoutException" for k in type(exc).__mro__)
+                with lock:
+                    tally["timeout" if timeout else "connection"] += 1
+                raise
+            reason = status_reason(response.status_code)
+            with lock:
+                tally[reason] += 1
+            if reason == "rate_limited":
+                pacer.rate_limited(time.monotonic(), parse_retry_after(response.headers))
+            elif reason == "ok":
+                pacer.success(time.monotonic())
+            return response
+
+    return _Paced()
 
 
 def _raise_check_error(exc: Exception, endpoint: Endpoint) -> None:
@@ -235,86 +333,85 @@ def _raise_check_error(exc: Exception, endpoint: Endpoint) -> None:
     raise exc
 
 
-class ChatClient:
-    """Async chat completions against an :class:`Endpoint`, no retries, strict parsing."""
+#: Batch states after which nothing more will happen.
+BATCH_FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
-    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 60.0):
+
+class ChatClient:
+    """Chat completions (and the Batch API) against an :class:`Endpoint`; safe to share between threads.
+
+    ``max_retries``: the openai client's retries of one request (429, 5xx, timeouts, dropped
+    connections); ``max_attempts``: requests per answer while it comes back malformed or empty;
+    ``requests_per_s`` and ``adaptive_rate`` configure the :class:`Pacer`.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 60.0, max_retries: int = 5,
+                 max_attempts: int = 3, requests_per_s: float | None = None, adaptive_rate: bool = True):
         import openai
 
         _require_key(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key,
-                                          max_retries=0, timeout=timeout_s)
+        self.max_attempts = max_attempts
+        self.pacer = Pacer(requests_per_s, adaptive_rate)
+        self._tally: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key,
+                                     max_retries=max_retries, timeout=timeout_s,
+                                     http_client=_http_client(self.pacer, self._tally, self._lock))
 
     def __repr__(self) -> str:
         return f"ChatClient({self.endpoint!r}, timeout_s={self.timeout_s})"
 
-    async def check(self, timeout_s: float = 10.0) -> None:
+    def counts(self) -> dict:
+        """Chat requests so far: ``calls`` (answers asked for), ``requests`` (HTTP attempts, retries
+        included) and ``errors`` (every failed attempt by reason, malformed and empty answers too)."""
+        with self._lock:
+            tally = dict(self._tally)
+        calls, ok = tally.pop("calls", 0), tally.pop("ok", 0)
+        content = sum(tally.get(r, 0) for r in CONTENT_FAILURES)  # answered, hence counted as ok too
+        return {"calls": calls, "requests": ok + sum(tally.values()) - content, "errors": tally}
+
+    def check(self, timeout_s: float = 10.0) -> None:
         """Fail fast (DimkitError) if the endpoint is unreachable or rejects the key."""
         try:
-            await self._client.with_options(timeout=timeout_s).models.list()
+            self._client.with_options(timeout=timeout_s, max_retries=0).models.list()
         except Exception as exc:
             _raise_check_error(exc, self.endpoint)
 
-    async def chat(self, model: str, messages: list[dict], *, max_tokens: int | None = None,
-                   temperature: float | None = None) -> Completion:
-        """One chat completion; raises :class:`LLMError` on any failure."""
-        kwargs: dict[str, Any] = {"model": model, "messages": messages}
+    def complete(self, model: str, messages: list[dict], *, max_tokens: int | None = None,
+                 temperature: float | None = None) -> Completion:
+        """One answer; raises :class:`LLMError` once the retries and attempts are spent."""
+        params: dict[str, Any] = {"model": model, "messages": messages}
         if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
+            params["max_tokens"] = max_tokens
         if temperature is not None:
-            kwargs["temperature"] = temperature
-        try:
-            # The client's generic POST (its documented route for raw bodies): same auth, base URL,
-            # timeouts and error types as ``chat.completions.create``, without re-validating the
-            # request params (about 3 ms of CPU a request, a bottleneck at 60+ requests/s) or
-            # building a response model we would re-check anyway.
-            body = await self._client.post("/chat/completions", cast_to=bytes, body=kwargs)
-        except Exception as exc:  # every transport/status error becomes a categorised LLMError
-            raise classify(exc, self.endpoint.api_key) from None
-        return parse_completion(body)
+            params["temperature"] = temperature
+        with self._lock:
+            self._tally["calls"] += 1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                # The raw body, parsed strictly here: broken JSON is a malformed answer to ask again.
+                raw = self._client.chat.completions.with_raw_response.create(**params)
+            except Exception as exc:
+                raise classify(exc, self.endpoint.api_key) from None
+            try:
+                return parse_completion(raw.http_response.content)
+            except LLMError as err:
+                with self._lock:
+                    self._tally[err.reason] += 1
+                if attempt == self.max_attempts:
+                    raise LLMError(err.reason, f"{err.detail}, {attempt} times") from None
 
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.close()
-
-
-#: Batch states after which nothing more will happen.
-BATCH_FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-
-
-class BatchClient:
-    """The OpenAI Batch API: upload a JSONL of chat requests, create a batch, poll it, download results.
-
-    These are a handful of control calls per run, so the client's own retries (which honour
-    ``Retry-After``) are left on; the answers themselves are checked by :func:`parse_completion`.
-    """
-
-    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 60.0, max_retries: int = 3):
-        import openai
-
-        _require_key(endpoint)
-        self.endpoint = endpoint
-        self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key,
-                                     max_retries=max_retries, timeout=timeout_s)
-
-    def __repr__(self) -> str:
-        return f"BatchClient({self.endpoint!r})"
-
+    # -- the Batch API: a handful of control calls a run; the answers are checked by parse_completion
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
             err = classify(exc, self.endpoint.api_key)
             raise DimkitError(f"Batch API: {what} failed at {self.endpoint.public_url} ({err})") from None
-
-    def check(self, timeout_s: float = 10.0) -> None:
-        """Fail fast (DimkitError) if the endpoint is unreachable or rejects the key."""
-        try:
-            self._client.with_options(timeout=timeout_s).models.list()
-        except Exception as exc:
-            _raise_check_error(exc, self.endpoint)
 
     def submit(self, lines: list[dict], metadata: dict | None = None) -> dict:
         """Upload the request lines and create a batch; returns ``{"batch_id", "input_file_id"}``."""
@@ -336,6 +433,16 @@ class BatchClient:
     def download(self, file_id: str) -> str:
         """The text of a result file."""
         return self._call("download", self._client.files.content, file_id).text
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> "ChatClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def estimate_tokens(text: str) -> int:

@@ -1,21 +1,16 @@
 """Splitting cue and feature extraction across processes and GPUs.
 
-A KB of 160K entities and 25K images is GPU-hours of BLIP-2. Any number of processes can fill one
-cue store (SQLite, WAL) and one feature store (one part file per writer) at once; each takes the
-rows whose content hash falls into its shard, so shards never overlap::
+Any number of processes can fill one cue store and one feature store at once; each takes the rows
+whose content hash falls into its shard, so shards never overlap::
 
     accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli cues wiki+      # or torchrun --nproc_per_node 4
     accelerate launch --multi_gpu --num_processes 4 -m dimkit.cli features wiki+
 
-Under a launcher (``RANK``/``WORLD_SIZE`` set) ``--shard auto`` -- the default -- takes this
-process's share and its own GPU (``LOCAL_RANK``). When the launcher also set up a rendezvous
-(``MASTER_ADDR``/``MASTER_PORT``: accelerate, torchrun), the processes wait for each other at the end
-and rank 0 assembles the dataset's result and report, computing only what is left (nothing, unless
-a shard failed on some rows). Without a rendezvous (``--shard i/n`` by hand, or RANK/WORLD_SIZE
-alone), run once more without ``--shard`` after every shard has finished to assemble.
-
-(accelerate on a machine without GPUs: ``accelerate launch --multi_gpu --num_processes 2 ...`` starts
-two CPU processes through torchrun; ``--cpu`` starts only one.)
+Under a launcher (``RANK``/``WORLD_SIZE`` set) ``--shard auto``, the default, takes this process's
+share and its own GPU (``LOCAL_RANK``). With the launcher's rendezvous (``MASTER_ADDR``/``MASTER_PORT``)
+the processes wait for each other and rank 0 assembles the dataset's result, computing only what is
+left; without one (``--shard i/n`` by hand), run once more without ``--shard`` to assemble. (On a
+machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2`` starts two CPU processes.)
 """
 from __future__ import annotations
 

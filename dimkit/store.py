@@ -10,7 +10,6 @@ JSON (no pickle). Failures are recorded beside successes, so a report can count 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import sqlite3
@@ -18,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from . import paths
 from .errors import DataError
@@ -103,15 +102,6 @@ def _warn_network(path: Path) -> None:
               "the .sqlite stores are not).", file=sys.stderr, flush=True)
 
 
-def _guarded(method):
-    """Run a Store method under :meth:`Store._guard`."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._guard():
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
 class StoreDamaged(DataError):
     """The SQLite file of a store cannot be read: not a database, or a damaged one."""
 
@@ -169,69 +159,59 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _rows(self, query: str, args: Sequence = ()) -> list[tuple]:
+        """Every row one query returns (a damaged file raises :class:`StoreDamaged`)."""
+        with self._guard():
+            return self._conn().execute(query, args).fetchall()
+
     # -- reading -------------------------------------------------------------------------------
-    @_guarded
     def get(self, key: str) -> Any | None:
         """The stored value of ``key``, or None if absent (failures are never returned)."""
-        row = self._conn().execute("SELECT value FROM records WHERE key=?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        rows = self._rows("SELECT value FROM records WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else None
 
-    @_guarded
     def __contains__(self, key: str) -> bool:
-        return self._conn().execute("SELECT 1 FROM records WHERE key=?", (key,)).fetchone() is not None
+        return bool(self._rows("SELECT 1 FROM records WHERE key=?", (key,)))
 
-    @_guarded
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Stored values of the given keys (absent keys are left out)."""
         keys = list(dict.fromkeys(keys))
         out: dict[str, Any] = {}
-        con = self._conn()
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
             q = f"SELECT key, value FROM records WHERE key IN ({','.join('?' * len(chunk))})"
-            for k, v in con.execute(q, chunk):
-                out[k] = json.loads(v)
+            out.update((k, json.loads(v)) for k, v in self._rows(q, chunk))
         return out
 
-    @_guarded
     def failures(self, kind: str | None = None) -> list[dict]:
         """Recorded failures whose key has no successful value yet."""
         q = ("SELECT f.key, f.kind, f.model, f.version, f.item, f.reason, f.detail, f.attempts "
              "FROM failures f LEFT JOIN records r ON r.key = f.key WHERE r.key IS NULL")
-        args: tuple = ()
-        if kind is not None:
-            q += " AND f.kind=?"
-            args = (kind,)
+        rows = self._rows(q, ()) if kind is None else self._rows(q + " AND f.kind=?", (kind,))
         cols = ("key", "kind", "model", "version", "item", "reason", "detail", "attempts")
-        return [dict(zip(cols, row)) for row in self._conn().execute(q, args)]
+        return [dict(zip(cols, row)) for row in rows]
 
     def items(self, kind: str | None = None) -> Iterator[dict]:
         """Every successful record, as dicts with key, kind, model, version, item and value."""
         q = "SELECT key, kind, model, version, item, value, created FROM records"
-        args: tuple = ()
-        if kind is not None:
-            q += " WHERE kind=?"
-            args = (kind,)
-        q += " ORDER BY kind, model, version, item"
+        q, args = (q, ()) if kind is None else (q + " WHERE kind=?", (kind,))
         with self._guard():
-            rows = self._conn().execute(q, args)
-            for key, k, model, version, item, value, created in rows:
+            for key, k, model, version, item, value, created in self._conn().execute(
+                    q + " ORDER BY kind, model, version, item", args):
                 yield {"key": key, "kind": k, "model": model, "version": version, "item": item,
                        "value": json.loads(value), "created": created}
 
-    @_guarded
     def count(self, kind: str | None = None) -> int:
         """Number of successful records (of one kind)."""
         if kind is None:
-            return self._conn().execute("SELECT COUNT(*) FROM records").fetchone()[0]
-        return self._conn().execute("SELECT COUNT(*) FROM records WHERE kind=?", (kind,)).fetchone()[0]
+            return self._rows("SELECT COUNT(*) FROM records")[0][0]
+        return self._rows("SELECT COUNT(*) FROM records WHERE kind=?", (kind,))[0][0]
 
     # -- writing -------------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, kind: str, model: str, version: str, item: str) -> None:
         """Store one value durably (committed before this returns)."""
         self.put_many([(key, value, item)], kind=kind, model=model, version=version)
 
-    @_guarded
     def put_many(self, rows: Iterable[tuple[str, Any, str]], *, kind: str, model: str,
                  version: str) -> int:
         """Store several ``(key, value, item)`` rows in one transaction; returns how many."""
@@ -240,8 +220,8 @@ class Store:
                 for k, v, item in rows]
         if not data:
             return 0
-        con = self._conn()
-        with self._lock:
+        with self._guard(), self._lock:
+            con = self._conn()
             con.execute("BEGIN IMMEDIATE")
             try:
                 con.executemany(
@@ -257,13 +237,11 @@ class Store:
                 raise
         return len(data)
 
-    @_guarded
     def put_failure(self, key: str, *, kind: str, model: str, version: str, item: str, reason: str,
                     detail: str | None = None) -> None:
         """Record that computing ``key`` failed (reason is a short category, detail free text)."""
-        con = self._conn()
-        with self._lock:
-            con.execute(
+        with self._guard(), self._lock:
+            self._conn().execute(
                 "INSERT INTO failures(key, kind, model, version, item, reason, detail, attempts, updated) "
                 "VALUES (?,?,?,?,?,?,?,1,?) ON CONFLICT(key) DO UPDATE SET reason=excluded.reason, "
                 "detail=excluded.detail, attempts=failures.attempts+1, updated=excluded.updated",
@@ -293,7 +271,6 @@ class Store:
                     groups.setdefault((rec["kind"], rec["model"], rec["version"]), []).append(
                         (rec["key"], rec["value"], rec["item"]))
                 except (json.JSONDecodeError, KeyError) as exc:
-                    from .errors import DataError
                     raise DataError(f"not a store record: {exc}", file=path, record=f"line {lineno}")
         n = 0
         for (kind, model, version), rows in groups.items():

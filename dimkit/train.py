@@ -1,39 +1,16 @@
-"""Train and evaluate DIM (notebook ``03_train``; ``dimkit train NAME``).
+"""Train and evaluate DIM (notebook ``03_train``; ``dimkit train NAME``): ``run(TrainConfig) -> RunResult``.
 
-``run(cfg) -> RunResult`` trains the mention encoder of :mod:`dimkit.model` on the frozen CLIP
-features of :func:`dimkit.features.load_features`, with the released N-pair loss and TF-IDF hard
-negatives by default, linear warm-up then linear decay to 0 and gradient clipping, as the released
-``nel_model/train.py``.
-
-The training *procedure* has four switches (:data:`RELEASED_PROCEDURE`, docs/fidelity.md rows 12-15):
-``optimizer`` (``released``: transformers 4.x AdamW and the released parameter groups; ``torch``),
-``patience`` (0 = every epoch, as released), ``stop_list`` (the TF-IDF tokens removed) and
-``seeding`` (``released``: ``set_seed`` and the negatives' Python ``random`` stream). ``--variant
-released`` takes the released value of each unless it is set; ``paper`` runs keep dimkit's choices.
-``metrics.json`` names the value of each (``procedure``).
-
-What dimkit adds to the released loop:
-
-- evaluation every ``eval_steps`` optimizer steps on dev under both protocols of
-  :mod:`dimkit.evaluate`; the best dev score (``select_protocol`` H@1) picks the model, whose dev and
-  test metrics are reported separately, under both rank rules (``metrics_by_rule``);
-- a checkpoint at each evaluation, written atomically and loaded with ``weights_only=True``,
-  holding every RNG state (torch, CUDA, the shuffling generator, the negatives' stream) and the
-  position inside the epoch, so ``resume=True`` ends with exactly the metrics of an uninterrupted run
-  with the same seed (on the same device);
-- a non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`) and keeps the last
-  good checkpoint;
-- ``runs/<run-name>/metrics.json`` (results are data), ``predictions.parquet`` (per-mention ranks and
-  the top-5 KB entities) and ``model.pt`` (the selected weights).
-
-Presets (:data:`PRESETS`) copy the released scripts (``script/*.sh``); every key can be overridden and an
-unknown key raises :class:`dimkit.errors.ConfigError`. The run name defaults to
-``<dataset>-<variant>-<ablation>-s<seed>-<hash of the config>``, so a rerun with the same config
-finds its folder (and, with ``resume``, its checkpoint), and a changed config gets a new one.
+The loop is the released ``nel_model/train.py`` -- N-pair loss, TF-IDF hard negatives, linear warm-up
+and decay, gradient clipping -- over the frozen features of :mod:`dimkit.features`, with its four
+procedure switches in :data:`RELEASED_PROCEDURE`. dimkit adds model selection on dev under both
+protocols of :mod:`dimkit.evaluate`, checkpoints that resume to exactly the metrics of an uninterrupted
+run, a stop on a non-finite loss, and the run folder ``runs/<run-name>/`` (``metrics.json``,
+``predictions.parquet``, ``model.pt``, ``features.json``). The run name carries a hash of the config,
+so a rerun finds its folder and a changed config gets a new one.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -63,7 +40,6 @@ CHECKPOINT_FORMAT = 1
 #: Bump when a change to the model, loss, sampler or loop changes results: older checkpoints of
 #: the same config are then trained again instead of resumed.
 CODE_VERSION = 2
-NOT_COMPARABLE = "not comparable to the paper"
 
 
 class TrainingDiverged(DimkitError):
@@ -135,24 +111,20 @@ class TrainConfig(Config):
                                                 "missing", cli=False)
 
     @classmethod
+    @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
-        """The dataset's preset (from the released scripts) with ``overrides`` (None keeps the preset).
-
-        ``variant="released"`` also takes the released training procedure (:data:`RELEASED_PROCEDURE`)
-        for every key not given. To set a field that accepts None (``candidate_limit``) to None, use
-        :meth:`replace` afterwards, as ``--set candidate_limit=none`` does.
-        """
+        """The dataset's preset (from the released scripts) with ``overrides`` (None keeps the preset; set a
+        setting to None with :meth:`replace`). ``variant="released"`` also takes :data:`RELEASED_PROCEDURE`
+        for every key not given."""
         if (overrides.get("variant") or cls.variant) == "released":
             overrides = {**RELEASED_PROCEDURE, **{k: v for k, v in overrides.items() if v is not None}}
         return super().for_dataset(dataset, **overrides)
 
     def check(self) -> None:
         """Cross-field checks (names of ablations and protocols, sizes that must agree)."""
-        self.dataset = datasets.canonical_name(self.dataset)
         self.ablation = ",".join(parse_ablation(self.ablation)) or "none"
         protos = [p.strip() for p in self.protocols.split(",") if p.strip()]
-        bad = [p for p in protos if p not in PROTOCOLS]
-        if bad or not protos:
+        if not protos or any(p not in PROTOCOLS for p in protos):
             raise ConfigError(f"protocols={self.protocols!r}: use a comma list of {', '.join(PROTOCOLS)}")
         if self.select_protocol not in protos:
             raise ConfigError(f"select_protocol={self.select_protocol!r} is not among protocols={self.protocols!r}")
@@ -180,6 +152,7 @@ class TrainConfig(Config):
         return f"{self.dataset}-{self.variant}-{abl}-s{self.seed}-{self.fingerprint()}"
 
 
+#: Settings that do not change a run's results: left out of its name and free to differ on resume.
 _NOT_IN_FINGERPRINT = ("device", "run_name", "resume", "num_threads", "allow_missing_inputs")
 _SHARED = dict(weight_decay=1e-3, dropout=0.4, hidden=None, heads=8, seed=114514, warmup_steps=100,
                eval_steps=500, patience=20, num_threads=None)
@@ -199,14 +172,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sample": dict(_SHARED, lr=1e-3, batch_size=32, num_epochs=30, negatives="tfidf",
                    candidate_limit=None, warmup_steps=20, eval_steps=0, patience=0, num_threads=1),
 }
-
-
-#: How the weights are seeded and negatives drawn: ``released`` = ``nel_model/train.py::set_seed`` and
-#: ``dataset.py::neg_sample_online``'s Python ``random`` stream; ``dimkit`` = separate numpy/torch generators.
 PRESETS["default"] = PRESETS["wikimel"]  # any other dataset: the WikiMEL script
 TrainConfig.PRESETS = PRESETS
 
-SEEDINGS = ("released", "dimkit")
 #: The released training procedure (``nel_model/train.py``, ``sample_util.py``): what ``--variant
 #: released`` trains with unless a key is set explicitly. ``paper`` runs keep the preset's values
 #: (dimkit's choices, listed in :data:`DIMKIT_PROCEDURE`). docs/fidelity.md says what each changes.
@@ -220,15 +188,18 @@ DIMKIT_PROCEDURE: dict[str, str] = {
 }
 
 
-def procedure(cfg: "TrainConfig") -> dict:
+def procedure(cfg: TrainConfig) -> dict:
     """Each training-procedure switch of ``cfg``: its value and whether it is the released one."""
     out = {}
     for key, released in RELEASED_PROCEDURE.items():
-        value = getattr(cfg, key)
-        same = value == released
-        out[key] = {"value": value, "released": same,
-                    "what": ("as released" if same else DIMKIT_PROCEDURE[key])}
+        same = getattr(cfg, key) == released
+        out[key] = {"value": getattr(cfg, key), "released": same,
+                    "what": "as released" if same else DIMKIT_PROCEDURE[key]}
     return out
+
+
+#: The command line: ``dimkit train`` takes the flags of :class:`TrainConfig`, runs :func:`run`, prints its result.
+CONFIG = TrainConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,18 +233,6 @@ class RunResult(Result):
         """``runs/<run-name>/metrics.json``."""
         return self.run_dir / "metrics.json"
 
-    def row(self) -> dict:
-        """One flat table row: names and the test (and dev) metrics of every protocol."""
-        out = {"dataset": self.dataset, "variant": self.variant, "ablation": self.ablation}
-        for split in ("test", "dev"):
-            for proto, ms in self.metrics.get(split, {}).items():
-                for k, v in ms.items():
-                    if k != "n":
-                        out[f"{split} {proto} {k}"] = v
-        out["best epoch"] = self.best.get("epoch")
-        out["status"] = self.status
-        return out
-
     def __str__(self) -> str:
         t = self.metrics.get("test", {})
         parts = [f"{p} H@1 {m['H@1']:.3f}" for p, m in t.items() if m.get("H@1") is not None]
@@ -293,25 +252,20 @@ class RunResult(Result):
 RULE_LABELS = {"strict": "strict (released)", "pessimistic": "pessimistic"}
 
 
-def results_table(results: list[RunResult], split: str = "test", rules: tuple[str, ...] = ("strict", "pessimistic")
+def results_table(results: list, split: str = "test", rules: tuple[str, ...] = ("strict", "pessimistic")
                   ) -> pd.DataFrame:
-    """Runs side by side, one row per rank rule: H@k / MRR / MR of ``split`` under each protocol, in %.
-
-    ``strict`` is the released rule (ties favour the gold), ``pessimistic`` counts ties against it;
-    a run read from an older metrics.json has only its own rule.
-    """
+    """Runs (results or :func:`dimkit.runs.read` records) side by side, one row per rank rule: H@k / MRR /
+    MR of ``split`` under each protocol, in %; a run without a rule's metrics has no row for it."""
     rows = []
     for r in results:
-        by_rule = r.metrics_by_rule or {r.config.get("rank_rule", "pessimistic"): r.metrics}
         for rule in rules:
-            if rule not in by_rule:
+            if rule not in r.metrics_by_rule:
                 continue
             row = {"variant": r.variant, "ablation": r.ablation, "rank rule": RULE_LABELS[rule]}
-            for proto, ms in by_rule[rule].get(split, {}).items():
+            for proto, ms in r.metrics_by_rule[rule].get(split, {}).items():
                 for k, v in ms.items():
-                    if k == "n":
-                        continue
-                    row[f"{proto} {k}"] = (100 * v if k.startswith("H@") or k == "MRR" else v) if v is not None else None
+                    if k != "n":
+                        row[f"{proto} {k}"] = 100 * v if v is not None and (k.startswith("H@") or k == "MRR") else v
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -344,18 +298,13 @@ def plot_curves(results: RunResult | list[RunResult], protocol: str = "dim"):
 @torch.no_grad()
 def attention_weights(run_dir: str | Path, dataset: datasets.Dataset, features: Any, split: str = "test",
                       device: str = "cpu") -> pd.DataFrame:
-    """Per-mention attention weights of a ``paper`` run (mean over heads), one column per key.
-
-    Rows follow ``dataset.split(split)``; a masked key (unusable image, missing cue) has weight 0.
-    For the error-analysis notebook: which modality did the mention attend to?
-    """
+    """Per-mention attention weights of a ``paper`` run on ``split`` (mean over heads; a masked key has weight 0)."""
     model, cfg = load_model(run_dir, device)
     if getattr(model, "key_names", None) is None or not model.cfg.use_attention:
         raise ConfigError(f"run {Path(run_dir).name} has no attention weights (variant {cfg.variant}, "
                           f"ablation {cfg.ablation})")
     _check_features(dataset, features)
-    inputs = _inputs(features, device)
-    inputs.pop("stacked")
+    _, inputs = _inputs(features, device)
     rows = np.flatnonzero((dataset.mentions["split"] == split).to_numpy())
     _, w = encode(model, inputs, rows, attention=True)  # [N, heads, K]
     df = pd.DataFrame(w.mean(1).cpu().numpy(), columns=model.key_names)
@@ -376,9 +325,12 @@ class _Split:
     gold: np.ndarray  # entity indices
     mention_ids: list[str]
     cand: np.ndarray | None  # [N, C] gold first, -1 padded
+    nil: int  # mentions without a gold entity, left out
 
 
 def _check_features(ds: datasets.Dataset, feats: Any) -> None:
+    """Rows aligned with the dataset's mentions and entities, and every value finite (a NaN would poison
+    the loss or silently rank last: it is named up front)."""
     src = f"features of {ds.name} ({getattr(feats, 'model_id', '?')})"
     for name in ("model_id", "weights_real", "mention_ids", "entity_qids", "image_ok", "cue_ok", "entity",
                  *_ARRAYS):
@@ -392,42 +344,32 @@ def _check_features(ds: datasets.Dataset, feats: Any) -> None:
     if list(feats.entity_qids) != ds.entities["qid"].tolist():
         raise DataError(f"entity order differs from {ds.name}'s entities.parquet: recompute features",
                         file=src, field="entity_qids")
-    n, e = len(mids), len(feats.entity_qids)
-    for name in _ARRAYS:
-        a = getattr(feats, name)
-        if a is None and name == "cue":
-            continue
-        if np.shape(a)[0] != n:
-            raise DataError(f"{np.shape(a)[0]} rows for {n} mentions", file=src, field=name)
-    if np.shape(feats.entity)[0] != e:
-        raise DataError(f"{np.shape(feats.entity)[0]} rows for {e} entities", file=src, field="entity")
-    # a NaN feature would poison the loss (training stops) or silently rank last: name it up front
-    for name, ids in [(n, mids) for n in _ARRAYS] + [("entity", feats.entity_qids),
-                                                     ("entity_original", feats.entity_qids)]:
+    for name in (*_ARRAYS, "entity", "entity_original"):
         a = getattr(feats, name, None)
-        if a is None:
+        if a is None and name in ("cue", "entity_original"):
             continue
-        bad = ~np.isfinite(np.asarray(a)).all(axis=1)
+        a = np.asarray(a)
+        ids, what = (list(feats.entity_qids), "entities") if name.startswith("entity") else (mids, "mentions")
+        if (a.shape[0] if a.ndim else 0) != len(ids):
+            raise DataError(f"{a.shape[0] if a.ndim else 0} rows for {len(ids)} {what}", file=src, field=name)
+        bad = ~np.isfinite(a).all(axis=1)
         if bad.any():
             raise DataError(f"non-finite feature values in {int(bad.sum())} row(s)", file=src,
                             record=ids[int(np.argmax(bad))], field=name)
 
 
 def _split_data(ds: datasets.Dataset, split: str, cfg: TrainConfig, eindex: dict[str, int],
-                need_cand: bool) -> tuple[_Split, int]:
+                need_cand: bool) -> _Split:
     m = ds.mentions
     mask = (m["split"] == split).to_numpy()
     gold_q = m["qid"].to_numpy()
-    nil = int((mask & pd.isna(gold_q)).sum())
     rows = np.flatnonzero(mask & ~pd.isna(gold_q))
     mids = m["mention_id"].to_numpy()[rows].tolist()
-    gold = []
     for mid, q in zip(mids, gold_q[rows]):
         if q not in eindex:
             raise DataError(f"gold {q!r} is not in the knowledge base", file=f"{ds.name}: mentions",
                             record=mid, field="qid")
-        gold.append(eindex[q])
-    gold = np.asarray(gold, dtype=np.int64)
+    gold = np.asarray([eindex[q] for q in gold_q[rows]], dtype=np.int64)
     cand = None
     if need_cand:
         if ds.candidates is None:
@@ -435,25 +377,22 @@ def _split_data(ds: datasets.Dataset, split: str, cfg: TrainConfig, eindex: dict
                               "or train with protocols=kb, select_protocol=kb and negatives other than candidates")
         cand = candidate_matrix(ds.candidates, mids, gold, eindex, cfg.candidate_limit,
                                 source=f"{ds.root / 'candidates.parquet'}")
-    return _Split(rows, gold, mids, cand), nil
+    return _Split(rows, gold, mids, cand, nil=int((mask & pd.isna(gold_q)).sum()))
 
 
-def _inputs(feats: Any, device: str) -> dict[str, torch.Tensor]:
-    """Feature tensors on ``device``; the four inputs are views of one ``[N, 4, D]`` tensor."""
+def _inputs(feats: Any, device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The four inputs as one ``[N, 4, D]`` tensor on ``device`` (a training batch is one gather), and the
+    dict :func:`dimkit.evaluate.encode` takes: views of it and the two masks."""
     n = len(feats.mention_ids)
-    arrays = []
-    for name in _ARRAYS:
-        a = getattr(feats, name)
-        if a is None:  # a FeatureSet of a dataset without cues
-            a = np.zeros_like(np.asarray(feats.mention))
-        arrays.append(torch.as_tensor(np.asarray(a, dtype=np.float32)))
-    stacked = torch.stack(arrays, 1).to(device)  # [N, 4, D]: a batch is one gather
-    out = {name: stacked[:, i] for i, name in enumerate(_ARRAYS)}
-    out["stacked"] = stacked
+    mention = np.asarray(feats.mention, dtype=np.float32)
+    arrays = [np.zeros_like(mention) if getattr(feats, k) is None else np.asarray(getattr(feats, k), dtype=np.float32)
+              for k in _ARRAYS]  # a FeatureSet of a dataset without cues has cue None
+    stacked = torch.as_tensor(np.stack(arrays, 1)).to(device)
+    inputs = {name: stacked[:, i] for i, name in enumerate(_ARRAYS)}
+    inputs["image_ok"] = torch.as_tensor(np.asarray(feats.image_ok, dtype=bool), device=device)
     cue_ok = feats.cue_ok if feats.cue_ok is not None else np.zeros(n, dtype=bool)
-    out["image_ok"] = torch.as_tensor(np.asarray(feats.image_ok, dtype=bool), device=device)
-    out["cue_ok"] = torch.as_tensor(np.asarray(cue_ok, dtype=bool), device=device)
-    return out
+    inputs["cue_ok"] = torch.as_tensor(np.asarray(cue_ok, dtype=bool), device=device)
+    return stacked, inputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,8 +432,31 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
     return model, cfg
 
 
-def _clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: str, device: str) -> dict | None:
+    """The run's checkpoint when it can be continued; None when there is none or it is stale (made by
+    other code or features: its numbers would be)."""
+    if not cfg.resume:
+        return None
+    if not ckpt_path.exists():
+        print(f"no checkpoint in {ckpt_path.parent}: starting {run_name} from scratch")
+        return None
+    try:
+        ck = load_checkpoint(ckpt_path, device)
+    except DataError as exc:
+        raise DataError(f"{exc.reason}. It cannot be resumed: rerun {option('with resume=False', 'with --no-resume')} "
+                        f"to train {run_name} from the start (the damaged file is then replaced)",
+                        file=ckpt_path) from None
+    if (ck.get("format"), ck.get("code_version"), ck.get("feature_model")) != (CHECKPOINT_FORMAT, CODE_VERSION,
+                                                                                feature_model):
+        print(f"checkpoint of {run_name} was made by other code or features "
+              f"({ck.get('feature_model')}, code v{ck.get('code_version')}): training again")
+        return None
+    old, new = json.loads(ck["config"]), cfg.to_dict()
+    diff = [k for k in old if k not in _NOT_IN_FINGERPRINT and old[k] != new.get(k)]
+    if diff:
+        raise ConfigError(f"{ckpt_path} was written with a different config ({', '.join(diff)}); "
+                          f"start a new run instead ({option('resume=False', '--no-resume')})")
+    return ck
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,8 +473,8 @@ def _released_set_seed(seed: int) -> None:
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """transformers' ``get_linear_schedule_with_warmup``, which the released train.py uses."""
     def f(step: int) -> float:
-        # transformers' get_linear_schedule_with_warmup, which the released train.py uses
         if step < warmup:
             return float(step) / float(max(1, warmup))
         return max(0.0, float(total - step) / float(max(1, total - warmup)))
@@ -530,13 +492,29 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _note(ds_name: str, weights_real: bool) -> str:
-    parts = []
-    if not weights_real:
-        parts.append("features from random / sample-trained CLIP weights")
-    if datasets.base_name(ds_name) == "sample":
-        parts.append("synthetic sample")
-    return f"{' and '.join(parts)}: {NOT_COMPARABLE}" if parts else ""
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
+    if cfg.optimizer == "released":
+        return ReleasedAdamW(released_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon)
+    # the fused kernel is about twice as fast as the per-tensor loop on CPU and CUDA
+    fused = {"fused": True} if device.split(":")[0] in ("cpu", "cuda") else {}
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon, **fused)
+
+
+def _sampler(cfg: TrainConfig, ds: datasets.Dataset, desc_col: str, train: _Split):
+    """The negative sampler of ``cfg.negatives`` (None without negatives)."""
+    n = len(ds.entities)
+    if cfg.num_negatives == 0:
+        return None
+    if cfg.negatives == "random":
+        return RandomNegativeSampler(n)
+    if cfg.negatives == "candidates":
+        return CandidateNegativeSampler([[int(e) for e in r[1:] if e >= 0] for r in train.cand], n)
+    descs = ds.entities[desc_col].tolist() if desc_col in ds.entities else [None] * n
+    if cfg.seeding == "released":
+        return ReleasedTfidfSampler.from_entities(ds.entities["name"].tolist(), descs, hard_prob=cfg.hard_prob,
+                                                  stop_list=cfg.stop_list, seed=cfg.seed)
+    return TfidfNegativeSampler.from_entities(ds.entities["name"].tolist(), descs, hard_prob=cfg.hard_prob,
+                                              stop_list=cfg.stop_list)
 
 
 #: Share of mentions without an input above which that input counts as missing for a whole run.
@@ -548,10 +526,10 @@ def missing_inputs(ds: datasets.Dataset, image_ok: np.ndarray, cue_ok: np.ndarra
     """Inputs the model would use that most mentions lack: ``{"image": {"share", "cause"}, "cue": ...}``."""
     out = {}
     n = max(len(image_ok), 1)
-    if use_image and (~image_ok).sum() / n > MOSTLY_MISSING:
-        out["image"] = {"share": round(float((~image_ok).sum() / n), 4), "cause": _image_cause(ds)}
-    if use_cue and (~cue_ok).sum() / n > MOSTLY_MISSING:
-        out["cue"] = {"share": round(float((~cue_ok).sum() / n), 4), "cause": _cue_cause(ds)}
+    for name, ok, used, cause in (("image", image_ok, use_image, _image_cause), ("cue", cue_ok, use_cue, _cue_cause)):
+        share = float((~ok).sum() / n)
+        if used and share > MOSTLY_MISSING:
+            out[name] = {"share": round(share, 4), "cause": cause(ds)}
     return out
 
 
@@ -583,90 +561,83 @@ def _refuse_or_warn(missing: dict[str, dict], cfg: TrainConfig, ds_name: str) ->
     """The paper variant's full configuration is refused on missing inputs; anything else is warned about."""
     what = " and ".join(f"{100 * m['share']:.0f}% of the mentions have no {'usable image' if k == 'image' else k} "
                         f"({m['cause']})" for k, m in missing.items())
-    ablation = {"image": "no_image", "cue": "no_cue"}
-    fix = ("text_only" if len(missing) == 2 else ablation[next(iter(missing))])
+    fix = "text_only" if len(missing) == 2 else {"image": "no_image", "cue": "no_cue"}[next(iter(missing))]
     if cfg.variant == "paper" and not cfg.allow_missing_inputs:
         raise ConfigError(
             f"{ds_name}: {what}. The paper variant would attend over inputs that are not there. Restore the "
-            f"inputs, pick the matching ablation ({option(f'ablation={fix!r}', f'--ablation {fix}')}), or train anyway with "
-            f"{option('allow_missing_inputs=True', '--set allow_missing_inputs=true')} (the run is then named "
-            f"...-missing-{'+'.join(missing)}).")
+            f"inputs, pick the matching ablation ({option(f'ablation={fix!r}', f'--ablation {fix}')}), or train "
+            f"anyway with {option('allow_missing_inputs=True', '--set allow_missing_inputs=true')} (the run is "
+            f"then named ...-missing-{'+'.join(missing)}).")
     print(f"WARNING: {ds_name}: {what}. Training anyway: the run's name and metrics.json say so.",
           file=sys.stderr, flush=True)
+
+
+def _note(ds_name: str, weights_real: bool, missing: dict[str, dict]) -> str:
+    """What makes the run's numbers not comparable to the paper (empty when nothing does)."""
+    parts = []
+    if not weights_real:
+        parts.append("features from random / sample-trained CLIP weights")
+    if datasets.base_name(ds_name) == "sample":
+        parts.append("synthetic sample")
+    note = f"{' and '.join(parts)}: not comparable to the paper" if parts else ""
+    if missing:
+        said = ", ".join(f"{k} {100 * m['share']:.0f}%" for k, m in missing.items())
+        note = "; ".join(x for x in (f"INPUTS MOSTLY MISSING ({said} of mentions lack them)", note) if x)
+    return note
 
 
 def run(cfg: TrainConfig, *, dataset: datasets.Dataset | None = None, features: Any = None,
         callback: Callable[[dict], None] | None = None, progress: bool = True) -> RunResult:
     """Train, select on dev, evaluate dev and test under both protocols; write the run folder.
 
-    ``dataset`` and ``features`` default to ``datasets.load(cfg.dataset)`` and
-    ``features.load_features(...)``; tests pass their own. ``callback`` receives an event dict at
-    the start of each epoch (``"epoch_start"``), after every step (``"step"``: step, epoch, loss),
-    evaluation (``"eval"``: dev metrics) and epoch (``"epoch"``: mean loss), so a notebook can plot
-    live; an exception raised there stops the run like Ctrl-C (the last checkpoint stays).
+    ``dataset`` and ``features`` default to the loaded ``cfg.dataset`` and its features. ``callback`` gets
+    an event dict (``epoch_start``, ``step``, ``eval``, ``epoch``) so a notebook can plot live; an exception
+    raised there stops the run like Ctrl-C (the last checkpoint stays).
     """
-    cfg = copy.deepcopy(cfg).validate()
+    cfg = cfg.replace()  # a checked copy
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _run(cfg, dataset, features, callback, progress)
+        return _run(cfg, dataset, features, callback or (lambda event: None), progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
-         callback: Callable[[dict], None] | None, progress: bool) -> RunResult:
-    t_start = time.perf_counter()
+def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit: Callable[[dict], None],
+         progress: bool) -> RunResult:
     from .env import pick_device
+
+    t_start = time.perf_counter()
     device = pick_device(cfg.device)
-    abl = parse_ablation(cfg.ablation)
     protocols = cfg.protocols.split(",")
     ds = dataset if dataset is not None else datasets.load(cfg.dataset)
     # --- every input that does not need the features is checked before they are computed
-    eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}
+    eindex = ds.entity_index
     need_cand = "dim" in protocols or cfg.negatives == "candidates"
-    train, nil_train = _split_data(ds, "train", cfg, eindex, need_cand)
-    dev, nil_dev = _split_data(ds, "dev", cfg, eindex, need_cand)
-    test, nil_test = _split_data(ds, "test", cfg, eindex, need_cand)
+    train, dev, test = (_split_data(ds, split, cfg, eindex, need_cand) for split in ("train", "dev", "test"))
     if len(train.rows) == 0:
         raise DataError("no training mention with a gold entity", file=f"{ds.name}: mentions", field="split")
     if len(dev.rows) == 0:
         raise DataError("no dev mention with a gold entity: model selection needs a dev split",
                         file=f"{ds.name}: mentions", field="split")
-    if "original_descriptions" in abl and "description_original" not in ds.entities.columns:
-        raise ConfigError(f"ablation 'original_descriptions' needs original descriptions: {ds.name} "
-                          "is not an augmented ('+') dataset")
+    originals = "original_descriptions" in parse_ablation(cfg.ablation)
+    no_originals = (f"ablation 'original_descriptions' needs original descriptions: {ds.name} "
+                    "is not an augmented ('+') dataset")
+    if originals and "description_original" not in ds.entities.columns:
+        raise ConfigError(no_originals)
 
     if features is None:
         from .features import load_features
         features = load_features(ds, clip=cfg.clip)
     _check_features(ds, features)
-    if "original_descriptions" in abl:
-        if getattr(features, "entity_original", None) is None:
-            raise ConfigError(f"ablation 'original_descriptions' needs original descriptions: {ds.name} "
-                              "is not an augmented ('+') dataset")
-        ent_np, desc_col = features.entity_original, "description_original"
-    else:
-        ent_np, desc_col = features.entity, "description"
-
-    image_ok = np.asarray(features.image_ok, dtype=bool)
-    cue_ok = np.asarray(features.cue_ok, dtype=bool) if features.cue_ok is not None else np.zeros(len(image_ok), bool)
-    counts = {"train": len(train.rows), "dev": len(dev.rows), "test": len(test.rows),
-              "nil_skipped": nil_train + nil_dev + nil_test, "entities": len(eindex),
-              "unusable_images": int((~image_ok).sum()), "missing_cues": int((~cue_ok).sum())}
-    mcfg = ModelConfig.from_ablation(cfg.ablation, variant=cfg.variant)
-    missing = missing_inputs(ds, image_ok, cue_ok, use_image=mcfg.use_image, use_cue=mcfg.use_cue)
-    run_name = cfg.name()
-    if missing:
-        _refuse_or_warn(missing, cfg, ds.name)
-        if not cfg.run_name:  # the default name says it; a name the user chose is kept
-            run_name += "-missing-" + "+".join(missing)
-    run_dir = paths.runs_dir() / run_name
-    ckpt_path = run_dir / "checkpoint.pt"
-
-    inputs = _inputs(features, device)
-    entities = torch.as_tensor(np.asarray(ent_np, dtype=np.float32), device=device)
+    if originals and getattr(features, "entity_original", None) is None:
+        raise ConfigError(no_originals)
+    desc_col = "description_original" if originals else "description"
+    entities = torch.as_tensor(np.asarray(features.entity_original if originals else features.entity,
+                                          dtype=np.float32), device=device)
+    stacked, inputs = _inputs(features, device)
+    image_ok, cue_ok = inputs["image_ok"].cpu().numpy(), inputs["cue_ok"].cpu().numpy()
     dim = int(entities.shape[1])
     hidden = cfg.hidden if cfg.hidden is not None else dim
     if hidden % cfg.heads:
@@ -675,21 +646,27 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
     mcfg = ModelConfig.from_ablation(cfg.ablation, variant=cfg.variant, dim=dim, hidden=hidden,
                                      heads=cfg.heads, dropout=cfg.dropout,
                                      separate_projections=cfg.separate_projections)
+    missing = missing_inputs(ds, image_ok, cue_ok, use_image=mcfg.use_image, use_cue=mcfg.use_cue)
+    run_name = cfg.name()
+    if missing:
+        _refuse_or_warn(missing, cfg, ds.name)
+        if not cfg.run_name:  # the default name says it; a name the user chose is kept
+            run_name += "-missing-" + "+".join(missing)
     if mcfg.use_cue and not cue_ok.any():
         mcfg.use_cue = False  # no cue at all (e.g. WikiDiverse, which the released code gives none)
+    run_dir = paths.runs_dir() / run_name
+    ckpt_path = run_dir / "checkpoint.pt"
+    counts = {"train": len(train.rows), "dev": len(dev.rows), "test": len(test.rows),
+              "nil_skipped": train.nil + dev.nil + test.nil, "entities": len(eindex),
+              "unusable_images": int((~image_ok).sum()), "missing_cues": int((~cue_ok).sum())}
 
-    # --- state: fresh or from the checkpoint
+    # --- the model, optimizer, schedule and random streams, in the released order of seeding
     released_seeding = cfg.seeding == "released"
     if released_seeding:
         _released_set_seed(cfg.seed)  # main() seeds before it builds the model ...
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
-    if cfg.optimizer == "released":
-        optimizer = ReleasedAdamW(released_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon)
-    else:
-        # the fused kernel is about twice as fast as the per-tensor loop on CPU and CUDA
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_epsilon,
-                                      **({"fused": True} if device.split(":")[0] in ("cpu", "cuda") else {}))
+    optimizer = _optimizer(cfg, model, device)
     steps_per_epoch = math.ceil(len(train.rows) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.num_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
@@ -697,98 +674,57 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
         _released_set_seed(cfg.seed)  # ... and train() seeds again before its loop
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    sampler = None
-    if cfg.num_negatives > 0:
-        if cfg.negatives == "tfidf":
-            descs = ds.entities[desc_col].tolist() if desc_col in ds.entities else [None] * len(eindex)
-            cls = ReleasedTfidfSampler if released_seeding else TfidfNegativeSampler
-            sampler = cls.from_entities(ds.entities["name"].tolist(), descs, hard_prob=cfg.hard_prob,
-                                        stop_list=cfg.stop_list, **({"seed": cfg.seed} if released_seeding else {}))
-        elif cfg.negatives == "random":
-            sampler = RandomNegativeSampler(len(eindex))
-        else:
-            sampler = CandidateNegativeSampler([[int(e) for e in r[1:] if e >= 0] for r in train.cand],
-                                               len(eindex))
+    sampler = _sampler(cfg, ds, desc_col, train)
+
+    # --- the state of the loop: fresh, or from the checkpoint
     state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
                  best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
                  epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
-    ck = None
-    if cfg.resume and ckpt_path.exists():
-        try:
-            ck = load_checkpoint(ckpt_path, device)
-        except DataError as exc:
-            raise DataError(f"{exc.reason}. It cannot be resumed: rerun {option('with resume=False', 'with --no-resume')} "
-                            f"to train {run_name} from the start (the damaged file is then replaced)",
-                            file=ckpt_path) from None
-    if ck is not None and (ck.get("format") != CHECKPOINT_FORMAT or ck.get("code_version") != CODE_VERSION
-                           or ck.get("feature_model") != str(features.model_id)):
-        # same config, but older code or other features: its numbers would be stale
-        print(f"checkpoint of {run_name} was made by other code or features "
-              f"({ck.get('feature_model')}, code v{ck.get('code_version')}): training again")
-        ck = None
+    ck = _resumable(cfg, ckpt_path, run_name, str(features.model_id), device)
     if ck is not None:
-        old = json.loads(ck["config"])
-        diff = [k for k in old if k not in _NOT_IN_FINGERPRINT and old[k] != cfg.to_dict().get(k)]
-        if diff:
-            raise ConfigError(f"{ckpt_path} was written with a different config ({', '.join(diff)}); "
-                              f"start a new run instead ({option('resume=False', '--no-resume')})")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
-        shuffle_gen.set_state(ck["rng"]["shuffle"].cpu())
-        np_rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
-        if ck["rng"].get("negatives") is not None and hasattr(sampler, "setstate"):
-            sampler.setstate(ck["rng"]["negatives"])
-        s = ck["state"]
-        perm = ck["perm"].cpu() if ck["perm"] is not None else None
-        state.update(step=s["step"], epoch=s["epoch"], pos=s["pos"], perm=perm,
-                     best_state=ck["best_state"], best_score=s["best_score"], best_step=s["best_step"],
-                     best_epoch=s["best_epoch"], best_dev=s["best_dev"], since_best=s["since_best"],
-                     curve=json.loads(s["curve"]), epoch_loss=s["epoch_loss"], eval_loss=s["eval_loss"],
-                     wall=s["wall"], finished=s["finished"], status=s["status"])
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        shuffle_gen.set_state(rng["shuffle"].cpu())
+        np_rng.bit_generator.state = json.loads(rng["numpy"])
+        if rng.get("negatives") is not None and hasattr(sampler, "setstate"):
+            sampler.setstate(rng["negatives"])
+        state.update(ck["state"], curve=json.loads(ck["state"]["curve"]), best_state=ck["best_state"],
+                     perm=ck["perm"].cpu() if ck["perm"] is not None else None)
         if state["finished"]:
             print(f"{run_name} finished earlier ({state['status']}): evaluating its selected model")
         else:
             print(f"resuming {run_name} from step {state['step']} "
                   f"(epoch {state['epoch'] + state['pos'] / steps_per_epoch:.2f})")
     else:
-        if cfg.resume and not ckpt_path.exists():
-            print(f"no checkpoint in {run_dir}: starting {run_name} from scratch")
         for stale in ("checkpoint.pt", "metrics.json", "model.pt", "predictions.parquet"):
             (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    stacked = inputs.pop("stacked")
-    train_rows = torch.as_tensor(train.rows, device=device)
-    train_gold = torch.as_tensor(train.gold, device=device)
-
-    def evaluate_split(sp: _Split, model_: torch.nn.Module, rule: str = cfg.rank_rule) -> tuple[dict, dict]:
-        q = encode(model_, inputs, sp.rows)
-        return evaluate_queries(q, entities, sp.gold, sp.cand, rule, protocols)
+    def evaluate_split(sp: _Split, rule: str = cfg.rank_rule) -> tuple[dict, dict]:
+        return evaluate_queries(encode(model, inputs, sp.rows), entities, sp.gold, sp.cand, rule, protocols)
 
     def save_checkpoint() -> None:
+        # every random stream and the position in the epoch: a resumed run ends exactly as an uninterrupted one
         rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state(),
                "numpy": json.dumps(np_rng.bit_generator.state),
                "negatives": json.dumps(sampler.getstate()) if hasattr(sampler, "getstate") else None,
                "cuda": torch.cuda.get_rng_state_all() if device.startswith("cuda") else None}
-        s = {k: state[k] for k in ("step", "epoch", "pos", "best_score", "best_step", "best_epoch", "best_dev",
-                                   "since_best", "epoch_loss", "eval_loss", "finished", "status")}
-        s["curve"] = json.dumps(state["curve"])
-        s["wall"] = state["wall"] + (time.perf_counter() - t_start)
+        s = {k: v for k, v in state.items() if k not in ("perm", "best_state")}
+        s.update(curve=json.dumps(state["curve"]), wall=state["wall"] + (time.perf_counter() - t_start))
         atomic.write_torch({"format": CHECKPOINT_FORMAT, "code_version": CODE_VERSION,
                             "feature_model": str(features.model_id), "config": json.dumps(cfg.to_dict()),
                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": rng, "perm": state["perm"],
                             "best_state": state["best_state"], "state": s}, ckpt_path)
 
-    def emit(event: dict) -> None:
-        if callback is not None:
-            callback(event)
-
     # --- the loop
+    train_rows = torch.as_tensor(train.rows, device=device)
+    train_gold = torch.as_tensor(train.gold, device=device)
     model.train()
     # no explicit disable=False: it would override TQDM_DISABLE, which CI sets
     bar = tqdm(total=total_steps, initial=state["step"], desc=run_name, leave=False,
@@ -806,7 +742,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                     state["perm"] = torch.randperm(len(train.rows), generator=shuffle_gen)
             perm = state["perm"].to(device)
             emit({"event": "epoch_start", "epoch": state["epoch"] + 1, "step": state["step"]})
-            while state["pos"] < steps_per_epoch:
+            for _ in range(state["pos"], steps_per_epoch):  # the rest of this epoch
                 b = perm[state["pos"] * cfg.batch_size:(state["pos"] + 1) * cfg.batch_size]
                 rows, gold = train_rows[b], train_gold[b]
                 x = stacked[rows]  # [B, 4, D]: one gather for the four inputs
@@ -816,18 +752,16 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                 if sampler is not None:
                     idx = sampler.sample(gold.cpu().numpy(), np_rng, rows=b.cpu().numpy(), k=cfg.num_negatives)
                     neg = entities[torch.as_tensor(idx, device=device)]  # [B, D] or [B, K, D]
-                q = model(batch)
-                loss = compute_loss(cfg.loss, q, entities[gold], neg, gold, l2_reg=cfg.l2_reg,
+                loss = compute_loss(cfg.loss, model(batch), entities[gold], neg, gold, l2_reg=cfg.l2_reg,
                                     temperature=cfg.temperature)
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
-                    _diverged(f"loss is {lv}", state, cfg, ckpt_path, run_dir, run_name, steps_per_epoch)
+                    _diverged(f"loss is {lv}", state, cfg, ckpt_path, run_name)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if not math.isfinite(float(gnorm)):
-                    _diverged(f"gradient norm is {float(gnorm)}", state, cfg, ckpt_path, run_dir, run_name,
-                              steps_per_epoch)
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                if not math.isfinite(gnorm):
+                    _diverged(f"gradient norm is {gnorm}", state, cfg, ckpt_path, run_name)
                 optimizer.step()
                 scheduler.step()
                 state["step"] += 1
@@ -844,62 +778,55 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any,
                     el = state["epoch_loss"]
                     state["curve"]["train"].append({"epoch": state["epoch"] + 1, "step": state["step"],
                                                     "loss": el[0] / max(el[1], 1)})
-                    state["epoch_loss"] = [0.0, 0]
-                    state["epoch"] += 1
-                    state["pos"] = 0
+                    state.update(epoch_loss=[0.0, 0], epoch=state["epoch"] + 1, pos=0)
                     bar.set_postfix(loss=f"{state['curve']['train'][-1]['loss']:.3f}")
                     emit({"event": "epoch", **state["curve"]["train"][-1]})
                 if due:
                     if released_seeding and isinstance(sampler, ReleasedTfidfSampler):
                         # the released dev set draws a negative as each item loads, at every evaluation
                         sampler.sample(dev.gold, k=cfg.num_negatives)
-                    if _evaluate_and_select(state, model, dev, evaluate_split, cfg, steps_per_epoch, emit):
+                    if _evaluate_and_select(state, model, evaluate_split(dev)[0], cfg, steps_per_epoch, emit):
                         state.update(finished=True, status="early_stopped")
                     elif state["epoch"] >= cfg.num_epochs:
                         state.update(finished=True, status="completed")
                     save_checkpoint()
                     if state["finished"]:
                         break
-                if end_of_epoch:
-                    break
     finally:
         bar.close()
 
-    # --- final: the selected model on dev and test
+    # --- the selected model on dev and test, under both rank rules: strict is the released rule (ties
+    # favour the gold), pessimistic counts ties against it; ``metrics`` is the run's own ``rank_rule``
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     model.eval()
-    # Both rank rules, side by side: strict is the released rule (ties favour the gold), pessimistic
-    # counts ties against it; ``metrics`` is the run's own ``rank_rule``.
     by_rule: dict[str, dict] = {rule: {} for rule in RULES}
     ranks = {}
     for split_name, sp in (("dev", dev), ("test", test)):
         for rule in RULES:
-            by_rule[rule][split_name], r = evaluate_split(sp, model, rule)
+            by_rule[rule][split_name], r = evaluate_split(sp, rule)
             if rule == cfg.rank_rule:
                 ranks[split_name] = r
-    metrics = by_rule[cfg.rank_rule]
-    wall = state["wall"] + (time.perf_counter() - t_start)
-    note = _note(ds.name, bool(features.weights_real))
-    if missing:
-        said = ", ".join(f"{k} {100 * m['share']:.0f}%" for k, m in missing.items())
-        note = "; ".join(x for x in (f"INPUTS MOSTLY MISSING ({said} of mentions lack them)", note) if x)
     best = {"step": state["best_step"], "epoch": state["best_epoch"],
             f"dev {cfg.select_protocol} H@1": state["best_score"] if state["best_step"] is not None else None}
     result = RunResult(run_name=run_name, run_dir=run_dir, dataset=ds.name, variant=cfg.variant,
-                       ablation=cfg.ablation, config=cfg.to_dict(), metrics=metrics, best=best,
-                       curve=state["curve"], status=state["status"], wall_time_s=wall,
+                       ablation=cfg.ablation, config=cfg.to_dict(), metrics=by_rule[cfg.rank_rule], best=best,
+                       curve=state["curve"], status=state["status"],
+                       wall_time_s=state["wall"] + (time.perf_counter() - t_start),
                        feature_model=str(features.model_id), weights_real=bool(features.weights_real),
-                       note=note, counts=counts, inputs_missing=missing, metrics_by_rule=by_rule)
-    _write_outputs(result, cfg, model, mcfg, ds, entities, inputs, (dev, test), ranks, device, protocols)
+                       note=_note(ds.name, bool(features.weights_real), missing), counts=counts,
+                       inputs_missing=missing, metrics_by_rule=by_rule)
+    atomic.write_torch({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
+                        "model": {k: v.cpu() for k, v in model.state_dict().items()}}, run_dir / "model.pt")
+    _write_predictions(run_dir, model, ds, entities, inputs, {"dev": dev, "test": test}, ranks, cfg.rank_rule)
+    _write_metrics(result, cfg, device)
     write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # what dimkit.link needs
     return result
 
 
-def _evaluate_and_select(state: dict, model: torch.nn.Module, dev: _Split, evaluate_split, cfg: TrainConfig,
+def _evaluate_and_select(state: dict, model: torch.nn.Module, metrics: dict, cfg: TrainConfig,
                          steps_per_epoch: int, emit) -> bool:
-    """Evaluate on dev, keep the best weights; True when early stopping says stop."""
-    metrics, _ = evaluate_split(dev, model)
+    """Record the dev ``metrics``, keep the best weights; True when early stopping says stop."""
     model.train()
     el = state["eval_loss"]
     point = {"epoch": round(state["epoch"] + state["pos"] / steps_per_epoch, 4), "step": state["step"],
@@ -908,52 +835,51 @@ def _evaluate_and_select(state: dict, model: torch.nn.Module, dev: _Split, evalu
     state["curve"]["dev"].append(point)
     score = metrics[cfg.select_protocol]["H@1"]
     if score is not None and score > state["best_score"]:
-        state.update(best_state=_clone_state(model), best_score=score, best_step=state["step"],
-                     best_epoch=point["epoch"], best_dev=json.dumps(metrics), since_best=0)
+        state.update(best_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                     best_score=score, best_step=state["step"], best_epoch=point["epoch"],
+                     best_dev=json.dumps(metrics), since_best=0)
     else:
         state["since_best"] += 1
     emit({"event": "eval", **point})
     return bool(cfg.patience and state["since_best"] >= cfg.patience)
 
 
-def _diverged(what: str, state: dict, cfg: TrainConfig, ckpt_path: Path, run_dir: Path, run_name: str,
-              steps_per_epoch: int) -> None:
-    step = state["step"] + 1
-    epoch = state["epoch"] + 1
+def _diverged(what: str, state: dict, cfg: TrainConfig, ckpt_path: Path, run_name: str) -> None:
+    """Write the run's ``metrics.json`` as diverged and raise :class:`TrainingDiverged`."""
     kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
             else "no checkpoint had been written yet")
-    msg = (f"training stopped: {what} at step {step} (epoch {epoch}) of run {run_name}; {kept}. "
-           f"Try a lower lr (now {cfg.lr}) or check the features for NaN/inf values.")
-    atomic.write_text(json.dumps({"run_name": run_name, "status": "diverged", "error": msg,
-                                           "config": cfg.to_dict(), "curve": state["curve"]},
-                                          indent=2, default=str) + "\n", run_dir / "metrics.json")
+    msg = (f"training stopped: {what} at step {state['step'] + 1} (epoch {state['epoch'] + 1}) of run {run_name}; "
+           f"{kept}. Try a lower lr (now {cfg.lr}) or check the features for NaN/inf values.")
+    atomic.write_json({"run_name": run_name, "status": "diverged", "error": msg, "config": cfg.to_dict(),
+                       "curve": state["curve"]}, ckpt_path.parent / "metrics.json")
     raise TrainingDiverged(msg)
 
 
-def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, mcfg: ModelConfig,
-                   ds: datasets.Dataset, entities: torch.Tensor, inputs: dict, splits: tuple, ranks: dict,
-                   device: str, protocols: list[str]) -> None:
-    run_dir = result.run_dir
-    atomic.write_torch({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
-                        "model": {k: v.cpu() for k, v in model.state_dict().items()}}, run_dir / "model.pt")
+def _write_predictions(run_dir: Path, model: torch.nn.Module, ds: datasets.Dataset, entities: torch.Tensor,
+                       inputs: dict, splits: dict[str, _Split], ranks: dict, rule: str) -> None:
+    """``predictions.parquet``: per dev and test mention, the gold's rank under each protocol and the top-5."""
     qids = ds.entities["qid"].to_numpy()
     frames = []
-    for split_name, sp in zip(("dev", "test"), splits):
+    for split_name, sp in splits.items():
         if not len(sp.rows):
             continue
-        q = encode(model, inputs, sp.rows)
-        _, top = kb_ranks(q, entities, sp.gold, cfg.rank_rule, topk=5)
+        _, top = kb_ranks(encode(model, inputs, sp.rows), entities, sp.gold, rule, topk=5)
         df = pd.DataFrame({"mention_id": sp.mention_ids, "split": split_name, "qid": qids[sp.gold]})
-        for p in protocols:
-            df[f"rank_{p}"] = ranks[split_name][p]
+        for p, r in ranks[split_name].items():
+            df[f"rank_{p}"] = r
         df["top5"] = [list(qids[t]) for t in top.cpu().numpy()]
         frames.append(df)
     if frames:
         atomic.write_parquet(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+
+
+def _write_metrics(result: RunResult, cfg: TrainConfig, device: str) -> None:
     import platform
 
     from . import __version__
-    out = {
+
+    protocols = cfg.protocols.split(",")
+    atomic.write_json({
         "run_name": result.run_name, "status": result.status, "dataset": result.dataset,
         "variant": result.variant, "ablation": result.ablation,
         "protocol": {p: PROTOCOL_NOTES[p] for p in protocols}, "rank_rule": cfg.rank_rule,
@@ -966,17 +892,12 @@ def _write_outputs(result: RunResult, cfg: TrainConfig, model: torch.nn.Module, 
         "inputs_missing": result.inputs_missing, "curve": result.curve,
         # versions only of what training touches: importing transformers/open_clip here costs seconds
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "dimkit": __version__},
-    }
-    atomic.write_text(json.dumps(out, indent=2, default=str) + "\n", run_dir / "metrics.json")
-
-
-#: The command line: ``dimkit train`` takes the flags of :class:`TrainConfig`, runs :func:`run`, prints its result.
-CONFIG = TrainConfig
+    }, result.run_dir / "metrics.json")
 
 
 # --------------------------------------------------------------------------------------------
-# Feature provenance for dimkit.link: which CLIP, precision, expert and entity texts
-# the run was trained on, so new mentions get their features from the very same models.
+# Feature provenance for dimkit.link: which CLIP, precision, expert and entity texts the run was
+# trained on, so new mentions get their features from the very same models.
 
 PROVENANCE_FILE = "features.json"
 PROVENANCE_FORMAT = "dimkit-run-features/1"
@@ -992,52 +913,40 @@ def _portable_clip_spec(given: str) -> str:
     return given
 
 
-def feature_provenance(cfg: TrainConfig, ds: datasets.Dataset, features: Any, desc_col: str) -> dict:
-    """What ``features.json`` records; a spec that cannot be confirmed against the features is None."""
+def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Dataset, features: Any,
+                             desc_col: str) -> Path:
+    """Write ``runs/<run-name>/features.json`` (read by :mod:`dimkit.link`).
+
+    The CLIP and expert specs are those that make these features again, checked against their model ids;
+    a spec that cannot be confirmed (features handed in memory, weights changed since) is None.
+    """
+    from .clip import parse_clip_spec
+    from .cues import default_expert
+    from .experts import make_expert
+    from .features import resolve_clip_name
     from .store import content_hash
 
-    meta = dict(getattr(features, "meta", None) or {})
-    model_id = str(getattr(features, "model_id", ""))
-    clip_spec = None
-    try:
-        if "feature_version" not in meta:  # not made by dimkit.features (e.g. a test's hand-built set)
-            raise DimkitError("features of unknown origin")
-        from .clip import parse_clip_spec
-        from .features import resolve_clip_name
-
-        given = meta.get("clip_spec") or resolve_clip_name(ds.name, cfg.clip)
-        if parse_clip_spec(given).model_id == model_id:
-            clip_spec = _portable_clip_spec(given)
-    except DimkitError:
-        pass
-    expert_spec = None
+    meta = dict(getattr(features, "meta", None) or {})  # features built by hand (as in tests) may have none
+    model_id = str(features.model_id)
+    clip_spec = expert_spec = None
+    if "feature_version" in meta:  # made by dimkit.features, not built by hand (as in a test)
+        given = resolve_clip_name(ds.name, cfg.clip)
+        with contextlib.suppress(DimkitError):
+            if parse_clip_spec(given).model_id == model_id:
+                clip_spec = _portable_clip_spec(given)
     if meta.get("cue_expert") is not None:
-        try:
-            from .cues import default_expert
-            from .experts import make_expert
-
-            given = meta.get("cue_expert_spec") or default_expert(ds.name)
+        with contextlib.suppress(DimkitError):
+            given = default_expert(ds.name)
             ex = make_expert(given)
             if ex.model_id == meta.get("cue_expert") and ex.version == meta.get("cue_prompt_version"):
                 expert_spec = given
-        except DimkitError:
-            pass
-    return {
+    return atomic.write_json({
         "format": PROVENANCE_FORMAT, "dataset": ds.name, "feature_model": model_id,
-        "clip_spec": clip_spec, "weights_real": bool(getattr(features, "weights_real", False)),
+        "clip_spec": clip_spec, "weights_real": bool(features.weights_real),
         "precision": meta.get("precision"), "feature_version": meta.get("feature_version"),
         "cue_expert": meta.get("cue_expert"), "cue_expert_spec": expert_spec,
         "cue_prompt_version": meta.get("cue_prompt_version"), "synthetic_cues": meta.get("synthetic_cues"),
         "missing_description": meta.get("missing_description", "name"),
         "entity_column": desc_col, "entities": int(len(ds.entities)),
         "entity_qids_sha256": content_hash(ds.entities["qid"].astype(str).tolist()),
-    }
-
-
-def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Dataset, features: Any,
-                             desc_col: str) -> Path:
-    """Write ``runs/<run-name>/features.json`` (read by :mod:`dimkit.link`)."""
-    target = Path(run_dir) / PROVENANCE_FILE
-    data = feature_provenance(cfg, ds, features, desc_col)
-    atomic.write_text(json.dumps(data, indent=2) + "\n", target)
-    return target
+    }, Path(run_dir) / PROVENANCE_FILE)

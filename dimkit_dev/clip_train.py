@@ -120,7 +120,7 @@ def train_sample_clip(cfg: ClipTrainConfig | None = None, *, progress: bool = Tr
     import torch
     from tqdm.auto import tqdm
 
-    from dimkit.clip import ClipModel
+    from dimkit.clip import ClipModel, _encode_trimmed
 
     cfg = cfg or ClipTrainConfig()
     t0 = time.perf_counter()
@@ -164,9 +164,9 @@ def train_sample_clip(cfg: ClipTrainConfig | None = None, *, progress: bool = Tr
                 labels = labels_all[idx]
                 scale = model.logit_scale.exp().clamp(max=100)
                 img = model.encode_image(pixels[idx])                     # [B, D]
-                cue = cm._encode_tokens(cue_tok[idx])                      # [B, D]
-                ans = cm._encode_tokens(ans_tok[idx])
-                sent = cm._encode_tokens(sent_tok[idx])
+                cue = _encode_trimmed(model, cue_tok[idx])                 # [B, D]
+                ans = _encode_trimmed(model, ans_tok[idx])
+                sent = _encode_trimmed(model, sent_tok[idx])
                 loss = (_multi_positive_loss(img, ans, labels, scale)
                         + _multi_positive_loss(img, cue, labels, scale)
                         + _multi_positive_loss(cue, ans, labels, scale)

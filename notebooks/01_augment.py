@@ -24,9 +24,9 @@
 # - the prompt is a named, versioned template (`who-is@1`);
 # - every answer is stored the moment it arrives, keyed by model + template version + entity, so a
 #   rerun (or a run resumed after a crash) sends no request for what is already stored;
-# - 429s (honouring `Retry-After`), server errors and timeouts are retried with backoff; what still
-#   fails is recorded and retried on the next run; a malformed or empty answer never becomes a
-#   description.
+# - 429s (honouring `Retry-After`), server errors and timeouts are retried with backoff, and a
+#   malformed or empty answer is asked again (it never becomes a description); what still fails is
+#   recorded with its reason and retried on the next run.
 #
 # **Endpoint and key** come from the environment only: `OPENAI_BASE_URL` (default OpenAI; any
 # OpenAI-compatible server works: Azure OpenAI, vLLM, Ollama, llama.cpp) and `OPENAI_API_KEY`. They are
@@ -59,18 +59,14 @@ n_examples: int = 5  # entities shown before / after
 from dimkit import augment, datasets
 from dimkit.llm import Endpoint
 
-dataset = datasets.require(dataset)  # fails here, at once, if it is not prepared
-assert not datasets.is_augmented(dataset), f"{dataset!r} is already augmented: pass its source dataset"
-assert isinstance(model, str) and model.strip(), "model must be a non-empty string"
-tmpl = augment.get_template(template)  # raises on an unknown template
-assert isinstance(concurrency, int) and 1 <= concurrency <= 1024, "concurrency must be an int in 1..1024"
-assert isinstance(replay, bool) and isinstance(dry_run, bool), "replay and dry_run are True/False"
+# One config checks every parameter (types, ranges, the template, source vs output) as `dimkit augment` does.
+cfg = augment.AugmentConfig.for_dataset(datasets.require(dataset), model=model, template=template,
+                                        concurrency=concurrency, replay=replay, dry_run=dry_run)
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative int"
-if model == augment.SAMPLE_ORACLE and dataset != "sample":
-    raise ValueError(f"model 'sample-oracle' only has answers for the bundled sample, not {dataset!r}: "
-                     "pass a real model (-p model gpt-4o-mini -p replay False) and set OPENAI_API_KEY")
-print(f"{dataset} -> {dataset}+ | model {model} | template {tmpl.id} | replay {replay} | dry run {dry_run}")
-if not replay and not dry_run:
+tmpl = augment.get_template(cfg.template)
+print(f"{cfg.dataset} -> {cfg.dataset}+ | model {cfg.model} | template {cfg.template} | replay {cfg.replay} "
+      f"| dry run {cfg.dry_run}")
+if cfg.mode == "live":
     print("endpoint:", Endpoint.resolve())  # the key is shown only as <set> / <missing>
 
 # %% [markdown]
@@ -80,7 +76,7 @@ if not replay and not dry_run:
 # Wikidata id where the KB key is one. Here is the request for the first entity:
 
 # %%
-ds = datasets.load(dataset)
+ds = datasets.load(cfg.dataset)
 first = ds.entities.iloc[0]
 for message in tmpl.render(first["qid"], first["name"], first["description"]):
     print(f"[{message['role']}] {message['content']}")
@@ -91,17 +87,17 @@ for message in tmpl.render(first["qid"], first["name"], first["description"]):
 # prices in `dimkit.llm.PRICES_USD_PER_1M`; the Batch API halves them). It calls nothing.
 
 # %%
-estimate = augment.augment(dataset, model=model, template=template, dry_run=True)
+estimate = augment.run(cfg.replace(dry_run=True))
 print(estimate)
 
 # %% [markdown]
 # ## Ask (or replay)
-# One call. The report counts answers done, cached and failed (by reason), the requests sent with
-# their retries, and tokens and cost. It is also written to `runs/augment/<dataset>+.json`.
+# One call. The report counts answers done, cached and failed (by reason, naming the entities), the
+# requests sent with their retries, and tokens and cost. It is also written to
+# `runs/augment/<dataset>+.json`.
 
 # %%
-report = augment.augment(dataset, model=model, template=template, concurrency=concurrency,
-                         replay=replay, dry_run=dry_run)
+report = augment.run(cfg)
 print(report)
 
 # %% [markdown]
@@ -122,4 +118,4 @@ if report.written:
     if plus.meta.get("synthetic_answers"):
         print("NOTE:", plus.meta["note"])
 else:
-    print("nothing written:", "dry run" if dry_run else "some entities still lack an answer; rerun")
+    print("nothing written:", "dry run" if cfg.dry_run else "some entities still lack an answer; rerun")

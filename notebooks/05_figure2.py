@@ -45,16 +45,14 @@ extra_datasets: list = []  # more + datasets in the same figure, e.g. rich+ dive
 n_examples: int = 5  # entities shown with the facts their new description adds
 
 # %%
-from dimkit import augment, datasets, stats
+from dimkit import datasets, stats
 
 names = [datasets.canonical_name(d) for d in [dataset, *extra_datasets]]
 for n in names:
     assert datasets.is_augmented(n), f"{n!r} is not an enhanced dataset: pass a '+' name (e.g. {n}+)"
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative int"
-# The sample's '+' form costs nothing to rebuild from its stored oracle answers (notebook 01 does it too).
-if "sample+" in names and not (datasets.dataset_dir("sample+") / "meta.json").exists():
-    print(augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False).summary())
-names = [datasets.require(n) for n in names]  # fails here, at once, if one is not prepared
+# fails here, at once, if one is not prepared (the sample's '+' form is built from its stored answers)
+names = [datasets.require(n) for n in names]
 names
 
 # %% [markdown]

@@ -57,12 +57,8 @@ cfg = analysis.AnalysisConfig.for_dataset(dataset, run=run, variant=variant, com
                                           compare_ablation=compare_ablation, split=split, protocol=protocol,
                                           n_worst=n_worst, quick_epochs=quick_epochs)
 is_sample = datasets.base_name(cfg.dataset) == "sample"
-# Run alone, without 01: the sample's '+' form costs nothing to rebuild from its stored oracle answers.
-if cfg.dataset == "sample+" and not (datasets.dataset_dir(cfg.dataset) / "meta.json").exists():
-    from dimkit import augment
-
-    print(augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False).summary())
-datasets.require(cfg.dataset)  # fails here, at once, if it is not prepared
+# fails here, at once, if it is not prepared (the sample's '+' form is built from its stored answers)
+datasets.require(cfg.dataset)
 
 runs.overview(runs.find(cfg.dataset)).drop(columns=["status", "error"])
 

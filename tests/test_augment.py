@@ -21,7 +21,7 @@ import pytest
 from dimkit import augment as aug
 from dimkit import cli, datasets, paths
 from dimkit.errors import ConfigError, DimkitError
-from dimkit.llm import ChatClient, Endpoint, LLMError, estimate_cost, parse_completion, parse_retry_after
+from dimkit.llm import ChatClient, Endpoint, LLMError, Pacer, estimate_cost, parse_completion, parse_retry_after
 from dimkit.store import Store, default_store_path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-dimkit-SECRET-7f3a9c1e5b"  # distinctive, so a leak is found by grep
 WORDS = ("Alpha Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliett Kilo Lima Mike November "
          "Oscar Papa Quebec Romeo Sierra Tango Uniform Victor Whiskey Xray Yankee Zulu").split()
-FAST = dict(backoff_base_s=0.05, backoff_max_s=0.2, timeout_s=2.0, seed=0)
+FAST = dict(timeout_s=2.0)
 
 
 def make_toy(name: str = "toy", n: int = 12) -> Path:
@@ -116,12 +116,20 @@ def test_parse_completion_and_retry_after():
 
 def test_config_is_validated(kit_dirs):
     make_toy()
-    with pytest.raises(ConfigError, match="unknown option"):
+    with pytest.raises(ConfigError, match="unknown augment setting 'concurency'; known: .*concurrency"):
         aug.augment("toy", concurency=3)
     with pytest.raises(ConfigError, match="concurrency"):
         aug.augment("toy", concurrency=0)
     with pytest.raises(ConfigError, match="unknown template"):
         aug.augment("toy", template="nope")
+    with pytest.raises(ConfigError, match="max_attempts must be a positive whole number, got 0"):
+        aug.augment("toy", max_attempts=0)
+    cfg = aug.AugmentConfig.for_dataset("toy", template="who-is", out="mine")
+    assert (cfg.template, cfg.out, cfg.mode) == ("who-is@1", "mine", "live")
+    assert cfg.replace(dry_run=True, replay=True).mode == "dry_run"
+    with pytest.raises(ConfigError, match="must differ from the source"):
+        cfg.replace(out="toy")
+    assert "api_key" not in cfg.to_dict() and "base_url" not in cfg.to_dict()  # never printed or saved
 
 
 def test_cost_estimate_uses_known_prices():
@@ -167,7 +175,7 @@ def test_augment_writes_plus_dataset_and_rerun_sends_nothing(server):
     assert datasets.load("toy+").entities["qid"].is_unique
 
     # Another template version is another key: everything is asked again.
-    aug.augment("toy", "toy-kb+", model="fake-model", template="who-is-kb", progress=False)
+    aug.augment("toy", out="toy-kb+", model="fake-model", template="who-is-kb", progress=False)
     assert server.stats()["requests"] == 12
 
 
@@ -175,8 +183,8 @@ def test_key_never_leaks(server, capsys, caplog):
     import logging
     caplog.set_level(logging.DEBUG)
     make_toy(n=6)
-    server.set_faults({"Bravo": ["500", "500", "500", "500"], "Charlie": ["malformed"]})
-    rep = aug.augment("toy", model="fake-model", concurrency=2, max_attempts=2, allow_partial=True, **FAST)
+    server.set_faults({"Bravo": ["500", "500", "500", "500"], "Charlie": ["malformed"] * 3})
+    rep = aug.augment("toy", model="fake-model", concurrency=2, max_retries=1, allow_partial=True, **FAST)
     print(rep, repr(rep), rep.to_dict())
     print(ChatClient(Endpoint.resolve()), Endpoint.resolve())
     out = capsys.readouterr()
@@ -211,7 +219,7 @@ def test_rate_limited_server_every_entity_done(server):
 
 
 def test_adaptive_pacer_learns_the_limit_from_429s():
-    pacer = aug._Pacer(None, adaptive=True)
+    pacer = Pacer(None, adaptive=True)
     assert pacer.rate is None
     pacer.rate_limited(0.5)
     assert pacer.rate is None  # no success seen yet: nothing to learn from
@@ -222,10 +230,12 @@ def test_adaptive_pacer_learns_the_limit_from_429s():
     pacer.rate_limited(2.5)
     assert pacer.rate == 30  # at most one decrease a second
     pacer.success(2.9)
-    assert pacer.rate == pytest.approx(30 + 1.5 / 30)  # +5%/s spread over the successes
+    assert pacer.rate == pytest.approx(30 + 7.5 / 30)  # +25%/s spread over the successes until the 2nd 429
     pacer.rate_limited(3.2)
     assert pacer.rate == pytest.approx(1.0)  # one success in the last second: back off hard
-    fixed = aug._Pacer(15, adaptive=False)
+    pacer.success(3.3)
+    assert pacer.rate == pytest.approx(2.0)  # then +5%/s, at least 1 request/s
+    fixed = Pacer(15, adaptive=False)
     fixed.rate_limited(5.0)
     assert fixed.rate == 15
 
@@ -246,7 +256,7 @@ def test_server_errors_and_timeouts_retried_then_failed_and_run_goes_on(server):
                        "Charlie": ["timeout"],           # recovers on the 2nd attempt
                        "Delta": ["timeout"] * 10,        # never recovers
                        "Echo": ["close"]})               # dropped connection, then fine
-    rep = aug.augment("toy", model="fake-model", concurrency=4, progress=False, max_attempts=3,
+    rep = aug.augment("toy", model="fake-model", concurrency=4, progress=False, max_retries=2,
                       **{**FAST, "timeout_s": 0.4})
     assert rep.done == 8 and rep.failed == 2
     assert rep.failed_by_reason == {"server_error": 1, "timeout": 1}
@@ -267,11 +277,11 @@ def test_server_errors_and_timeouts_retried_then_failed_and_run_goes_on(server):
 
 def test_malformed_or_empty_is_a_failure_never_a_description(server):
     make_toy(n=6)
-    server.set_faults({"Charlie": ["malformed"], "Delta": ["empty"], "Echo": ["badshape"]})
+    server.set_faults({"Charlie": ["malformed"] * 3, "Delta": ["empty"] * 3, "Echo": ["badshape"] * 3})
     rep = aug.augment("toy", model="fake-model", concurrency=3, progress=False, allow_partial=True, **FAST)
     assert rep.failed_by_reason == {"malformed": 2, "empty": 1}
     prompts = server.chat_prompts()
-    assert all(sum(w in p for p in prompts) == 1 for w in ("Charlie", "Delta", "Echo"))  # not retried now
+    assert all(sum(w in p for p in prompts) == 3 for w in ("Charlie", "Delta", "Echo"))  # max_attempts, no more
     plus = datasets.load("toy+").entities.set_index("name")
     assert plus.loc["Person Delta", "description"] == "original description 3"  # kept, and labelled
     assert "no LLM answer" in plus.loc["Person Delta", "description_source"]
@@ -285,6 +295,31 @@ def test_malformed_or_empty_is_a_failure_never_a_description(server):
     rep2 = aug.augment("toy", model="fake-model", progress=False, **FAST)  # retried on the next run
     assert rep2.done == 3 and rep2.failed == 0 and server.stats()["requests"] == 3
     assert (datasets.load("toy+").entities["description_source"] == "llm:fake-model:who-is@1").all()
+
+
+def test_malformed_or_empty_answers_are_asked_again_in_the_same_run(server):
+    make_toy(n=6)
+    server.set_faults({"Charlie": ["malformed", "empty"], "Delta": ["empty", "badshape"], "Echo": ["malformed"]})
+    rep = aug.augment("toy", model="fake-model", concurrency=3, progress=False, **FAST)
+    assert (rep.done, rep.failed, rep.written) == (6, 0, True)  # one run, no rerun needed
+    assert rep.errors_by_reason == {"malformed": 3, "empty": 2} and rep.retries == 5 and rep.requests == 11
+    prompts = server.chat_prompts()
+    assert [sum(w in p for p in prompts) for w in ("Charlie", "Delta", "Echo", "Alpha")] == [3, 3, 2, 1]
+    plus = datasets.load("toy+").entities.set_index("name")
+    assert plus.loc["Person Charlie", "description"] == fake_answer(prompt_of("Person Charlie", "Q102"))
+
+
+def test_a_persistently_malformed_answer_fails_after_the_bound_named_in_the_report(server, capsys):
+    make_toy(n=4)
+    server.set_faults({"Charlie": ["malformed"] * 10})
+    rep = aug.augment("toy", model="fake-model", max_attempts=2, progress=False, **FAST)
+    assert (rep.done, rep.failed, rep.failed_by_reason, rep.written) == (3, 1, {"malformed": 1}, False)
+    assert sum("Charlie" in p for p in server.chat_prompts()) == 2
+    (example,) = rep.failed_examples
+    assert example["name"] == "Person Charlie" and "2 times" in example["detail"]
+    assert "failed: Q102 ('Person Charlie'): malformed" in rep.summary() and rep.exit_code == 1
+    assert cli.main(["augment", "toy", "--model", "fake-model", "--max-attempts", "2", "--no-progress"]) == 1
+    assert "Person Charlie" in capsys.readouterr().out
 
 
 def test_fatal_error_stops_the_run(server):
@@ -331,7 +366,7 @@ def test_missing_key_or_unreachable_endpoint_fails_before_any_work(server, monke
     assert llm_store().count() == 0 and not (paths.data_dir() / "toy+").exists()
     # Through the CLI: one line, exit 2.
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    assert cli.main(["augment", "toy", "--model", "fake-model", "--quiet"]) == 2
+    assert cli.main(["augment", "toy", "--model", "fake-model", "--no-progress"]) == 2
 
 
 def test_no_key_needed_when_everything_is_stored(server, monkeypatch):
@@ -350,17 +385,17 @@ def test_replay_fails_naming_the_missing_entity(server, tmp_path):
     path = tmp_path / "answers.json"
     path.write_text(json.dumps(answers))
     with pytest.raises(DimkitError, match=r"Q102 \('Person Charlie'\).*1 of 5"):
-        aug.augment("toy", model="fake-model", replay=True, answers=path, progress=False)
+        aug.augment("toy", model="fake-model", replay=True, answers=str(path), progress=False)
     assert server.stats()["requests"] == 0
     answers["answers"]["Q102"] = "stored answer 2"
     path.write_text(json.dumps(answers))
-    rep = aug.augment("toy", model="fake-model", replay=True, answers=path, progress=False)
+    rep = aug.augment("toy", model="fake-model", replay=True, answers=str(path), progress=False)
     assert rep.written and rep.requests == 0 and server.stats()["requests"] == 0
     assert rep.imported == 1 and rep.cached == 4  # the first call imported four before failing
     assert datasets.load("toy+").entities["description"].tolist()[:3] == [
         "stored answer 0", "stored answer 1", "stored answer 2"]
     with pytest.raises(ConfigError, match="holds answers of model 'fake-model'"):
-        aug.augment("toy", model="gpt-4o-mini", answers=path, progress=False)
+        aug.augment("toy", model="gpt-4o-mini", answers=str(path), progress=False)
 
 
 def test_dry_run_counts_and_estimates_without_calling(server, monkeypatch, capsys):
@@ -394,7 +429,7 @@ def test_kill_9_mid_run_then_resume_completes_without_duplicates(server):
     server.latency = 0.1  # ~40 answers/s with 4 workers: the kill lands mid-run
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "dimkit.cli", "augment", "toy", "--model", "fake-model",
-           "--concurrency", "4", "--quiet"]
+           "--concurrency", "4", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store_path = default_store_path("llm")
     deadline = time.monotonic() + 40
@@ -497,7 +532,7 @@ def test_out_naming_another_dataset_is_refused_unless_forced_then_replaced_whole
     (other / "reports").mkdir()
     (other / "reports" / "images.json").write_text("{}")
     before = sorted(p.name for p in other.iterdir())
-    rc = cli.main(["augment", "toy", "--model", "fake-model", "--out", "other", "--quiet"])
+    rc = cli.main(["augment", "toy", "--model", "fake-model", "--out", "other", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "holds the prepared dataset 'other' (9 mentions" in err and "--force" in err
     assert "Traceback" not in err and server.stats()["requests"] == 0  # refused before any request
@@ -535,7 +570,7 @@ def test_answers_file_with_a_byte_order_mark_is_read_and_latin1_is_named(server,
     path = tmp_path / "answers.json"
     answers = {"model": "fake-model", "answers": {f"Q{100 + i}": f"Réponse {i}" for i in range(3)}}
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(answers, ensure_ascii=False).encode())
-    rep = aug.augment("toy", model="fake-model", replay=True, answers=path, progress=False)
+    rep = aug.augment("toy", model="fake-model", replay=True, answers=str(path), progress=False)
     assert rep.written and rep.imported == 3
     path.write_bytes(json.dumps(answers, ensure_ascii=False).encode("latin-1"))
     with pytest.raises(aug.DataError, match="not UTF-8 text"):

@@ -214,6 +214,34 @@ def test_openai_compatible_endpoint(env, monkeypatch):
         server.shutdown()
 
 
+def test_openai_expert_asks_again_after_a_malformed_or_empty_answer(env, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llm_server import FakeLLMServer
+
+    faults = {0: "malformed", 1: "empty"}  # each image: broken JSON, then empty content, then an answer
+    with FakeLLMServer(api_key="sk-test-secret", faults=lambda prompt, n: faults.get(n)) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
+        ds = tinymedia.make_dataset(env / "data")
+        res = run_cues(ds, experts.OpenAIExpert("tiny-vlm", workers=2), progress=False)
+        rep = res.report
+        assert rep.images == 3 and rep.done == 3 and rep.failed == {} and rep.empty == 0
+        assert res.cues["m1"].startswith("Fake LLM answer")
+        prompts = srv.chat_prompts()
+        assert len(prompts) == 9 and all(prompts.count(p) == 3 for p in prompts)
+        srv.set_faults(lambda prompt, n: "malformed")  # never usable: fails after max_attempts
+        srv.reset()
+        from PIL import Image
+
+        item = experts.CueItem("x", Path("x.png"), "x.png", Image.new("RGB", (32, 32), (9, 9, 9)))
+        (answer,) = experts.OpenAIExpert("tiny-vlm", max_attempts=2).describe([item])
+        assert answer.text is None and answer.reason == "bad_response" and "2 times" in answer.detail
+        assert len(srv.chat_prompts()) == 2
+
+
 def test_sample_oracle_on_the_bundled_sample(env):
     res = run_cues("sample", progress=False)
     rep = res.report

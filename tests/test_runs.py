@@ -23,7 +23,7 @@ def write_run(root: Path, name: str, dataset: str, *, variant: str = "paper", ab
               status: str = "completed", weights_real: bool = True, test_h1: float = 0.5,
               dev_h1: float = 0.4, kb_h1: float = 0.3, mtime: float | None = None,
               feature_model: str = "ViT-B-32:openai", note: str = "") -> Path:
-    """A metrics.json in the format of dimkit.train._write_outputs."""
+    """A metrics.json in the format of dimkit.train._write_metrics."""
     def dim(h1: float) -> dict:
         return {"H@1": h1, "H@5": min(1.0, h1 + 0.2), "H@10": min(1.0, h1 + 0.3), "H@20": min(1.0, h1 + 0.4),
                 "MRR": h1 + 0.05, "MR": 3.5, "n": 10}
