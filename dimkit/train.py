@@ -613,7 +613,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     protocols = cfg.protocols.split(",")
     ds = dataset if dataset is not None else datasets.load(cfg.dataset)
     # --- every input that does not need the features is checked before they are computed
-    eindex = ds.entity_index
+    eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}  # qid -> row of the KB
     need_cand = "dim" in protocols or cfg.negatives == "candidates"
     train, dev, test = (_split_data(ds, split, cfg, eindex, need_cand) for split in ("train", "dev", "test"))
     if len(train.rows) == 0:
