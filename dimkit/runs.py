@@ -1,22 +1,13 @@
 """Training runs: where they are, what they say, which one to use, and training the missing ones.
 
-A run of :mod:`dimkit.train` is a folder ``$DIMKIT_RUNS/<run-name>/`` (the name is
-``TrainConfig.name()``) holding ``metrics.json`` -- results are data, never printed text -- and, once
-finished, ``model.pt``, ``predictions.parquet`` and ``features.json`` (what :mod:`dimkit.link` needs).
-The tables, the error analysis, ``dimkit link`` and ``dimkit reproduce`` all ask this module:
-
-- :func:`read` turns one ``metrics.json`` into a :class:`RunRecord`, older files included (written
-  before both rank rules were kept, or without an ablation); a damaged file says what to do;
-- :func:`collect` lists every run folder as one table row (unreadable and unfinished ones with their
-  status and reason); :func:`find` keeps the finished runs of a dataset, variant and ablation;
-- :func:`choose` picks one among several: ``latest`` (newest ``metrics.json``, ties to the larger
-  run name) or ``best_dev`` (best dev H@1, ties to the smaller run name), the same on every call;
-- :func:`launch` trains the runs that are missing. It is the only place besides :mod:`dimkit.train`
-  that trains, and imports it (and torch) only then, so reading runs stays light;
-  :func:`ensure` returns a run to analyse, training a short one when there is none.
+A run of :mod:`dimkit.train` is a folder ``$DIMKIT_RUNS/<run-name>/`` holding ``metrics.json`` and,
+once finished, ``model.pt``, ``predictions.parquet`` and ``features.json``. The tables, the error
+analysis, ``dimkit link`` and ``dimkit reproduce`` all read runs here. Only :func:`launch` imports
+the training code (and torch), so reading runs stays light.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -123,12 +114,11 @@ class RunRecord:
 
     def row(self) -> dict:
         """The record as one :func:`collect` row, plus a column per ``"<split> <protocol> <metric>"``."""
-        out = {c: getattr(self, c) for c in COLUMNS if c not in ("path", "run_dir", "linkable")}
-        out.update(path=str(self.path), run_dir=str(self.run_dir), linkable=self.linkable)
+        out = {c: getattr(self, c) for c in COLUMNS}
+        out.update(path=str(self.path), run_dir=str(self.run_dir))
         for split, protos in self.metrics.items():
-            for proto, values in (protos.items() if isinstance(protos, dict) else ()):
-                if isinstance(values, dict):
-                    out.update({f"{split} {proto} {k}": v for k, v in values.items()})
+            for proto, values in _dict(protos).items():
+                out.update({f"{split} {proto} {k}": v for k, v in _dict(values).items()})
         return out
 
 
@@ -150,13 +140,9 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _as_float(value: Any) -> float:
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+def _get(run: RunRecord | pd.Series | dict, key: str) -> Any:
+    """A field of a run record or of a :func:`collect` row."""
+    return getattr(run, key, None) if isinstance(run, RunRecord) else run.get(key)
 
 
 def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
@@ -206,9 +192,9 @@ def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
 def metric(run: RunRecord | pd.Series | dict, split: str, protocol: str, name: str, rule: str | None = None) -> float:
     """One number of a run (a record or a :func:`collect` row) under its own rank rule, or under
     ``rule``; NaN when the run lacks it."""
-    get = (lambda k: getattr(run, k, None)) if isinstance(run, RunRecord) else run.get
-    m = get("metrics") if rule is None else _dict(get("metrics_by_rule")).get(rule)
-    return _as_float(_dict(_dict(_dict(m).get(split)).get(protocol)).get(name))
+    m = _get(run, "metrics") if rule is None else _dict(_get(run, "metrics_by_rule")).get(rule)
+    value = _dict(_dict(_dict(m).get(split)).get(protocol)).get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def resolve(model: Any) -> Path:
@@ -246,23 +232,18 @@ def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
             rows.append(RunRecord(run_name=p.parent.name, run_dir=p.parent, status="unreadable", error=str(exc),
                                   mtime_ns=p.stat().st_mtime_ns).row())
     df = pd.DataFrame(rows)
-    for c in COLUMNS:
-        if c not in df.columns:
-            df[c] = pd.Series([None] * len(df), dtype=object)
-    extra = sorted(c for c in df.columns if c not in COLUMNS)
-    return df[list(COLUMNS) + extra].reset_index(drop=True)
+    return df.reindex(columns=[*COLUMNS, *sorted(set(df.columns) - set(COLUMNS))])
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
     """Only the rows of runs that finished (completed or early-stopped)."""
-    return runs[runs["status"].isin(FINISHED)].reset_index(drop=True) if len(runs) else runs
+    return runs[runs["status"].isin(FINISHED)].reset_index(drop=True)
 
 
 def matches(run: RunRecord | pd.Series | dict, filters: dict | None) -> bool:
     """True when each ``key: value`` of ``filters`` equals the run's setting (its config, else its field)."""
-    get = (lambda k: getattr(run, k, None)) if isinstance(run, RunRecord) else run.get
-    config = _dict(get("config"))
-    return all(config.get(k, get(k)) == v for k, v in (filters or {}).items())
+    config = _dict(_get(run, "config"))
+    return all(config.get(k, _get(run, k)) == v for k, v in (filters or {}).items())
 
 
 def _newest_first(runs: pd.DataFrame) -> pd.DataFrame:
@@ -278,8 +259,6 @@ def find(dataset: str | None = None, variant: str | None = None, ablation: str |
     can load.
     """
     df = finished(collect(runs_dir) if runs is None else runs)
-    if not len(df):
-        return df
     keep = pd.Series(True, index=df.index)
     for column, want in (("dataset", datasets.canonical_name(dataset) if dataset else None), ("variant", variant),
                          ("ablation", ablation)):
@@ -319,11 +298,8 @@ def latest(dataset: str, variant: str = "paper", ablation: str = "none", *, link
 
 def overview(runs: pd.DataFrame) -> pd.DataFrame:
     """A short view of collected runs (one row each, newest first): names, status, test H@1."""
-    cols = ["run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model",
-            "test dim H@1", "test kb H@1", "linkable", "error"]
-    if not len(runs):
-        return pd.DataFrame(columns=cols)
-    return _newest_first(runs)[[c for c in cols if c in runs.columns]]
+    return _newest_first(runs).reindex(columns=["run_name", "status", "dataset", "variant", "ablation", "weights_real",
+                                                "feature_model", "test dim H@1", "test kb H@1", "linkable", "error"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,15 +313,10 @@ def plan(names: Iterable[str], variants: Iterable[str] = ("paper",), ablations: 
     ``original_descriptions`` is kept only for '+' datasets: only they hold original descriptions.
     """
     out: list[RunKey] = []
-    for d in names:
-        name = datasets.canonical_name(d)
-        for v in variants:
-            for a in ablations:
-                if "original_descriptions" in a and not datasets.is_augmented(name):
-                    continue
-                k = RunKey(name, v, a)
-                if k not in out:
-                    out.append(k)
+    for d, v, a in itertools.product(names, variants, ablations):
+        key = RunKey(datasets.canonical_name(d), v, a)
+        if key not in out and ("original_descriptions" not in a or datasets.is_augmented(key.dataset)):
+            out.append(key)
     return out
 
 
@@ -456,9 +427,3 @@ def ensure(dataset: str, variant: str = "paper", ablation: str = "none", *, run:
                           "with run=RUN_DIR")
     return where
 
-
-__all__ = [
-    "FINISHED", "METRICS_FILE", "LINK_FILES", "PICKS", "REUSE", "COLUMNS", "RunKey", "RunRecord", "LaunchReport",
-    "read", "metric", "resolve", "damaged_advice", "collect", "finished", "matches", "find", "choose", "latest",
-    "overview", "plan", "launch", "ensure",
-]
