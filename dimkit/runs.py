@@ -168,8 +168,8 @@ def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
     rec = RunRecord(
         run_name=str(d.get("run_name") or run_dir.name), run_dir=run_dir,
         status=status if isinstance(status, str) else "unknown",
-        variant=d.get("variant") or config.get("variant"), ablation=d.get("ablation") or config.get("ablation") or "none",
-        config=config, metrics=metrics, metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
+        variant=d.get("variant") or config.get("variant"),
+        ablation=d.get("ablation") or config.get("ablation") or "none", config=config, metrics=metrics, metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
         curve=_dict(d.get("curve")) or {"train": [], "dev": []}, feature_model=d.get("feature_model"),
         weights_real=d.get("weights_real"), seed=d.get("seed", config.get("seed")), note=str(d.get("note") or ""),
         wall_time_s=d.get("wall_time_s"), counts=_dict(d.get("counts")), inputs_missing=_dict(d.get("inputs_missing")),
@@ -231,8 +231,8 @@ def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
         except DataError as exc:
             rows.append(RunRecord(run_name=p.parent.name, run_dir=p.parent, status="unreadable", error=str(exc),
                                   mtime_ns=p.stat().st_mtime_ns).row())
-    df = pd.DataFrame(rows)
-    return df.reindex(columns=[*COLUMNS, *sorted(set(df.columns) - set(COLUMNS))])
+    metric_columns = sorted({c for row in rows for c in row} - set(COLUMNS))
+    return pd.DataFrame(rows, columns=[*COLUMNS, *metric_columns])
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
