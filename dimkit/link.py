@@ -1,23 +1,13 @@
 """Link new mentions with a trained run (notebook ``06_errors``; ``dimkit link RUN --input FILE --output FILE``).
 
-No released MEL code applies a trained model to a new sentence and image. Here
 ``link(sentence, mention, image, model=RUN_DIR, k=10)`` returns the top-k entities of the run's
-knowledge base with their cosine scores, and :class:`Linker` loads a run once to link many.
-
-A new mention gets its inputs exactly as the run's training mentions got them (:mod:`dimkit.features`):
-CLIP vectors of the mention, of ``mention + " [SEP] " + sentence`` and of the image, and the CLIP
-vector of the expert's cue about the image -- from **the same CLIP and the same expert** the run
-was trained with, as recorded in the run folder's ``features.json`` (written by
-:func:`dimkit.train.write_feature_provenance`), never guessed. A model that cannot be loaded, or
-whose weights no longer match the recorded id, is refused with a message saying what to supply.
-
-Nothing is computed twice: a vector or cue the stores already hold (content-keyed, see
-:mod:`dimkit.features` and :mod:`dimkit.cues`) is read, not recomputed -- linking a mention of the
-run's own dataset loads no model at all -- and the entity side is the stored entity features of
-the run's knowledge base, gathered once when the run is loaded. Scoring one mention against the
-whole KB is then one model call and one matrix-vector product (``benchmarks/bench_link.py``).
-
-This module imports torch only when a run is loaded, so ``import dimkit`` stays light.
+knowledge base with their cosine scores; :class:`Linker` loads a run once to link many. A new mention
+gets its inputs exactly as the run's training mentions got them (:mod:`dimkit.features`), from the
+CLIP and the cue expert that the run folder's ``features.json`` records -- never guessed: a model
+that cannot be loaded, or whose weights changed, is refused with what to supply. Vectors and cues
+the stores already hold are read, not recomputed, and the entity side is gathered once per run, so
+scoring a mention is one model call and one matrix-vector product. torch is imported only when a
+run is loaded.
 """
 from __future__ import annotations
 
@@ -90,14 +80,12 @@ def read_run(model: Any) -> RunInfo:
         raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "train it with `dimkit train` (run again, it continues an interrupted one)")
     rec = runs.read(run_dir).require_finished()
+    rerun = f"rerun `dimkit train {rec.dataset}` with the same settings to re-evaluate the run and write it"
     if "features.json" in missing:
         raise DimkitError(f"{run_dir} does not record which CLIP and expert made its features "
-                          "(features.json, written by dimkit.train since `dimkit link` exists); rerun "
-                          f"`dimkit train {rec.dataset}` with the same settings to re-evaluate the run "
-                          "and write it")
+                          f"(features.json, written by dimkit.train since `dimkit link` exists); {rerun}")
     src = run_dir / "features.json"
-    f = _read_json(src, f"rerun `dimkit train {rec.dataset}` with the same "
-                        "settings to re-evaluate the run and write it again")
+    f = datasets.read_json_file(src, what="the run's features.json", fix=rerun + " again")
     for key in ("dataset", "feature_model", "entity_column"):
         if not f.get(key):
             raise DataError("missing in the run's record of its features", file=src, field=key)
@@ -105,30 +93,11 @@ def read_run(model: Any) -> RunInfo:
         raise DataError(f"feature model {f['feature_model']!r} differs from metrics.json's "
                         f"{rec.feature_model!r}", file=src, field="feature_model")
     return RunInfo(run_dir=run_dir, run_name=rec.run_name, dataset=f["dataset"], variant=str(rec.variant),
-                   ablation=rec.ablation, feature_model=f["feature_model"], clip_spec=f.get("clip_spec"),
-                   weights_real=bool(f.get("weights_real")), precision=f.get("precision"),
-                   feature_version=f.get("feature_version"), cue_expert=f.get("cue_expert"),
-                   cue_expert_spec=f.get("cue_expert_spec"), cue_prompt_version=f.get("cue_prompt_version"),
-                   synthetic_cues=bool(f.get("synthetic_cues")),
-                   missing_description=f.get("missing_description") or "name",
-                   entity_column=f["entity_column"], entity_qids_sha256=f.get("entity_qids_sha256"),
-                   note=rec.note)
-
-
-def _read_json(path: Path, todo: str) -> dict:
-    """A run folder's JSON object; a file that is not one says ``todo``."""
-    return datasets.read_json_file(path, what=f"the run's {path.name}", fix=todo)
-
-
-def _load_model(info: RunInfo, device: str):
-    """The run's model and config (:func:`dimkit.train.load_model`); a damaged model.pt says what to do."""
-    from .train import load_model
-
-    try:
-        return load_model(info.run_dir, device)
-    except DataError as exc:
-        why = exc.reason.split("; ")[0]
-        raise DataError(f"{why}; {runs.damaged_advice(info.dataset)}", file=exc.file) from None
+                   ablation=rec.ablation, feature_model=f["feature_model"], entity_column=f["entity_column"],
+                   weights_real=bool(f.get("weights_real")), synthetic_cues=bool(f.get("synthetic_cues")),
+                   missing_description=f.get("missing_description") or "name", note=rec.note,
+                   **{k: f.get(k) for k in ("clip_spec", "precision", "feature_version", "cue_expert",
+                                            "cue_expert_spec", "cue_prompt_version", "entity_qids_sha256")})
 
 
 def _resolve_clip(info: RunInfo):
@@ -150,8 +119,9 @@ def _resolve_clip(info: RunInfo):
 
 
 def _resolve_expert(info: RunInfo, expert: Any = None):
-    """The run's cue expert (or ``expert``, which must have the run's model id and prompt version)."""
-    from .experts import make_expert
+    """The run's cue expert (or ``expert``, which must have the run's model id and prompt version),
+    checked to be reachable now rather than at the first new image."""
+    from .experts import OpenAIExpert, TransformersExpert, make_expert
 
     what = f"run {info.run_name} was trained on cues of expert {info.cue_expert} [{info.cue_prompt_version}]"
     if expert is None:
@@ -168,14 +138,6 @@ def _resolve_expert(info: RunInfo, expert: Any = None):
     if ex.model_id != info.cue_expert or (info.cue_prompt_version and ex.version != info.cue_prompt_version):
         raise DimkitError(f"{what}, but the expert given is {ex.model_id} [{ex.version}]: cues of another "
                           "expert or prompt are not what the model learned from")
-    _check_expert_available(ex)
-    return ex
-
-
-def _check_expert_available(ex) -> None:
-    """Fail now, not at the first new image, when the expert's model cannot be reached."""
-    from .experts import OpenAIExpert, TransformersExpert
-
     if isinstance(ex, TransformersExpert) and not ex.local and os.environ.get(
             "HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         from huggingface_hub import try_to_load_from_cache
@@ -188,6 +150,7 @@ def _check_expert_available(ex) -> None:
                 "whose cues are already stored")
     if isinstance(ex, OpenAIExpert):
         ex._client_or_fail()  # a missing OPENAI_API_KEY is said now
+    return ex
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +232,6 @@ class Encoded:
     cue: list[str | None]
     cue_status: list[str]
     computed: Counter = field(default_factory=Counter)  # vectors / cues computed now (not stored before)
-    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,20 +247,27 @@ class Linker:
     vector or cue is not stored yet -- the run's CLIP spec is still checked at once.
     """
 
+    #: Vectors computed here but not written to the store are kept in memory, up to this many, so a
+    #: notebook linking the same mention twice encodes it once.
+    MEMO_SIZE = 4096
+
     def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False,
                  progress: bool = True):
-        import torch
-
         from .env import pick_device
+        from .store import content_hash
+        from .train import load_model
 
         self.info = read_run(model)
         self.run_dir = self.info.run_dir
         self.device = pick_device(device)
         self.progress = progress
         self.clip_spec = _resolve_clip(self.info)
-        self.model, self.config = _load_model(self.info, self.device)
-        mcfg = self.model.cfg
-        self.uses_cue, self.uses_image = bool(mcfg.use_cue), bool(mcfg.use_image)
+        try:
+            self.model, self.config = load_model(self.run_dir, self.device)
+        except DataError as exc:  # say what to do about this run, by its dataset's name
+            why = exc.reason.split("; ")[0]
+            raise DataError(f"{why}; {runs.damaged_advice(self.info.dataset)}", file=exc.file) from None
+        self.uses_cue = bool(self.model.cfg.use_cue)
         self.expert = _resolve_expert(self.info, expert) if self.uses_cue else None
         # Vectors computed here match the stored ones only in the run's precision; fp16 is GPU-only.
         self.precision = self.info.precision if self.device.startswith("cuda") else "fp32"
@@ -307,37 +276,33 @@ class Linker:
             self.clip()
         self.dataset = datasets.load(self.info.dataset)
         ents = self.dataset.entities
-        from .store import content_hash
-
-        kb_hash = content_hash(ents["qid"].astype(str).tolist())
-        if self.info.entity_qids_sha256 and kb_hash != self.info.entity_qids_sha256:
+        recorded = self.info.entity_qids_sha256
+        if recorded and content_hash(ents["qid"].astype(str).tolist()) != recorded:
             raise DataError(f"the knowledge base changed since run {self.info.run_name} was trained "
                             f"({len(ents)} entities now): retrain it", file=self.dataset.root / "entities.parquet",
                             field="qid")
         self._store = None
         self._memo: dict[str, np.ndarray] = {}
-        entity = self._entity_features(ents)                                     # [E, D]
-        self._set_kb(ents, entity, torch)
+        self._set_kb(ents, self._entity_features(ents))
 
-    # -- construction helpers ------------------------------------------------------------------
     @classmethod
     def from_parts(cls, model, entities: np.ndarray, kb: pd.DataFrame, *, device: str = "cpu",
                    clip=None, expert=None, info: RunInfo | None = None) -> "Linker":
         """A linker around an in-memory model and entity matrix (benchmarks, experiments)."""
-        import torch
-
         self = cls.__new__(cls)
         self.info, self.run_dir, self.device, self.progress = info, None, device, False
         self.clip_spec, self.config = getattr(clip, "spec", None), None
         self.model = model.to(device).eval()
-        self.uses_cue, self.uses_image = bool(model.cfg.use_cue), bool(model.cfg.use_image)
+        self.uses_cue = bool(model.cfg.use_cue)
         self.expert, self._clip, self._store, self.dataset = expert, clip, None, None
         self._memo = {}
         self.precision = getattr(clip, "precision", "fp32")
-        self._set_kb(kb, np.asarray(entities, dtype=np.float32), torch)
+        self._set_kb(kb, np.asarray(entities, dtype=np.float32))
         return self
 
-    def _set_kb(self, ents: pd.DataFrame, entity: np.ndarray, torch) -> None:
+    def _set_kb(self, ents: pd.DataFrame, entity: np.ndarray) -> None:
+        import torch
+
         col = self.info.entity_column if self.info is not None else "description"
         self.qids = ents["qid"].astype(str).to_numpy()
         self.names = ents["name"].astype(str).to_numpy() if "name" in ents else self.qids
@@ -345,7 +310,8 @@ class Linker:
         self.descriptions = np.array([d if isinstance(d, str) else None for d in desc.tolist()], dtype=object)
         self.entity_index = {q: i for i, q in enumerate(self.qids.tolist())}
         e = torch.as_tensor(np.ascontiguousarray(entity, dtype=np.float32))
-        # Cosine scores, as the released metric_topk.py ranks: normalise once, so scoring a mention is one matrix-vector product.
+        # Cosine scores, as the released metric_topk.py ranks: normalise once, so scoring a mention is one
+        # matrix-vector product.
         self.entities = torch.nn.functional.normalize(e, dim=-1, eps=1e-12).to(self.device)   # [E, D]
 
     def clip(self):
@@ -392,15 +358,6 @@ class Linker:
         return vecs
 
     # -- encoding new mentions -----------------------------------------------------------------
-    #: Vectors computed here but not written to the store are kept in memory, up to this many, so a
-    #: notebook linking the same mention twice encodes it once.
-    MEMO_SIZE = 4096
-
-    def _remember(self, key: str, vec: np.ndarray) -> None:
-        if len(self._memo) >= self.MEMO_SIZE:
-            self._memo.pop(next(iter(self._memo)))
-        self._memo[key] = vec
-
     def encode(self, items: Sequence[MentionInput], *, images: Sequence[_Image] | None = None,
                store_vectors: bool = False) -> Encoded:
         """Model inputs of ``items``: stored vectors and cues where they exist, computed otherwise.
@@ -410,18 +367,15 @@ class Linker:
         """
         from .features import image_key, text_key
 
-        t0 = time.perf_counter()
-        info = self.info
+        info, store = self.info, self.store()
         images = list(images) if images is not None else [_load_images(it.image) for it in items]
         computed: Counter = Counter()
-        store = self.store()
-        version = info.feature_key_version
 
-        def vectors(kind: str, contents: list, make_key, encode) -> np.ndarray:
-            """Vectors of distinct contents: gathered from the store, the rest encoded now."""
+        def vectors(kind: str, contents: list, make_key, encode) -> dict:
+            """Vectors of distinct contents: from the store or the memo, the rest encoded now."""
             distinct = list(dict.fromkeys(c for c in contents if c is not None))
-            keys = [make_key(info.feature_model, version, c) for c in distinct]
-            got, found = store.gather(keys) if store.dim is not None else (None, np.zeros(len(keys), bool))
+            keys = [make_key(info.feature_model, info.feature_key_version, c) for c in distinct]
+            got, found = store.gather(keys)
             out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
             out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
             todo = [i for i, c in enumerate(distinct) if c not in out]
@@ -430,7 +384,9 @@ class Linker:
                 computed[f"{kind} vectors"] += len(todo)
                 for i, v in zip(todo, new):
                     out[distinct[i]] = v
-                    self._remember(keys[i], v)
+                    if len(self._memo) >= self.MEMO_SIZE:
+                        self._memo.pop(next(iter(self._memo)))
+                    self._memo[keys[i]] = v
                 if store_vectors and self.precision == info.precision:
                     store.put([keys[i] for i in todo], new)
             return out
@@ -443,23 +399,20 @@ class Linker:
         texts = [it.mention for it in items] + [it.mention + SEP + it.sentence for it in items] \
             + [c for c in cues if c]
         txt_vec = vectors("text", texts, text_key, lambda ts: self.clip().encode_texts(ts))
-        dim = self.entities.shape[1]
-        n = len(items)
+        n, dim = len(items), self.entities.shape[1]
         feats = {k: np.zeros((n, dim), dtype=np.float32) for k in ("mention", "mention_sentence", "image", "cue")}
-        image_ok = np.zeros(n, dtype=bool)
-        cue_ok = np.zeros(n, dtype=bool)
+        feats["image_ok"], feats["cue_ok"] = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         for i, (it, img) in enumerate(zip(items, images)):
             feats["mention"][i] = txt_vec[it.mention]
             feats["mention_sentence"][i] = txt_vec[it.mention + SEP + it.sentence]
             if img.shas:
                 feats["image"][i] = np.sum([img_vec[s] for s in img.shas], axis=0)
-                image_ok[i] = True
+                feats["image_ok"][i] = True
             if cues[i]:
                 feats["cue"][i] = txt_vec[cues[i]]
-                cue_ok[i] = True
-        feats["image_ok"], feats["cue_ok"] = image_ok, cue_ok
+                feats["cue_ok"][i] = True
         return Encoded(features=feats, image_status=[img.status for img in images], cue=cues,
-                       cue_status=cue_status, computed=computed, seconds=time.perf_counter() - t0)
+                       cue_status=cue_status, computed=computed)
 
     def _cues(self, images: Sequence[_Image], computed: Counter) -> tuple[list[str | None], list[str]]:
         """The expert's cue per mention: from the cue store, else asked now (and stored)."""
@@ -581,56 +534,55 @@ class Linker:
         An image path that cannot be used raises a DataError naming the file and the reason, unless
         ``allow_unusable_image`` (then the image is masked, as for training mentions without one).
         """
-        item = _check_input(sentence, mention)
-        item.image = image
-        img = _load_images(image)
-        if img.status not in ("ok", "no_image") and not allow_unusable_image:
-            raise DataError(f"image unusable ({img.status}{': ' + img.detail if img.detail else ''}); pass "
-                            "allow_unusable_image=True to link without it", file=str(image), field="image")
-        enc = self.encode([item], images=[img])
-        q, w = self.query(enc.features, attention=True)
-        idx, val = self.top_k(q, k)
-        df = self._table(idx[0], val[0])
-        df.attrs.update(self._details(enc, 0, w))
-        return df
+        if not isinstance(mention, str) or not mention.strip():
+            raise DataError("the mention must be a non-empty string", field="mention")
+        if not isinstance(sentence, str):
+            raise DataError("the sentence must be a string", field="sentence")
+        [result] = self._link_chunk([MentionInput(sentence, mention, image)], k, allow_unusable=allow_unusable_image)
+        if isinstance(result, DataError):
+            raise DataError(f"{result.reason}; pass allow_unusable_image=True to link without it", file=str(image),
+                            field="image")
+        return result
 
     def link_many(self, items: Sequence[MentionInput], k: int = 10, *, batch_size: int = 64,
                   store_vectors: bool = True, allow_unusable_images: bool = False) -> list[pd.DataFrame | DataError]:
         """Link a list of mentions in batches; a mention that cannot be linked gets its DataError instead."""
         out: list[pd.DataFrame | DataError] = []
-        bar_kw = {} if self.progress else {"disable": True}
+        bar_kw = {} if self.progress else {"disable": True}  # not disable=False: TQDM_DISABLE still applies
         with tqdm(total=len(items), desc=f"linking with {self.info.run_name if self.info else 'model'}",
                   unit="mention", **bar_kw) as bar:
             for a in range(0, len(items), batch_size):
                 chunk = list(items[a:a + batch_size])
-                out.extend(self._link_chunk(chunk, k, a, store_vectors, allow_unusable_images, None))
+                out += self._link_chunk(chunk, k, store_vectors=store_vectors, allow_unusable=allow_unusable_images,
+                                        first=a)
                 bar.update(len(chunk))
         if store_vectors and self.store() is not None:
             self.store().compact()
         return out
 
-    def _link_chunk(self, chunk: Sequence[MentionInput], k: int, offset: int, store_vectors: bool,
-                    allow_unusable: bool, source: str | None) -> list[pd.DataFrame | DataError]:
-        results: list[pd.DataFrame | DataError | None] = [None] * len(chunk)
-        good, imgs = [], []
-        for j, it in enumerate(chunk):
+    def _link_chunk(self, items: Sequence[MentionInput], k: int, *, store_vectors: bool = False,
+                    allow_unusable: bool = False, first: int = 0) -> list[pd.DataFrame | DataError]:
+        """Top-k tables of ``items``; a mention whose image is given but unusable (unless allowed) gets a
+        DataError instead, its ``image_status`` saying why (records are numbered from ``first``)."""
+        results: list[pd.DataFrame | DataError | None] = [None] * len(items)
+        good, images = [], []
+        for j, it in enumerate(items):
             img = _load_images(it.image)
-            if img.status != "ok" and not (allow_unusable or (img.status == "no_image" and it.image is None)):
-                results[j] = DataError(f"image unusable ({img.status}"
-                                       f"{': ' + img.detail if img.detail else ''})", file=source or str(it.image),
-                                       record=it.id if it.id is not None else offset + j, field="image")
-                results[j].image_status = img.status  # type: ignore[attr-defined]
+            if img.status in ("ok", "no_image") or allow_unusable:
+                good.append(j)
+                images.append(img)
                 continue
-            good.append(j)
-            imgs.append(img)
+            error = DataError(f"image unusable ({img.status}{': ' + img.detail if img.detail else ''})",
+                              file=str(it.image), record=it.id if it.id is not None else first + j, field="image")
+            error.image_status = img.status  # type: ignore[attr-defined]
+            results[j] = error
         if good:
-            enc = self.encode([chunk[j] for j in good], images=imgs, store_vectors=store_vectors)
+            enc = self.encode([items[j] for j in good], images=images, store_vectors=store_vectors)
             q, w = self.query(enc.features, attention=True)
             idx, val = self.top_k(q, k)
             for n, j in enumerate(good):
-                df = self._table(idx[n], val[n])
-                df.attrs.update(self._details(enc, n, w))
-                results[j] = df
+                results[j] = self._table(idx[n], val[n])
+                results[j].attrs.update(self._details(enc, n, w))
         return results  # type: ignore[return-value]
 
     def _details(self, enc: Encoded, i: int, w: np.ndarray | None) -> dict:
@@ -657,14 +609,6 @@ class Linker:
         return (f"Linker({self.info.run_name}: {self.info.variant}/{self.info.ablation}, {len(self.qids)} "
                 f"entities of {self.info.dataset}, CLIP {self.info.feature_model}, expert "
                 f"{self.expert.model_id if self.expert is not None else 'unused'}, device={self.device})")
-
-
-def _check_input(sentence: Any, mention: Any) -> MentionInput:
-    if not isinstance(mention, str) or not mention.strip():
-        raise DataError("the mention must be a non-empty string", field="mention")
-    if not isinstance(sentence, str):
-        raise DataError("the sentence must be a string", field="sentence")
-    return MentionInput(sentence=sentence, mention=mention)
 
 
 # One linker per run is kept, so a notebook calling link() in a loop loads the run once.
@@ -765,54 +709,50 @@ class LinkFileReport(Result):
         return "\n".join(lines)
 
 
-def _parse_line(text: str, lineno: int, base: Path) -> tuple[MentionInput | None, dict | None]:
-    """One input line -> a MentionInput, or the reason it is skipped."""
+def _parse_line(text: str, lineno: int, base: Path) -> MentionInput | dict:
+    """One input line -> a MentionInput, or why it is skipped (``line``, ``reason``, ``field``, ``detail``)."""
+    def skip(reason: str, field: str | None, detail: str) -> dict:
+        return {"line": lineno, "reason": reason, "field": field, "detail": detail}
+
     try:
         rec = json.loads(text)
     except ValueError as exc:
-        return None, {"line": lineno, "reason": "bad_json", "field": None, "detail": str(exc)[:200]}
+        return skip("bad_json", None, str(exc)[:200])
     if not isinstance(rec, dict):
-        return None, {"line": lineno, "reason": "bad_json", "field": None, "detail": "not a JSON object"}
+        return skip("bad_json", None, "not a JSON object")
     for f in REQUIRED_FIELDS:
         v = rec.get(f)
         if v is None or (isinstance(v, str) and not v.strip() and f != "sentence"):
-            return None, {"line": lineno, "reason": "missing_field", "field": f,
-                          "detail": "absent" if f not in rec else "empty"}
-    for f in ("sentence", "mention"):
+            return skip("missing_field", f, "absent" if f not in rec else "empty")
+    for f in REQUIRED_FIELDS:
         if not isinstance(rec[f], str):
-            return None, {"line": lineno, "reason": "bad_field", "field": f,
-                          "detail": f"expected a string, got {type(rec[f]).__name__}"}
-    ident = rec.get("id", rec.get("mention_id"))
+            return skip("bad_field", f, f"expected a string, got {type(rec[f]).__name__}")
+    item = MentionInput(sentence=rec["sentence"], mention=rec["mention"], id=rec.get("id", rec.get("mention_id")))
     img = rec.get("image")
     if img is None:
-        return MentionInput(sentence=rec["sentence"], mention=rec["mention"], image=None, id=ident), None
+        return item
     imgs = img if isinstance(img, list) else [img]
     if not imgs or not all(isinstance(x, str) and x.strip() for x in imgs):
-        return None, {"line": lineno, "reason": "bad_field", "field": "image",
-                      "detail": "expected a path, a list of paths, or null for no image"}
+        return skip("bad_field", "image", "expected a path, a list of paths, or null for no image")
     # Relative image paths are relative to the input file's folder, so a batch folder can move.
-    paths_ = [str(base / x) if not Path(x).expanduser().is_absolute() else str(Path(x).expanduser()) for x in imgs]
-    return MentionInput(sentence=rec["sentence"], mention=rec["mention"],
-                        image=paths_ if isinstance(img, list) else paths_[0], id=ident), None
+    found = [str(base / Path(x).expanduser()) for x in imgs]
+    item.image = found if isinstance(img, list) else found[0]
+    return item
 
 
 def _read_lines(src: Path) -> list[tuple[int, str]]:
     """The non-blank lines of a UTF-8 file (a leading byte-order mark is dropped), numbered from 1."""
+    data = src.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        with open(src, encoding="utf-8-sig") as fh:
-            return [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
-    except UnicodeDecodeError:
-        data = src.read_bytes()
-        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-        try:
-            data[bom:].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            at = bom + exc.start
-            line = data.count(b"\n", 0, at) + 1
-            raise DataError(f"line {line} (byte offset {at}) is not UTF-8 ({exc.reason}: {data[at:at + 1]!r}); the "
-                            "input must be UTF-8 JSON lines: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
-                            f"{src.name} > fixed.jsonl` for a Latin-1 file)", file=src) from None
-        raise
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(f"line {line} (byte offset {at}) is not UTF-8 ({exc.reason}: {data[at:at + 1]!r}); the "
+                        "input must be UTF-8 JSON lines: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                        f"{src.name} > fixed.jsonl` for a Latin-1 file)", file=src) from None
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bool = True,
@@ -841,54 +781,42 @@ def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True)
     cfg = cfg.replace()  # a checked copy
     t0 = time.perf_counter()
     src, dst = cfg.input, cfg.output
-    k, batch_size = cfg.k, cfg.batch_size
     if not src.is_file():
         raise DimkitError(f"input file not found: {src}")
+    lines = _read_lines(src)
     linker = linker or Linker(cfg.run, device=cfg.device, expert=cfg.expert, progress=progress)
     skipped_path = cfg.skipped_file or dst.with_name(f"{dst.stem}.skipped.jsonl")
     report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
-                            note=linker.note, skipped_file=str(skipped_path))
-    raw = _read_lines(src)
-    report.lines = len(raw)
+                            lines=len(lines), note=linker.note, skipped_file=str(skipped_path))
     base = src.parent.resolve()
     computed: Counter = Counter()
+    bar_kw = {} if progress else {"disable": True}
     # the output file appears only when the whole batch is linked
-    with atomic.replacing(dst, "w", encoding="utf-8") as out_fh, \
-            tqdm(total=len(raw), desc=f"linking {src.name}", unit="line",
-                 **({} if progress else {"disable": True})) as bar:
-        for a in range(0, len(raw), batch_size):
-            chunk = raw[a:a + batch_size]
-            items, linenos = [], []
-            for lineno, text in chunk:
-                item, skip = _parse_line(text, lineno, base)
-                if skip is not None:
-                    report.skipped.append(skip)
-                else:
-                    items.append(item)
-                    linenos.append(lineno)
-            results = linker._link_chunk(items, k, 0, True, cfg.allow_unusable_images, str(src)) if items else []
-            for lineno, item, res in zip(linenos, items, results):
+    with atomic.replacing(dst, "w", encoding="utf-8") as out, \
+            tqdm(total=len(lines), desc=f"linking {src.name}", unit="line", **bar_kw) as bar:
+        for a in range(0, len(lines), cfg.batch_size):
+            chunk = [(n, _parse_line(text, n, base)) for n, text in lines[a:a + cfg.batch_size]]
+            report.skipped += [parsed for _, parsed in chunk if isinstance(parsed, dict)]
+            good = [(n, parsed) for n, parsed in chunk if isinstance(parsed, MentionInput)]
+            results = linker._link_chunk([item for _, item in good], cfg.k, store_vectors=True,
+                                         allow_unusable=cfg.allow_unusable_images)
+            for (n, item), res in zip(good, results):
                 if isinstance(res, DataError):
-                    why = getattr(res, "image_status", "unusable")
-                    report.skipped.append({"line": lineno, "reason": f"image_{why}", "field": "image",
+                    report.skipped.append({"line": n, "reason": f"image_{res.image_status}", "field": "image",
                                            "detail": f"{item.image}: {res.reason}"})
                     continue
-                computed.update(res.attrs.get("computed", {}))
-                row = {"line": lineno, **({"id": item.id} if item.id is not None else {}),
-                       "mention": item.mention, "image_status": res.attrs["image_status"],
-                       "cue": res.attrs["cue"], "cue_status": res.attrs["cue_status"],
-                       **({"attention": res.attrs["attention"]} if "attention" in res.attrs else {}),
-                       "entities": [{"qid": q, "name": nm, "description": d, "score": round(float(s), 6)}
-                                    for q, nm, d, s in res[["qid", "name", "description", "score"]]
-                                    .itertuples(index=False)]}
-                out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                computed.update(res.attrs["computed"])
+                row = {"line": n, **({"id": item.id} if item.id is not None else {}), "mention": item.mention,
+                       **{k: v for k, v in res.attrs.items() if k in ("image_status", "cue", "cue_status",
+                                                                       "attention")},
+                       "entities": [dict(e, score=round(e["score"], 6)) for e in res.to_dict("records")]}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 report.linked += 1
                 report.no_image += item.image is None
             bar.update(len(chunk))
     report.skipped.sort(key=lambda s: s["line"])
     if report.skipped:
-        atomic.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped),
-                          skipped_path)
+        atomic.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped), skipped_path)
     else:
         report.skipped_file = None
         skipped_path.unlink(missing_ok=True)  # a stale list from an earlier batch would mislead
