@@ -343,19 +343,36 @@ class Linker:
             raise DataError("the run scored this description column, which the dataset lacks",
                             file=self.dataset.root / "entities.parquet", field=info.entity_column)
         texts, _ = _entity_texts(ents, info.entity_column, info.missing_description)
-        keys = [text_key(info.feature_model, info.feature_key_version, t) for t in texts]
-        vecs, found = self.store().gather(keys)
-        if not found.all():
-            todo = np.flatnonzero(~found)
-            print(f"{len(todo)} of {len(keys)} entity features of run {info.run_name} are not in the feature "
-                  f"store ({self.store().dir}); computing them with {info.feature_model}")
-            new = self.clip().encode_texts([texts[i] for i in todo])            # [n, D]
-            if vecs.shape[1] != new.shape[1]:  # an empty store has no dimension yet
-                vecs = np.zeros((len(keys), new.shape[1]), dtype=np.float32)
-            vecs[todo] = new
-            if self.precision == info.precision:
-                self.store().put([keys[i] for i in todo], new)
-        return vecs
+
+        def encode(todo: list[str]) -> np.ndarray:
+            print(f"{len(todo)} entity texts of run {info.run_name} are not in the feature store "
+                  f"({self.store().dir}); computing them with {info.feature_model}")
+            return self.clip().encode_texts(todo)
+
+        vectors = self._vectors("text", texts, text_key, encode, Counter(), store_vectors=True)
+        return np.stack([vectors[t] for t in texts])                             # [E, D]
+
+    def _vectors(self, kind: str, contents: list, make_key, encode, computed: Counter, store_vectors: bool) -> dict:
+        """Vectors of the distinct ``contents``: from the feature store or the memo, the rest encoded now
+        (and stored when ``store_vectors``: only in the run's precision do they match the stored ones)."""
+        info, store = self.info, self.store()
+        distinct = list(dict.fromkeys(c for c in contents if c is not None))
+        keys = [make_key(info.feature_model, info.feature_key_version, c) for c in distinct]
+        got, found = store.gather(keys)
+        out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
+        out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
+        todo = [i for i, c in enumerate(distinct) if c not in out]
+        if todo:
+            new = encode([distinct[i] for i in todo])                           # [n, D]
+            computed[f"{kind} vectors"] += len(todo)
+            for i, v in zip(todo, new):
+                out[distinct[i]] = v
+                if len(self._memo) >= self.MEMO_SIZE:
+                    self._memo.pop(next(iter(self._memo)))
+                self._memo[keys[i]] = v
+            if store_vectors and self.precision == info.precision:
+                store.put([keys[i] for i in todo], new)
+        return out
 
     # -- encoding new mentions -----------------------------------------------------------------
     def encode(self, items: Sequence[MentionInput], *, images: Sequence[_Image] | None = None,
@@ -367,38 +384,18 @@ class Linker:
         """
         from .features import image_key, text_key
 
-        info, store = self.info, self.store()
         images = list(images) if images is not None else [_load_images(it.image) for it in items]
         computed: Counter = Counter()
-
-        def vectors(kind: str, contents: list, make_key, encode) -> dict:
-            """Vectors of distinct contents: from the store or the memo, the rest encoded now."""
-            distinct = list(dict.fromkeys(c for c in contents if c is not None))
-            keys = [make_key(info.feature_model, info.feature_key_version, c) for c in distinct]
-            got, found = store.gather(keys)
-            out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
-            out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
-            todo = [i for i, c in enumerate(distinct) if c not in out]
-            if todo:
-                new = encode([distinct[i] for i in todo])                   # [n, D]
-                computed[f"{kind} vectors"] += len(todo)
-                for i, v in zip(todo, new):
-                    out[distinct[i]] = v
-                    if len(self._memo) >= self.MEMO_SIZE:
-                        self._memo.pop(next(iter(self._memo)))
-                    self._memo[keys[i]] = v
-                if store_vectors and self.precision == info.precision:
-                    store.put([keys[i] for i in todo], new)
-            return out
-
         # images: the sum over a mention's usable images (Richpedia), zeros where none is usable
         pil_of = {sha: im for img in images for sha, im in zip(img.shas, img.pil)}
-        img_vec = vectors("image", [s for img in images for s in img.shas], image_key,
-                          lambda shas: self.clip().encode_images([pil_of[s] for s in shas]))
+        img_vec = self._vectors("image", [s for img in images for s in img.shas], image_key,
+                                lambda shas: self.clip().encode_images([pil_of[s] for s in shas]), computed,
+                                store_vectors)
         cues, cue_status = self._cues(images, computed)
         texts = [it.mention for it in items] + [it.mention + SEP + it.sentence for it in items] \
             + [c for c in cues if c]
-        txt_vec = vectors("text", texts, text_key, lambda ts: self.clip().encode_texts(ts))
+        txt_vec = self._vectors("text", texts, text_key, lambda ts: self.clip().encode_texts(ts), computed,
+                                store_vectors)
         n, dim = len(items), self.entities.shape[1]
         feats = {k: np.zeros((n, dim), dtype=np.float32) for k in ("mention", "mention_sentence", "image", "cue")}
         feats["image_ok"], feats["cue_ok"] = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
@@ -415,30 +412,27 @@ class Linker:
                        cue_status=cue_status, computed=computed)
 
     def _cues(self, images: Sequence[_Image], computed: Counter) -> tuple[list[str | None], list[str]]:
-        """The expert's cue per mention: from the cue store, else asked now (and stored)."""
-        if not self.uses_cue or self.expert is None:
-            return [None] * len(images), ["not_used" if not self.uses_cue else "no_expert"] * len(images)
+        """The expert's cue per mention and its status: from the cue store, else asked now (and stored)."""
         from .cues import KIND, cue_key
         from .experts import CueItem, NoExpert
         from .store import Store, default_store_path
 
         ex = self.expert
-        cues: list[str | None] = [None] * len(images)
-        status = [f"image_{img.status}" if img.cue_source is None else "" for img in images]
-        if isinstance(ex, NoExpert):
-            return cues, ["no_expert"] * len(images)
+        if not self.uses_cue or ex is None or isinstance(ex, NoExpert):
+            return [None] * len(images), ["not_used" if not self.uses_cue else "no_expert"] * len(images)
         want = {img.cue_source[0]: img.cue_source for img in images if img.cue_source is not None}
+        why: dict[str, str] = {}  # image sha -> why it has no cue
         with Store(default_store_path("cues")) as store:
             keys = {sha: cue_key(ex, sha) for sha in want}
             known = store.get_many(keys.values())
-            answers = {sha: known[k]["cue"] for sha, k in keys.items() if k in known}
-            todo, why = [], {}
+            answers = {sha: known[k]["cue"] for sha, k in keys.items() if k in known}  # "": an empty answer
+            todo = []
             for sha, (_, pil, path) in want.items():
                 if sha in answers:
                     continue
                 rel = self._replay_name(path) if not ex.needs_pixels else (str(path) if path else f"<image {sha[:12]}>")
                 if rel is None:
-                    why[sha] = ("not_in_replay", "a replayed expert knows only the images of its dataset")
+                    why[sha] = "not_in_replay"  # a replayed expert knows only the images of its dataset
                     continue
                 todo.append(CueItem(image_sha256=sha, path=path or Path(rel), rel=rel, image=pil))
             bs = max(1, int(ex.batch_size or 8))
@@ -452,22 +446,22 @@ class Linker:
                         rows.append((keys[it.image_sha256], {"cue": ans.text or ""}, it.rel))
                     else:
                         # recorded as dimkit.cues records it, so reports count it and a rerun retries it
-                        why[it.image_sha256] = (ans.reason or "model_error", ans.detail)
+                        why[it.image_sha256] = ans.reason or "model_error"
                         store.put_failure(keys[it.image_sha256], kind=KIND, model=ex.model_id, version=ex.version,
                                           item=it.rel, reason=ans.reason or "model_error", detail=ans.detail)
                 if rows:
                     store.put_many(rows, kind=KIND, model=ex.model_id, version=ex.version)
                 computed["cues"] += len(rows)
-        for i, img in enumerate(images):
-            if img.cue_source is None:
-                continue
-            sha = img.cue_source[0]
-            if answers.get(sha):
-                cues[i], status[i] = answers[sha], "ok"
+        cues, status = [], []
+        for img in images:
+            sha = img.cue_source[0] if img.cue_source is not None else None
+            cues.append(answers.get(sha) or None)
+            if sha is None:
+                status.append(f"image_{img.status}")
             elif sha in answers:
-                status[i] = "empty_answer"
+                status.append("ok" if answers[sha] else "empty_answer")
             else:
-                status[i] = why.get(sha, ("not_in_store", None))[0]
+                status.append(why.get(sha, "not_in_store"))
         return cues, status
 
     def _replay_name(self, path: Path | None) -> str | None:
