@@ -1,13 +1,10 @@
 """Link new mentions with a trained run (notebook ``06_errors``; ``dimkit link RUN --input FILE --output FILE``).
 
-``link(sentence, mention, image, model=RUN_DIR, k=10)`` returns the top-k entities of the run's
-knowledge base with their cosine scores; :class:`Linker` loads a run once to link many. A new mention
-gets its inputs exactly as the run's training mentions got them (:mod:`dimkit.features`), from the
-CLIP and the cue expert that the run folder's ``features.json`` records -- never guessed: a model
-that cannot be loaded, or whose weights changed, is refused with what to supply. Vectors and cues
-the stores already hold are read, not recomputed, and the entity side is gathered once per run, so
-scoring a mention is one model call and one matrix-vector product. torch is imported only when a
-run is loaded.
+``link(sentence, mention, image, model=RUN_DIR, k=10)`` ranks the run's whole knowledge base by
+cosine score; :class:`Linker` loads a run once to link many. A new mention is encoded as the run's
+training mentions were, with the CLIP and the cue expert its ``features.json`` records (never
+guessed: one that cannot be loaded, or whose weights changed, is refused); what the stores hold is
+read, not recomputed. torch is imported only when a run is loaded.
 """
 from __future__ import annotations
 
@@ -193,34 +190,30 @@ def _load_images(image: Any) -> _Image:
     if not items:
         return _Image(status="no_image", detail="the mention has no image")
     out = _Image(status="ok")
-    first_failure: tuple[str, str | None] | None = None
+    failures: list[tuple[str, str | None]] = []  # (status, detail) of each image that cannot be used
     for n, item in enumerate(items):
+        path = None
         if isinstance(item, Image.Image):
             rgb = item.convert("RGB")
             # No file bytes to hash: the pixels are the content (a different key space, never a clash).
             sha = hashlib.sha256(b"pil-rgb:%dx%d:" % rgb.size + rgb.tobytes()).hexdigest()
-            path = None
         else:
             path = Path(item).expanduser()
             loaded = load_image(path)
-            if loaded.image is None:
-                if first_failure is None:
-                    first_failure = (loaded.status, loaded.detail)
-                continue
             rgb = loaded.image
+            if rgb is None:
+                failures.append((loaded.status, loaded.detail))
+                continue
             try:
                 sha = sha256_file(path)
             except OSError as exc:
-                first_failure = first_failure or ("unreadable", str(exc))
+                failures.append(("unreadable", str(exc)))
                 continue
         out.shas.append(sha)
         out.pil.append(rgb)
         if n == 0:  # the cue is asked about the mention's (first) image, as dimkit.cues does
             out.cue_source = (sha, rgb, path)
-    if not out.shas:
-        status, detail = first_failure or ("no_image", None)
-        return _Image(status=status, detail=detail)
-    return out
+    return out if out.shas else _Image(*failures[0])
 
 
 @dataclass
@@ -626,9 +619,8 @@ def link(sentence: str, mention: str, image: Any = None, model: Any = None, k: i
          device: str = "auto", allow_unusable_image: bool = False) -> pd.DataFrame:
     """Top-k KB entities (qid, name, description, score) of a new mention under the run ``model``.
 
-    ``model``: a run folder, a run name under ``$DIMKIT_RUNS``, a RunResult or a Linker. The cue and
-    features are computed with the run's own CLIP and expert; ``.attrs`` holds the cue, the image
-    status, the attention weights over modalities (``paper`` variant) and the comparability note.
+    ``model``: a run folder, a run name under ``$DIMKIT_RUNS``, a RunResult or a Linker. ``.attrs`` holds
+    the cue, the image status, the attention over modalities (``paper`` variant) and the run's note.
     """
     return get_linker(model, device=device).link(sentence, mention, image, k,
                                                  allow_unusable_image=allow_unusable_image)
@@ -714,9 +706,8 @@ def _parse_line(text: str, lineno: int, base: Path) -> MentionInput | dict:
         return skip("bad_json", None, str(exc)[:200])
     if not isinstance(rec, dict):
         return skip("bad_json", None, "not a JSON object")
-    for f in REQUIRED_FIELDS:
-        v = rec.get(f)
-        if v is None or (isinstance(v, str) and not v.strip() and f != "sentence"):
+    for f in REQUIRED_FIELDS:  # an empty sentence is a sentence; an empty mention is none
+        if rec.get(f) is None or (f == "mention" and isinstance(rec[f], str) and not rec[f].strip()):
             return skip("missing_field", f, "absent" if f not in rec else "empty")
     for f in REQUIRED_FIELDS:
         if not isinstance(rec[f], str):
@@ -751,11 +742,8 @@ def _read_lines(src: Path) -> list[tuple[int, str]]:
 
 def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bool = True,
               **settings: Any) -> LinkFileReport:
-    """Link every line of a JSONL file with the run ``model`` (a folder, a run name, a RunResult or a Linker).
-
-    ``settings`` are :class:`LinkConfig`'s (``k``, ``batch_size``, ``device``, ``expert``,
-    ``allow_unusable_images``, ``skipped_file``); see :func:`run`.
-    """
+    """Link every line of a JSONL file with the run ``model`` (a folder, a run name, a RunResult or a
+    Linker); ``settings`` are :class:`LinkConfig`'s."""
     linker = model if isinstance(model, Linker) else None
     where = getattr(model, "run_dir", None) or ("in-memory model" if linker is not None else model)
     cfg = LinkConfig(run=str(where), input=input, output=output).replace(**settings)
@@ -763,14 +751,10 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bo
 
 
 def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True) -> LinkFileReport:
-    """Link every line of ``cfg.input`` (sentence, mention, optional image); one JSON line per mention out.
+    """Link every line of ``cfg.input``, one JSON line per linked mention out (see :class:`LinkConfig`).
 
-    A line whose image is null or absent is linked without an image, as ``link(sentence, mention, None)``
-    links it (counted in ``report.no_image``). The file must be UTF-8 (a byte-order mark is allowed).
-    Lines with a missing or malformed field or an unusable image are skipped and reported (in the
-    returned report and in ``cfg.skipped_file``, default ``<output stem>.skipped.jsonl``); they never
-    stop the batch. Both files are written atomically when the batch is done. ``linker``: the run
-    already loaded (then ``cfg.run``, ``device`` and ``expert`` are not read).
+    A bad line (a missing or malformed field, an unusable image) is skipped and reported, never stops
+    the batch. ``linker``: the run already loaded (then ``cfg.run``, ``device`` and ``expert`` are unused).
     """
     cfg = cfg.replace()  # a checked copy
     t0 = time.perf_counter()

@@ -346,14 +346,6 @@ class LaunchReport(Result):
         return 1 if self.failed else 0
 
 
-def _finished_named(done: pd.DataFrame, name: str) -> pd.Series | None:
-    """The finished run in folder ``name``; a run trained with inputs missing carries a suffix."""
-    if not len(done):
-        return None
-    folder = done["run_dir"].map(lambda p: Path(p).name)
-    return choose(done[(folder == name) | folder.str.startswith(name + "-missing-")], "latest")
-
-
 def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame | None = None,
            filters: dict | None = None, num_epochs: int | None = None, clip: str = "auto",
            device: str | None = None, overrides: dict | None = None, resume: bool = False,
@@ -375,6 +367,7 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
     from . import train  # torch-heavy: imported only when something may be trained
 
     done = finished(collect() if runs is None else runs)
+    folders = done["run_dir"].map(lambda p: Path(p).name).astype(str)
     for k in keys:
         if reuse == "key":
             hit = choose(find(k.dataset, k.variant, k.ablation, filters=filters, runs=done), "latest")
@@ -390,8 +383,9 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
             settings = dict(variant=k.variant, ablation=k.ablation, num_epochs=num_epochs, clip=clip, device=device,
                             resume=resume, **(overrides or {}))
             cfg = train.TrainConfig.for_dataset(k.dataset, **settings)
-            if reuse == "config":
-                hit = _finished_named(done, cfg.name())
+            if reuse == "config":  # the run of these settings; one trained with inputs missing has a suffix
+                name = cfg.name()
+                hit = choose(done[(folders == name) | folders.str.startswith(name + "-missing-")], "latest")
                 if hit is not None:
                     report.skipped.append((k, f"{hit['run_name']} finished before with the same settings"))
                     report.run_dirs[str(k)] = Path(hit["run_dir"])

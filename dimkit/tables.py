@@ -26,10 +26,7 @@ PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
     "dim": ("H@1", "H@5", "H@10", "H@20"),
     "kb": ("H@1", "H@3", "H@5", "MRR"),
 }
-PROTOCOL_TITLES = {
-    "dim": "DIM candidate protocol",
-    "kb": "whole-KB protocol",
-}
+PROTOCOL_TITLES = {"dim": "DIM candidate protocol", "kb": "whole-KB protocol"}
 PROTOCOL_CAPTIONS = {
     "dim": ("DIM candidate protocol: rank of the gold among its mention's candidate list plus the gold "
             "(gold guaranteed), cosine scores; H@k in %."),
@@ -189,9 +186,20 @@ class Table:
         """File stem of the written table."""
         return self.spec.name
 
-    def display(self, na: str = NA, digits: int = 2) -> pd.DataFrame:
-        """The frame with paper dataset names, rounded numbers and ``n/a`` for missing values."""
-        return _formatted(self.frame, na, digits, keep_runs=True)
+    def display(self, na: str = NA, digits: int = 2, runs: bool = True) -> pd.DataFrame:
+        """Every cell as text: paper dataset names, rounded numbers (differences signed), ``na`` when
+        missing; ``runs=False`` leaves out which run fills each row."""
+        df = self.frame if runs else self.frame.drop(columns=["runs matched", "run"])
+        df = df.assign(dataset=[DISPLAY_NAMES.get(d, d) for d in df["dataset"]])
+        for c in df.columns:
+            if c in TEXT_COLUMNS:
+                df[c] = df[c].fillna(na).astype(str)
+            elif c == "runs matched":
+                df[c] = df[c].astype(str)
+            else:
+                sign = "+" if c.startswith("Δ ") else ""
+                df[c] = [na if pd.isna(v) else f"{v:{sign}.{digits}f}" for v in df[c]]
+        return df
 
     def to_markdown(self, digits: int = 2) -> str:
         """Title, caption and a pipe table (missing values as n/a)."""
@@ -207,7 +215,7 @@ class Table:
 
     def to_latex(self, digits: int = 2) -> str:
         """A booktabs ``table`` environment with the caption (the run column is left to the CSV)."""
-        df = _formatted(self.frame, NA, digits, keep_runs=False)
+        df = self.display(digits=digits, runs=False)
         align = "".join("l" if c in TEXT_COLUMNS else "r" for c in df.columns)
         out = ["\\begin{table}[t]", "\\centering", "\\small",
                f"\\caption{{{(self.spec.title + '. ' + self.caption).translate(_TEX)}}}",
@@ -246,21 +254,6 @@ def _md_row(cells: Iterable[Any]) -> str:
 _TEX = str.maketrans({"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
                       "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
                       "Δ": "$\\Delta$", "−": "-"})
-
-
-def _formatted(frame: pd.DataFrame, na: str, digits: int, keep_runs: bool) -> pd.DataFrame:
-    """Every cell as text: paper dataset names, ``digits`` decimals (differences signed), ``na`` when missing."""
-    df = frame if keep_runs else frame.drop(columns=["runs matched", "run"])
-    df = df.assign(dataset=[DISPLAY_NAMES.get(d, d) for d in df["dataset"]])
-    for c in df.columns:
-        if c in TEXT_COLUMNS:
-            df[c] = df[c].fillna(na).astype(str)
-        elif c == "runs matched":
-            df[c] = df[c].astype(str)
-        else:
-            sign = "+" if c.startswith("Δ ") else ""
-            df[c] = [na if pd.isna(v) else f"{v:{sign}.{digits}f}" for v in df[c]]
-    return df
 
 
 def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *, pick: str = "latest",
