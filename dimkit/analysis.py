@@ -170,7 +170,7 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    linker = linker or Linker(run, lazy=True, progress=progress)
+    linker = linker or Linker(run, lazy=True)
     info, cfg, ds = linker.info, linker.config, linker.dataset
     fs = features if features is not None else _dataset_features(linker, progress)
     m = ds.mentions.reset_index(drop=True)

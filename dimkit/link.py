@@ -33,6 +33,8 @@ REQUIRED_FIELDS = ("sentence", "mention")
 #: What the run folder must hold to be linked with.
 RUN_FILES = ("model.pt", "metrics.json", "features.json")
 SEP = " [SEP] "  # as dimkit.features: the literal text "[SEP]", not a CLIP special token
+#: What an output line of ``dimkit link`` says about how its mention was encoded (from the result's ``.attrs``).
+OUTPUT_DETAILS = ("image_status", "cue", "cue_status", "attention")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +246,7 @@ class Linker:
     #: notebook linking the same mention twice encodes it once.
     MEMO_SIZE = 4096
 
-    def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False,
-                 progress: bool = True):
+    def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False):
         from .env import pick_device
         from .store import content_hash
         from .train import load_model
@@ -253,7 +254,6 @@ class Linker:
         self.info = read_run(model)
         self.run_dir = self.info.run_dir
         self.device = pick_device(device)
-        self.progress = progress
         self.clip_spec = _resolve_clip(self.info)
         try:
             self.model, self.config = load_model(self.run_dir, self.device)
@@ -283,7 +283,7 @@ class Linker:
                    clip=None, expert=None, info: RunInfo | None = None) -> "Linker":
         """A linker around an in-memory model and entity matrix (benchmarks, experiments)."""
         self = cls.__new__(cls)
-        self.info, self.run_dir, self.device, self.progress = info, None, device, False
+        self.info, self.run_dir, self.device = info, None, device
         self.clip_spec, self.config = getattr(clip, "spec", None), None
         self.model = model.to(device).eval()
         self.uses_cue = bool(model.cfg.use_cue)
@@ -525,42 +525,27 @@ class Linker:
             raise DataError("the mention must be a non-empty string", field="mention")
         if not isinstance(sentence, str):
             raise DataError("the sentence must be a string", field="sentence")
-        [result] = self._link_chunk([MentionInput(sentence, mention, image)], k, allow_unusable=allow_unusable_image)
+        [result] = self.link_many([MentionInput(sentence, mention, image)], k, store_vectors=False,
+                                  allow_unusable_images=allow_unusable_image)
         if isinstance(result, DataError):
             raise DataError(f"{result.reason}; pass allow_unusable_image=True to link without it", file=str(image),
                             field="image")
         return result
 
-    def link_many(self, items: Sequence[MentionInput], k: int = 10, *, batch_size: int = 64,
-                  store_vectors: bool = True, allow_unusable_images: bool = False) -> list[pd.DataFrame | DataError]:
-        """Link a list of mentions in batches; a mention that cannot be linked gets its DataError instead."""
-        out: list[pd.DataFrame | DataError] = []
-        bar_kw = {} if self.progress else {"disable": True}  # not disable=False: TQDM_DISABLE still applies
-        with tqdm(total=len(items), desc=f"linking with {self.info.run_name if self.info else 'model'}",
-                  unit="mention", **bar_kw) as bar:
-            for a in range(0, len(items), batch_size):
-                chunk = list(items[a:a + batch_size])
-                out += self._link_chunk(chunk, k, store_vectors=store_vectors, allow_unusable=allow_unusable_images,
-                                        first=a)
-                bar.update(len(chunk))
-        if store_vectors and self.store() is not None:
-            self.store().compact()
-        return out
-
-    def _link_chunk(self, items: Sequence[MentionInput], k: int, *, store_vectors: bool = False,
-                    allow_unusable: bool = False, first: int = 0) -> list[pd.DataFrame | DataError]:
-        """Top-k tables of ``items``; a mention whose image is given but unusable (unless allowed) gets a
-        DataError instead, its ``image_status`` saying why (records are numbered from ``first``)."""
+    def link_many(self, items: Sequence[MentionInput], k: int = 10, *, store_vectors: bool = True,
+                  allow_unusable_images: bool = False) -> list[pd.DataFrame | DataError]:
+        """Link a batch of mentions, encoded and scored together; a mention whose image is given but unusable
+        (unless allowed) gets a DataError instead, its ``image_status`` saying why."""
         results: list[pd.DataFrame | DataError | None] = [None] * len(items)
         good, images = [], []
         for j, it in enumerate(items):
             img = _load_images(it.image)
-            if img.status in ("ok", "no_image") or allow_unusable:
+            if img.status in ("ok", "no_image") or allow_unusable_images:
                 good.append(j)
                 images.append(img)
                 continue
             error = DataError(f"image unusable ({img.status}{': ' + img.detail if img.detail else ''})",
-                              file=str(it.image), record=it.id if it.id is not None else first + j, field="image")
+                              file=str(it.image), record=it.id if it.id is not None else j, field="image")
             error.image_status = img.status  # type: ignore[attr-defined]
             results[j] = error
         if good:
@@ -570,6 +555,8 @@ class Linker:
             for n, j in enumerate(good):
                 results[j] = self._table(idx[n], val[n])
                 results[j].attrs.update(self._details(enc, n, w))
+            if store_vectors:
+                self.store().compact()  # one part file per batch: merged once there are many
         return results  # type: ignore[return-value]
 
     def _details(self, enc: Encoded, i: int, w: np.ndarray | None) -> dict:
@@ -762,7 +749,7 @@ def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True)
     if not src.is_file():
         raise DimkitError(f"input file not found: {src}")
     lines = _read_lines(src)
-    linker = linker or Linker(cfg.run, device=cfg.device, expert=cfg.expert, progress=progress)
+    linker = linker or Linker(cfg.run, device=cfg.device, expert=cfg.expert)
     skipped_path = cfg.skipped_file or dst.with_name(f"{dst.stem}.skipped.jsonl")
     report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
                             lines=len(lines), note=linker.note, skipped_file=str(skipped_path))
@@ -776,18 +763,17 @@ def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True)
             chunk = [(n, _parse_line(text, n, base)) for n, text in lines[a:a + cfg.batch_size]]
             report.skipped += [parsed for _, parsed in chunk if isinstance(parsed, dict)]
             good = [(n, parsed) for n, parsed in chunk if isinstance(parsed, MentionInput)]
-            results = linker._link_chunk([item for _, item in good], cfg.k, store_vectors=True,
-                                         allow_unusable=cfg.allow_unusable_images)
+            results = linker.link_many([item for _, item in good], cfg.k,
+                                       allow_unusable_images=cfg.allow_unusable_images)
             for (n, item), res in zip(good, results):
                 if isinstance(res, DataError):
                     report.skipped.append({"line": n, "reason": f"image_{res.image_status}", "field": "image",
                                            "detail": f"{item.image}: {res.reason}"})
                     continue
                 computed.update(res.attrs["computed"])
-                row = {"line": n, **({"id": item.id} if item.id is not None else {}), "mention": item.mention,
-                       **{k: v for k, v in res.attrs.items() if k in ("image_status", "cue", "cue_status",
-                                                                       "attention")},
-                       "entities": [dict(e, score=round(e["score"], 6)) for e in res.to_dict("records")]}
+                row = {"line": n, **({"id": item.id} if item.id is not None else {}), "mention": item.mention}
+                row.update({k: v for k, v in res.attrs.items() if k in OUTPUT_DETAILS})
+                row["entities"] = [dict(e, score=round(e["score"], 6)) for e in res.to_dict("records")]
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 report.linked += 1
                 report.no_image += item.image is None
@@ -798,8 +784,6 @@ def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True)
     else:
         report.skipped_file = None
         skipped_path.unlink(missing_ok=True)  # a stale list from an earlier batch would mislead
-    if linker.store() is not None:
-        linker.store().compact()
     report.computed = dict(computed)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

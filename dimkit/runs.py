@@ -29,7 +29,7 @@ LINK_FILES = ("model.pt", "features.json")
 PICKS = ("latest", "best_dev")
 #: When :func:`launch` takes a run as there already: ``config``, the run of exactly these settings
 #: finished (its name carries their hash); ``key``, any finished run of the dataset, variant and
-#: ablation (all a table cell asks for).
+#: ablation that matches the ``filters`` given (all a table cell asks for).
 REUSE = ("config", "key")
 #: The columns of :func:`collect` before the per-metric ones.
 COLUMNS = ("run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model", "rank_rule",
@@ -148,10 +148,8 @@ def _get(run: RunRecord | pd.Series | dict, key: str) -> Any:
 def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
     """One run's ``metrics.json`` (``path``: the file or its run folder) as a :class:`RunRecord`.
 
-    Older files are read too: without ``metrics_by_rule`` the metrics count under the run's own rank
-    rule; a missing ablation is ``none``; dataset and variant fall back to the stored config. A file
-    that is not a JSON object raises DataError saying ``fix`` (default: train again or delete the
-    folder); a finished run without its dataset, variant or metrics raises DataError naming the field.
+    Older files are read too (one rank rule, no ablation, the variant only in the config). A damaged
+    file raises DataError saying ``fix`` (default: train again or delete the folder).
     """
     path = Path(path)
     if path.name != METRICS_FILE:
@@ -217,12 +215,9 @@ def resolve(model: Any) -> Path:
 
 
 def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """Every ``<runs_dir>/*/metrics.json`` (default ``$DIMKIT_RUNS``) as one row of :data:`COLUMNS`
-    plus one column per ``"<split> <protocol> <metric>"`` (fractions, as in the files).
-
-    A file that cannot be read is a row with status ``unreadable`` and the reason in ``error``: one
-    broken run never hides the others. Folders without ``metrics.json`` are not runs.
-    """
+    """Every ``<runs_dir>/*/metrics.json`` (default ``$DIMKIT_RUNS``) as a :meth:`RunRecord.row`; an
+    unreadable one is a row with status ``unreadable`` and the reason in ``error``, so one broken run
+    never hides the others."""
     root = Path(runs_dir) if runs_dir is not None else paths.runs_dir()
     rows = []
     for p in sorted(root.glob(f"*/{METRICS_FILE}")):
@@ -253,11 +248,8 @@ def _newest_first(runs: pd.DataFrame) -> pd.DataFrame:
 def find(dataset: str | None = None, variant: str | None = None, ablation: str | None = None, *,
          filters: dict | None = None, linkable: bool = False, runs: pd.DataFrame | None = None,
          runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """The finished runs (of ``runs``, else of :func:`collect`) matching what is given, newest first.
-
-    ``filters`` narrows by settings (``{"lr": 5e-5}``); ``linkable`` keeps the runs :mod:`dimkit.link`
-    can load.
-    """
+    """The finished runs (of ``runs``, else of :func:`collect`) matching what is given, newest first;
+    ``filters`` narrows by settings (``{"lr": 5e-5}``), ``linkable`` to runs :mod:`dimkit.link` can load."""
     df = finished(collect(runs_dir) if runs is None else runs)
     keep = pd.Series(True, index=df.index)
     for column, want in (("dataset", datasets.canonical_name(dataset) if dataset else None), ("variant", variant),
@@ -308,10 +300,8 @@ def overview(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plan(names: Iterable[str], variants: Iterable[str] = ("paper",), ablations: Iterable[str] = ("none",)
          ) -> list[RunKey]:
-    """Every (dataset, variant, ablation) asked for, dataset names canonical, each once.
-
-    ``original_descriptions`` is kept only for '+' datasets: only they hold original descriptions.
-    """
+    """Every (dataset, variant, ablation) asked for, each once; ``original_descriptions`` only for the
+    '+' datasets, the only ones that hold original descriptions."""
     out: list[RunKey] = []
     for d, v, a in itertools.product(names, variants, ablations):
         key = RunKey(datasets.canonical_name(d), v, a)
@@ -350,13 +340,10 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
            filters: dict | None = None, num_epochs: int | None = None, clip: str = "auto",
            device: str | None = None, overrides: dict | None = None, resume: bool = False,
            progress: bool = False, data_dir: str | Path | None = None) -> LaunchReport:
-    """Train each of ``keys`` that has no finished run yet, with its dataset's preset.
+    """Train each of ``keys`` that has no finished run yet (see :data:`REUSE`), with its dataset's preset.
 
-    ``reuse`` (:data:`REUSE`) says what counts as there: ``config``, the run of exactly these settings;
-    ``key``, any finished run of the key that matches ``filters``. ``runs`` is what :func:`collect`
-    returned (collected now when None). Keys of datasets that are not prepared are skipped and named;
-    a run that fails is reported and the others still run. ``num_epochs``, ``clip``, ``device``,
-    ``resume`` and ``overrides`` (any training setting) go to :class:`dimkit.train.TrainConfig`.
+    ``runs``: what :func:`collect` returned (collected now when None). Datasets not prepared are skipped;
+    a run that fails is reported and the others still run. The other settings go to ``TrainConfig``.
     """
     if reuse not in REUSE:
         raise ConfigError(f"reuse={reuse!r} is not one of {', '.join(REUSE)}")
