@@ -42,11 +42,8 @@ def _model():
 
 @dataclass
 class AnalysisConfig(Config):
-    """Which run to analyse, which run to set beside it, and on what split and protocol.
-
-    The runs themselves come from :func:`dimkit.runs.ensure`: the one named, else the newest linkable
-    run of the variant, else a short one trained there and then (``quick_epochs``).
-    """
+    """Which run to analyse, which run to set beside it (both found by :func:`dimkit.runs.ensure`), and on
+    what split and protocol."""
 
     STAGE: ClassVar[str] = "analysis"
 

@@ -461,14 +461,12 @@ class Linker:
         """How a replayed expert names an image: its path inside the run's dataset, else unknown."""
         if path is None or self.dataset is None:
             return None
-        try:
-            rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(self.dataset.root)))
-        except ValueError:
-            try:  # the dataset's image folder may be a symlink (DIMKIT_DATA elsewhere)
-                rel = path.resolve().relative_to(self.dataset.root.resolve())
-            except ValueError:
-                return None
-        return str(PurePosixPath(*rel.parts))
+        root = self.dataset.root
+        # as written, then resolved: the dataset's image folder may be a symlink (DIMKIT_DATA elsewhere)
+        for p, r in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (path.resolve(), root.resolve())):
+            if p.is_relative_to(r):
+                return str(PurePosixPath(*p.relative_to(r).parts))
+        return None
 
     # -- scoring -------------------------------------------------------------------------------
     def query(self, features: dict[str, np.ndarray], *, attention: bool = False):

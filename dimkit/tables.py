@@ -314,12 +314,9 @@ def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
     if fake:
         out.append(f"Features from CLIP without real pretrained weights ({', '.join(fake)}): "
                    "not comparable to the paper.")
-    # The runs' own notes say the same as the two warnings above; shown only when nothing else warns.
-    notes = sorted({str(r["note"]) for r in used if r["note"]}) if not out else []
-    for n in notes:
-        sentence = n[0].upper() + n[1:] + ("" if n.endswith(".") else ".")
-        if sentence not in out:
-            out.append(f"Run note: {sentence}")
+    if not out:  # the runs' own notes say what the warnings above say: shown only when nothing else warns
+        notes = sorted({str(r["note"]) for r in used if r["note"]})
+        out += [f"Run note: {n[0].upper()}{n[1:]}{'' if n.endswith('.') else '.'}" for n in notes]
     return out
 
 
