@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from . import cues, datasets, runs
+from . import cues, datasets, features, runs
 from .errors import ConfigError, DimkitError
+from .images import load_dataset_image
+from .link import Linker
 from .stage import Config, setting
 
 #: Error kinds, in the order they are assigned (the first that applies): the fuzzy candidate list
@@ -144,8 +146,6 @@ def _expert(linker) -> tuple[str, Any]:
 
 def _dataset_features(linker, progress: bool):
     """The run dataset's FeatureSet from the stores, with the run's CLIP, precision and expert."""
-    from . import features
-
     info = linker.info
     spec, obj = _expert(linker)
     cfg = features.FeaturesConfig.for_dataset(
@@ -163,7 +163,6 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
     import torch
 
     from .evaluate import candidate_matrix, gold_rank
-    from .link import Linker
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -311,8 +310,7 @@ def _after_name(description: Any, name: str) -> str:
 
 def _image_grid(ds: Any, images: list, captions: list[str], title: str, note: str, *, ncols: int, wrap: int):
     """The mentions' images with their captions, under a title that carries the run's note."""
-    from . import plots
-    from .images import load_dataset_image
+    from . import plots  # matplotlib: only when a figure is drawn
 
     pil = [load_dataset_image(ds, x).image if x else None for x in images]
     if note:

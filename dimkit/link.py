@@ -20,19 +20,26 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths, runs
+from .clip import load_clip, parse_clip_spec
+from .cues import KIND, cue_key
+from .env import pick_device
 from .errors import DataError, DimkitError
+from .experts import CueItem, NoExpert, OpenAIExpert, TransformersExpert, make_expert
+from .features import SEP, FeatureStore, _entity_texts, image_key, text_key
 from .imagefiles import sha256_file
+from .images import load_image
 from .stage import Config, Result, setting
+from .store import Store, content_hash, default_store_path
 
 #: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image
 #: is null or absent is linked as a mention without an image, as ``link(sentence, mention, None)`` is).
 REQUIRED_FIELDS = ("sentence", "mention")
 #: What the run folder must hold to be linked with.
 RUN_FILES = ("model.pt", "metrics.json", "features.json")
-SEP = " [SEP] "  # as dimkit.features: the literal text "[SEP]", not a CLIP special token
 #: What an output line of ``dimkit link`` says about how its mention was encoded (from the result's ``.attrs``).
 OUTPUT_DETAILS = ("image_status", "cue", "cue_status", "attention")
 
@@ -101,8 +108,6 @@ def read_run(model: Any) -> RunInfo:
 
 def _resolve_clip(info: RunInfo):
     """The run's CLIP spec, checked to still be the model that made its features."""
-    from .clip import parse_clip_spec
-
     what = f"run {info.run_name} was trained on features of CLIP {info.feature_model}"
     if not (info.clip_spec and info.precision and info.feature_version):
         raise DimkitError(f"{what}, but its folder does not say how to load that model (the features were "
@@ -120,8 +125,6 @@ def _resolve_clip(info: RunInfo):
 def _resolve_expert(info: RunInfo, expert: Any = None):
     """The run's cue expert (or ``expert``, which must have the run's model id and prompt version),
     checked to be reachable now rather than at the first new image."""
-    from .experts import OpenAIExpert, TransformersExpert, make_expert
-
     what = f"run {info.run_name} was trained on cues of expert {info.cue_expert} [{info.cue_prompt_version}]"
     if expert is None:
         if info.cue_expert is None:
@@ -183,10 +186,6 @@ class _Image:
 
 def _load_images(image: Any) -> _Image:
     """Load a mention's image(s) with :func:`dimkit.images.load_image`; never raises for a bad file."""
-    from PIL import Image
-
-    from .images import load_image
-
     items = image if isinstance(image, (list, tuple)) else [image]
     items = [x for x in items if x is not None and not (isinstance(x, float) and x != x)]
     if not items:
@@ -247,9 +246,7 @@ class Linker:
     MEMO_SIZE = 4096
 
     def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False):
-        from .env import pick_device
-        from .store import content_hash
-        from .train import load_model
+        from .train import load_model  # torch: only when a run is loaded
 
         self.info = read_run(model)
         self.run_dir = self.info.run_dir
@@ -310,8 +307,6 @@ class Linker:
     def clip(self):
         """The run's CLIP, loaded on first use (a missing model is refused with what to supply)."""
         if self._clip is None:
-            from .clip import load_clip
-
             try:
                 self._clip = load_clip(self.clip_spec, device=self.device, precision=self.precision)
             except DimkitError as exc:
@@ -322,15 +317,11 @@ class Linker:
     def store(self):
         """The feature store of the run's CLIP (vectors keyed by content)."""
         if self._store is None and self.info is not None:
-            from .features import FeatureStore
-
             self._store = FeatureStore(self.info.feature_model)
         return self._store
 
     def _entity_features(self, ents: pd.DataFrame) -> np.ndarray:
         """The stored entity vectors the run was trained against; any row not stored is computed."""
-        from .features import _entity_texts, text_key
-
         info = self.info
         if info.entity_column not in ents.columns:
             raise DataError("the run scored this description column, which the dataset lacks",
@@ -375,8 +366,6 @@ class Linker:
         ``store_vectors`` also writes the CLIP vectors computed here to the feature store (batch
         linking does; one ``link`` call does not, to avoid a file per call).
         """
-        from .features import image_key, text_key
-
         images = list(images) if images is not None else [_load_images(it.image) for it in items]
         computed: Counter = Counter()
         # images: the sum over a mention's usable images (Richpedia), zeros where none is usable
@@ -406,10 +395,6 @@ class Linker:
 
     def _cues(self, images: Sequence[_Image], computed: Counter) -> tuple[list[str | None], list[str]]:
         """The expert's cue per mention and its status: from the cue store, else asked now (and stored)."""
-        from .cues import KIND, cue_key
-        from .experts import CueItem, NoExpert
-        from .store import Store, default_store_path
-
         ex = self.expert
         if not self.uses_cue or ex is None or isinstance(ex, NoExpert):
             return [None] * len(images), ["not_used" if not self.uses_cue else "no_expert"] * len(images)
