@@ -293,8 +293,7 @@ def _cue_text(cue: Any, status: Any) -> str:
 
 
 def _attention_text(row: pd.Series, keys: list[str]) -> str:
-    short = {"mention_sentence": "sentence", "image": "image", "cue": "cue"}
-    return " ".join(f"{short.get(k, k)} {row[f'attention {k}']:.2f}" for k in keys)
+    return " ".join(f"{'sentence' if k == 'mention_sentence' else k} {row[f'attention {k}']:.2f}" for k in keys)
 
 
 def _after_name(description: Any, name: str) -> str:
@@ -338,22 +337,19 @@ def show_failures(a: Analysis, n: int = 8, *, ncols: int = 4):
     """The worst failures as image + caption (mention, gold and prediction with descriptions, cue,
     attention, error kind); returns the figure. The full texts are in :func:`failure_table`."""
     w = a.worst(n)
-    width = 52
     captions = []
     for _, r in w.iterrows():
-        lines = [_short(f"[{r['mention']}] {r['sentence']}", width),
-                 _short(f"gold: {r['gold_name']} ({r['gold_qid']}), rank {r['rank']}", width),
-                 _short(f"  {_after_name(r['gold_description'], r['gold_name'])}", width),
-                 _short(f"pred: {r['pred_name']} ({r['pred_qid']})", width),
-                 _short(f"  {_after_name(r['pred_description'], r['pred_name'])}", width),
-                 _short(f"cue: {_cue_text(r['cue'], r['cue_status'])}", width)]
+        lines = [_short(line, 52) for line in (
+            f"[{r['mention']}] {r['sentence']}", f"gold: {r['gold_name']} ({r['gold_qid']}), rank {r['rank']}",
+            f"  {_after_name(r['gold_description'], r['gold_name'])}", f"pred: {r['pred_name']} ({r['pred_qid']})",
+            f"  {_after_name(r['pred_description'], r['pred_name'])}", f"cue: {_cue_text(r['cue'], r['cue_status'])}")]
         if a.attention_keys:
             lines.append("attention: " + _attention_text(r, a.attention_keys))
         lines.append(f"{r['error_kind']} | margin {r['margin']:.3f}")
         captions.append("\n".join(lines))
     return _image_grid(a.linker.dataset, list(w["image"]), captions,
                        f"{a.run_name}: worst {a.split} failures ({a.protocol} protocol)", a.note, ncols=ncols,
-                       wrap=width + 4)
+                       wrap=56)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,9 +396,8 @@ def compare(a: Analysis, b: Analysis) -> Comparison:
         "gold description": diff["gold_description"],
     })
     # Where exactly one run is right first: that is what the extra inputs bought (or cost).
-    order = (out[f"{a.label} right"].astype(int) - out[f"{b.label} right"].astype(int)).abs()
-    out = out.assign(_o=order).sort_values("_o", ascending=False, kind="stable").drop(columns="_o")
-    return Comparison(a=a, b=b, table=out.reset_index(drop=True))
+    both_alike = (out[f"{a.label} right"] == out[f"{b.label} right"]).to_numpy()
+    return Comparison(a=a, b=b, table=out.iloc[np.argsort(both_alike, kind="stable")].reset_index(drop=True))
 
 
 def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):

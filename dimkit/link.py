@@ -537,18 +537,14 @@ class Linker:
             idx, val = self.top_k(q, k)
             for n, j in enumerate(good):
                 results[j] = self._table(idx[n], val[n])
-                results[j].attrs.update(self._details(enc, n, w))
+                results[j].attrs.update(run=self.info.run_name if self.info else None, image_status=enc.image_status[n],
+                                        cue=enc.cue[n], cue_status=enc.cue_status[n], computed=dict(enc.computed),
+                                        note=self.note)
+                if w is not None:  # the attention over the modalities, mean of the heads
+                    results[j].attrs["attention"] = {k: round(float(x), 4) for k, x in zip(self.model.key_names, w[n])}
             if store_vectors:
                 self.store().compact()  # one part file per batch: merged once there are many
         return results  # type: ignore[return-value]
-
-    def _details(self, enc: Encoded, i: int, w: np.ndarray | None) -> dict:
-        d = {"run": self.info.run_name if self.info else None, "image_status": enc.image_status[i],
-             "cue": enc.cue[i], "cue_status": enc.cue_status[i], "computed": dict(enc.computed),
-             "note": self.note}
-        if w is not None:
-            d["attention"] = {name: round(float(x), 4) for name, x in zip(self.model.key_names, w[i])}
-        return d
 
     @property
     def note(self) -> str:

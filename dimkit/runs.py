@@ -167,11 +167,13 @@ def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
         run_name=str(d.get("run_name") or run_dir.name), run_dir=run_dir,
         status=status if isinstance(status, str) else "unknown",
         variant=d.get("variant") or config.get("variant"),
-        ablation=d.get("ablation") or config.get("ablation") or "none", config=config, metrics=metrics, metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
+        ablation=d.get("ablation") or config.get("ablation") or "none", config=config, metrics=metrics,
+        metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
         curve=_dict(d.get("curve")) or {"train": [], "dev": []}, feature_model=d.get("feature_model"),
         weights_real=d.get("weights_real"), seed=d.get("seed", config.get("seed")), note=str(d.get("note") or ""),
-        wall_time_s=d.get("wall_time_s"), counts=_dict(d.get("counts")), inputs_missing=_dict(d.get("inputs_missing")),
-        error=str(d.get("error") or ""), mtime_ns=path.stat().st_mtime_ns)
+        wall_time_s=d.get("wall_time_s"), counts=_dict(d.get("counts")),
+        inputs_missing=_dict(d.get("inputs_missing")), error=str(d.get("error") or ""),
+        mtime_ns=path.stat().st_mtime_ns)
     ds = d.get("dataset") or config.get("dataset")
     if rec.finished:
         for name, value in (("variant", rec.variant), ("ablation", rec.ablation), ("dataset", ds)):
