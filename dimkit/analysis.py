@@ -21,6 +21,7 @@ from .errors import ConfigError, DimkitError
 from .images import load_dataset_image
 from .link import Linker
 from .stage import Config, setting
+from .tables import ABLATION_LABELS, VARIANT_LABELS  # the names, without the model (torch)
 
 #: Error kinds, in the order they are assigned (the first that applies): the fuzzy candidate list
 #: (DIM's search_top100) missed the gold, so candidate generation failed, not the model (DIM's
@@ -35,13 +36,6 @@ PROTOCOLS = ("dim", "kb")
 # Settings (notebook 06's parameters)
 
 
-def _model():
-    """:mod:`dimkit.model` (torch), imported when a setting is checked rather than with this module."""
-    from . import model
-
-    return model
-
-
 @dataclass
 class AnalysisConfig(Config):
     """Which run to analyse, which run to set beside it (both found by :func:`dimkit.runs.ensure`), and on
@@ -52,10 +46,10 @@ class AnalysisConfig(Config):
     dataset: str = setting("sample+", "a prepared dataset with trained runs (sample+, wiki+, rich+, diverse+, ...)")
     run: str = setting("", "run folder or name under $DIMKIT_RUNS (empty: the newest run of the variant)")
     variant: str = setting("paper", "which run to take when run is empty: paper or released",
-                           choices=lambda: _model().VARIANTS)
+                           choices=tuple(VARIANT_LABELS))
     compare_run: str = setting("", "the run set beside it (empty: the newest compare_ablation run of the variant)")
     compare_ablation: str = setting("text_only", "the ablation set beside the full run",
-                                    choices=lambda: [a for a in _model().ABLATIONS if a != "none"])
+                                    choices=[a for a in ABLATION_LABELS if a != "none"])
     split: str = setting("test", "the split analysed", choices=("test", "dev"))
     protocol: str = setting("dim", "dim (the gold among its candidate list) or kb (the gold among the whole KB)",
                             choices=PROTOCOLS)
@@ -181,10 +175,8 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
         raise DimkitError(f"{int((gold < 0).sum())} gold entities of {split} are not in the run's KB")
     if protocol == "dim" and ds.candidates is None:
         raise ConfigError(f"the dim protocol needs {ds.name}'s candidate lists (dimkit candidates {ds.name})")
-    cand = None
-    if protocol == "dim":
-        cand = candidate_matrix(ds.candidates, mids.tolist(), gold, linker.entity_index, cfg.candidate_limit,
-                                source=str(ds.root / "candidates.parquet"))
+    cand = candidate_matrix(ds.candidates, mids.tolist(), gold, linker.entity_index, cfg.candidate_limit,
+                            source=str(ds.root / "candidates.parquet")) if protocol == "dim" else None
 
     pred, rank, gscore, pscore, attn = [], [], [], [], []
     for a in range(0, len(rows), chunk):

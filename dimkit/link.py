@@ -71,11 +71,6 @@ class RunInfo:
     entity_qids_sha256: str | None
     note: str = ""
 
-    @property
-    def feature_key_version(self) -> str:
-        """The version part of the run's feature-store keys (feature version + precision)."""
-        return f"{self.feature_version}-{self.precision}"
-
 
 def read_run(model: Any) -> RunInfo:
     """Read and check a run folder: finished (:func:`dimkit.runs.read`), with its model and the record
@@ -161,11 +156,8 @@ def _resolve_expert(info: RunInfo, expert: Any = None):
 
 @dataclass
 class MentionInput:
-    """A new mention to link: its sentence, the mention text and its image(s).
-
-    ``image``: a file path, an RGB PIL image, a list of paths (Richpedia: the vectors are summed,
-    the cue comes from the first), or None for a mention without an image.
-    """
+    """A new mention to link. ``image``: a file path, an RGB PIL image, a list of paths (Richpedia: the
+    vectors are summed, the cue comes from the first), or None for a mention without an image."""
 
     sentence: str
     mention: str
@@ -300,8 +292,7 @@ class Linker:
         self.descriptions = np.array([d if isinstance(d, str) else None for d in desc.tolist()], dtype=object)
         self.entity_index = {q: i for i, q in enumerate(self.qids.tolist())}
         e = torch.as_tensor(np.ascontiguousarray(entity, dtype=np.float32))
-        # Cosine scores, as the released metric_topk.py ranks: normalise once, so scoring a mention is one
-        # matrix-vector product.
+        # cosine scores, as the released metric_topk.py ranks: normalised once, one product per mention
         self.entities = torch.nn.functional.normalize(e, dim=-1, eps=1e-12).to(self.device)   # [E, D]
 
     def clip(self):
@@ -341,7 +332,8 @@ class Linker:
         (and stored when ``store_vectors``: only in the run's precision do they match the stored ones)."""
         info, store = self.info, self.store()
         distinct = list(dict.fromkeys(c for c in contents if c is not None))
-        keys = [make_key(info.feature_model, info.feature_key_version, c) for c in distinct]
+        version = f"{info.feature_version}-{info.precision}"  # as dimkit.features keys the run's vectors
+        keys = [make_key(info.feature_model, version, c) for c in distinct]
         got, found = store.gather(keys)
         out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
         out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
@@ -361,11 +353,8 @@ class Linker:
     # -- encoding new mentions -----------------------------------------------------------------
     def encode(self, items: Sequence[MentionInput], *, images: Sequence[_Image] | None = None,
                store_vectors: bool = False) -> Encoded:
-        """Model inputs of ``items``: stored vectors and cues where they exist, computed otherwise.
-
-        ``store_vectors`` also writes the CLIP vectors computed here to the feature store (batch
-        linking does; one ``link`` call does not, to avoid a file per call).
-        """
+        """Model inputs of ``items``: stored vectors and cues where they exist, computed otherwise;
+        ``store_vectors`` writes the vectors computed here to the store (not for one ``link``: a file a call)."""
         images = list(images) if images is not None else [_load_images(it.image) for it in items]
         computed: Counter = Counter()
         # images: the sum over a mention's usable images (Richpedia), zeros where none is usable

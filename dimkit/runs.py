@@ -369,9 +369,9 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
             report.skipped.append((k, f"dataset not prepared ({root / 'meta.json'} missing)"))
             continue
         try:
-            settings = dict(variant=k.variant, ablation=k.ablation, num_epochs=num_epochs, clip=clip, device=device,
-                            resume=resume, **(overrides or {}))
-            cfg = train.TrainConfig.for_dataset(k.dataset, **settings)
+            cfg = train.TrainConfig.for_dataset(k.dataset, variant=k.variant, ablation=k.ablation, clip=clip,
+                                                num_epochs=num_epochs, device=device, resume=resume,
+                                                **(overrides or {}))
             if reuse == "config":  # the run of these settings; one trained with inputs missing has a suffix
                 name = cfg.name()
                 hit = choose(done[(folders == name) | folders.str.startswith(name + "-missing-")], "latest")

@@ -347,8 +347,7 @@ def build_tables(specs: Iterable[TableSpec] | None = None, *, runs: pd.DataFrame
                  pick: str = "latest", filters: dict | None = None) -> dict[str, Table]:
     """Build every table of ``specs`` (default :func:`standard_tables`) from the runs folder."""
     specs = list(specs) if specs is not None else standard_tables()
-    if runs is None:
-        runs = collect(runs_dir)
+    runs = collect(runs_dir) if runs is None else runs
     if reference is None or isinstance(reference, (str, Path)):
         reference = load_reference(reference)
     return {s.name: build_table(s, runs, reference, pick=pick, filters=filters) for s in specs}
@@ -467,8 +466,7 @@ class TablesResult(Result):
         """The launch report if any, the family's tables as Markdown, and what was written."""
         lines = [self.launch.summary(), ""] if self.launch is not None else []
         lines += [self.tables[n].to_markdown() for n in self.config.shown() if n in self.tables]
-        names = self.config.launch_names
-        lines.append(f"{len(self.missing)} cell(s) of {', '.join(names)} without a finished run"
+        lines.append(f"{len(self.missing)} cell(s) of {', '.join(self.config.launch_names)} without a finished run"
                      + ("" if self.config.launch_missing or not self.missing
                         else f" ({option('launch_missing=True', '--launch-missing')} trains them)"))
         lines.append(f"built {len(self.tables)} tables from {self.runs_used} finished run(s) "
