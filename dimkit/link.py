@@ -35,8 +35,7 @@ from .images import load_image
 from .stage import Config, Result, setting
 from .store import Store, content_hash, default_store_path
 
-#: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image
-#: is null or absent is linked as a mention without an image, as ``link(sentence, mention, None)`` is).
+#: Fields every line of a ``dimkit link`` input file must have (without ``image``, linked without an image).
 REQUIRED_FIELDS = ("sentence", "mention")
 #: What the run folder must hold to be linked with.
 RUN_FILES = ("model.pt", "metrics.json", "features.json")
@@ -530,7 +529,8 @@ class Linker:
                                         cue=enc.cue[n], cue_status=enc.cue_status[n], computed=dict(enc.computed),
                                         note=self.note)
                 if w is not None:  # the attention over the modalities, mean of the heads
-                    results[j].attrs["attention"] = {k: round(float(x), 4) for k, x in zip(self.model.key_names, w[n])}
+                    keys = self.model.key_names
+                    results[j].attrs["attention"] = {key: round(float(x), 4) for key, x in zip(keys, w[n])}
             if store_vectors:
                 self.store().compact()  # one part file per batch: merged once there are many
         return results  # type: ignore[return-value]
@@ -652,8 +652,8 @@ class LinkFileReport(Result):
 
 def _parse_line(text: str, lineno: int, base: Path) -> MentionInput | dict:
     """One input line -> a MentionInput, or why it is skipped (``line``, ``reason``, ``field``, ``detail``)."""
-    def skip(reason: str, field: str | None, detail: str) -> dict:
-        return {"line": lineno, "reason": reason, "field": field, "detail": detail}
+    def skip(reason: str, name: str | None, detail: str) -> dict:
+        return {"line": lineno, "reason": reason, "field": name, "detail": detail}
 
     try:
         rec = json.loads(text)

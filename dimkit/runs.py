@@ -202,9 +202,7 @@ def resolve(model: Any) -> Path:
     if model is None:
         raise ConfigError(f"name the trained run: {option('model=RUN_DIR', 'RUN_DIR')} (a folder under "
                           f"{paths.runs_dir()} or its name)")
-    if hasattr(model, "run_dir"):
-        model = model.run_dir
-    p = Path(model).expanduser()
+    p = Path(getattr(model, "run_dir", model)).expanduser()
     if not p.exists() and not p.is_absolute() and len(p.parts) == 1:
         p = paths.runs_dir() / p
     if not p.is_dir():

@@ -22,10 +22,8 @@ from .runs import PICKS, LaunchReport, RunKey, choose, collect, find, finished, 
 from .stage import Config, Result, setting
 
 #: Metrics shown per protocol (the released code's top-k; MIMIC-style whole-KB metrics).
-PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
-    "dim": ("H@1", "H@5", "H@10", "H@20"),
-    "kb": ("H@1", "H@3", "H@5", "MRR"),
-}
+PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {"dim": ("H@1", "H@5", "H@10", "H@20"),
+                                                "kb": ("H@1", "H@3", "H@5", "MRR")}
 PROTOCOL_TITLES = {"dim": "DIM candidate protocol", "kb": "whole-KB protocol"}
 PROTOCOL_CAPTIONS = {
     "dim": ("DIM candidate protocol: rank of the gold among its mention's candidate list plus the gold "
@@ -364,10 +362,6 @@ def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path 
     for t in tables:
         index += [t.to_markdown(), ""]
     return out + [atomic.write_text("\n".join(index), folder / "index.md")]
-
-
-# ---------------------------------------------------------------------------------------------
-# missing runs
 
 
 def missing_runs(specs: Iterable[TableSpec], runs: pd.DataFrame, *, only: Iterable[str] | None = None,
