@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from . import cues, datasets, features, runs
+from . import cues, datasets, runs
 from .errors import ConfigError, DimkitError
 from .images import load_dataset_image
 from .link import Linker
@@ -140,6 +140,8 @@ def _expert(linker) -> tuple[str, Any]:
 
 def _dataset_features(linker, progress: bool):
     """The run dataset's FeatureSet from the stores, with the run's CLIP, precision and expert."""
+    from . import features  # here, not at the top: analyse() takes a FeatureSet named features
+
     info = linker.info
     spec, obj = _expert(linker)
     cfg = features.FeaturesConfig.for_dataset(
