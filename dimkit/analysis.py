@@ -1,22 +1,10 @@
 """Where a trained run fails, and why (notebook ``06_errors``).
 
-For a run of :mod:`dimkit.train`, :func:`analyse` re-scores every mention of a split with the run's
-own model and stored features (through :class:`dimkit.link.Linker`, so no model is loaded when the
-features are stored) and returns one row per mention: the gold and the predicted entity with their
-descriptions and scores, the gold's rank, the expert cue, whether the image was usable, and, for the
-``paper`` variant, the attention weights over the modalities. Each failure gets one **error kind**,
-the first that applies:
-
-1. ``gold not in candidates`` -- the fuzzy candidate list (DIM's search_top100) missed the gold:
-   candidate generation failed, not the model (DIM's protocol still adds the gold back);
-2. ``image unusable`` -- the mention's image could not be used, so only text and no cue remained;
-3. ``name-alike entity chosen`` -- the prediction shares the gold's name: the ambiguity that the
-   image and the cue are meant to resolve was not resolved;
-4. ``other``.
-
-:func:`compare` sets two runs side by side (e.g. ``paper`` and its ``text_only`` ablation) on the
-mentions where their predictions differ. Which runs (:class:`AnalysisConfig`) is asked of
-:mod:`dimkit.runs`, which reads their ``metrics.json``; nobody parses printed text.
+:func:`analyse` re-scores every mention of a split with the run's own model and stored features
+(through :class:`dimkit.link.Linker`, so no model is loaded when the features are stored) and gives
+each failure one error kind; :func:`compare` sets two runs (e.g. ``paper`` and its ``text_only``
+ablation) side by side on the mentions where their predictions differ. The runs are found by
+:mod:`dimkit.runs`.
 """
 from __future__ import annotations
 
@@ -30,9 +18,16 @@ import pandas as pd
 
 from . import cues, datasets, runs
 from .errors import ConfigError, DimkitError
+from .images import load_dataset_image
+from .link import Linker
 from .stage import Config, setting
+from .tables import ABLATION_LABELS, VARIANT_LABELS  # the names, without the model (torch)
 
-#: Error kinds, in the order they are assigned (the first that applies).
+#: Error kinds, in the order they are assigned (the first that applies): the fuzzy candidate list
+#: (DIM's search_top100) missed the gold, so candidate generation failed, not the model (DIM's
+#: protocol still adds the gold back); the image could not be used, so only text and no cue
+#: remained; the prediction shares the gold's name, so the ambiguity the image and the cue are meant
+#: to resolve was not resolved; anything else.
 ERROR_KINDS = ("gold not in candidates", "image unusable", "name-alike entity chosen", "other")
 PROTOCOLS = ("dim", "kb")
 
@@ -41,30 +36,20 @@ PROTOCOLS = ("dim", "kb")
 # Settings (notebook 06's parameters)
 
 
-def _model():
-    """:mod:`dimkit.model` (torch), imported when a setting is checked rather than with this module."""
-    from . import model
-
-    return model
-
-
 @dataclass
 class AnalysisConfig(Config):
-    """Which run to analyse, which run to set beside it, and on what split and protocol.
-
-    The runs themselves come from :func:`dimkit.runs.ensure`: the one named, else the newest linkable
-    run of the variant, else a short one trained there and then (``quick_epochs``).
-    """
+    """Which run to analyse, which run to set beside it (both found by :func:`dimkit.runs.ensure`), and on
+    what split and protocol."""
 
     STAGE: ClassVar[str] = "analysis"
 
     dataset: str = setting("sample+", "a prepared dataset with trained runs (sample+, wiki+, rich+, diverse+, ...)")
     run: str = setting("", "run folder or name under $DIMKIT_RUNS (empty: the newest run of the variant)")
     variant: str = setting("paper", "which run to take when run is empty: paper or released",
-                           choices=lambda: _model().VARIANTS)
+                           choices=tuple(VARIANT_LABELS))
     compare_run: str = setting("", "the run set beside it (empty: the newest compare_ablation run of the variant)")
     compare_ablation: str = setting("text_only", "the ablation set beside the full run",
-                                    choices=lambda: [a for a in _model().ABLATIONS if a != "none"])
+                                    choices=[a for a in ABLATION_LABELS if a != "none"])
     split: str = setting("test", "the split analysed", choices=("test", "dev"))
     protocol: str = setting("dim", "dim (the gold among its candidate list) or kb (the gold among the whole KB)",
                             choices=PROTOCOLS)
@@ -155,7 +140,7 @@ def _expert(linker) -> tuple[str, Any]:
 
 def _dataset_features(linker, progress: bool):
     """The run dataset's FeatureSet from the stores, with the run's CLIP, precision and expert."""
-    from . import features
+    from . import features  # here, not at the top: analyse() takes a FeatureSet named features
 
     info = linker.info
     spec, obj = _expert(linker)
@@ -170,15 +155,14 @@ def _dataset_features(linker, progress: bool):
 
 def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any = None, features: Any = None,
             progress: bool = False, chunk: int = 512) -> Analysis:
-    """Score every mention of ``split`` with the run and classify its failures (see the module doc)."""
+    """Score every mention of ``split`` with the run and classify its failures (:data:`ERROR_KINDS`)."""
     import torch
 
     from .evaluate import candidate_matrix, gold_rank
-    from .link import Linker
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    linker = linker or Linker(run, lazy=True, progress=progress)
+    linker = linker or Linker(run, lazy=True)
     info, cfg, ds = linker.info, linker.config, linker.dataset
     fs = features if features is not None else _dataset_features(linker, progress)
     m = ds.mentions.reset_index(drop=True)
@@ -188,49 +172,39 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
     if not len(rows):
         raise DimkitError(f"{ds.name} has no {split} mention with a gold entity")
     mids = m["mention_id"].to_numpy()[rows]
-    eindex = linker.entity_index
-    gold = np.array([eindex.get(q, -1) for q in m["qid"].to_numpy()[rows]])
+    gold = np.array([linker.entity_index.get(q, -1) for q in m["qid"].to_numpy()[rows]])
     if (gold < 0).any():
         raise DimkitError(f"{int((gold < 0).sum())} gold entities of {split} are not in the run's KB")
+    if protocol == "dim" and ds.candidates is None:
+        raise ConfigError(f"the dim protocol needs {ds.name}'s candidate lists (dimkit candidates {ds.name})")
+    cand = candidate_matrix(ds.candidates, mids.tolist(), gold, linker.entity_index, cfg.candidate_limit,
+                            source=str(ds.root / "candidates.parquet")) if protocol == "dim" else None
 
-    lists = {}
-    if ds.candidates is not None:
-        lists = dict(zip(ds.candidates["mention_id"].tolist(), ds.candidates["qids"].tolist()))
-    limit = cfg.candidate_limit if cfg is not None else None
-    cand = None
-    if protocol == "dim":
-        cand = candidate_matrix(ds.candidates, mids.tolist(), gold, eindex, limit,
-                                source=str(ds.root / "candidates.parquet")) if ds.candidates is not None else None
-        if cand is None:
-            raise ConfigError(f"the dim protocol needs {ds.name}'s candidate lists (dimkit candidates {ds.name})")
-
-    names = ("mention", "mention_sentence", "image", "cue")
     pred, rank, gscore, pscore, attn = [], [], [], [], []
-    rule = cfg.rank_rule if cfg is not None else "pessimistic"
     for a in range(0, len(rows), chunk):
         r = rows[a:a + chunk]
         feats = {k: np.asarray(getattr(fs, k))[r] if getattr(fs, k) is not None
-                 else np.zeros((len(r), fs.dim), np.float32) for k in names}
+                 else np.zeros((len(r), fs.dim), np.float32) for k in ("mention", "mention_sentence", "image", "cue")}
         feats["image_ok"] = np.asarray(fs.image_ok)[r]
         feats["cue_ok"] = np.asarray(fs.cue_ok)[r] if fs.cue_ok is not None else np.zeros(len(r), bool)
         q, w = linker.query(feats, attention=True)
         s = linker.scores(q).cpu()                                              # [n, E]
         g = torch.as_tensor(gold[a:a + chunk])
         if protocol == "kb":
-            rank.append(gold_rank(s, g, rule).numpy())
+            rank.append(gold_rank(s, g, cfg.rank_rule).numpy())
             best = s.nan_to_num(nan=-2.0).argmax(1)
         else:
             c = torch.as_tensor(cand[a:a + chunk])
             valid = c >= 0
             sc = torch.gather(s, 1, c.clamp_min(0)).masked_fill(~valid, float("-inf"))   # [n, C]
-            rank.append(gold_rank(sc, torch.zeros(len(r), dtype=torch.long), rule, valid).numpy())
+            rank.append(gold_rank(sc, torch.zeros(len(r), dtype=torch.long), cfg.rank_rule, valid).numpy())
             best = torch.gather(c, 1, sc.nan_to_num(nan=-2.0).argmax(1, keepdim=True))[:, 0]
         pred.append(best.numpy())
         gscore.append(s[torch.arange(len(r)), g].numpy())
         pscore.append(s[torch.arange(len(r)), best].numpy())
         if w is not None:
             attn.append(w)
-    pred_i, rank_a = np.concatenate(pred), np.concatenate(rank)
+    pred_i = np.concatenate(pred)
     gold_q, pred_q = linker.qids[gold], linker.qids[pred_i]
 
     spec, obj = _expert(linker)
@@ -238,54 +212,36 @@ def analyse(run: Any, split: str = "test", protocol: str = "dim", *, linker: Any
     cue_table = cues.run(ccfg, dataset=ds, expert=obj, progress=progress).table.set_index("mention_id")
     sub = m.iloc[rows]
     image_ok = np.asarray(fs.image_ok)[rows]
-    if "image_status" in sub.columns:
-        image_status = [s if isinstance(s, str) else ("ok" if ok else "unusable")
-                        for s, ok in zip(sub["image_status"].tolist(), image_ok)]
-    else:
-        image_status = ["ok" if ok else "unusable" for ok in image_ok]
+    lists = dict(zip(ds.candidates["mention_id"], ds.candidates["qids"])) if ds.candidates is not None else {}
     norm = np.vectorize(lambda x: " ".join(str(x).lower().split()))
     gold_name, pred_name = linker.names[gold], linker.names[pred_i]
-    in_cands = [(q in (list(lists[mid])[:limit] if limit is not None else list(lists[mid])))
-                if mid in lists else None for mid, q in zip(mids, gold_q)]
     table = pd.DataFrame({
         "mention_id": mids, "mention": sub["mention"].to_numpy(), "sentence": sub["sentence"].to_numpy(),
         "image": [x if isinstance(x, str) else None for x in sub["image"].tolist()],
-        "image_ok": image_ok, "image_status": image_status,
+        "image_ok": image_ok,
+        "image_status": [s if isinstance(s, str) else ("ok" if ok else "unusable")
+                         for s, ok in zip(sub.get("image_status", [None] * len(sub)), image_ok)],
         "cue": [cue_table["cue"].get(mid) for mid in mids],
         "cue_status": [cue_table["cue_status"].get(mid) for mid in mids],
         "gold_qid": gold_q, "gold_name": gold_name, "gold_description": linker.descriptions[gold],
         "pred_qid": pred_q, "pred_name": pred_name, "pred_description": linker.descriptions[pred_i],
-        "rank": rank_a.astype(int), "gold_score": np.concatenate(gscore), "pred_score": np.concatenate(pscore),
+        "rank": np.concatenate(rank).astype(int), "gold_score": np.concatenate(gscore),
+        "pred_score": np.concatenate(pscore),
     })
     table["margin"] = table["pred_score"] - table["gold_score"]
     table["correct"] = table["rank"] == 1
-    table["gold_in_candidates"] = pd.array(in_cands, dtype="boolean")
+    table["gold_in_candidates"] = pd.array([q in list(lists[mid])[:cfg.candidate_limit] if mid in lists else None
+                                            for mid, q in zip(mids, gold_q)], dtype="boolean")
     table["name_alike"] = (norm(gold_name) == norm(pred_name)) & (gold_q != pred_q)
-    keys = list(getattr(linker.model, "key_names", []) or []) if attn else []
-    if attn:
-        w = np.concatenate(attn)
-        for j, k in enumerate(keys):
-            table[f"attention {k}"] = w[:, j]
-    table["error_kind"] = _kinds(table)
+    keys = list(linker.model.key_names) if attn else []
+    for j, k in enumerate(keys):
+        table[f"attention {k}"] = np.concatenate(attn)[:, j]
+    missed = table["gold_in_candidates"].eq(False).fillna(False).to_numpy(bool)
+    table["error_kind"] = np.select([table["correct"], missed, ~table["image_ok"], table["name_alike"]],
+                                    ["correct", *ERROR_KINDS[:3]], ERROR_KINDS[3])
     return Analysis(run_name=info.run_name, variant=info.variant, ablation=info.ablation, dataset=ds.name,
-                    split=split, protocol=protocol, rank_rule=rule, table=table, attention_keys=keys,
+                    split=split, protocol=protocol, rank_rule=cfg.rank_rule, table=table, attention_keys=keys,
                     note=linker.note, linker=linker)
-
-
-def _kinds(t: pd.DataFrame) -> list[str]:
-    out = []
-    for correct, inc, ok, alike in zip(t["correct"], t["gold_in_candidates"], t["image_ok"], t["name_alike"]):
-        if correct:
-            out.append("correct")
-        elif inc is not pd.NA and inc is not None and not bool(inc):
-            out.append(ERROR_KINDS[0])
-        elif not ok:
-            out.append(ERROR_KINDS[1])
-        elif alike:
-            out.append(ERROR_KINDS[2])
-        else:
-            out.append(ERROR_KINDS[3])
-    return out
 
 
 def agreement_with_training(a: Analysis) -> float:
@@ -326,54 +282,12 @@ def _short(text: Any, width: int) -> str:
     return textwrap.shorten(str(text), width, placeholder="...") if isinstance(text, str) and text else "(none)"
 
 
+def _cue_text(cue: Any, status: Any) -> str:
+    return cue if isinstance(cue, str) and cue else f"(none: {status})"
+
+
 def _attention_text(row: pd.Series, keys: list[str]) -> str:
-    short = {"mention_sentence": "sentence", "image": "image", "cue": "cue"}
-    return " ".join(f"{short.get(k, k)} {row[f'attention {k}']:.2f}" for k in keys)
-
-
-def failure_table(a: Analysis, n: int = 8) -> pd.DataFrame:
-    """The worst failures as a readable table: mention, sentence, gold and predicted entity with descriptions,
-    the cue, the attention over modalities (``paper``) and the error kind."""
-    w = a.worst(n)
-    out = pd.DataFrame({
-        "mention": w["mention"], "sentence": w["sentence"],
-        "gold": w["gold_name"] + " (" + w["gold_qid"] + ")", "gold description": w["gold_description"],
-        "predicted": w["pred_name"] + " (" + w["pred_qid"] + ")", "predicted description": w["pred_description"],
-        "gold rank": w["rank"], "margin": w["margin"].round(3),
-        "cue": [c if isinstance(c, str) and c else f"(none: {s})" for c, s in zip(w["cue"], w["cue_status"])],
-        "image": w["image_status"], "error kind": w["error_kind"]})
-    if a.attention_keys:
-        out.insert(len(out.columns) - 1, "attention", [_attention_text(r, a.attention_keys) for _, r in w.iterrows()])
-    return out.reset_index(drop=True)
-
-
-def show_failures(a: Analysis, n: int = 8, *, ncols: int = 4):
-    """The worst failures as image + caption (mention, gold and prediction with descriptions, cue,
-    attention, error kind); returns the figure. The full texts are in :func:`failure_table`."""
-    from . import plots
-    from .images import load_dataset_image
-
-    ds = a.linker.dataset
-    w = a.worst(n)
-    images, captions = [], []
-    width = 52
-    for _, r in w.iterrows():
-        images.append(load_dataset_image(ds, r["image"]).image if r["image"] else None)
-        cue = r["cue"] if isinstance(r["cue"], str) and r["cue"] else f"(none: {r['cue_status']})"
-        lines = [_short(f"[{r['mention']}] {r['sentence']}", width),
-                 _short(f"gold: {r['gold_name']} ({r['gold_qid']}), rank {r['rank']}", width),
-                 _short(f"  {_after_name(r['gold_description'], r['gold_name'])}", width),
-                 _short(f"pred: {r['pred_name']} ({r['pred_qid']})", width),
-                 _short(f"  {_after_name(r['pred_description'], r['pred_name'])}", width),
-                 _short(f"cue: {cue}", width)]
-        if a.attention_keys:
-            lines.append("attention: " + _attention_text(r, a.attention_keys))
-        lines.append(f"{r['error_kind']} | margin {r['margin']:.3f}")
-        captions.append("\n".join(lines))
-    title = f"{a.run_name}: worst {a.split} failures ({a.protocol} protocol)"
-    if a.note:
-        title += "\n" + _short(a.note, 160)
-    return plots.image_grid(images, captions, ncols=ncols, width=3.4, wrap=width + 4, title=title)
+    return " ".join(f"{'sentence' if k == 'mention_sentence' else k} {row[f'attention {k}']:.2f}" for k in keys)
 
 
 def _after_name(description: Any, name: str) -> str:
@@ -385,6 +299,51 @@ def _after_name(description: Any, name: str) -> str:
         if d.startswith(lead):
             return "..." + d[len(lead) - 1:]
     return d
+
+
+def _image_grid(ds: Any, images: list, captions: list[str], title: str, note: str, *, ncols: int, wrap: int):
+    """The mentions' images with their captions, under a title that carries the run's note."""
+    from . import plots  # matplotlib: only when a figure is drawn
+
+    pil = [load_dataset_image(ds, x).image if x else None for x in images]
+    if note:
+        title += "\n" + _short(note, 160)
+    return plots.image_grid(pil, captions, ncols=ncols, width=3.4, wrap=wrap, title=title)
+
+
+def failure_table(a: Analysis, n: int = 8) -> pd.DataFrame:
+    """The worst failures as a readable table: mention, sentence, gold and predicted entity with descriptions,
+    the cue, the attention over modalities (``paper``) and the error kind."""
+    w = a.worst(n)
+    out = pd.DataFrame({
+        "mention": w["mention"], "sentence": w["sentence"],
+        "gold": w["gold_name"] + " (" + w["gold_qid"] + ")", "gold description": w["gold_description"],
+        "predicted": w["pred_name"] + " (" + w["pred_qid"] + ")", "predicted description": w["pred_description"],
+        "gold rank": w["rank"], "margin": w["margin"].round(3),
+        "cue": [_cue_text(c, s) for c, s in zip(w["cue"], w["cue_status"])],
+        "image": w["image_status"], "error kind": w["error_kind"]})
+    if a.attention_keys:
+        out.insert(len(out.columns) - 1, "attention", [_attention_text(r, a.attention_keys) for _, r in w.iterrows()])
+    return out.reset_index(drop=True)
+
+
+def show_failures(a: Analysis, n: int = 8, *, ncols: int = 4):
+    """The worst failures as image + caption (mention, gold and prediction with descriptions, cue,
+    attention, error kind); returns the figure. The full texts are in :func:`failure_table`."""
+    w = a.worst(n)
+    captions = []
+    for _, r in w.iterrows():
+        lines = [_short(line, 52) for line in (
+            f"[{r['mention']}] {r['sentence']}", f"gold: {r['gold_name']} ({r['gold_qid']}), rank {r['rank']}",
+            f"  {_after_name(r['gold_description'], r['gold_name'])}", f"pred: {r['pred_name']} ({r['pred_qid']})",
+            f"  {_after_name(r['pred_description'], r['pred_name'])}", f"cue: {_cue_text(r['cue'], r['cue_status'])}")]
+        if a.attention_keys:
+            lines.append("attention: " + _attention_text(r, a.attention_keys))
+        lines.append(f"{r['error_kind']} | margin {r['margin']:.3f}")
+        captions.append("\n".join(lines))
+    return _image_grid(a.linker.dataset, list(w["image"]), captions,
+                       f"{a.run_name}: worst {a.split} failures ({a.protocol} protocol)", a.note, ncols=ncols,
+                       wrap=56)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,33 +390,21 @@ def compare(a: Analysis, b: Analysis) -> Comparison:
         "gold description": diff["gold_description"],
     })
     # Where exactly one run is right first: that is what the extra inputs bought (or cost).
-    order = (out[f"{a.label} right"].astype(int) - out[f"{b.label} right"].astype(int)).abs()
-    out = out.assign(_o=order).sort_values("_o", ascending=False, kind="stable").drop(columns="_o")
-    return Comparison(a=a, b=b, table=out.reset_index(drop=True))
-
-
-def _tag(a: Analysis) -> str:
-    """A short caption name: the ablation, or the variant of a full run."""
-    return a.variant if a.ablation == "none" else a.ablation
+    both_alike = (out[f"{a.label} right"] == out[f"{b.label} right"]).to_numpy()
+    return Comparison(a=a, b=b, table=out.iloc[np.argsort(both_alike, kind="stable")].reset_index(drop=True))
 
 
 def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):
     """Disagreements as image + caption: gold, each run's prediction (right or wrong), cue; a figure."""
-    from . import plots
-    from .images import load_dataset_image
-
-    ds = c.a.linker.dataset
     t = c.table.head(n)
-    images, captions = [], []
+    captions = []
     for _, r in t.iterrows():
-        images.append(load_dataset_image(ds, r["image"]).image if r["image"] else None)
-        mark = {True: "right", False: "wrong"}
-        captions.append("\n".join([
-            _short(f"[{r['mention']}] {r['sentence']}", 44), _short(f"gold: {r['gold']}", 44),
-            _short(f"{_tag(c.a)}: [{mark[bool(r[c.a.label + ' right'])]}] {r[c.a.label]}", 44),
-            _short(f"{_tag(c.b)}: [{mark[bool(r[c.b.label + ' right'])]}] {r[c.b.label]}", 44),
-            _short(f"cue: {r['cue']}" if isinstance(r["cue"], str) else "cue: (none)", 44)]))
-    title = f"{c.a.label} vs {c.b.label}: {c.a.dataset} {c.a.split} mentions where they disagree"
-    if c.a.note:
-        title += "\n" + _short(c.a.note, 160)
-    return plots.image_grid(images, captions, ncols=ncols, width=3.4, wrap=48, title=title)
+        lines = [f"[{r['mention']}] {r['sentence']}", f"gold: {r['gold']}"]
+        for x in (c.a, c.b):  # the ablation's name, or the variant of a full run
+            tag = x.variant if x.ablation == "none" else x.ablation
+            lines.append(f"{tag}: [{'right' if r[x.label + ' right'] else 'wrong'}] {r[x.label]}")
+        lines.append(f"cue: {r['cue']}" if isinstance(r["cue"], str) else "cue: (none)")
+        captions.append("\n".join(_short(line, 44) for line in lines))
+    return _image_grid(c.a.linker.dataset, list(t["image"]), captions,
+                       f"{c.a.label} vs {c.b.label}: {c.a.dataset} {c.a.split} mentions where they disagree",
+                       c.a.note, ncols=ncols, wrap=48)

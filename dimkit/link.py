@@ -1,23 +1,10 @@
 """Link new mentions with a trained run (notebook ``06_errors``; ``dimkit link RUN --input FILE --output FILE``).
 
-No released MEL code applies a trained model to a new sentence and image. Here
-``link(sentence, mention, image, model=RUN_DIR, k=10)`` returns the top-k entities of the run's
-knowledge base with their cosine scores, and :class:`Linker` loads a run once to link many.
-
-A new mention gets its inputs exactly as the run's training mentions got them (:mod:`dimkit.features`):
-CLIP vectors of the mention, of ``mention + " [SEP] " + sentence`` and of the image, and the CLIP
-vector of the expert's cue about the image -- from **the same CLIP and the same expert** the run
-was trained with, as recorded in the run folder's ``features.json`` (written by
-:func:`dimkit.train.write_feature_provenance`), never guessed. A model that cannot be loaded, or
-whose weights no longer match the recorded id, is refused with a message saying what to supply.
-
-Nothing is computed twice: a vector or cue the stores already hold (content-keyed, see
-:mod:`dimkit.features` and :mod:`dimkit.cues`) is read, not recomputed -- linking a mention of the
-run's own dataset loads no model at all -- and the entity side is the stored entity features of
-the run's knowledge base, gathered once when the run is loaded. Scoring one mention against the
-whole KB is then one model call and one matrix-vector product (``benchmarks/bench_link.py``).
-
-This module imports torch only when a run is loaded, so ``import dimkit`` stays light.
+``link(sentence, mention, image, model=RUN_DIR, k=10)`` ranks the run's whole knowledge base by
+cosine score; :class:`Linker` loads a run once to link many. A new mention is encoded as the run's
+training mentions were, with the CLIP and the cue expert its ``features.json`` records (never
+guessed: one that cannot be loaded, or whose weights changed, is refused); what the stores hold is
+read, not recomputed. torch is imported only when a run is loaded.
 """
 from __future__ import annotations
 
@@ -33,19 +20,26 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths, runs
+from .clip import load_clip, parse_clip_spec
+from .cues import KIND, cue_key
+from .env import pick_device
 from .errors import DataError, DimkitError
-from .images import sha256_file
+from .experts import CueItem, NoExpert, OpenAIExpert, TransformersExpert, make_expert
+from .features import SEP, FeatureStore, _entity_texts, image_key, text_key
+from .images import load_image, sha256_file
 from .stage import Config, Result, setting
+from .store import Store, content_hash, default_store_path
 
-#: Fields every line of a ``dimkit link`` input file must have (``image`` is optional: a line whose image
-#: is null or absent is linked as a mention without an image, as ``link(sentence, mention, None)`` is).
+#: Fields every line of a ``dimkit link`` input file must have (without ``image``, linked without an image).
 REQUIRED_FIELDS = ("sentence", "mention")
 #: What the run folder must hold to be linked with.
 RUN_FILES = ("model.pt", "metrics.json", "features.json")
-SEP = " [SEP] "  # as dimkit.features: the literal text "[SEP]", not a CLIP special token
+#: What an output line of ``dimkit link`` says about how its mention was encoded (from the result's ``.attrs``).
+OUTPUT_DETAILS = ("image_status", "cue", "cue_status", "attention")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,11 +69,6 @@ class RunInfo:
     entity_qids_sha256: str | None
     note: str = ""
 
-    @property
-    def feature_key_version(self) -> str:
-        """The version part of the run's feature-store keys (feature version + precision)."""
-        return f"{self.feature_version}-{self.precision}"
-
 
 def read_run(model: Any) -> RunInfo:
     """Read and check a run folder: finished (:func:`dimkit.runs.read`), with its model and the record
@@ -90,14 +79,12 @@ def read_run(model: Any) -> RunInfo:
         raise DimkitError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "train it with `dimkit train` (run again, it continues an interrupted one)")
     rec = runs.read(run_dir).require_finished()
+    rerun = f"rerun `dimkit train {rec.dataset}` with the same settings to re-evaluate the run and write it"
     if "features.json" in missing:
         raise DimkitError(f"{run_dir} does not record which CLIP and expert made its features "
-                          "(features.json, written by dimkit.train since `dimkit link` exists); rerun "
-                          f"`dimkit train {rec.dataset}` with the same settings to re-evaluate the run "
-                          "and write it")
+                          f"(features.json, written by dimkit.train since `dimkit link` exists); {rerun}")
     src = run_dir / "features.json"
-    f = _read_json(src, f"rerun `dimkit train {rec.dataset}` with the same "
-                        "settings to re-evaluate the run and write it again")
+    f = datasets.read_json_file(src, what="the run's features.json", fix=rerun + " again")
     for key in ("dataset", "feature_model", "entity_column"):
         if not f.get(key):
             raise DataError("missing in the run's record of its features", file=src, field=key)
@@ -105,36 +92,15 @@ def read_run(model: Any) -> RunInfo:
         raise DataError(f"feature model {f['feature_model']!r} differs from metrics.json's "
                         f"{rec.feature_model!r}", file=src, field="feature_model")
     return RunInfo(run_dir=run_dir, run_name=rec.run_name, dataset=f["dataset"], variant=str(rec.variant),
-                   ablation=rec.ablation, feature_model=f["feature_model"], clip_spec=f.get("clip_spec"),
-                   weights_real=bool(f.get("weights_real")), precision=f.get("precision"),
-                   feature_version=f.get("feature_version"), cue_expert=f.get("cue_expert"),
-                   cue_expert_spec=f.get("cue_expert_spec"), cue_prompt_version=f.get("cue_prompt_version"),
-                   synthetic_cues=bool(f.get("synthetic_cues")),
-                   missing_description=f.get("missing_description") or "name",
-                   entity_column=f["entity_column"], entity_qids_sha256=f.get("entity_qids_sha256"),
-                   note=rec.note)
-
-
-def _read_json(path: Path, todo: str) -> dict:
-    """A run folder's JSON object; a file that is not one says ``todo``."""
-    return datasets.read_json_file(path, what=f"the run's {path.name}", fix=todo)
-
-
-def _load_model(info: RunInfo, device: str):
-    """The run's model and config (:func:`dimkit.train.load_model`); a damaged model.pt says what to do."""
-    from .train import load_model
-
-    try:
-        return load_model(info.run_dir, device)
-    except DataError as exc:
-        why = exc.reason.split("; ")[0]
-        raise DataError(f"{why}; {runs.damaged_advice(info.dataset)}", file=exc.file) from None
+                   ablation=rec.ablation, feature_model=f["feature_model"], entity_column=f["entity_column"],
+                   weights_real=bool(f.get("weights_real")), synthetic_cues=bool(f.get("synthetic_cues")),
+                   missing_description=f.get("missing_description") or "name", note=rec.note,
+                   **{k: f.get(k) for k in ("clip_spec", "precision", "feature_version", "cue_expert",
+                                            "cue_expert_spec", "cue_prompt_version", "entity_qids_sha256")})
 
 
 def _resolve_clip(info: RunInfo):
     """The run's CLIP spec, checked to still be the model that made its features."""
-    from .clip import parse_clip_spec
-
     what = f"run {info.run_name} was trained on features of CLIP {info.feature_model}"
     if not (info.clip_spec and info.precision and info.feature_version):
         raise DimkitError(f"{what}, but its folder does not say how to load that model (the features were "
@@ -150,9 +116,8 @@ def _resolve_clip(info: RunInfo):
 
 
 def _resolve_expert(info: RunInfo, expert: Any = None):
-    """The run's cue expert (or ``expert``, which must have the run's model id and prompt version)."""
-    from .experts import make_expert
-
+    """The run's cue expert (or ``expert``, which must have the run's model id and prompt version),
+    checked to be reachable now rather than at the first new image."""
     what = f"run {info.run_name} was trained on cues of expert {info.cue_expert} [{info.cue_prompt_version}]"
     if expert is None:
         if info.cue_expert is None:
@@ -168,14 +133,6 @@ def _resolve_expert(info: RunInfo, expert: Any = None):
     if ex.model_id != info.cue_expert or (info.cue_prompt_version and ex.version != info.cue_prompt_version):
         raise DimkitError(f"{what}, but the expert given is {ex.model_id} [{ex.version}]: cues of another "
                           "expert or prompt are not what the model learned from")
-    _check_expert_available(ex)
-    return ex
-
-
-def _check_expert_available(ex) -> None:
-    """Fail now, not at the first new image, when the expert's model cannot be reached."""
-    from .experts import OpenAIExpert, TransformersExpert
-
     if isinstance(ex, TransformersExpert) and not ex.local and os.environ.get(
             "HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         from huggingface_hub import try_to_load_from_cache
@@ -188,6 +145,7 @@ def _check_expert_available(ex) -> None:
                 "whose cues are already stored")
     if isinstance(ex, OpenAIExpert):
         ex._client_or_fail()  # a missing OPENAI_API_KEY is said now
+    return ex
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,11 +154,8 @@ def _check_expert_available(ex) -> None:
 
 @dataclass
 class MentionInput:
-    """A new mention to link: its sentence, the mention text and its image(s).
-
-    ``image``: a file path, an RGB PIL image, a list of paths (Richpedia: the vectors are summed,
-    the cue comes from the first), or None for a mention without an image.
-    """
+    """A new mention to link. ``image``: a file path, an RGB PIL image, a list of paths (Richpedia: the
+    vectors are summed, the cue comes from the first), or None for a mention without an image."""
 
     sentence: str
     mention: str
@@ -221,43 +176,35 @@ class _Image:
 
 def _load_images(image: Any) -> _Image:
     """Load a mention's image(s) with :func:`dimkit.images.load_image`; never raises for a bad file."""
-    from PIL import Image
-
-    from .images import load_image
-
     items = image if isinstance(image, (list, tuple)) else [image]
     items = [x for x in items if x is not None and not (isinstance(x, float) and x != x)]
     if not items:
         return _Image(status="no_image", detail="the mention has no image")
     out = _Image(status="ok")
-    first_failure: tuple[str, str | None] | None = None
+    failures: list[tuple[str, str | None]] = []  # (status, detail) of each image that cannot be used
     for n, item in enumerate(items):
+        path = None
         if isinstance(item, Image.Image):
             rgb = item.convert("RGB")
             # No file bytes to hash: the pixels are the content (a different key space, never a clash).
             sha = hashlib.sha256(b"pil-rgb:%dx%d:" % rgb.size + rgb.tobytes()).hexdigest()
-            path = None
         else:
             path = Path(item).expanduser()
             loaded = load_image(path)
-            if loaded.image is None:
-                if first_failure is None:
-                    first_failure = (loaded.status, loaded.detail)
-                continue
             rgb = loaded.image
+            if rgb is None:
+                failures.append((loaded.status, loaded.detail))
+                continue
             try:
                 sha = sha256_file(path)
             except OSError as exc:
-                first_failure = first_failure or ("unreadable", str(exc))
+                failures.append(("unreadable", str(exc)))
                 continue
         out.shas.append(sha)
         out.pil.append(rgb)
         if n == 0:  # the cue is asked about the mention's (first) image, as dimkit.cues does
             out.cue_source = (sha, rgb, path)
-    if not out.shas:
-        status, detail = first_failure or ("no_image", None)
-        return _Image(status=status, detail=detail)
-    return out
+    return out if out.shas else _Image(*failures[0])
 
 
 @dataclass
@@ -269,7 +216,6 @@ class Encoded:
     cue: list[str | None]
     cue_status: list[str]
     computed: Counter = field(default_factory=Counter)  # vectors / cues computed now (not stored before)
-    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,20 +231,23 @@ class Linker:
     vector or cue is not stored yet -- the run's CLIP spec is still checked at once.
     """
 
-    def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False,
-                 progress: bool = True):
-        import torch
+    #: Vectors computed here but not written to the store are kept in memory, up to this many, so a
+    #: notebook linking the same mention twice encodes it once.
+    MEMO_SIZE = 4096
 
-        from .env import pick_device
+    def __init__(self, model: Any, *, device: str = "auto", expert: Any = None, lazy: bool = False):
+        from .train import load_model  # torch: only when a run is loaded
 
         self.info = read_run(model)
         self.run_dir = self.info.run_dir
         self.device = pick_device(device)
-        self.progress = progress
         self.clip_spec = _resolve_clip(self.info)
-        self.model, self.config = _load_model(self.info, self.device)
-        mcfg = self.model.cfg
-        self.uses_cue, self.uses_image = bool(mcfg.use_cue), bool(mcfg.use_image)
+        try:
+            self.model, self.config = load_model(self.run_dir, self.device)
+        except DataError as exc:  # say what to do about this run, by its dataset's name
+            why = exc.reason.split("; ")[0]
+            raise DataError(f"{why}; {runs.damaged_advice(self.info.dataset)}", file=exc.file) from None
+        self.uses_cue = bool(self.model.cfg.use_cue)
         self.expert = _resolve_expert(self.info, expert) if self.uses_cue else None
         # Vectors computed here match the stored ones only in the run's precision; fp16 is GPU-only.
         self.precision = self.info.precision if self.device.startswith("cuda") else "fp32"
@@ -307,37 +256,33 @@ class Linker:
             self.clip()
         self.dataset = datasets.load(self.info.dataset)
         ents = self.dataset.entities
-        from .store import content_hash
-
-        kb_hash = content_hash(ents["qid"].astype(str).tolist())
-        if self.info.entity_qids_sha256 and kb_hash != self.info.entity_qids_sha256:
+        recorded = self.info.entity_qids_sha256
+        if recorded and content_hash(ents["qid"].astype(str).tolist()) != recorded:
             raise DataError(f"the knowledge base changed since run {self.info.run_name} was trained "
                             f"({len(ents)} entities now): retrain it", file=self.dataset.root / "entities.parquet",
                             field="qid")
         self._store = None
         self._memo: dict[str, np.ndarray] = {}
-        entity = self._entity_features(ents)                                     # [E, D]
-        self._set_kb(ents, entity, torch)
+        self._set_kb(ents, self._entity_features(ents))
 
-    # -- construction helpers ------------------------------------------------------------------
     @classmethod
     def from_parts(cls, model, entities: np.ndarray, kb: pd.DataFrame, *, device: str = "cpu",
                    clip=None, expert=None, info: RunInfo | None = None) -> "Linker":
         """A linker around an in-memory model and entity matrix (benchmarks, experiments)."""
-        import torch
-
         self = cls.__new__(cls)
-        self.info, self.run_dir, self.device, self.progress = info, None, device, False
+        self.info, self.run_dir, self.device = info, None, device
         self.clip_spec, self.config = getattr(clip, "spec", None), None
         self.model = model.to(device).eval()
-        self.uses_cue, self.uses_image = bool(model.cfg.use_cue), bool(model.cfg.use_image)
+        self.uses_cue = bool(model.cfg.use_cue)
         self.expert, self._clip, self._store, self.dataset = expert, clip, None, None
         self._memo = {}
         self.precision = getattr(clip, "precision", "fp32")
-        self._set_kb(kb, np.asarray(entities, dtype=np.float32), torch)
+        self._set_kb(kb, np.asarray(entities, dtype=np.float32))
         return self
 
-    def _set_kb(self, ents: pd.DataFrame, entity: np.ndarray, torch) -> None:
+    def _set_kb(self, ents: pd.DataFrame, entity: np.ndarray) -> None:
+        import torch
+
         col = self.info.entity_column if self.info is not None else "description"
         self.qids = ents["qid"].astype(str).to_numpy()
         self.names = ents["name"].astype(str).to_numpy() if "name" in ents else self.qids
@@ -345,14 +290,12 @@ class Linker:
         self.descriptions = np.array([d if isinstance(d, str) else None for d in desc.tolist()], dtype=object)
         self.entity_index = {q: i for i, q in enumerate(self.qids.tolist())}
         e = torch.as_tensor(np.ascontiguousarray(entity, dtype=np.float32))
-        # Cosine scores, as the released metric_topk.py ranks: normalise once, so scoring a mention is one matrix-vector product.
+        # cosine scores, as the released metric_topk.py ranks: normalised once, one product per mention
         self.entities = torch.nn.functional.normalize(e, dim=-1, eps=1e-12).to(self.device)   # [E, D]
 
     def clip(self):
         """The run's CLIP, loaded on first use (a missing model is refused with what to supply)."""
         if self._clip is None:
-            from .clip import load_clip
-
             try:
                 self._clip = load_clip(self.clip_spec, device=self.device, precision=self.precision)
             except DimkitError as exc:
@@ -363,129 +306,98 @@ class Linker:
     def store(self):
         """The feature store of the run's CLIP (vectors keyed by content)."""
         if self._store is None and self.info is not None:
-            from .features import FeatureStore
-
             self._store = FeatureStore(self.info.feature_model)
         return self._store
 
     def _entity_features(self, ents: pd.DataFrame) -> np.ndarray:
         """The stored entity vectors the run was trained against; any row not stored is computed."""
-        from .features import _entity_texts, text_key
-
         info = self.info
         if info.entity_column not in ents.columns:
             raise DataError("the run scored this description column, which the dataset lacks",
                             file=self.dataset.root / "entities.parquet", field=info.entity_column)
         texts, _ = _entity_texts(ents, info.entity_column, info.missing_description)
-        keys = [text_key(info.feature_model, info.feature_key_version, t) for t in texts]
-        vecs, found = self.store().gather(keys)
-        if not found.all():
-            todo = np.flatnonzero(~found)
-            print(f"{len(todo)} of {len(keys)} entity features of run {info.run_name} are not in the feature "
-                  f"store ({self.store().dir}); computing them with {info.feature_model}")
-            new = self.clip().encode_texts([texts[i] for i in todo])            # [n, D]
-            if vecs.shape[1] != new.shape[1]:  # an empty store has no dimension yet
-                vecs = np.zeros((len(keys), new.shape[1]), dtype=np.float32)
-            vecs[todo] = new
-            if self.precision == info.precision:
-                self.store().put([keys[i] for i in todo], new)
-        return vecs
+
+        def encode(todo: list[str]) -> np.ndarray:
+            print(f"{len(todo)} entity texts of run {info.run_name} are not in the feature store "
+                  f"({self.store().dir}); computing them with {info.feature_model}")
+            return self.clip().encode_texts(todo)
+
+        vectors = self._vectors("text", texts, text_key, encode, Counter(), store_vectors=True)
+        return np.stack([vectors[t] for t in texts])                             # [E, D]
+
+    def _vectors(self, kind: str, contents: list, make_key, encode, computed: Counter, store_vectors: bool) -> dict:
+        """Vectors of the distinct ``contents``: from the feature store or the memo, the rest encoded now
+        (and stored when ``store_vectors``: only in the run's precision do they match the stored ones)."""
+        info, store = self.info, self.store()
+        distinct = list(dict.fromkeys(c for c in contents if c is not None))
+        version = f"{info.feature_version}-{info.precision}"  # as dimkit.features keys the run's vectors
+        keys = [make_key(info.feature_model, version, c) for c in distinct]
+        got, found = store.gather(keys)
+        out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
+        out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
+        todo = [i for i, c in enumerate(distinct) if c not in out]
+        if todo:
+            new = encode([distinct[i] for i in todo])                           # [n, D]
+            computed[f"{kind} vectors"] += len(todo)
+            for i, v in zip(todo, new):
+                out[distinct[i]] = v
+                if len(self._memo) >= self.MEMO_SIZE:
+                    self._memo.pop(next(iter(self._memo)))
+                self._memo[keys[i]] = v
+            if store_vectors and self.precision == info.precision:
+                store.put([keys[i] for i in todo], new)
+        return out
 
     # -- encoding new mentions -----------------------------------------------------------------
-    #: Vectors computed here but not written to the store are kept in memory, up to this many, so a
-    #: notebook linking the same mention twice encodes it once.
-    MEMO_SIZE = 4096
-
-    def _remember(self, key: str, vec: np.ndarray) -> None:
-        if len(self._memo) >= self.MEMO_SIZE:
-            self._memo.pop(next(iter(self._memo)))
-        self._memo[key] = vec
-
     def encode(self, items: Sequence[MentionInput], *, images: Sequence[_Image] | None = None,
                store_vectors: bool = False) -> Encoded:
-        """Model inputs of ``items``: stored vectors and cues where they exist, computed otherwise.
-
-        ``store_vectors`` also writes the CLIP vectors computed here to the feature store (batch
-        linking does; one ``link`` call does not, to avoid a file per call).
-        """
-        from .features import image_key, text_key
-
-        t0 = time.perf_counter()
-        info = self.info
+        """Model inputs of ``items``: stored vectors and cues where they exist, computed otherwise;
+        ``store_vectors`` writes the vectors computed here to the store (not for one ``link``: a file a call)."""
         images = list(images) if images is not None else [_load_images(it.image) for it in items]
         computed: Counter = Counter()
-        store = self.store()
-        version = info.feature_key_version
-
-        def vectors(kind: str, contents: list, make_key, encode) -> np.ndarray:
-            """Vectors of distinct contents: gathered from the store, the rest encoded now."""
-            distinct = list(dict.fromkeys(c for c in contents if c is not None))
-            keys = [make_key(info.feature_model, version, c) for c in distinct]
-            got, found = store.gather(keys) if store.dim is not None else (None, np.zeros(len(keys), bool))
-            out = {c: got[i] for i, c in enumerate(distinct) if found[i]}
-            out.update({c: self._memo[k] for c, k in zip(distinct, keys) if c not in out and k in self._memo})
-            todo = [i for i, c in enumerate(distinct) if c not in out]
-            if todo:
-                new = encode([distinct[i] for i in todo])                   # [n, D]
-                computed[f"{kind} vectors"] += len(todo)
-                for i, v in zip(todo, new):
-                    out[distinct[i]] = v
-                    self._remember(keys[i], v)
-                if store_vectors and self.precision == info.precision:
-                    store.put([keys[i] for i in todo], new)
-            return out
-
         # images: the sum over a mention's usable images (Richpedia), zeros where none is usable
         pil_of = {sha: im for img in images for sha, im in zip(img.shas, img.pil)}
-        img_vec = vectors("image", [s for img in images for s in img.shas], image_key,
-                          lambda shas: self.clip().encode_images([pil_of[s] for s in shas]))
+        img_vec = self._vectors("image", [s for img in images for s in img.shas], image_key,
+                                lambda shas: self.clip().encode_images([pil_of[s] for s in shas]), computed,
+                                store_vectors)
         cues, cue_status = self._cues(images, computed)
         texts = [it.mention for it in items] + [it.mention + SEP + it.sentence for it in items] \
             + [c for c in cues if c]
-        txt_vec = vectors("text", texts, text_key, lambda ts: self.clip().encode_texts(ts))
-        dim = self.entities.shape[1]
-        n = len(items)
+        txt_vec = self._vectors("text", texts, text_key, lambda ts: self.clip().encode_texts(ts), computed,
+                                store_vectors)
+        n, dim = len(items), self.entities.shape[1]
         feats = {k: np.zeros((n, dim), dtype=np.float32) for k in ("mention", "mention_sentence", "image", "cue")}
-        image_ok = np.zeros(n, dtype=bool)
-        cue_ok = np.zeros(n, dtype=bool)
+        feats["image_ok"], feats["cue_ok"] = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         for i, (it, img) in enumerate(zip(items, images)):
             feats["mention"][i] = txt_vec[it.mention]
             feats["mention_sentence"][i] = txt_vec[it.mention + SEP + it.sentence]
             if img.shas:
                 feats["image"][i] = np.sum([img_vec[s] for s in img.shas], axis=0)
-                image_ok[i] = True
+                feats["image_ok"][i] = True
             if cues[i]:
                 feats["cue"][i] = txt_vec[cues[i]]
-                cue_ok[i] = True
-        feats["image_ok"], feats["cue_ok"] = image_ok, cue_ok
+                feats["cue_ok"][i] = True
         return Encoded(features=feats, image_status=[img.status for img in images], cue=cues,
-                       cue_status=cue_status, computed=computed, seconds=time.perf_counter() - t0)
+                       cue_status=cue_status, computed=computed)
 
     def _cues(self, images: Sequence[_Image], computed: Counter) -> tuple[list[str | None], list[str]]:
-        """The expert's cue per mention: from the cue store, else asked now (and stored)."""
-        if not self.uses_cue or self.expert is None:
-            return [None] * len(images), ["not_used" if not self.uses_cue else "no_expert"] * len(images)
-        from .cues import KIND, cue_key
-        from .experts import CueItem, NoExpert
-        from .store import Store, default_store_path
-
+        """The expert's cue per mention and its status: from the cue store, else asked now (and stored)."""
         ex = self.expert
-        cues: list[str | None] = [None] * len(images)
-        status = [f"image_{img.status}" if img.cue_source is None else "" for img in images]
-        if isinstance(ex, NoExpert):
-            return cues, ["no_expert"] * len(images)
+        if not self.uses_cue or ex is None or isinstance(ex, NoExpert):
+            return [None] * len(images), ["not_used" if not self.uses_cue else "no_expert"] * len(images)
         want = {img.cue_source[0]: img.cue_source for img in images if img.cue_source is not None}
+        why: dict[str, str] = {}  # image sha -> why it has no cue
         with Store(default_store_path("cues")) as store:
             keys = {sha: cue_key(ex, sha) for sha in want}
             known = store.get_many(keys.values())
-            answers = {sha: known[k]["cue"] for sha, k in keys.items() if k in known}
-            todo, why = [], {}
+            answers = {sha: known[k]["cue"] for sha, k in keys.items() if k in known}  # "": an empty answer
+            todo = []
             for sha, (_, pil, path) in want.items():
                 if sha in answers:
                     continue
                 rel = self._replay_name(path) if not ex.needs_pixels else (str(path) if path else f"<image {sha[:12]}>")
                 if rel is None:
-                    why[sha] = ("not_in_replay", "a replayed expert knows only the images of its dataset")
+                    why[sha] = "not_in_replay"  # a replayed expert knows only the images of its dataset
                     continue
                 todo.append(CueItem(image_sha256=sha, path=path or Path(rel), rel=rel, image=pil))
             bs = max(1, int(ex.batch_size or 8))
@@ -499,36 +411,34 @@ class Linker:
                         rows.append((keys[it.image_sha256], {"cue": ans.text or ""}, it.rel))
                     else:
                         # recorded as dimkit.cues records it, so reports count it and a rerun retries it
-                        why[it.image_sha256] = (ans.reason or "model_error", ans.detail)
+                        why[it.image_sha256] = ans.reason or "model_error"
                         store.put_failure(keys[it.image_sha256], kind=KIND, model=ex.model_id, version=ex.version,
                                           item=it.rel, reason=ans.reason or "model_error", detail=ans.detail)
                 if rows:
                     store.put_many(rows, kind=KIND, model=ex.model_id, version=ex.version)
                 computed["cues"] += len(rows)
-        for i, img in enumerate(images):
-            if img.cue_source is None:
-                continue
-            sha = img.cue_source[0]
-            if answers.get(sha):
-                cues[i], status[i] = answers[sha], "ok"
+        cues, status = [], []
+        for img in images:
+            sha = img.cue_source[0] if img.cue_source is not None else None
+            cues.append(answers.get(sha) or None)
+            if sha is None:
+                status.append(f"image_{img.status}")
             elif sha in answers:
-                status[i] = "empty_answer"
+                status.append("ok" if answers[sha] else "empty_answer")
             else:
-                status[i] = why.get(sha, ("not_in_store", None))[0]
+                status.append(why.get(sha, "not_in_store"))
         return cues, status
 
     def _replay_name(self, path: Path | None) -> str | None:
         """How a replayed expert names an image: its path inside the run's dataset, else unknown."""
         if path is None or self.dataset is None:
             return None
-        try:
-            rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(self.dataset.root)))
-        except ValueError:
-            try:  # the dataset's image folder may be a symlink (DIMKIT_DATA elsewhere)
-                rel = path.resolve().relative_to(self.dataset.root.resolve())
-            except ValueError:
-                return None
-        return str(PurePosixPath(*rel.parts))
+        root = self.dataset.root
+        # as written, then resolved: the dataset's image folder may be a symlink (DIMKIT_DATA elsewhere)
+        for p, r in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (path.resolve(), root.resolve())):
+            if p.is_relative_to(r):
+                return str(PurePosixPath(*p.relative_to(r).parts))
+        return None
 
     # -- scoring -------------------------------------------------------------------------------
     def query(self, features: dict[str, np.ndarray], *, attention: bool = False):
@@ -581,65 +491,48 @@ class Linker:
         An image path that cannot be used raises a DataError naming the file and the reason, unless
         ``allow_unusable_image`` (then the image is masked, as for training mentions without one).
         """
-        item = _check_input(sentence, mention)
-        item.image = image
-        img = _load_images(image)
-        if img.status not in ("ok", "no_image") and not allow_unusable_image:
-            raise DataError(f"image unusable ({img.status}{': ' + img.detail if img.detail else ''}); pass "
-                            "allow_unusable_image=True to link without it", file=str(image), field="image")
-        enc = self.encode([item], images=[img])
-        q, w = self.query(enc.features, attention=True)
-        idx, val = self.top_k(q, k)
-        df = self._table(idx[0], val[0])
-        df.attrs.update(self._details(enc, 0, w))
-        return df
+        if not isinstance(mention, str) or not mention.strip():
+            raise DataError("the mention must be a non-empty string", field="mention")
+        if not isinstance(sentence, str):
+            raise DataError("the sentence must be a string", field="sentence")
+        [result] = self.link_many([MentionInput(sentence, mention, image)], k, store_vectors=False,
+                                  allow_unusable_images=allow_unusable_image)
+        if isinstance(result, DataError):
+            raise DataError(f"{result.reason}; pass allow_unusable_image=True to link without it", file=str(image),
+                            field="image")
+        return result
 
-    def link_many(self, items: Sequence[MentionInput], k: int = 10, *, batch_size: int = 64,
-                  store_vectors: bool = True, allow_unusable_images: bool = False) -> list[pd.DataFrame | DataError]:
-        """Link a list of mentions in batches; a mention that cannot be linked gets its DataError instead."""
-        out: list[pd.DataFrame | DataError] = []
-        bar_kw = {} if self.progress else {"disable": True}
-        with tqdm(total=len(items), desc=f"linking with {self.info.run_name if self.info else 'model'}",
-                  unit="mention", **bar_kw) as bar:
-            for a in range(0, len(items), batch_size):
-                chunk = list(items[a:a + batch_size])
-                out.extend(self._link_chunk(chunk, k, a, store_vectors, allow_unusable_images, None))
-                bar.update(len(chunk))
-        if store_vectors and self.store() is not None:
-            self.store().compact()
-        return out
-
-    def _link_chunk(self, chunk: Sequence[MentionInput], k: int, offset: int, store_vectors: bool,
-                    allow_unusable: bool, source: str | None) -> list[pd.DataFrame | DataError]:
-        results: list[pd.DataFrame | DataError | None] = [None] * len(chunk)
-        good, imgs = [], []
-        for j, it in enumerate(chunk):
+    def link_many(self, items: Sequence[MentionInput], k: int = 10, *, store_vectors: bool = True,
+                  allow_unusable_images: bool = False) -> list[pd.DataFrame | DataError]:
+        """Link a batch of mentions, encoded and scored together; a mention whose image is given but unusable
+        (unless allowed) gets a DataError instead, its ``image_status`` saying why."""
+        results: list[pd.DataFrame | DataError | None] = [None] * len(items)
+        good, images = [], []
+        for j, it in enumerate(items):
             img = _load_images(it.image)
-            if img.status != "ok" and not (allow_unusable or (img.status == "no_image" and it.image is None)):
-                results[j] = DataError(f"image unusable ({img.status}"
-                                       f"{': ' + img.detail if img.detail else ''})", file=source or str(it.image),
-                                       record=it.id if it.id is not None else offset + j, field="image")
-                results[j].image_status = img.status  # type: ignore[attr-defined]
+            if img.status in ("ok", "no_image") or allow_unusable_images:
+                good.append(j)
+                images.append(img)
                 continue
-            good.append(j)
-            imgs.append(img)
+            error = DataError(f"image unusable ({img.status}{': ' + img.detail if img.detail else ''})",
+                              file=str(it.image), record=it.id if it.id is not None else j, field="image")
+            error.image_status = img.status  # type: ignore[attr-defined]
+            results[j] = error
         if good:
-            enc = self.encode([chunk[j] for j in good], images=imgs, store_vectors=store_vectors)
+            enc = self.encode([items[j] for j in good], images=images, store_vectors=store_vectors)
             q, w = self.query(enc.features, attention=True)
             idx, val = self.top_k(q, k)
             for n, j in enumerate(good):
-                df = self._table(idx[n], val[n])
-                df.attrs.update(self._details(enc, n, w))
-                results[j] = df
+                results[j] = self._table(idx[n], val[n])
+                results[j].attrs.update(run=self.info.run_name if self.info else None, image_status=enc.image_status[n],
+                                        cue=enc.cue[n], cue_status=enc.cue_status[n], computed=dict(enc.computed),
+                                        note=self.note)
+                if w is not None:  # the attention over the modalities, mean of the heads
+                    keys = self.model.key_names
+                    results[j].attrs["attention"] = {key: round(float(x), 4) for key, x in zip(keys, w[n])}
+            if store_vectors:
+                self.store().compact()  # one part file per batch: merged once there are many
         return results  # type: ignore[return-value]
-
-    def _details(self, enc: Encoded, i: int, w: np.ndarray | None) -> dict:
-        d = {"run": self.info.run_name if self.info else None, "image_status": enc.image_status[i],
-             "cue": enc.cue[i], "cue_status": enc.cue_status[i], "computed": dict(enc.computed),
-             "note": self.note}
-        if w is not None:
-            d["attention"] = {name: round(float(x), 4) for name, x in zip(self.model.key_names, w[i])}
-        return d
 
     @property
     def note(self) -> str:
@@ -657,14 +550,6 @@ class Linker:
         return (f"Linker({self.info.run_name}: {self.info.variant}/{self.info.ablation}, {len(self.qids)} "
                 f"entities of {self.info.dataset}, CLIP {self.info.feature_model}, expert "
                 f"{self.expert.model_id if self.expert is not None else 'unused'}, device={self.device})")
-
-
-def _check_input(sentence: Any, mention: Any) -> MentionInput:
-    if not isinstance(mention, str) or not mention.strip():
-        raise DataError("the mention must be a non-empty string", field="mention")
-    if not isinstance(sentence, str):
-        raise DataError("the sentence must be a string", field="sentence")
-    return MentionInput(sentence=sentence, mention=mention)
 
 
 # One linker per run is kept, so a notebook calling link() in a loop loads the run once.
@@ -688,9 +573,8 @@ def link(sentence: str, mention: str, image: Any = None, model: Any = None, k: i
          device: str = "auto", allow_unusable_image: bool = False) -> pd.DataFrame:
     """Top-k KB entities (qid, name, description, score) of a new mention under the run ``model``.
 
-    ``model``: a run folder, a run name under ``$DIMKIT_RUNS``, a RunResult or a Linker. The cue and
-    features are computed with the run's own CLIP and expert; ``.attrs`` holds the cue, the image
-    status, the attention weights over modalities (``paper`` variant) and the comparability note.
+    ``model``: a run folder, a run name under ``$DIMKIT_RUNS``, a RunResult or a Linker. ``.attrs`` holds
+    the cue, the image status, the attention over modalities (``paper`` variant) and the run's note.
     """
     return get_linker(model, device=device).link(sentence, mention, image, k,
                                                  allow_unusable_image=allow_unusable_image)
@@ -765,63 +649,55 @@ class LinkFileReport(Result):
         return "\n".join(lines)
 
 
-def _parse_line(text: str, lineno: int, base: Path) -> tuple[MentionInput | None, dict | None]:
-    """One input line -> a MentionInput, or the reason it is skipped."""
+def _parse_line(text: str, lineno: int, base: Path) -> MentionInput | dict:
+    """One input line -> a MentionInput, or why it is skipped (``line``, ``reason``, ``field``, ``detail``)."""
+    def skip(reason: str, name: str | None, detail: str) -> dict:
+        return {"line": lineno, "reason": reason, "field": name, "detail": detail}
+
     try:
         rec = json.loads(text)
     except ValueError as exc:
-        return None, {"line": lineno, "reason": "bad_json", "field": None, "detail": str(exc)[:200]}
+        return skip("bad_json", None, str(exc)[:200])
     if not isinstance(rec, dict):
-        return None, {"line": lineno, "reason": "bad_json", "field": None, "detail": "not a JSON object"}
+        return skip("bad_json", None, "not a JSON object")
+    for f in REQUIRED_FIELDS:  # an empty sentence is a sentence; an empty mention is none
+        if rec.get(f) is None or (f == "mention" and isinstance(rec[f], str) and not rec[f].strip()):
+            return skip("missing_field", f, "absent" if f not in rec else "empty")
     for f in REQUIRED_FIELDS:
-        v = rec.get(f)
-        if v is None or (isinstance(v, str) and not v.strip() and f != "sentence"):
-            return None, {"line": lineno, "reason": "missing_field", "field": f,
-                          "detail": "absent" if f not in rec else "empty"}
-    for f in ("sentence", "mention"):
         if not isinstance(rec[f], str):
-            return None, {"line": lineno, "reason": "bad_field", "field": f,
-                          "detail": f"expected a string, got {type(rec[f]).__name__}"}
-    ident = rec.get("id", rec.get("mention_id"))
+            return skip("bad_field", f, f"expected a string, got {type(rec[f]).__name__}")
+    item = MentionInput(sentence=rec["sentence"], mention=rec["mention"], id=rec.get("id", rec.get("mention_id")))
     img = rec.get("image")
     if img is None:
-        return MentionInput(sentence=rec["sentence"], mention=rec["mention"], image=None, id=ident), None
+        return item
     imgs = img if isinstance(img, list) else [img]
     if not imgs or not all(isinstance(x, str) and x.strip() for x in imgs):
-        return None, {"line": lineno, "reason": "bad_field", "field": "image",
-                      "detail": "expected a path, a list of paths, or null for no image"}
+        return skip("bad_field", "image", "expected a path, a list of paths, or null for no image")
     # Relative image paths are relative to the input file's folder, so a batch folder can move.
-    paths_ = [str(base / x) if not Path(x).expanduser().is_absolute() else str(Path(x).expanduser()) for x in imgs]
-    return MentionInput(sentence=rec["sentence"], mention=rec["mention"],
-                        image=paths_ if isinstance(img, list) else paths_[0], id=ident), None
+    found = [str(base / Path(x).expanduser()) for x in imgs]
+    item.image = found if isinstance(img, list) else found[0]
+    return item
 
 
 def _read_lines(src: Path) -> list[tuple[int, str]]:
     """The non-blank lines of a UTF-8 file (a leading byte-order mark is dropped), numbered from 1."""
+    data = src.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        with open(src, encoding="utf-8-sig") as fh:
-            return [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
-    except UnicodeDecodeError:
-        data = src.read_bytes()
-        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-        try:
-            data[bom:].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            at = bom + exc.start
-            line = data.count(b"\n", 0, at) + 1
-            raise DataError(f"line {line} (byte offset {at}) is not UTF-8 ({exc.reason}: {data[at:at + 1]!r}); the "
-                            "input must be UTF-8 JSON lines: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
-                            f"{src.name} > fixed.jsonl` for a Latin-1 file)", file=src) from None
-        raise
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(f"line {line} (byte offset {at}) is not UTF-8 ({exc.reason}: {data[at:at + 1]!r}); the "
+                        "input must be UTF-8 JSON lines: save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                        f"{src.name} > fixed.jsonl` for a Latin-1 file)", file=src) from None
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bool = True,
               **settings: Any) -> LinkFileReport:
-    """Link every line of a JSONL file with the run ``model`` (a folder, a run name, a RunResult or a Linker).
-
-    ``settings`` are :class:`LinkConfig`'s (``k``, ``batch_size``, ``device``, ``expert``,
-    ``allow_unusable_images``, ``skipped_file``); see :func:`run`.
-    """
+    """Link every line of a JSONL file with the run ``model`` (a folder, a run name, a RunResult or a
+    Linker); ``settings`` are :class:`LinkConfig`'s."""
     linker = model if isinstance(model, Linker) else None
     where = getattr(model, "run_dir", None) or ("in-memory model" if linker is not None else model)
     cfg = LinkConfig(run=str(where), input=input, output=output).replace(**settings)
@@ -829,71 +705,52 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bo
 
 
 def run(cfg: LinkConfig, *, linker: Linker | None = None, progress: bool = True) -> LinkFileReport:
-    """Link every line of ``cfg.input`` (sentence, mention, optional image); one JSON line per mention out.
+    """Link every line of ``cfg.input``, one JSON line per linked mention out (see :class:`LinkConfig`).
 
-    A line whose image is null or absent is linked without an image, as ``link(sentence, mention, None)``
-    links it (counted in ``report.no_image``). The file must be UTF-8 (a byte-order mark is allowed).
-    Lines with a missing or malformed field or an unusable image are skipped and reported (in the
-    returned report and in ``cfg.skipped_file``, default ``<output stem>.skipped.jsonl``); they never
-    stop the batch. Both files are written atomically when the batch is done. ``linker``: the run
-    already loaded (then ``cfg.run``, ``device`` and ``expert`` are not read).
+    A bad line (a missing or malformed field, an unusable image) is skipped and reported, never stops
+    the batch. ``linker``: the run already loaded (then ``cfg.run``, ``device`` and ``expert`` are unused).
     """
     cfg = cfg.replace()  # a checked copy
     t0 = time.perf_counter()
     src, dst = cfg.input, cfg.output
-    k, batch_size = cfg.k, cfg.batch_size
     if not src.is_file():
         raise DimkitError(f"input file not found: {src}")
-    linker = linker or Linker(cfg.run, device=cfg.device, expert=cfg.expert, progress=progress)
+    lines = _read_lines(src)
+    linker = linker or Linker(cfg.run, device=cfg.device, expert=cfg.expert)
     skipped_path = cfg.skipped_file or dst.with_name(f"{dst.stem}.skipped.jsonl")
     report = LinkFileReport(run=linker.info.run_name if linker.info else "model", input=str(src), output=str(dst),
-                            note=linker.note, skipped_file=str(skipped_path))
-    raw = _read_lines(src)
-    report.lines = len(raw)
+                            lines=len(lines), note=linker.note, skipped_file=str(skipped_path))
     base = src.parent.resolve()
     computed: Counter = Counter()
+    bar_kw = {} if progress else {"disable": True}
     # the output file appears only when the whole batch is linked
-    with atomic.replacing(dst, "w", encoding="utf-8") as out_fh, \
-            tqdm(total=len(raw), desc=f"linking {src.name}", unit="line",
-                 **({} if progress else {"disable": True})) as bar:
-        for a in range(0, len(raw), batch_size):
-            chunk = raw[a:a + batch_size]
-            items, linenos = [], []
-            for lineno, text in chunk:
-                item, skip = _parse_line(text, lineno, base)
-                if skip is not None:
-                    report.skipped.append(skip)
-                else:
-                    items.append(item)
-                    linenos.append(lineno)
-            results = linker._link_chunk(items, k, 0, True, cfg.allow_unusable_images, str(src)) if items else []
-            for lineno, item, res in zip(linenos, items, results):
+    with atomic.replacing(dst, "w", encoding="utf-8") as out, \
+            tqdm(total=len(lines), desc=f"linking {src.name}", unit="line", **bar_kw) as bar:
+        for a in range(0, len(lines), cfg.batch_size):
+            chunk = [(n, _parse_line(text, n, base)) for n, text in lines[a:a + cfg.batch_size]]
+            report.skipped += [parsed for _, parsed in chunk if isinstance(parsed, dict)]
+            good = [(n, parsed) for n, parsed in chunk if isinstance(parsed, MentionInput)]
+            results = linker.link_many([item for _, item in good], cfg.k,
+                                       allow_unusable_images=cfg.allow_unusable_images)
+            for (n, item), res in zip(good, results):
                 if isinstance(res, DataError):
-                    why = getattr(res, "image_status", "unusable")
-                    report.skipped.append({"line": lineno, "reason": f"image_{why}", "field": "image",
+                    report.skipped.append({"line": n, "reason": f"image_{res.image_status}", "field": "image",
                                            "detail": f"{item.image}: {res.reason}"})
                     continue
-                computed.update(res.attrs.get("computed", {}))
-                row = {"line": lineno, **({"id": item.id} if item.id is not None else {}),
-                       "mention": item.mention, "image_status": res.attrs["image_status"],
-                       "cue": res.attrs["cue"], "cue_status": res.attrs["cue_status"],
-                       **({"attention": res.attrs["attention"]} if "attention" in res.attrs else {}),
-                       "entities": [{"qid": q, "name": nm, "description": d, "score": round(float(s), 6)}
-                                    for q, nm, d, s in res[["qid", "name", "description", "score"]]
-                                    .itertuples(index=False)]}
-                out_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                computed.update(res.attrs["computed"])
+                row = {"line": n, **({"id": item.id} if item.id is not None else {}), "mention": item.mention}
+                row.update({k: v for k, v in res.attrs.items() if k in OUTPUT_DETAILS})
+                row["entities"] = [dict(e, score=round(e["score"], 6)) for e in res.to_dict("records")]
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 report.linked += 1
                 report.no_image += item.image is None
             bar.update(len(chunk))
     report.skipped.sort(key=lambda s: s["line"])
     if report.skipped:
-        atomic.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped),
-                          skipped_path)
+        atomic.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in report.skipped), skipped_path)
     else:
         report.skipped_file = None
         skipped_path.unlink(missing_ok=True)  # a stale list from an earlier batch would mislead
-    if linker.store() is not None:
-        linker.store().compact()
     report.computed = dict(computed)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

@@ -1,22 +1,13 @@
 """Training runs: where they are, what they say, which one to use, and training the missing ones.
 
-A run of :mod:`dimkit.train` is a folder ``$DIMKIT_RUNS/<run-name>/`` (the name is
-``TrainConfig.name()``) holding ``metrics.json`` -- results are data, never printed text -- and, once
-finished, ``model.pt``, ``predictions.parquet`` and ``features.json`` (what :mod:`dimkit.link` needs).
-The tables, the error analysis, ``dimkit link`` and ``dimkit reproduce`` all ask this module:
-
-- :func:`read` turns one ``metrics.json`` into a :class:`RunRecord`, older files included (written
-  before both rank rules were kept, or without an ablation); a damaged file says what to do;
-- :func:`collect` lists every run folder as one table row (unreadable and unfinished ones with their
-  status and reason); :func:`find` keeps the finished runs of a dataset, variant and ablation;
-- :func:`choose` picks one among several: ``latest`` (newest ``metrics.json``, ties to the larger
-  run name) or ``best_dev`` (best dev H@1, ties to the smaller run name), the same on every call;
-- :func:`launch` trains the runs that are missing. It is the only place besides :mod:`dimkit.train`
-  that trains, and imports it (and torch) only then, so reading runs stays light;
-  :func:`ensure` returns a run to analyse, training a short one when there is none.
+A run of :mod:`dimkit.train` is a folder ``$DIMKIT_RUNS/<run-name>/`` holding ``metrics.json`` and,
+once finished, ``model.pt``, ``predictions.parquet`` and ``features.json``. The tables, the error
+analysis, ``dimkit link`` and ``dimkit reproduce`` all read runs here. Only :func:`launch` imports
+the training code (and torch), so reading runs stays light.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,7 +29,7 @@ LINK_FILES = ("model.pt", "features.json")
 PICKS = ("latest", "best_dev")
 #: When :func:`launch` takes a run as there already: ``config``, the run of exactly these settings
 #: finished (its name carries their hash); ``key``, any finished run of the dataset, variant and
-#: ablation (all a table cell asks for).
+#: ablation that matches the ``filters`` given (all a table cell asks for).
 REUSE = ("config", "key")
 #: The columns of :func:`collect` before the per-metric ones.
 COLUMNS = ("run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model", "rank_rule",
@@ -123,12 +114,11 @@ class RunRecord:
 
     def row(self) -> dict:
         """The record as one :func:`collect` row, plus a column per ``"<split> <protocol> <metric>"``."""
-        out = {c: getattr(self, c) for c in COLUMNS if c not in ("path", "run_dir", "linkable")}
-        out.update(path=str(self.path), run_dir=str(self.run_dir), linkable=self.linkable)
+        out = {c: getattr(self, c) for c in COLUMNS}
+        out.update(path=str(self.path), run_dir=str(self.run_dir))
         for split, protos in self.metrics.items():
-            for proto, values in (protos.items() if isinstance(protos, dict) else ()):
-                if isinstance(values, dict):
-                    out.update({f"{split} {proto} {k}": v for k, v in values.items()})
+            for proto, values in _dict(protos).items():
+                out.update({f"{split} {proto} {k}": v for k, v in _dict(values).items()})
         return out
 
 
@@ -150,22 +140,16 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _as_float(value: Any) -> float:
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+def _get(run: RunRecord | pd.Series | dict, key: str) -> Any:
+    """A field of a run record or of a :func:`collect` row."""
+    return getattr(run, key, None) if isinstance(run, RunRecord) else run.get(key)
 
 
 def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
     """One run's ``metrics.json`` (``path``: the file or its run folder) as a :class:`RunRecord`.
 
-    Older files are read too: without ``metrics_by_rule`` the metrics count under the run's own rank
-    rule; a missing ablation is ``none``; dataset and variant fall back to the stored config. A file
-    that is not a JSON object raises DataError saying ``fix`` (default: train again or delete the
-    folder); a finished run without its dataset, variant or metrics raises DataError naming the field.
+    Older files are read too (one rank rule, no ablation, the variant only in the config). A damaged
+    file raises DataError saying ``fix`` (default: train again or delete the folder).
     """
     path = Path(path)
     if path.name != METRICS_FILE:
@@ -182,12 +166,14 @@ def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
     rec = RunRecord(
         run_name=str(d.get("run_name") or run_dir.name), run_dir=run_dir,
         status=status if isinstance(status, str) else "unknown",
-        variant=d.get("variant") or config.get("variant"), ablation=d.get("ablation") or config.get("ablation") or "none",
-        config=config, metrics=metrics, metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
+        variant=d.get("variant") or config.get("variant"),
+        ablation=d.get("ablation") or config.get("ablation") or "none", config=config, metrics=metrics,
+        metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
         curve=_dict(d.get("curve")) or {"train": [], "dev": []}, feature_model=d.get("feature_model"),
         weights_real=d.get("weights_real"), seed=d.get("seed", config.get("seed")), note=str(d.get("note") or ""),
-        wall_time_s=d.get("wall_time_s"), counts=_dict(d.get("counts")), inputs_missing=_dict(d.get("inputs_missing")),
-        error=str(d.get("error") or ""), mtime_ns=path.stat().st_mtime_ns)
+        wall_time_s=d.get("wall_time_s"), counts=_dict(d.get("counts")),
+        inputs_missing=_dict(d.get("inputs_missing")), error=str(d.get("error") or ""),
+        mtime_ns=path.stat().st_mtime_ns)
     ds = d.get("dataset") or config.get("dataset")
     if rec.finished:
         for name, value in (("variant", rec.variant), ("ablation", rec.ablation), ("dataset", ds)):
@@ -206,9 +192,9 @@ def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
 def metric(run: RunRecord | pd.Series | dict, split: str, protocol: str, name: str, rule: str | None = None) -> float:
     """One number of a run (a record or a :func:`collect` row) under its own rank rule, or under
     ``rule``; NaN when the run lacks it."""
-    get = (lambda k: getattr(run, k, None)) if isinstance(run, RunRecord) else run.get
-    m = get("metrics") if rule is None else _dict(get("metrics_by_rule")).get(rule)
-    return _as_float(_dict(_dict(_dict(m).get(split)).get(protocol)).get(name))
+    m = _get(run, "metrics") if rule is None else _dict(_get(run, "metrics_by_rule")).get(rule)
+    value = _dict(_dict(_dict(m).get(split)).get(protocol)).get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def resolve(model: Any) -> Path:
@@ -216,9 +202,7 @@ def resolve(model: Any) -> Path:
     if model is None:
         raise ConfigError(f"name the trained run: {option('model=RUN_DIR', 'RUN_DIR')} (a folder under "
                           f"{paths.runs_dir()} or its name)")
-    if hasattr(model, "run_dir"):
-        model = model.run_dir
-    p = Path(model).expanduser()
+    p = Path(getattr(model, "run_dir", model)).expanduser()
     if not p.exists() and not p.is_absolute() and len(p.parts) == 1:
         p = paths.runs_dir() / p
     if not p.is_dir():
@@ -231,12 +215,9 @@ def resolve(model: Any) -> Path:
 
 
 def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """Every ``<runs_dir>/*/metrics.json`` (default ``$DIMKIT_RUNS``) as one row of :data:`COLUMNS`
-    plus one column per ``"<split> <protocol> <metric>"`` (fractions, as in the files).
-
-    A file that cannot be read is a row with status ``unreadable`` and the reason in ``error``: one
-    broken run never hides the others. Folders without ``metrics.json`` are not runs.
-    """
+    """Every ``<runs_dir>/*/metrics.json`` (default ``$DIMKIT_RUNS``) as a :meth:`RunRecord.row`; an
+    unreadable one is a row with status ``unreadable`` and the reason in ``error``, so one broken run
+    never hides the others."""
     root = Path(runs_dir) if runs_dir is not None else paths.runs_dir()
     rows = []
     for p in sorted(root.glob(f"*/{METRICS_FILE}")):
@@ -245,24 +226,19 @@ def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
         except DataError as exc:
             rows.append(RunRecord(run_name=p.parent.name, run_dir=p.parent, status="unreadable", error=str(exc),
                                   mtime_ns=p.stat().st_mtime_ns).row())
-    df = pd.DataFrame(rows)
-    for c in COLUMNS:
-        if c not in df.columns:
-            df[c] = pd.Series([None] * len(df), dtype=object)
-    extra = sorted(c for c in df.columns if c not in COLUMNS)
-    return df[list(COLUMNS) + extra].reset_index(drop=True)
+    metric_columns = sorted({c for row in rows for c in row} - set(COLUMNS))
+    return pd.DataFrame(rows, columns=[*COLUMNS, *metric_columns])
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
     """Only the rows of runs that finished (completed or early-stopped)."""
-    return runs[runs["status"].isin(FINISHED)].reset_index(drop=True) if len(runs) else runs
+    return runs[runs["status"].isin(FINISHED)].reset_index(drop=True)
 
 
 def matches(run: RunRecord | pd.Series | dict, filters: dict | None) -> bool:
     """True when each ``key: value`` of ``filters`` equals the run's setting (its config, else its field)."""
-    get = (lambda k: getattr(run, k, None)) if isinstance(run, RunRecord) else run.get
-    config = _dict(get("config"))
-    return all(config.get(k, get(k)) == v for k, v in (filters or {}).items())
+    config = _dict(_get(run, "config"))
+    return all(config.get(k, _get(run, k)) == v for k, v in (filters or {}).items())
 
 
 def _newest_first(runs: pd.DataFrame) -> pd.DataFrame:
@@ -272,14 +248,9 @@ def _newest_first(runs: pd.DataFrame) -> pd.DataFrame:
 def find(dataset: str | None = None, variant: str | None = None, ablation: str | None = None, *,
          filters: dict | None = None, linkable: bool = False, runs: pd.DataFrame | None = None,
          runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """The finished runs (of ``runs``, else of :func:`collect`) matching what is given, newest first.
-
-    ``filters`` narrows by settings (``{"lr": 5e-5}``); ``linkable`` keeps the runs :mod:`dimkit.link`
-    can load.
-    """
+    """The finished runs (of ``runs``, else of :func:`collect`) matching what is given, newest first;
+    ``filters`` narrows by settings (``{"lr": 5e-5}``), ``linkable`` to runs :mod:`dimkit.link` can load."""
     df = finished(collect(runs_dir) if runs is None else runs)
-    if not len(df):
-        return df
     keep = pd.Series(True, index=df.index)
     for column, want in (("dataset", datasets.canonical_name(dataset) if dataset else None), ("variant", variant),
                          ("ablation", ablation)):
@@ -319,11 +290,8 @@ def latest(dataset: str, variant: str = "paper", ablation: str = "none", *, link
 
 def overview(runs: pd.DataFrame) -> pd.DataFrame:
     """A short view of collected runs (one row each, newest first): names, status, test H@1."""
-    cols = ["run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model",
-            "test dim H@1", "test kb H@1", "linkable", "error"]
-    if not len(runs):
-        return pd.DataFrame(columns=cols)
-    return _newest_first(runs)[[c for c in cols if c in runs.columns]]
+    return _newest_first(runs).reindex(columns=["run_name", "status", "dataset", "variant", "ablation", "weights_real",
+                                                "feature_model", "test dim H@1", "test kb H@1", "linkable", "error"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,20 +300,13 @@ def overview(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plan(names: Iterable[str], variants: Iterable[str] = ("paper",), ablations: Iterable[str] = ("none",)
          ) -> list[RunKey]:
-    """Every (dataset, variant, ablation) asked for, dataset names canonical, each once.
-
-    ``original_descriptions`` is kept only for '+' datasets: only they hold original descriptions.
-    """
+    """Every (dataset, variant, ablation) asked for, each once; ``original_descriptions`` only for the
+    '+' datasets, the only ones that hold original descriptions."""
     out: list[RunKey] = []
-    for d in names:
-        name = datasets.canonical_name(d)
-        for v in variants:
-            for a in ablations:
-                if "original_descriptions" in a and not datasets.is_augmented(name):
-                    continue
-                k = RunKey(name, v, a)
-                if k not in out:
-                    out.append(k)
+    for d, v, a in itertools.product(names, variants, ablations):
+        key = RunKey(datasets.canonical_name(d), v, a)
+        if key not in out and ("original_descriptions" not in a or datasets.is_augmented(key.dataset)):
+            out.append(key)
     return out
 
 
@@ -375,25 +336,14 @@ class LaunchReport(Result):
         return 1 if self.failed else 0
 
 
-def _finished_named(done: pd.DataFrame, name: str) -> pd.Series | None:
-    """The finished run in folder ``name``; a run trained with inputs missing carries a suffix."""
-    if not len(done):
-        return None
-    folder = done["run_dir"].map(lambda p: Path(p).name)
-    return choose(done[(folder == name) | folder.str.startswith(name + "-missing-")], "latest")
-
-
 def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame | None = None,
            filters: dict | None = None, num_epochs: int | None = None, clip: str = "auto",
            device: str | None = None, overrides: dict | None = None, resume: bool = False,
            progress: bool = False, data_dir: str | Path | None = None) -> LaunchReport:
-    """Train each of ``keys`` that has no finished run yet, with its dataset's preset.
+    """Train each of ``keys`` that has no finished run yet (see :data:`REUSE`), with its dataset's preset.
 
-    ``reuse`` (:data:`REUSE`) says what counts as there: ``config``, the run of exactly these settings;
-    ``key``, any finished run of the key that matches ``filters``. ``runs`` is what :func:`collect`
-    returned (collected now when None). Keys of datasets that are not prepared are skipped and named;
-    a run that fails is reported and the others still run. ``num_epochs``, ``clip``, ``device``,
-    ``resume`` and ``overrides`` (any training setting) go to :class:`dimkit.train.TrainConfig`.
+    ``runs``: what :func:`collect` returned (collected now when None). Datasets not prepared are skipped;
+    a run that fails is reported and the others still run. The other settings go to ``TrainConfig``.
     """
     if reuse not in REUSE:
         raise ConfigError(f"reuse={reuse!r} is not one of {', '.join(REUSE)}")
@@ -404,6 +354,7 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
     from . import train  # torch-heavy: imported only when something may be trained
 
     done = finished(collect() if runs is None else runs)
+    folders = done["run_dir"].map(lambda p: Path(p).name).astype(str)
     for k in keys:
         if reuse == "key":
             hit = choose(find(k.dataset, k.variant, k.ablation, filters=filters, runs=done), "latest")
@@ -416,11 +367,12 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
             report.skipped.append((k, f"dataset not prepared ({root / 'meta.json'} missing)"))
             continue
         try:
-            settings = dict(variant=k.variant, ablation=k.ablation, num_epochs=num_epochs, clip=clip, device=device,
-                            resume=resume, **(overrides or {}))
-            cfg = train.TrainConfig.for_dataset(k.dataset, **settings)
-            if reuse == "config":
-                hit = _finished_named(done, cfg.name())
+            cfg = train.TrainConfig.for_dataset(k.dataset, variant=k.variant, ablation=k.ablation, clip=clip,
+                                                num_epochs=num_epochs, device=device, resume=resume,
+                                                **(overrides or {}))
+            if reuse == "config":  # the run of these settings; one trained with inputs missing has a suffix
+                name = cfg.name()
+                hit = choose(done[(folders == name) | folders.str.startswith(name + "-missing-")], "latest")
                 if hit is not None:
                     report.skipped.append((k, f"{hit['run_name']} finished before with the same settings"))
                     report.run_dirs[str(k)] = Path(hit["run_dir"])
@@ -456,9 +408,3 @@ def ensure(dataset: str, variant: str = "paper", ablation: str = "none", *, run:
                           "with run=RUN_DIR")
     return where
 
-
-__all__ = [
-    "FINISHED", "METRICS_FILE", "LINK_FILES", "PICKS", "REUSE", "COLUMNS", "RunKey", "RunRecord", "LaunchReport",
-    "read", "metric", "resolve", "damaged_advice", "collect", "finished", "matches", "find", "choose", "latest",
-    "overview", "plan", "launch", "ensure",
-]

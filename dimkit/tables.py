@@ -1,33 +1,11 @@
 """The paper's result tables, rebuilt from run folders (notebook ``04_tables``, ``dimkit tables``).
 
-Every training run leaves ``runs/<run-name>/metrics.json`` (:mod:`dimkit.train`); this module gets
-them from :mod:`dimkit.runs` (plain JSON, no torch) and builds, as pandas DataFrames:
-
-1. results on the original datasets (WikiMEL, RichpediaMEL, WikiDiverse),
-2. results on the enhanced ones (Wiki+, Rich+, Diverse+),
-3. the ablations (no cue, no image, no attention, original vs LLM descriptions, text only),
-
-each under DIM's candidate protocol (H@1/5/10/20) and, in a separate table, under the whole-KB
-protocol (H@1/3/5/MRR) -- the two are never mixed in one column. The bundled sample gets
-a table too, so ``make demo`` shows one; its caption says sample numbers are not paper numbers.
-
-Beside each dimkit number stand the reference value from ``data/reference_results.csv`` and the
-difference. The DIM paper's own numbers could not be obtained when the kit was written, so those
-cells of the file are empty and show as ``n/a`` until a user fills them from the PDF; the file
-carries a ``source`` for every number it does hold.
-
-Choosing a run for a cell: among the finished runs (status ``completed`` or ``early_stopped``) of
-the cell's dataset, variant and ablation -- optionally narrowed by ``filters`` on config keys --
-``pick="latest"`` takes the most recently written ``metrics.json`` (ties: the larger run name),
-``pick="best_dev"`` the best dev H@1 under the table's protocol (ties: the smaller run name), as
-:func:`dimkit.runs.choose` picks. The table says which rule it used, how many runs matched each row
-and which run it took.
-
-``run(TablesConfig(...))`` does it all: collects the runs, trains the missing ones when asked
-(through :func:`dimkit.runs.launch`), builds and writes every table.
-
-Percent everywhere in the tables: H@k and MRR are multiplied by 100, MR stays a rank; the
-difference is in percentage points.
+The runs come from :mod:`dimkit.runs`. The tables, as DataFrames, are those of the paper (original
+datasets, enhanced ones, ablations), each under DIM's candidate protocol and, in a separate table,
+the whole-KB protocol, plus one for the bundled sample whose caption says its numbers are not paper
+numbers. Beside each dimkit number stand the value of ``data/reference_results.csv`` (n/a where the
+paper's number could not be obtained) and the difference. H@k and MRR are shown in percent, the
+differences in percentage points.
 """
 from __future__ import annotations
 
@@ -39,19 +17,14 @@ from typing import Any, ClassVar, Iterable, Sequence
 import pandas as pd
 
 from . import atomic, datasets, paths
-from .errors import ConfigError, DataError, option
-from .runs import PICKS, LaunchReport, RunKey, choose, collect, finished, launch, matches, metric, plan
+from .errors import ConfigError, DataError, DimkitError, option
+from .runs import PICKS, LaunchReport, RunKey, choose, collect, find, finished, launch, matches, metric, plan
 from .stage import Config, Result, setting
 
 #: Metrics shown per protocol (the released code's top-k; MIMIC-style whole-KB metrics).
-PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
-    "dim": ("H@1", "H@5", "H@10", "H@20"),
-    "kb": ("H@1", "H@3", "H@5", "MRR"),
-}
-PROTOCOL_TITLES = {
-    "dim": "DIM candidate protocol",
-    "kb": "whole-KB protocol",
-}
+PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {"dim": ("H@1", "H@5", "H@10", "H@20"),
+                                                "kb": ("H@1", "H@3", "H@5", "MRR")}
+PROTOCOL_TITLES = {"dim": "DIM candidate protocol", "kb": "whole-KB protocol"}
 PROTOCOL_CAPTIONS = {
     "dim": ("DIM candidate protocol: rank of the gold among its mention's candidate list plus the gold "
             "(gold guaranteed), cosine scores; H@k in %."),
@@ -59,7 +32,6 @@ PROTOCOL_CAPTIONS = {
            "H@k and MRR in %. Not comparable with candidate-protocol numbers."),
 }
 #: Every dimkit row is shown under both rank rules (strict = the released rule, ties favour the gold).
-TABLE_RULES = ("strict", "pessimistic")
 RULE_LABELS = {"strict": "strict (released)", "pessimistic": "pessimistic"}
 TEXT_COLUMNS = ("dataset", "method", "rank rule", "run")
 
@@ -84,20 +56,10 @@ VARIANT_LABELS = {"paper": "DIM (dimkit, paper variant)", "released": "DIM (dimk
 
 REFERENCE_FILE = paths.reference_file()
 REFERENCE_COLUMNS = ("dataset", "protocol", "method", "ablation", "metric", "value", "source", "note")
+#: What one reference value is for; two rows of the file may not share it.
+REFERENCE_KEY = ["dataset", "protocol", "method", "ablation", "metric"]
 NA = "n/a"
 SAMPLE_WARNING = "Synthetic sample: these numbers are not paper numbers."
-
-
-# ---------------------------------------------------------------------------------------------
-# runs: read, listed and chosen by dimkit.runs
-
-
-def _is_percent(metric: str) -> bool:
-    return metric.startswith("H@") or metric == "MRR"
-
-
-# ---------------------------------------------------------------------------------------------
-# reference values
 
 
 def load_reference(path: str | Path | None = None) -> pd.DataFrame:
@@ -109,60 +71,40 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     for col in REFERENCE_COLUMNS:
         if col not in df.columns:
             raise DataError("missing column", file=path, field=col)
-    df = df[list(REFERENCE_COLUMNS)].copy()
-    for c in REFERENCE_COLUMNS:
-        df[c] = df[c].str.strip()
-    values = []
+    df = df[list(REFERENCE_COLUMNS)].apply(lambda column: column.str.strip())
+    values = pd.Series(math.nan, index=df.index)  # an empty value (or n/a) is unknown
     for i, row in df.iterrows():
-        rec = i + 2  # the CSV line (header is line 1)
+        where = {"file": path, "record": f"line {i + 2}"}  # the header is line 1
         try:
-            ds = datasets.canonical_name(row["dataset"])
-        except Exception:
-            raise DataError(f"invalid dataset name {row['dataset']!r}", file=path, record=f"line {rec}",
-                            field="dataset") from None
-        df.at[i, "dataset"] = ds
+            df.at[i, "dataset"] = datasets.canonical_name(row["dataset"])
+        except DimkitError:
+            raise DataError(f"invalid dataset name {row['dataset']!r}", **where, field="dataset") from None
         if row["protocol"] not in PROTOCOL_METRICS:
-            raise DataError(f"protocol {row['protocol']!r} is not one of {', '.join(PROTOCOL_METRICS)}",
-                            file=path, record=f"line {rec}", field="protocol")
-        if not row["method"]:
-            raise DataError("empty method", file=path, record=f"line {rec}", field="method")
-        if not row["metric"]:
-            raise DataError("empty metric", file=path, record=f"line {rec}", field="metric")
+            raise DataError(f"protocol {row['protocol']!r} is not one of {', '.join(PROTOCOL_METRICS)}", **where,
+                            field="protocol")
+        for name in ("method", "metric"):
+            if not row[name]:
+                raise DataError(f"empty {name}", **where, field=name)
         df.at[i, "ablation"] = row["ablation"] or "none"
-        text = row["value"]
-        if text == "" or text.lower() == NA:
-            values.append(math.nan)
+        if row["value"].lower() in ("", NA):
             continue
         try:
-            v = float(text)
+            value = float(row["value"])
         except ValueError:
-            raise DataError(f"value {text!r} is not a number (leave it empty when unknown)", file=path,
-                            record=f"line {rec}", field="value") from None
-        if not math.isfinite(v):
-            raise DataError(f"value {text!r} is not finite", file=path, record=f"line {rec}", field="value")
+            raise DataError(f"value {row['value']!r} is not a number (leave it empty when unknown)", **where,
+                            field="value") from None
+        if not math.isfinite(value):
+            raise DataError(f"value {row['value']!r} is not finite", **where, field="value")
         if not row["source"]:
-            raise DataError("a reference value without a source: say where the number comes from",
-                            file=path, record=f"line {rec}", field="source")
-        values.append(v)
-    df["value"] = pd.Series(values, index=df.index, dtype=float)
-    key = ["dataset", "protocol", "method", "ablation", "metric"]
-    dup = df[df.duplicated(key, keep=False)]
+            raise DataError("a reference value without a source: say where the number comes from", **where,
+                            field="source")
+        values.at[i] = value
+    df["value"] = values
+    dup = df[df.duplicated(REFERENCE_KEY, keep=False)]
     if len(dup):
-        first = dup.iloc[0]
-        raise DataError(f"two rows for {dict(first[key])}", file=path, record=f"line {dup.index[1] + 2}",
-                        field="metric")
-    return df.reset_index(drop=True)
-
-
-def reference_value(reference: pd.DataFrame, dataset: str, protocol: str, method: str, ablation: str,
-                    metric: str) -> tuple[float, str]:
-    """(value, source) of one reference cell; (nan, '') when the file has no such row."""
-    r = reference[(reference["dataset"] == dataset) & (reference["protocol"] == protocol)
-                  & (reference["method"] == method) & (reference["ablation"] == ablation)
-                  & (reference["metric"] == metric)]
-    if not len(r):
-        return math.nan, ""
-    return float(r.iloc[0]["value"]), str(r.iloc[0]["source"])
+        raise DataError(f"two rows for {dict(dup.iloc[0][REFERENCE_KEY])}", file=path,
+                        record=f"line {dup.index[1] + 2}", field="metric")
+    return df
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,31 +147,22 @@ class TableSpec:
         return PROTOCOL_METRICS[self.protocol]
 
 
-def _main_rows() -> tuple[RowSpec, ...]:
-    return tuple(RowSpec(VARIANT_LABELS[v], variant=v) for v in ("paper", "released"))
-
-
-def _ablation_rows() -> tuple[RowSpec, ...]:
-    return tuple(RowSpec(label, variant="paper", ablation=a) for a, label in ABLATION_LABELS.items())
-
-
 def standard_tables(split: str = "test", include_sample: bool = True) -> list[TableSpec]:
     """The paper's tables (original, enhanced, ablations) under both protocols, plus the sample's."""
+    main = tuple(RowSpec(label, variant=v) for v, label in VARIANT_LABELS.items())
+    ablations = tuple(RowSpec(label, ablation=a) for a, label in ABLATION_LABELS.items())
     specs = []
-    for proto in PROTOCOL_METRICS:
-        t = PROTOCOL_TITLES[proto]
+    for proto, t in PROTOCOL_TITLES.items():
         specs += [
-            TableSpec(f"original_{proto}", f"Results on the original datasets ({t})", ORIGINAL, proto,
-                      _main_rows(), split),
-            TableSpec(f"enhanced_{proto}", f"Results on the enhanced datasets ({t})", ENHANCED, proto,
-                      _main_rows(), split),
-            TableSpec(f"ablations_{proto}", f"Ablations on the enhanced datasets ({t})", ENHANCED, proto,
-                      _ablation_rows(), split, reference_methods=False),
+            TableSpec(f"original_{proto}", f"Results on the original datasets ({t})", ORIGINAL, proto, main, split),
+            TableSpec(f"enhanced_{proto}", f"Results on the enhanced datasets ({t})", ENHANCED, proto, main, split),
+            TableSpec(f"ablations_{proto}", f"Ablations on the enhanced datasets ({t})", ENHANCED, proto, ablations,
+                      split, reference_methods=False),
         ]
         if include_sample:
             specs.append(TableSpec(f"sample_{proto}", f"The bundled synthetic sample ({t})", SAMPLES, proto,
-                                   _main_rows() + _ablation_rows()[1:], split, reference_methods=False,
-                                   keep_empty_rows=False, sample=True))
+                                   main + ablations[1:], split, reference_methods=False, keep_empty_rows=False,
+                                   sample=True))
     return specs
 
 
@@ -242,7 +175,7 @@ class Table:
     """A built table: the numbers (``frame``), its caption, and which run fills each row."""
 
     spec: TableSpec
-    frame: pd.DataFrame  # dataset, method, then per metric: value, "<m> ref", "Δ <m>"; then runs matched, run
+    frame: pd.DataFrame  # dataset, method, rank rule, then per metric: value, "<m> ref", "Δ <m>"; runs matched, run
     caption: str
     warnings: list[str] = field(default_factory=list)
 
@@ -251,9 +184,20 @@ class Table:
         """File stem of the written table."""
         return self.spec.name
 
-    def display(self, na: str = NA, digits: int = 2) -> pd.DataFrame:
-        """The frame with paper dataset names, rounded numbers and ``n/a`` for missing values."""
-        return _formatted(self.frame, self.spec, na, digits, keep_runs=True)
+    def display(self, na: str = NA, digits: int = 2, runs: bool = True) -> pd.DataFrame:
+        """Every cell as text: paper dataset names, rounded numbers (differences signed), ``na`` when
+        missing; ``runs=False`` leaves out which run fills each row."""
+        df = self.frame if runs else self.frame.drop(columns=["runs matched", "run"])
+        df = df.assign(dataset=[DISPLAY_NAMES.get(d, d) for d in df["dataset"]])
+        for c in df.columns:
+            if c in TEXT_COLUMNS:
+                df[c] = df[c].fillna(na).astype(str)
+            elif c == "runs matched":
+                df[c] = df[c].astype(str)
+            else:
+                sign = "+" if c.startswith("Δ ") else ""
+                df[c] = [na if pd.isna(v) else f"{v:{sign}.{digits}f}" for v in df[c]]
+        return df
 
     def to_markdown(self, digits: int = 2) -> str:
         """Title, caption and a pipe table (missing values as n/a)."""
@@ -261,31 +205,27 @@ class Table:
         lines = [f"**{self.spec.title}** (`{self.name}`)", "", self.caption, ""]
         if not len(df):
             lines.append("_No finished run and no reference value for this table yet._")
-            return "\n".join(lines) + "\n"
-        lines.append("| " + " | ".join(_md_escape(c) for c in df.columns) + " |")
-        lines.append("|" + "|".join("---" if c in TEXT_COLUMNS else "---:"
-                                    for c in df.columns) + "|")
-        for _, row in df.iterrows():
-            lines.append("| " + " | ".join(_md_escape(str(v)) for v in row.tolist()) + " |")
+        else:
+            lines.append(_md_row(df.columns))
+            lines.append("|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in df.columns) + "|")
+            lines += [_md_row(row) for row in df.itertuples(index=False)]
         return "\n".join(lines) + "\n"
 
     def to_latex(self, digits: int = 2) -> str:
         """A booktabs ``table`` environment with the caption (the run column is left to the CSV)."""
-        df = _formatted(self.frame, self.spec, "n/a", digits, keep_runs=False)
-        cols = list(df.columns)
-        align = "".join("l" if c in TEXT_COLUMNS else "r" for c in cols)
+        df = self.display(digits=digits, runs=False)
+        align = "".join("l" if c in TEXT_COLUMNS else "r" for c in df.columns)
         out = ["\\begin{table}[t]", "\\centering", "\\small",
-               f"\\caption{{{_tex_escape(self.spec.title + '. ' + self.caption)}}}",
+               f"\\caption{{{(self.spec.title + '. ' + self.caption).translate(_TEX)}}}",
                f"\\label{{tab:{self.name}}}", f"\\begin{{tabular}}{{{align}}}", "\\toprule",
-               " & ".join(_tex_escape(c) for c in cols) + " \\\\", "\\midrule"]
+               " & ".join(c.translate(_TEX) for c in df.columns) + " \\\\", "\\midrule"]
         if not len(df):
-            out.append(f"\\multicolumn{{{len(cols)}}}{{c}}{{no finished run yet}} \\\\")
-        prev = None
-        for _, row in df.iterrows():
-            if prev is not None and row["dataset"] != prev:
+            out.append(f"\\multicolumn{{{len(df.columns)}}}{{c}}{{no finished run yet}} \\\\")
+        rows = df.values.tolist()
+        for i, row in enumerate(rows):
+            if i and row[0] != rows[i - 1][0]:  # a rule between datasets
                 out.append("\\midrule")
-            prev = row["dataset"]
-            out.append(" & ".join(_tex_escape(str(v)) for v in row.tolist()) + " \\\\")
+            out.append(" & ".join(str(v).translate(_TEX) for v in row) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
         return "\n".join(out) + "\n"
 
@@ -296,12 +236,8 @@ class Table:
     def save(self, folder: str | Path | None = None) -> list[Path]:
         """Write ``<name>.csv``, ``.md`` and ``.tex`` (atomically) into ``folder`` (default figures/tables)."""
         folder = Path(folder) if folder is not None else tables_dir()
-        out = []
-        for ext, text in (("csv", self.to_csv()), ("md", self.to_markdown()), ("tex", self.to_latex())):
-            p = folder / f"{self.name}.{ext}"
-            atomic.write_text(text, p)
-            out.append(p)
-        return out
+        return [atomic.write_text(text, folder / f"{self.name}.{ext}")
+                for ext, text in (("csv", self.to_csv()), ("md", self.to_markdown()), ("tex", self.to_latex()))]
 
 
 def tables_dir() -> Path:
@@ -309,34 +245,13 @@ def tables_dir() -> Path:
     return paths.figures_dir() / "tables"
 
 
-def _md_escape(s: str) -> str:
-    return s.replace("|", "\\|")
+def _md_row(cells: Iterable[Any]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
-_TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
-        "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "Δ": "$\\Delta$",
-        "−": "-"}
-
-
-def _tex_escape(s: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in s)
-
-
-def _formatted(frame: pd.DataFrame, table: TableSpec, na: str, digits: int, keep_runs: bool) -> pd.DataFrame:
-    df = frame.copy()
-    if not keep_runs:
-        df = df.drop(columns=[c for c in ("runs matched", "run") if c in df.columns])
-    df["dataset"] = [DISPLAY_NAMES.get(d, d) for d in df["dataset"]]
-    for c in df.columns:
-        if c in TEXT_COLUMNS:
-            df[c] = df[c].fillna(na).astype(str)
-        elif c == "runs matched":
-            df[c] = [str(int(v)) for v in df[c]]
-        else:
-            delta = c.startswith("Δ ")
-            df[c] = [na if (v is None or (isinstance(v, float) and math.isnan(v)))
-                     else (f"{v:+.{digits}f}" if delta else f"{v:.{digits}f}") for v in df[c]]
-    return df
+_TEX = str.maketrans({"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
+                      "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+                      "Δ": "$\\Delta$", "−": "-"})
 
 
 def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *, pick: str = "latest",
@@ -345,60 +260,44 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
     if pick not in PICKS:
         raise ConfigError(f"pick={pick!r} is not one of {', '.join(PICKS)}")
     done = finished(runs)
-    metrics = table.metrics
+    refs = {tuple(key): (value, source) for key, value, source in
+            zip(reference[REFERENCE_KEY].values.tolist(), reference["value"], reference["source"])}
     rows: list[dict] = []
     used: list[pd.Series] = []
     multi = 0
     ref_sources: set[str] = set()
     for ds in table.datasets:
         row_specs = list(table.rows)
-        if table.reference_methods and len(reference):
+        if table.reference_methods:
             r = reference[(reference["dataset"] == ds) & (reference["protocol"] == table.protocol)
                           & (reference["method"] != "DIM") & reference["value"].notna()]
-            for method in sorted(set(r["method"])):
-                row_specs.append(RowSpec(f"{method} (published)", method=method, variant=None))
+            row_specs += [RowSpec(f"{m} (published)", method=m, variant=None) for m in sorted(set(r["method"]))]
         for rs in row_specs:
-            base_row: dict[str, Any] = {"dataset": ds, "method": rs.label}
-            chosen = None
-            n_match = 0
-            if rs.variant is not None and len(done):
-                cand = done[(done["dataset"] == ds) & (done["variant"] == rs.variant)
-                            & (done["ablation"] == rs.ablation)]
-                keep = pd.Series([matches(r, filters) and not math.isnan(
-                    metric(r, table.split, table.protocol, "H@1")) for _, r in cand.iterrows()],
-                    index=cand.index, dtype=bool)
-                cand = cand.loc[keep]
-                n_match = len(cand)
-                chosen = choose(cand, pick, table.protocol)
-            if n_match > 1:
-                multi += 1
+            chosen, n_match = None, 0
+            if rs.variant is not None:  # the runs of this cell that hold the table's numbers
+                cand = find(ds, rs.variant, rs.ablation, filters=filters, runs=done)
+                cand = cand.loc[[not math.isnan(metric(r, table.split, table.protocol, "H@1"))
+                                 for _, r in cand.iterrows()]]
+                n_match, chosen = len(cand), choose(cand, pick, table.protocol)
+            multi += n_match > 1
             if chosen is not None:
                 used.append(chosen)
             # a run fills one row per rank rule, side by side; a published number is one row
-            for rule in (TABLE_RULES if chosen is not None else (None,)):
-                row = dict(base_row, **{"rank rule": RULE_LABELS.get(rule, "")})
-                for m in metrics:
-                    v = metric(chosen, table.split, table.protocol, m, rule) if chosen is not None else math.nan
-                    if _is_percent(m) and not math.isnan(v):
-                        v = 100.0 * v
-                    ref, src = reference_value(reference, ds, table.protocol, rs.method, rs.ablation, m) \
-                        if len(reference) else (math.nan, "")
+            for rule in (RULE_LABELS if chosen is not None else [None]):
+                row = {"dataset": ds, "method": rs.label, "rank rule": RULE_LABELS.get(rule, "")}
+                for m in table.metrics:  # all H@k or MRR: in percent
+                    v = 100 * metric(chosen, table.split, table.protocol, m, rule) if chosen is not None else math.nan
+                    ref, source = refs.get((ds, table.protocol, rs.method, rs.ablation, m), (math.nan, ""))
                     if not math.isnan(ref):
-                        ref_sources.add(f"{rs.method}: {src}")
-                    row[m] = v
-                    row[f"{m} ref"] = ref
-                    row[f"Δ {m}"] = v - ref if not (math.isnan(v) or math.isnan(ref)) else math.nan
-                row["runs matched"] = n_match
-                row["run"] = chosen["run_name"] if chosen is not None else None
-                has_any = any(not math.isnan(row[c]) for m in metrics for c in (m, f"{m} ref"))
-                if table.keep_empty_rows or has_any:
+                        ref_sources.add(f"{rs.method}: {source}")
+                    row.update({m: v, f"{m} ref": ref, f"Δ {m}": v - ref})
+                row.update({"runs matched": n_match, "run": chosen["run_name"] if chosen is not None else None})
+                empty = all(math.isnan(row[c]) for m in table.metrics for c in (m, f"{m} ref"))
+                if table.keep_empty_rows or not empty:
                     rows.append(row)
-    cols = (["dataset", "method", "rank rule"] + [c for m in metrics for c in (m, f"{m} ref", f"Δ {m}")]
-            + ["runs matched", "run"])
-    frame = pd.DataFrame(rows, columns=cols)
-    for c in cols[3:-2]:
-        frame[c] = frame[c].astype(float)
-    frame["runs matched"] = frame["runs matched"].astype(int)
+    numbers = [c for m in table.metrics for c in (m, f"{m} ref", f"Δ {m}")]
+    frame = pd.DataFrame(rows, columns=["dataset", "method", "rank rule", *numbers, "runs matched", "run"])
+    frame = frame.astype({**{c: float for c in numbers}, "runs matched": int})
     warnings = _warnings(table, used)
     caption = _caption(table, used, warnings, pick, multi, ref_sources, filters)
     return Table(frame=frame, spec=table, caption=caption, warnings=warnings)
@@ -406,27 +305,22 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
 
 def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
     out = []
-    on_sample = table.sample or any(datasets.base_name(r["dataset"]) == "sample" for r in used)
-    if on_sample:
+    if table.sample or any(datasets.base_name(r["dataset"]) == "sample" for r in used):
         out.append(SAMPLE_WARNING)
     # pandas hands back numpy booleans; anything but a true value (missing included) warns
     fake = sorted({str(r["feature_model"]) for r in used if r["weights_real"] not in (True,)})
     if fake:
         out.append(f"Features from CLIP without real pretrained weights ({', '.join(fake)}): "
                    "not comparable to the paper.")
-    # The runs' own notes say the same as the two warnings above; shown only when nothing else warns.
-    notes = sorted({str(r["note"]) for r in used if r["note"]}) if not out else []
-    for n in notes:
-        sentence = n[0].upper() + n[1:] + ("" if n.endswith(".") else ".")
-        if sentence not in out:
-            out.append(f"Run note: {sentence}")
+    if not out:  # the runs' own notes say what the warnings above say: shown only when nothing else warns
+        notes = sorted({str(r["note"]) for r in used if r["note"]})
+        out += [f"Run note: {n[0].upper()}{n[1:]}{'' if n.endswith('.') else '.'}" for n in notes]
     return out
 
 
 def _caption(table: TableSpec, used: Sequence[pd.Series], warnings: list[str], pick: str, multi: int,
              ref_sources: set[str], filters: dict | None) -> str:
-    parts = list(warnings)
-    parts.append(PROTOCOL_CAPTIONS[table.protocol])
+    parts = [*warnings, PROTOCOL_CAPTIONS[table.protocol]]
     parts.append(f"dimkit: {table.split} split of the model selected on dev, one row per rank rule: "
                  "strict (released: ties and NaN favour the gold) and pessimistic (ties count against it).")
     if not used:
@@ -451,8 +345,7 @@ def build_tables(specs: Iterable[TableSpec] | None = None, *, runs: pd.DataFrame
                  pick: str = "latest", filters: dict | None = None) -> dict[str, Table]:
     """Build every table of ``specs`` (default :func:`standard_tables`) from the runs folder."""
     specs = list(specs) if specs is not None else standard_tables()
-    if runs is None:
-        runs = collect(runs_dir)
+    runs = collect(runs_dir) if runs is None else runs
     if reference is None or isinstance(reference, (str, Path)):
         reference = load_reference(reference)
     return {s.name: build_table(s, runs, reference, pick=pick, filters=filters) for s in specs}
@@ -462,22 +355,13 @@ def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path 
     """Write every table as CSV, Markdown and LaTeX, plus ``index.md`` holding all Markdown tables."""
     tables = list(tables.values()) if isinstance(tables, dict) else list(tables)
     folder = Path(folder) if folder is not None else tables_dir()
-    out = []
-    for t in tables:
-        out += t.save(folder)
+    out = [p for t in tables for p in t.save(folder)]
     index = ["# dimkit result tables", "",
              "Rebuilt by `dimkit.tables` (notebook `04_tables`) from `runs/*/metrics.json` and "
              "`data/reference_results.csv`.", ""]
     for t in tables:
         index += [t.to_markdown(), ""]
-    p = folder / "index.md"
-    atomic.write_text("\n".join(index), p)
-    out.append(p)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# missing runs
+    return out + [atomic.write_text("\n".join(index), folder / "index.md")]
 
 
 def missing_runs(specs: Iterable[TableSpec], runs: pd.DataFrame, *, only: Iterable[str] | None = None,
@@ -492,13 +376,8 @@ def missing_runs(specs: Iterable[TableSpec], runs: pd.DataFrame, *, only: Iterab
             if only_set is not None and ds not in only_set:
                 continue
             for rs in s.rows:
-                if rs.variant is None:
-                    continue
-                if "original_descriptions" in rs.ablation and not datasets.is_augmented(ds):
-                    continue  # only '+' datasets keep original descriptions to ablate to
-                k = RunKey(ds, rs.variant, rs.ablation)
-                if k not in have and k not in out:
-                    out.append(k)
+                if rs.variant is not None:  # plan() knows which cells a dataset cannot have
+                    out += [k for k in plan([ds], [rs.variant], [rs.ablation]) if k not in have and k not in out]
     return out
 
 
@@ -519,7 +398,8 @@ class TablesConfig(Config):
     launch_missing: bool = setting(False, "first train the runs the tables lack, for launch_datasets x variants x "
                                           "ablations")
     launch_datasets: list[str] = setting(help="datasets to train for (empty: dataset and its + form)", factory=list)
-    variants: list[str] = setting(help=f"variants to train: {', '.join(VARIANT_LABELS)} (default: paper)", factory=lambda: ["paper"])
+    variants: list[str] = setting(help=f"variants to train: {', '.join(VARIANT_LABELS)} (default: paper)",
+                                  factory=lambda: ["paper"])
     ablations: list[str] = setting(help=f"ablations to train: {', '.join(ABLATION_LABELS)} (default: none)",
                                    factory=lambda: ["none"])
     num_epochs: int | None = setting(None, "epochs of the runs trained here (None: the dataset preset)", above=0,
@@ -580,8 +460,7 @@ class TablesResult(Result):
         """The launch report if any, the family's tables as Markdown, and what was written."""
         lines = [self.launch.summary(), ""] if self.launch is not None else []
         lines += [self.tables[n].to_markdown() for n in self.config.shown() if n in self.tables]
-        names = self.config.launch_names
-        lines.append(f"{len(self.missing)} cell(s) of {', '.join(names)} without a finished run"
+        lines.append(f"{len(self.missing)} cell(s) of {', '.join(self.config.launch_names)} without a finished run"
                      + ("" if self.config.launch_missing or not self.missing
                         else f" ({option('launch_missing=True', '--launch-missing')} trains them)"))
         lines.append(f"built {len(self.tables)} tables from {self.runs_used} finished run(s) "
@@ -619,9 +498,3 @@ def run(cfg: TablesConfig) -> TablesResult:
 #: The command line: ``dimkit tables`` takes the flags of :class:`TablesConfig` and runs :func:`run`.
 CONFIG = TablesConfig
 
-
-__all__ = [
-    "PROTOCOL_METRICS", "ORIGINAL", "ENHANCED", "SAMPLES", "RowSpec", "TableSpec", "Table", "load_reference",
-    "reference_value", "standard_tables", "build_table", "build_tables", "write_tables", "tables_dir",
-    "missing_runs", "TablesConfig", "TablesResult", "run", "CONFIG",
-]
