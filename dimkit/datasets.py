@@ -107,6 +107,7 @@ class Dataset:
     entities: pd.DataFrame
     meta: dict = field(default_factory=dict)
     _candidates: pd.DataFrame | None = field(default=None, repr=False)
+    _real: dict = field(default_factory=dict, repr=False)  # folder -> its resolved path (image_path)
 
     def __repr__(self) -> str:
         c = self.counts()
@@ -143,10 +144,12 @@ class Dataset:
         where = self.root / "mentions.parquet"
         top = PurePosixPath(check_relative_path(rel, file=where, record=None, field="image")).parts
         path = self.root / rel
-        real = path.resolve()
-        allowed = [self.root.resolve()]
+        # Folders are resolved once per dataset (a check of 25K images would resolve each 25K times);
+        # the file itself is followed only when it is a link.
+        real = path.resolve() if path.is_symlink() else self._resolved(path.parent) / path.name
+        allowed = [self._resolved(self.root)]
         if len(top) > 1 and (self.root / top[0]).is_symlink():
-            allowed.append((self.root / top[0]).resolve())
+            allowed.append(self._resolved(self.root / top[0]))
         if not any(real.is_relative_to(base) for base in allowed):
             folders = " or ".join(str(base) for base in allowed)
             raise DataError(f"image path {rel!r} resolves to {real}, outside the dataset's image "
@@ -154,6 +157,11 @@ class Dataset:
                             "elsewhere, or the path climbs out of a linked folder with '..'): put the "
                             "file itself in the image folder", file=where, field="image")
         return path
+
+    def _resolved(self, folder: Path) -> Path:
+        if folder not in self._real:
+            self._real[folder] = folder.resolve()
+        return self._real[folder]
 
     def counts(self) -> dict:
         """Mentions per split, entities, mentions with an image, NIL mentions."""

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import atomic, datasets, paths
 from .errors import DataError, DimkitError, option
 from .stage import Config, Result, setting
+from .store import content_hash
 
 LAYOUTS = ("dim", "mimic", "melbench")
 #: Folder names of the DIM release, file prefixes of MIMIC, file stems of MELBench, per dataset family.
@@ -815,6 +816,7 @@ class PrepareConfig(Config):
     seed: int = setting(DEFAULT_SEED, "seed of the splits dimkit makes (MELBench; dev carved from train)")
     copy_images: bool = setting(False, "copy the referenced images instead of linking the images root")
     data_dir: Path | None = setting(None, "output root (default $DIMKIT_DATA)")
+    force: bool = setting(False, "prepare again even when the source and the settings are unchanged")
 
 
 @dataclass
@@ -824,10 +826,24 @@ class PrepareResult(Result):
     dataset: str
     root: Path
     meta: dict = field(default_factory=dict, repr=False)
+    up_to_date: bool = False  # the source and settings were those of the dataset already there
 
     def summary(self) -> str:
         """Counts, images, candidates and the reader's notes (:func:`format_summary`)."""
-        return format_summary(self.root)
+        again = ("\n  up to date: the source files and settings are unchanged since it was prepared "
+                 f"({option('force=True', '--force')} prepares it again)") if self.up_to_date else ""
+        return format_summary(self.root) + again
+
+
+def source_key(cfg: "PrepareConfig", src: Path) -> str:
+    """What a prepared dataset was made from: the settings and every JSON file of the source (path,
+    size, modification time), so a rerun on an unchanged source can skip the reading and writing."""
+    from . import __version__
+
+    files = [src] if src.is_file() else sorted(src.rglob("*.json"))
+    stats = [(str(p.relative_to(src) if p != src else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    settings = {k: str(v) for k, v in cfg.to_dict().items() if k not in ("force", "data_dir")}
+    return content_hash({"version": __version__, "src": str(src.resolve()), "settings": settings, "files": stats})
 
 
 def run(cfg: PrepareConfig) -> PrepareResult:
@@ -856,6 +872,11 @@ def run(cfg: PrepareConfig) -> PrepareResult:
     elif detected != layout:
         subset = None
     subset = _resolve_subset(layout, src, subset, cfg.subset, cfg.dataset)
+    key = source_key(cfg, src)
+    if not cfg.force and (out / "meta.json").is_file():
+        old = datasets.read_json_file(out / "meta.json", what="the dataset's meta.json", fix="rerun with --force")
+        if old.get("source_key") == key and (out / "mentions.parquet").is_file():
+            return PrepareResult(dataset=cfg.dataset, root=out, meta=old, up_to_date=True)
     # ---- read everything first: every DataError is raised before anything is written
     if layout == "dim":
         read = _read_dim(src, subset, cfg.dataset, cfg.images, cfg.seed)
@@ -870,7 +891,7 @@ def run(cfg: PrepareConfig) -> PrepareResult:
     if src.resolve() == paths.sample_source_dir().resolve():
         read.notes.append("the bundled synthetic sample: numbers on it are not comparable to the paper")
     meta = {"name": cfg.dataset, "layout": layout, "subset": subset, "dataset": _family(subset),
-            "source": str(cfg.src), "source_resolved": str(src.resolve()), "seed": cfg.seed,
+            "source": str(cfg.src), "source_resolved": str(src.resolve()), "seed": cfg.seed, "source_key": key,
             "prepared_by": f"dimkit.prepare {__version__}", "images": img_meta,
             "images_missing": img_meta.get("mention_images_missing", 0) + img_meta.get("entity_images_missing", 0),
             "notes": read.notes, **read.meta}
@@ -918,7 +939,9 @@ def format_summary(root: str | Path) -> str:
                      f"{meta.get('images_missing', 0)}{refused} (check them with `dimkit images "
                      f"{meta['name']}`)")
     cand = meta.get("candidates")
-    if cand:
+    if cand and cand.get("source") != "release":
+        lines.append(f"  candidates: built by dimkit (top {cand.get('k')}, {cand.get('scorer')})")
+    elif cand:
         lines.append(f"  candidates: {cand['mentions_with_list']} lists from {cand['file']} "
                      f"({cand['mentions_without_list']} mentions without one, "
                      f"{cand['unknown_qids_dropped']} unknown ids dropped)")

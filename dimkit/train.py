@@ -674,13 +674,15 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
         _released_set_seed(cfg.seed)  # ... and train() seeds again before its loop
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    sampler = _sampler(cfg, ds, desc_col, train)
 
     # --- the state of the loop: fresh, or from the checkpoint
     state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
                  best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
                  epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
     ck = _resumable(cfg, ckpt_path, run_name, str(features.model_id), device)
+    # the negatives' tables take a while on a large KB (no random number is drawn building them): a
+    # run that finished earlier only needs its evaluation
+    sampler = None if ck is not None and ck["state"].get("finished") else _sampler(cfg, ds, desc_col, train)
     if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -691,7 +693,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         shuffle_gen.set_state(rng["shuffle"].cpu())
         np_rng.bit_generator.state = json.loads(rng["numpy"])
-        if rng.get("negatives") is not None and hasattr(sampler, "setstate"):
+        if rng.get("negatives") is not None and sampler is not None and hasattr(sampler, "setstate"):
             sampler.setstate(rng["negatives"])
         state.update(ck["state"], curve=json.loads(ck["state"]["curve"]), best_state=ck["best_state"],
                      perm=ck["perm"].cpu() if ck["perm"] is not None else None)

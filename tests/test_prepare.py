@@ -584,3 +584,27 @@ def test_linked_images_root_does_not_expose_links_out_of_it(tmp_path, data_dir):
         with pytest.raises(DataError, match="outside the dataset's image folder"):
             ds.image_path(m.loc[mid, "image"])
     assert ds.image_path(m.loc["train-12", "image"]).is_file()
+
+
+def test_a_rerun_on_an_unchanged_source_prepares_nothing_again(tmp_path, data_dir, capsys):
+    src = fx.build_dim_wiki(tmp_path / "src")
+    root = prepare(src, "wikimel")
+    stamp = (root / "mentions.parquet").stat().st_mtime_ns
+    from dimkit import candidates
+
+    candidates.run(candidates.CandidatesConfig.for_dataset("wikimel", k=5, replace_released=True), progress=False)
+    assert cli.main(["prepare", str(src), "--name", "wikimel"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (root / "mentions.parquet").stat().st_mtime_ns == stamp  # not rewritten
+    assert datasets.load("wikimel").meta["candidates"]["source"] == candidates.BUILT_SOURCE  # later stages kept
+    train = src / "wikipedia" / "train.json"
+    data = json.loads(train.read_text())
+    first = next(iter(data))
+    data[first]["sentence"] = "An edited sentence about " + data[first]["mentions"] + "."
+    train.write_text(json.dumps(data))
+    prepare(src, "wikimel")  # a changed source file is read again
+    assert (root / "mentions.parquet").stat().st_mtime_ns != stamp
+    assert datasets.load("wikimel").mentions["sentence"].str.startswith("An edited").sum() == 1
+    stamp = (root / "mentions.parquet").stat().st_mtime_ns
+    prepare(src, "wikimel", force=True)  # and --force prepares it again regardless
+    assert (root / "mentions.parquet").stat().st_mtime_ns != stamp
