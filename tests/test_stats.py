@@ -121,3 +121,15 @@ def test_figure2_of_paper_datasets_and_marked_synthetic_answers(kit_dirs):
 def test_no_enhanced_dataset_is_a_clear_error(kit_dirs):
     with pytest.raises(DimkitError, match="dimkit augment sample"):
         stats.figure2()
+
+
+def test_the_measures_are_stored_and_a_rerun_reuses_them(kit_dirs, monkeypatch):
+    from dimkit import augment, datasets, stats
+
+    augment.augment("sample", model=augment.SAMPLE_ORACLE, replay=True, progress=False)
+    first = stats.enhanced_stats("sample+")
+    assert (datasets.dataset_dir("sample+") / "reports" / "figure2.parquet").is_file()
+    monkeypatch.setattr(stats, "new_facts", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    again = stats.enhanced_stats("sample+")
+    assert again.summary() == first.summary()
+    assert again.per_entity["new_names"].tolist() == first.per_entity["new_names"].tolist()
