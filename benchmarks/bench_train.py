@@ -183,7 +183,7 @@ def dimkit_epoch(ds, feats, variant, batch_size):
 
     cfg = train.TrainConfig.for_dataset("wikimel", variant=variant, num_epochs=1, batch_size=batch_size, protocols="kb",
                            select_protocol="kb", negatives="tfidf", hidden=feats.dim, eval_steps=0,
-                           run_name=f"bench-{variant}")
+                           run_name=f"bench-{variant}", resume=False)  # every repeat trains
     train.run(cfg, dataset=ds, features=feats, callback=cb, progress=False)
     return marks["end"] - marks["start"]
 

@@ -105,10 +105,11 @@ def help_text(what: str) -> str:
             "accelerate launch or torchrun, else everything")
 
 
-def check(spec: str | None) -> None:
-    """Refuse a ``shard`` setting that is neither None, ``auto`` nor ``i/n`` (without reading the launcher's variables)."""
-    if spec not in (None, "auto"):
-        parse_shard(spec)
+def check(setting: str | None) -> None:
+    """Refuse a ``shard`` setting that is neither None, ``auto`` nor ``i/n`` (without reading the
+    launcher's variables)."""
+    if setting not in (None, "auto"):
+        parse_shard(setting)
 
 
 def run_then_assemble(shard_arg, run, show):
