@@ -338,12 +338,13 @@ class LaunchReport(Result):
 
 def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame | None = None,
            filters: dict | None = None, num_epochs: int | None = None, clip: str = "auto",
-           device: str | None = None, overrides: dict | None = None, resume: bool = False,
+           device: str | None = None, overrides: dict | None = None, resume: bool = True,
            progress: bool = False, data_dir: str | Path | None = None) -> LaunchReport:
     """Train each of ``keys`` that has no finished run yet (see :data:`REUSE`), with its dataset's preset.
 
     ``runs``: what :func:`collect` returned (collected now when None). Datasets not prepared are skipped;
-    a run that fails is reported and the others still run. The other settings go to ``TrainConfig``.
+    a run that fails is reported and the others still run; an interrupted one continues (``resume``).
+    The other settings go to ``TrainConfig``.
     """
     if reuse not in REUSE:
         raise ConfigError(f"reuse={reuse!r} is not one of {', '.join(REUSE)}")
