@@ -144,8 +144,9 @@ class Chain:
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     """The fake endpoint in its own process (as a remote one would be)."""
+    # its stderr would fill the log with the resets of keep-alive connections a finished stage leaves
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "llm_server.py"), "--latency", str(latency),
-                             "--api-key", KEY], stdout=subprocess.PIPE, text=True)
+                             "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     url = proc.stdout.readline().strip()
     if not url.startswith("http"):
         proc.kill()

@@ -872,8 +872,10 @@ def _run(cfg: AugmentConfig, store: Store, base_url: str | None, api_key: str | 
         with ChatClient(endpoint, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,  # raises if no key
                         max_attempts=cfg.max_attempts, requests_per_s=cfg.requests_per_s,
                         adaptive_rate=cfg.adaptive_rate) as client, \
-                tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="entity", disable=not cfg.progress,
-                     desc=f"augment {ds.name}" + (" (batch)" if cfg.batch else "")) as pbar:
+                tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="entity",
+                     desc=f"augment {ds.name}" + (" (batch)" if cfg.batch else ""),
+                     # disable only to switch the bar off: disable=False would override TQDM_DISABLE
+                     **({} if cfg.progress else {"disable": True})) as pbar:
             client.check()  # one clear error before any work if the endpoint is down or the key is bad
             (_run_batch if cfg.batch else _run_live)(todo, client, cfg, tmpl, store, report, pbar)
         cost = estimate_cost(cfg.model, report.prompt_tokens, report.completion_tokens, prices=prices,

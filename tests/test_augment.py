@@ -575,3 +575,12 @@ def test_answers_file_with_a_byte_order_mark_is_read_and_latin1_is_named(server,
     path.write_bytes(json.dumps(answers, ensure_ascii=False).encode("latin-1"))
     with pytest.raises(aug.DataError, match="not UTF-8 text"):
         aug.import_answers(path, "toy")
+
+
+def test_tqdm_disable_is_honoured(server, capsys, monkeypatch):
+    """TQDM_DISABLE (what CI and the rehearsal set) switches the progress bar off; progress=True must not
+    turn it back on."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    make_toy(n=3)
+    aug.augment("toy", model="fake-model")
+    assert "entity/s" not in capsys.readouterr().err
