@@ -76,6 +76,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _known_arch(name: str) -> bool:
+    if name in CONFIGS:  # dimkit's own: no need to import open_clip (seconds) to know them
+        return True
     import open_clip
 
     register_dimkit_configs()
@@ -132,8 +134,6 @@ def parse_clip_spec(text: str = "default") -> ClipSpec:
         return _local_dir_spec(text, Path(text[len("local-dir:"):]).expanduser())
     arch, sep, rest = text.partition(":")
     if sep and _known_arch(arch):
-        import open_clip
-
         if rest.lower().startswith("random"):
             seed = RANDOM_SEED
             if "@" in rest:
@@ -144,6 +144,8 @@ def parse_clip_spec(text: str = "default") -> ClipSpec:
             model_id = f"{arch}:random" + ("" if seed == RANDOM_SEED else f"@seed{seed}")
             return ClipSpec(arch=arch, spec=text, weights=None, model_id=model_id, weights_real=False,
                             seed=seed, note="random weights")
+        import open_clip  # only now: it takes seconds, and random weights need none of its tables
+
         if rest in open_clip.list_pretrained_tags_by_model(arch):
             pcfg = open_clip.get_pretrained_cfg(arch, rest) or {}
             return ClipSpec(arch=arch, spec=text, weights=rest, model_id=f"{arch}:{rest}", weights_real=True,

@@ -17,6 +17,7 @@ it is the KB key, whatever its form.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -142,25 +143,27 @@ class Dataset:
         if rel is None or (isinstance(rel, float) and rel != rel):
             return None
         where = self.root / "mentions.parquet"
-        top = PurePosixPath(check_relative_path(rel, file=where, record=None, field="image")).parts
-        path = self.root / rel
-        # Folders are resolved once per dataset (a check of 25K images would resolve each 25K times);
-        # the file itself is followed only when it is a link.
-        real = path.resolve() if path.is_symlink() else self._resolved(path.parent) / path.name
-        allowed = [self._resolved(self.root)]
-        if len(top) > 1 and (self.root / top[0]).is_symlink():
-            allowed.append(self._resolved(self.root / top[0]))
-        if not any(real.is_relative_to(base) for base in allowed):
-            folders = " or ".join(str(base) for base in allowed)
+        clean = check_relative_path(rel, file=where, record=None, field="image")
+        # Plain strings and each folder resolved once per dataset: a check of 25K images would
+        # otherwise spend seconds in pathlib; the file itself is followed only when it is a link.
+        path = os.path.join(self.root, rel)
+        folder, name = os.path.split(path)
+        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(self._resolved(folder), name)
+        top = clean.split("/", 1)[0] if "/" in clean else None
+        allowed = [self._resolved(str(self.root))]
+        if top is not None and os.path.islink(os.path.join(self.root, top)):
+            allowed.append(self._resolved(os.path.join(self.root, top)))
+        if not any(real == base or real.startswith(base + os.sep) for base in allowed):
+            folders = " or ".join(allowed)
             raise DataError(f"image path {rel!r} resolves to {real}, outside the dataset's image "
                             f"folder ({folders}); it is not opened (a link in the image folder points "
                             "elsewhere, or the path climbs out of a linked folder with '..'): put the "
                             "file itself in the image folder", file=where, field="image")
-        return path
+        return Path(path)
 
-    def _resolved(self, folder: Path) -> Path:
+    def _resolved(self, folder: str) -> str:
         if folder not in self._real:
-            self._real[folder] = folder.resolve()
+            self._real[folder] = os.path.realpath(folder)
         return self._real[folder]
 
     def counts(self) -> dict:

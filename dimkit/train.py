@@ -612,6 +612,12 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     device = pick_device(cfg.device)
     protocols = cfg.protocols.split(",")
     ds = dataset if dataset is not None else datasets.load(cfg.dataset)
+    key = _inputs_key(cfg, ds, device) if features is None else None
+    if cfg.resume and key is not None:
+        done = _read_back(cfg, key)
+        if done is not None:
+            print(f"{done.run_name} finished earlier on these very inputs ({done.status}): read back")
+            return done
     # --- every input that does not need the features is checked before they are computed
     eindex = {q: i for i, q in enumerate(ds.entities["qid"].tolist())}  # qid -> row of the KB
     need_cand = "dim" in protocols or cfg.negatives == "candidates"
@@ -821,9 +827,51 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     atomic.write_torch({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, run_dir / "model.pt")
     _write_predictions(run_dir, model, ds, entities, inputs, {"dev": dev, "test": test}, ranks, cfg.rank_rule)
-    _write_metrics(result, cfg, device)
+    # the key again: computing the features may have added the image check's columns to mentions.parquet
+    _write_metrics(result, cfg, device, _inputs_key(cfg, ds, device) if key is not None else None)
     write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # what dimkit.link needs
     return result
+
+
+def _inputs_key(cfg: TrainConfig, ds: datasets.Dataset, device: str) -> str:
+    """What a run's numbers depend on besides its settings: the dataset's files, the CLIP and the cue
+    expert its features come from, their precision, and the training code."""
+    from .clip import parse_clip_spec
+    from .cues import default_expert
+    from .features import resolve_clip_name
+    from .images import sha256_file
+    from .store import content_hash
+
+    root = Path(ds.root)
+    files = {f: sha256_file(root / f) for f in ("mentions.parquet", "entities.parquet", "candidates.parquet")
+             if (root / f).is_file()}
+    return content_hash({"code": CODE_VERSION, "settings": cfg.fingerprint(), "files": files,
+                         "clip": parse_clip_spec(resolve_clip_name(ds.name, cfg.clip)).model_id,
+                         "expert": default_expert(ds.name),
+                         "precision": "fp16" if device.startswith("cuda") else "fp32"})
+
+
+def _read_back(cfg: TrainConfig, key: str) -> RunResult | None:
+    """The finished run of these settings and these very inputs (its ``metrics.json``), or None.
+
+    A rerun of a chain then neither recomputes the features nor evaluates again; any change of the
+    dataset, the CLIP, the expert or the code gives another key, and the run is evaluated (or trained).
+    """
+    base = paths.runs_dir() / cfg.name()
+    for folder in [base, *sorted(base.parent.glob(f"{base.name}-missing-*"))]:
+        try:
+            d = json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (d.get("inputs_key") == key and d.get("status") in ("completed", "early_stopped")
+                and (folder / "model.pt").is_file() and (folder / PROVENANCE_FILE).is_file()):
+            return RunResult(run_name=d["run_name"], run_dir=folder, dataset=d["dataset"], variant=d["variant"],
+                             ablation=d["ablation"], config=d["config"], metrics=d["metrics"], best=d["best"],
+                             curve=d["curve"], status=d["status"], wall_time_s=d["wall_time_s"],
+                             feature_model=d["feature_model"], weights_real=d["weights_real"], note=d["note"],
+                             counts=d["counts"], inputs_missing=d["inputs_missing"],
+                             metrics_by_rule=d["metrics_by_rule"])
+    return None
 
 
 def _evaluate_and_select(state: dict, model: torch.nn.Module, metrics: dict, cfg: TrainConfig,
@@ -875,7 +923,7 @@ def _write_predictions(run_dir: Path, model: torch.nn.Module, ds: datasets.Datas
         atomic.write_parquet(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
 
 
-def _write_metrics(result: RunResult, cfg: TrainConfig, device: str) -> None:
+def _write_metrics(result: RunResult, cfg: TrainConfig, device: str, inputs_key: str | None) -> None:
     import platform
 
     from . import __version__
@@ -891,7 +939,7 @@ def _write_metrics(result: RunResult, cfg: TrainConfig, device: str) -> None:
         "metrics": result.metrics, "best": result.best, "config": result.config, "seed": cfg.seed,
         "feature_model": result.feature_model, "weights_real": result.weights_real, "note": result.note,
         "wall_time_s": result.wall_time_s, "device": device, "counts": result.counts,
-        "inputs_missing": result.inputs_missing, "curve": result.curve,
+        "inputs_missing": result.inputs_missing, "inputs_key": inputs_key, "curve": result.curve,
         # versions only of what training touches: importing transformers/open_clip here costs seconds
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "dimkit": __version__},
     }, result.run_dir / "metrics.json")

@@ -359,3 +359,29 @@ def test_released_seeding_resumes_exactly(problem, kit_dirs):
     assert resumed.metrics == full.metrics and resumed.curve == full.curve
     other = train.run(_cfg(run_name="rdimkit", **dict(kw, seeding="dimkit")), dataset=ds, features=fs)
     assert other.curve != full.curve  # the seeding is a real switch
+
+
+def test_a_finished_run_on_unchanged_inputs_is_read_back_without_features(kit_dirs, monkeypatch, capsys):
+    """A rerun of the chain neither recomputes features nor evaluates again; changed inputs do."""
+    import dimkit.features
+    from dimkit import datasets
+
+    cfg = train.TrainConfig.for_dataset("sample+", num_epochs=1)
+    first = train.run(cfg, progress=False)
+    real = dimkit.features.load_features
+    monkeypatch.setattr(dimkit.features, "load_features",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("features loaded again")))
+    again = train.run(cfg, progress=False)
+    assert "read back" in capsys.readouterr().out
+    assert again.metrics == first.metrics and again.run_dir == first.run_dir
+    # another dataset content: the key changes, the run is evaluated again (features needed)
+    root = datasets.dataset_dir("sample+")
+    m = datasets.load("sample+").mentions
+    m.loc[0, "sentence"] = m.loc[0, "sentence"] + " (edited)"
+    m.to_parquet(root / "mentions.parquet")
+    import pytest as _pytest
+
+    with _pytest.raises(AssertionError, match="features loaded again"):
+        train.run(cfg, progress=False)
+    monkeypatch.setattr(dimkit.features, "load_features", real)
+    assert train.run(cfg, progress=False).status == "completed"
