@@ -6,7 +6,8 @@ At each scale (default 1/16, 1/4 and full size) it builds a ``--like`` dataset w
 and runs the whole chain, each stage as its own ``dimkit`` command, the code a real reproduction
 runs: prepare, image check, candidates over the whole KB, augmentation against the local
 OpenAI-compatible test server (``tests/llm_server.py``) with a realistic latency, expert cues with a
-tiny random BLIP-2 built from a config, CLIP features with a tiny random CLIP (``dimkit-tiny``), a few
+tiny random BLIP-2 built from a config, CLIP features with a tiny random CLIP of ViT-B/32's output size
+(``dimkit-tiny-512``: the stores and matrices are as large as a real run's), a few
 epochs of both variants with both evaluation protocols, tables, Figure 2, and ``dimkit link`` on a
 batch of test mentions. It then runs the whole chain again (a rerun must redo nothing).
 
@@ -62,7 +63,7 @@ class Chain:
         """(stage, command, what its items are) in chain order."""
         dk = [sys.executable, "-m", "dimkit.cli"]
         epochs = str(self.args.epochs)
-        clip = ["--clip", "dimkit-tiny:random"]
+        clip = ["--clip", self.args.clip]
         plus = f"{NAME}+"
         link_in = self.work / "link.jsonl"
         tables = ("from dimkit import tables; t = tables.build_tables(); tables.write_tables(t); "
@@ -256,7 +257,7 @@ def write_report(args, results: list[dict], kill: dict | None) -> Path:
     full = max(results, key=lambda r: r["scale"])
     lines = [f"# Rehearsal: {like}-shaped synthetic data", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-             f"tiny random CLIP and BLIP-2 (cost, not accuracy); LLM latency {args.latency} s, "
+             f"tiny random CLIP ({args.clip}) and BLIP-2 (cost, not accuracy); LLM latency {args.latency} s, "
              f"concurrency {args.concurrency}; {args.epochs} epochs per variant.", ""]
     for r in results:
         s = r["sizes"]
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.3, help="seconds per LLM answer (fake server)")
     p.add_argument("--concurrency", type=int, default=64, help="LLM requests in flight")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per variant")
+    p.add_argument("--clip", default="dimkit-tiny-512:random",
+                   help="feature model: a tiny random CLIP with ViT-B/32's 512-d output, so stores and "
+                        "matrices have their real size (ViT-B-32:random for the real architecture: hours on a CPU)")
     p.add_argument("--link", type=int, default=200, help="test mentions linked in one batch")
     p.add_argument("--fuzzy", type=int, default=20, help="mentions timed with DIM's fuzzywuzzy loop (0: skip)")
     p.add_argument("--kill", action="store_true", help="also kill -9 every stage halfway at the smallest scale")

@@ -29,7 +29,9 @@ SAMPLE_CLIP_NAMES = ("sample", "sample-clip", "dimkit-sample-clip")
 RANDOM_SEED = 0
 
 #: Small open_clip architectures dimkit ships as open_clip config files in ``dimkit/model_configs``:
-#: ``dimkit-tiny`` for tests (fast on CPU) and ``dimkit-sample`` for the CLIP trained on the sample.
+#: ``dimkit-tiny`` for tests (fast on CPU), ``dimkit-tiny-512`` (as fast, with ViT-B/32's 512-d output, so
+#: a rehearsal's stores and matrices have their real size) and ``dimkit-sample`` for the CLIP trained on
+#: the sample.
 #: The text tower keeps CLIP's BPE vocabulary (49408 tokens) so the stock tokenizer works; its width
 #: stays small because that embedding table dominates the shipped file size.
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
