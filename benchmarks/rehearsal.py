@@ -66,9 +66,6 @@ class Chain:
         clip = ["--clip", self.args.clip]
         plus = f"{NAME}+"
         link_in = self.work / "link.jsonl"
-        tables = ("from dimkit import tables; t = tables.build_tables(); tables.write_tables(t); "
-                  "print(len(t), 'tables')")
-        figure = f"from dimkit import stats; stats.figure2(['{plus}'])"
         return [
             ("prepare", dk + ["prepare", str(self.src), "--name", NAME], "mentions"),
             ("images", dk + ["images", NAME], "images"),
@@ -80,8 +77,8 @@ class Chain:
             ("train paper", dk + ["train", plus, "--epochs", epochs] + clip, "mention-epochs"),
             ("train released", dk + ["train", plus, "--variant", "released", "--epochs", epochs] + clip,
              "mention-epochs"),
-            ("tables", [sys.executable, "-c", tables], "runs"),
-            ("figure", [sys.executable, "-c", figure], "entities"),
+            ("tables", dk + ["tables", "--dataset", NAME], "runs"),
+            ("figure", dk + ["figure2", "--datasets", plus], "entities"),
             ("link", dk + ["link", "LATEST", "--input", str(link_in), "--output", str(self.work / "linked.jsonl")],
              "mentions"),
         ]
@@ -190,8 +187,16 @@ def fuzzywuzzy_side_by_side(chain: Chain, n: int, seconds_dimkit: float) -> dict
 
 
 def _tables_text(work: Path) -> dict[str, str]:
-    folder = work / "figures" / "tables"
-    return {p.name: p.read_text() for p in sorted(folder.glob("*.csv"))}
+    """The rehearsal dataset's tables (both protocols), without the run column: what a rerun must keep."""
+    import pandas as pd
+
+    out = {}
+    for p in sorted((work / "figures" / "tables").glob(f"{NAME}_*.csv")):
+        df = pd.read_csv(p)
+        out[p.name] = df.drop(columns=[c for c in ("run", "runs matched") if c in df]).to_csv(index=False)
+    if not out or not any(NAME in text for text in out.values()):
+        raise RuntimeError(f"no table of the rehearsal's runs in {work / 'figures' / 'tables'}")
+    return out
 
 
 def run_scale(args, like: str, scale: float, url: str, blip2: Path, kill: bool = False) -> dict:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("dimkit.features", "CLIP features of mentions, sentences, images, cues and entity descriptions"),
     "train": ("dimkit.train", "train and evaluate DIM (paper or released variant) on a dataset"),
     "tables": ("dimkit.tables", "rebuild the paper's tables from the runs, training the missing ones if asked"),
+    "figure2": ("dimkit.stats", "Figure 2: what the LLM descriptions of the '+' datasets add to the originals"),
     "link": ("dimkit.link", "link new mentions (sentence, mention, image) with a trained run: top-k KB entities"),
     "info": ("dimkit.cli", "show a prepared dataset's counts and the environment"),
     "notebooks": ("dimkit.notebooks", "execute the numbered notebooks headless (make demo)"),

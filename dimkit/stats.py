@@ -32,12 +32,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import pandas as pd
 
 from . import atomic, datasets, paths
-from .errors import DataError, DimkitError
+from .errors import ConfigError, DataError, DimkitError
+from .stage import Config, Result, setting
 
 #: Preferred order of the enhanced datasets in the figure (others follow by name, the sample last).
 ORDER = ("wikimel+", "richpediamel+", "wikidiverse+")
@@ -411,17 +412,51 @@ def figure_name(stats: Sequence[EnhancedStats]) -> str:
 
 
 @dataclass
-class Figure2:
-    """What :func:`figure2` returns: the stats, their table, the figure and the files written."""
+class Figure2(Result):
+    """What :func:`run` returns: the stats, their table, the figure and the files written."""
 
     stats: list[EnhancedStats]
     table: pd.DataFrame
-    fig: object
-    files: list[Path]
+    fig: object = field(repr=False)
+    files: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The statistics as a table, what is synthetic, and the files written."""
+        lines = [figure_title(self.stats), "", self.table.round(3).to_string(index=False)]
+        lines += [f"wrote {p}" for p in self.files]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The table's rows and the files (the figure itself is in the files)."""
+        return {"rows": self.table.to_dict(orient="records"), "files": [str(p) for p in self.files]}
 
 
-def figure2(names: Iterable[str] | None = None, *, save: bool = True, name: str | None = None,
-            data_dir: str | Path | None = None, folder: str | Path | None = None) -> Figure2:
+@dataclass
+class Figure2Config(Config):
+    """Which '+' datasets Figure 2 compares with their originals, and where it is written."""
+
+    STAGE: ClassVar[str] = "figure2"
+
+    datasets: list[str] = setting(factory=list, help="'+' datasets (default: every prepared one, paper order)")
+    name: str | None = setting(None, "file stem of the figure and its table (default: from the datasets)")
+    save: bool = setting(True, "write the figure (PNG, PDF) and its table (CSV, Markdown)")
+    folder: Path | None = setting(None, "where (default $DIMKIT_FIGURES)")
+    data_dir: Path | None = setting(None, "prepared datasets (default $DIMKIT_DATA)", cli=False)
+
+    def check(self) -> None:
+        """Canonical '+' names, each once."""
+        canon: list[str] = []
+        for n in self.datasets:
+            c = datasets.canonical_name(n)
+            if not datasets.is_augmented(c):
+                raise ConfigError(f"{n!r} is not an enhanced dataset: Figure 2 compares '+' datasets with their "
+                                  f"originals (try {c}+)")
+            if c not in canon:
+                canon.append(c)
+        self.datasets = canon
+
+
+def run(cfg: Figure2Config) -> Figure2:
     """Stats of the named (default: every prepared) '+' datasets, the figure, and the files written.
 
     Writes ``<name>.png``/``.pdf`` through :func:`dimkit.plots.save_figure` (``$DIMKIT_FIGURES``) and
@@ -429,26 +464,19 @@ def figure2(names: Iterable[str] | None = None, *, save: bool = True, name: str 
     """
     from .plots import save_figure
 
-    names = list(names) if names is not None else enhanced_datasets_present(data_dir)
+    cfg = cfg.replace()  # a checked copy
+    names = cfg.datasets or enhanced_datasets_present(cfg.data_dir)
     if not names:
         raise DimkitError("no enhanced ('+') dataset is prepared: build the sample's with "
                           "`dimkit augment sample --model sample-oracle --replay`, or a paper dataset's with "
                           "`dimkit augment wikimel` / `dimkit prepare <released Wiki+> --name wiki+`")
-    canon = []
-    for n in names:
-        c = datasets.canonical_name(n)
-        if not datasets.is_augmented(c):
-            raise DimkitError(f"{n!r} is not an enhanced dataset: Figure 2 compares '+' datasets with their "
-                              f"originals (try {c}+)")
-        if c not in canon:
-            canon.append(c)
-    stats = [enhanced_stats(n, data_dir) for n in canon]
+    stats = [enhanced_stats(datasets.require(n, cfg.data_dir), cfg.data_dir) for n in names]
     table = stats_table(stats)
     fig = plot_figure2(stats)
     files: list[Path] = []
-    if save:
-        stem = name or figure_name(stats)
-        out = Path(folder) if folder is not None else paths.figures_dir()
+    if cfg.save:
+        stem = cfg.name or figure_name(stats)
+        out = cfg.folder if cfg.folder is not None else paths.figures_dir()
         files += save_figure(fig, stem, out)
         tdir = out / "tables"
         csv_path, md_path = tdir / f"{stem}_stats.csv", tdir / f"{stem}_stats.md"
@@ -458,6 +486,15 @@ def figure2(names: Iterable[str] | None = None, *, save: bool = True, name: str 
     return Figure2(stats=stats, table=table, fig=fig, files=files)
 
 
+def figure2(names: Iterable[str] | None = None, **settings) -> Figure2:
+    """:func:`run` of ``Figure2Config(datasets=names, **settings)``."""
+    return run(Figure2Config(datasets=list(names or []), **settings))
+
+
+#: The command line: ``dimkit figure2 --datasets wiki+ rich+`` takes the flags of :class:`Figure2Config`.
+CONFIG = Figure2Config
+
+
 __all__ = ["MEASURES", "NewFacts", "new_facts", "tokens", "word_count", "EnhancedStats", "enhanced_stats",
            "enhanced_datasets_present", "stats_table", "stats_markdown", "figure_title", "plot_figure2",
-           "figure_name", "Figure2", "figure2"]
+           "figure_name", "Figure2", "Figure2Config", "run", "figure2"]

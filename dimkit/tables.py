@@ -430,14 +430,31 @@ class TablesConfig(Config):
         """True for the bundled synthetic sample (its numbers are not paper numbers)."""
         return datasets.base_name(self.dataset) == "sample"
 
+    @property
+    def own(self) -> bool:
+        """True for a dataset of the user's own (not a paper dataset nor the sample): it gets its own table."""
+        return datasets.base_name(self.dataset) not in ORIGINAL + SAMPLES
+
     def specs(self) -> list[TableSpec]:
-        """Every table of :func:`standard_tables` for the chosen split."""
-        return standard_tables(split=self.split)
+        """Every table of :func:`standard_tables` for the chosen split, plus one for the user's own dataset."""
+        specs = standard_tables(split=self.split)
+        if self.own:
+            family = datasets.base_name(self.dataset)
+            main = tuple(RowSpec(label, variant=v) for v, label in VARIANT_LABELS.items())
+            ablations = tuple(RowSpec(label, ablation=a) for a, label in ABLATION_LABELS.items())
+            specs += [TableSpec(f"{family}_{proto}", f"Results on {family} and {family}+ ({t})", (family, family + "+"),
+                                proto, main + ablations[1:], self.split, reference_methods=False,
+                                keep_empty_rows=False)
+                      for proto, t in PROTOCOL_TITLES.items()]
+        return specs
 
     def shown(self) -> list[str]:
-        """The tables of the dataset family: the sample's, or the original, enhanced and ablation ones."""
+        """The tables of the dataset family: the sample's, the user's own, or the original, enhanced and
+        ablation ones."""
         if self.is_sample:
             return ["sample_dim", "sample_kb"]
+        if self.own:
+            return [f"{datasets.base_name(self.dataset)}_{p}" for p in PROTOCOL_METRICS]
         return [f"{t}_{p}" for p in PROTOCOL_METRICS for t in ("original", "enhanced", "ablations")]
 
     def plan(self) -> list[RunKey]:

@@ -47,12 +47,9 @@ n_examples: int = 5  # entities shown with the facts their new description adds
 # %%
 from dimkit import datasets, stats
 
-names = [datasets.canonical_name(d) for d in [dataset, *extra_datasets]]
-for n in names:
-    assert datasets.is_augmented(n), f"{n!r} is not an enhanced dataset: pass a '+' name (e.g. {n}+)"
-assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative int"
+cfg = stats.Figure2Config(datasets=[dataset, *extra_datasets]).validate()  # '+' names only, each once
 # fails here, at once, if one is not prepared (the sample's '+' form is built from its stored answers)
-names = [datasets.require(n) for n in names]
+names = [datasets.require(n) for n in cfg.datasets]
 names
 
 # %% [markdown]
@@ -78,7 +75,7 @@ print("dimkit: ", facts.numbers, facts.names, "| content words:", facts.content_
 # ## The statistics and the figure
 
 # %%
-result = stats.figure2(names)
+result = stats.run(cfg)
 result.table.T
 
 # %%

@@ -271,3 +271,16 @@ def test_the_tables_command_writes_and_prints_the_familys_tables(kit_dirs, capsy
     assert "**The bundled synthetic sample" in out and tables.SAMPLE_WARNING in out
     assert "run choice 'best_dev'" in out and "--launch-missing" in out
     assert (tables.tables_dir() / "sample_dim.md").exists()
+
+
+def test_a_dataset_of_ones_own_gets_its_own_table(kit_dirs, capsys):
+    """Runs on a dataset that is neither a paper dataset nor the sample are shown, not dropped."""
+    write_run(kit_dirs["runs"], "mine", "mydata+", test_h1=0.42)
+    write_run(kit_dirs["runs"], "mine-released", "mydata", variant="released", test_h1=0.3)
+    assert cli.main(["tables", "--dataset", "mydata"]) == 0
+    out = capsys.readouterr().out
+    assert "Results on mydata and mydata+" in out
+    csv = pd.read_csv(tables.tables_dir() / "mydata_dim.csv")
+    assert set(csv["dataset"]) == {"mydata", "mydata+"}
+    row = csv[(csv["dataset"] == "mydata+") & (csv["rank rule"] == "pessimistic")]
+    assert row["H@1"].iloc[0] == pytest.approx(42.0)
