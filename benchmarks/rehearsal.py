@@ -19,6 +19,8 @@ of mentions. ``--kill`` adds a pass at the smallest scale that kills every stage
 halfway, reruns it, and checks the tables come out the same. Results go to
 ``<work>/rehearsal-<like>.{json,md,png,pdf}``.
 
+On a GPU, the real architectures with random weights:
+``--device cuda --clip ViT-B-32:random --blip2 opt-2.7b``.
 Random weights and synthetic data: the numbers measure cost, not accuracy.
 """
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Chain:
         """(stage, command, what its items are) in chain order."""
         dk = [sys.executable, "-m", "dimkit.cli"]
         epochs = str(self.args.epochs)
-        clip = ["--clip", self.args.clip]
+        device = ["--device", self.args.device]
+        clip = ["--clip", self.args.clip] + device
         plus = f"{NAME}+"
         link_in = self.work / "link.jsonl"
         return [
@@ -72,15 +75,15 @@ class Chain:
             ("candidates", dk + ["candidates", NAME, "--k", "100"], "mentions"),
             ("augment", dk + ["augment", NAME, "--model", "fake-model", "--concurrency",
                               str(self.args.concurrency)], "entities"),
-            ("cues", dk + ["cues", plus, "--expert", f"blip2:{self.blip2}", "--batch-size", "32"], "images"),
+            ("cues", dk + ["cues", plus, "--expert", f"blip2:{self.blip2}", "--batch-size", "32"] + device, "images"),
             ("features", dk + ["features", plus] + clip, "texts+images"),
             ("train paper", dk + ["train", plus, "--epochs", epochs] + clip, "mention-epochs"),
             ("train released", dk + ["train", plus, "--variant", "released", "--epochs", epochs] + clip,
              "mention-epochs"),
             ("tables", dk + ["tables", "--dataset", NAME], "runs"),
             ("figure", dk + ["figure2", "--datasets", plus], "entities"),
-            ("link", dk + ["link", "LATEST", "--input", str(link_in), "--output", str(self.work / "linked.jsonl")],
-             "mentions"),
+            ("link", dk + ["link", "LATEST", "--input", str(link_in), "--output", str(self.work / "linked.jsonl")]
+             + device, "mentions"),
         ]
 
     def items(self, stage: str) -> int:
@@ -152,16 +155,18 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def save_tiny_blip2(folder: Path) -> Path:
-    """A tiny random BLIP-2 saved as a local checkpoint folder (the path a real one takes).
+def save_blip2(folder: Path, preset: str) -> Path:
+    """A random BLIP-2 of a preset shape (``tiny``; ``opt-2.7b`` is DIM's, for a GPU) saved as a local
+    checkpoint folder, the path a real one takes.
 
     Built in a child process: this one stays small, so the peak memory each stage's process reports
     (which starts as a fork of this one) is the stage's own.
     """
     if not (folder / "config.json").exists():
-        code = ("import sys; from dimkit.experts import random_blip2; m, p = random_blip2('tiny', seed=0); "
+        code = ("import sys, torch; from dimkit.experts import random_blip2; "
+                "m, p = random_blip2(sys.argv[2], seed=0, dtype=torch.float16 if sys.argv[2] == 'opt-2.7b' else None); "
                 "m.save_pretrained(sys.argv[1]); p.save_pretrained(sys.argv[1])")
-        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, stdout=subprocess.DEVNULL,
+        subprocess.run([sys.executable, "-c", code, str(folder), preset], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     return folder
 
@@ -262,7 +267,8 @@ def write_report(args, results: list[dict], kill: dict | None) -> Path:
     full = max(results, key=lambda r: r["scale"])
     lines = [f"# Rehearsal: {like}-shaped synthetic data", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-             f"tiny random CLIP ({args.clip}) and BLIP-2 (cost, not accuracy); LLM latency {args.latency} s, "
+             f"random CLIP {args.clip} and BLIP-2 {args.blip2} (cost, not accuracy) on {args.device}; "
+             f"LLM latency {args.latency} s, "
              f"concurrency {args.concurrency}; {args.epochs} epochs per variant.", ""]
     for r in results:
         s = r["sizes"]
@@ -337,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.3, help="seconds per LLM answer (fake server)")
     p.add_argument("--concurrency", type=int, default=64, help="LLM requests in flight")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per variant")
+    p.add_argument("--device", default="auto", help="device of cues, features, training and linking (cuda on a GPU)")
+    p.add_argument("--blip2", default="tiny", choices=("tiny", "small", "opt-2.7b"),
+                   help="shape of the random BLIP-2 expert (opt-2.7b: DIM's, 3.8 B parameters, for a GPU)")
     p.add_argument("--clip", default="dimkit-tiny-512:random",
                    help="feature model: a tiny random CLIP with ViT-B/32's 512-d output, so stores and "
                         "matrices have their real size (ViT-B-32:random for the real architecture: hours on a CPU)")
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     server, url = start_server(args.latency)
     try:
-        blip2 = save_tiny_blip2(args.work / "tiny-blip2")
+        blip2 = save_blip2(args.work / f"blip2-{args.blip2}", args.blip2)
         results = [run_scale(args, args.like, s, url, blip2) for s in args.scales]
         kill = None
         if args.kill:

@@ -210,10 +210,15 @@ class FeatureStore:
 
     def put(self, keys: Sequence[str], vectors: np.ndarray) -> Path | None:
         """Write one part file with these rows (durable when this returns) and index it."""
-        from safetensors.numpy import save
-
         if not len(keys):
             return None
+        path = self._write(keys, vectors)
+        self.refresh()
+        return path
+
+    def _write(self, keys: Sequence[str], vectors: np.ndarray) -> Path:
+        from safetensors.numpy import save
+
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.dim is not None and vectors.shape[1] != self.dim:
             raise DimkitError(f"vectors of dimension {vectors.shape[1]} for a store of dimension {self.dim}")
@@ -221,20 +226,26 @@ class FeatureStore:
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         data = save({"keys": key_arr, "vectors": vectors},
                     metadata={"format": STORE_FORMAT, "model_id": self.model_id})
-        atomic.write_bytes(data, self.dir / name)
-        self.refresh()
-        return self.dir / name
+        return atomic.write_bytes(data, self.dir / name)
 
-    def compact(self, max_parts: int = 64) -> bool:
-        """Merge the parts into one when there are more than ``max_parts`` (fewer files to open)."""
+    def compact(self, max_parts: int = 64, rows_per_part: int = 65_536) -> bool:
+        """Merge the parts into parts of ``rows_per_part`` rows when there are more than ``max_parts``
+        (fewer files to open). A merged part is written at a time, and the old parts' arrays are let go
+        before the new ones are read: memory stays at about one copy of the store."""
         parts = self.parts()
         if len(parts) <= max_parts:
             return False
         self.refresh()
         keys = sorted(self._index)
-        self.put([k.hex() for k in keys], np.stack([self._arrays[s][r] for s, r in (self._index[k] for k in keys)]))
+        for i in range(0, len(keys), rows_per_part):
+            chunk = keys[i:i + rows_per_part]
+            rows = np.stack([self._arrays[s][r] for s, r in map(self._index.get, chunk)])  # [n, D]
+            self._write([k.hex() for k in chunk], rows)
         for p in parts:  # rows of parts written meanwhile by others stay in their own files
             p.unlink(missing_ok=True)
+        with self._lock:
+            self._index, self._arrays, self._seen = {}, [], set()
+        self.refresh()
         return True
 
 
@@ -379,7 +390,8 @@ class FeaturesConfig(Config):
                                     choices=PRECISIONS)
     batch_size: int = setting(64, "texts per CLIP call (sorted by length, so small batches pad little)", min=1)
     image_batch_size: int = setting(64, "images per CLIP call", min=1)
-    flush_rows: int = setting(2048, "rows computed between two durable writes to the store", min=1, cli=False)
+    flush_rows: int = setting(8192, "rows computed between two durable writes to the store (an interrupted "
+                                    "run loses at most these)", min=1, cli=False)
     workers: int = setting(2, "image decoding threads", min=1)
     missing_description: str = setting("name", "what stands in for a missing description: the entity's name, "
                                                "or the released code's literal 'None'",

@@ -199,7 +199,7 @@ def _check_llm(name: str, cfg: ReproduceConfig, data_dir, out: list[InputCheck])
                 ok = have >= rep.entities
                 out.append(InputCheck(name, "llm answers", ok, f"{have} of {rep.entities} answers stored "
                                       f"for model {rep.model}",
-                                      f"run without --replay (needs OPENAI_API_KEY) or import answers with "
+                                      f"run with --no-replay (needs OPENAI_API_KEY) or import answers with "
                                       f"`dimkit augment {base} --answers FILE`"))
             except Exception as exc:  # reported, never hidden
                 out.append(InputCheck(name, "llm answers", False, f"cannot count stored answers: {exc}"))

@@ -62,7 +62,9 @@ def test_python_api_refuses_the_same_values(kit_dirs):
 
 # ---------------------------------------------------------------- every stage's command line is its config
 
-STAGES = ("prepare", "images", "candidates", "cues", "features", "train", "link")
+#: Every command that is a stage (the others, info and notebooks, are not): see test_every_command_is_listed.
+STAGES = ("prepare", "images", "candidates", "augment", "cues", "features", "train", "link", "tables", "figure2",
+          "reproduce")
 #: Flags that READMEs, notebooks and scripts use: they keep their spelling.
 KEPT_FLAGS = {
     "prepare": ["--name", "--layout", "--subset", "--images", "--seed", "--copy-images", "--data-dir"],
@@ -112,7 +114,7 @@ def test_every_stage_flag_comes_from_its_config(command, capsys):
         if not flag.startswith("--"):  # the positional argument
             continue
         expected.add(flag)
-        if config.__dataclass_fields__[f.name].type == "bool":
+        if config.__dataclass_fields__[f.name].type in ("bool", "bool | None"):
             expected.add("--no-" + flag[2:])
     assert set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage)) == expected, "a flag without a setting"
     for flag in KEPT_FLAGS.get(command, []):
@@ -197,3 +199,9 @@ def test_unknown_settings_are_refused_with_the_known_ones(kit_dirs, capsys):
     assert main(["features", "rich+", "--workers", "3", "--set", "flush_rows=8", "--show-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["dataset"], shown["workers"], shown["flush_rows"], shown["shard"]) == ("richpediamel+", 3, 8, "auto")
+
+
+def test_every_command_is_a_stage_or_listed_as_not_one():
+    from dimkit.cli import COMMANDS
+
+    assert set(COMMANDS) == set(STAGES) | {"info", "notebooks"}

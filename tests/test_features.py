@@ -160,6 +160,12 @@ def test_store_compaction_keeps_every_row(tmp_path):
     got, found = fresh.gather(keys + [""])
     assert found.tolist() == [True] * 10 + [False]
     np.testing.assert_array_equal(got[:10], vecs)
+    # the store itself keeps one copy of each row, and merges into bounded parts
+    np.testing.assert_array_equal(st.gather(keys)[0], vecs)
+    assert sum(len(a) for a in st._arrays) == 10
+    for i in range(10, 20):
+        st.put([features.text_key("m", "v1-fp32", f"t{i}")], vecs[i - 10:i - 9])
+    assert st.compact(max_parts=3, rows_per_part=8) and len(st.parts()) == 3 and len(st) == 20
 
 
 def test_featureset_save_load(env, tmp_path):
