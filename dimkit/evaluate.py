@@ -144,62 +144,91 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=1e-12)
 
 
+def _rules(rule: str | Sequence[str]) -> tuple[str, ...]:
+    return tuple(check_rule(r) for r in ((rule,) if isinstance(rule, str) else rule))
+
+
 @torch.no_grad()
 def dim_ranks(queries: torch.Tensor, entities: torch.Tensor, cand: np.ndarray | torch.Tensor,
-              rule: str = "pessimistic", chunk: int = 1024) -> torch.Tensor:
-    """Ranks under the DIM protocol; ``cand [N, C]`` from :func:`candidate_matrix` (gold in column 0)."""
+              rule: str | Sequence[str] = "pessimistic", chunk: int = 1024):
+    """Ranks under the DIM protocol; ``cand [N, C]`` from :func:`candidate_matrix` (gold in column 0).
+
+    ``rule`` may name several rules: the scores are then computed once and ``{rule: ranks}`` returned.
+    """
+    rules = _rules(rule)
     qn, en = normalize(queries), normalize(entities)
     cand = torch.as_tensor(cand, device=qn.device)
-    out = []
+    out: dict[str, list] = {r: [] for r in rules}
     for a in range(0, qn.shape[0], chunk):
         c = cand[a:a + chunk]
         valid = c >= 0
         ce = en[c.clamp_min(0)]  # [n, C, D]
         s = torch.einsum("nd,ncd->nc", qn[a:a + chunk], ce)
-        out.append(gold_rank(s, torch.zeros(c.shape[0], dtype=torch.long, device=qn.device), rule, valid))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        zero = torch.zeros(c.shape[0], dtype=torch.long, device=qn.device)
+        for r in rules:
+            out[r].append(gold_rank(s, zero, r, valid))
+    ranks = {r: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for r, v in out.items()}
+    return ranks[rule] if isinstance(rule, str) else ranks
 
 
 @torch.no_grad()
 def kb_ranks(queries: torch.Tensor, entities: torch.Tensor, gold: np.ndarray | torch.Tensor,
-             rule: str = "pessimistic", chunk: int | None = None, topk: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+             rule: str | Sequence[str] = "pessimistic", chunk: int | None = None, topk: int = 0):
     """Ranks among all KB entities, and the ``topk`` best entity indices per mention if asked.
 
-    Mentions are scored in chunks so that one chunk's score matrix stays near 128 MB.
+    Mentions are scored in chunks so that one chunk's score matrix stays near 128 MB. ``rule`` may
+    name several rules: each chunk is then scored once for all of them and ``{rule: ranks}`` returned.
     """
+    rules = _rules(rule)
     qn, en = normalize(queries), normalize(entities)
     gold = torch.as_tensor(gold, dtype=torch.long, device=qn.device)
     if chunk is None:
         chunk = max(1, (32 * 1024 * 1024) // max(en.shape[0], 1))
-    ranks, tops = [], []
+    out: dict[str, list] = {r: [] for r in rules}
+    tops = []
     for a in range(0, qn.shape[0], chunk):
         s = qn[a:a + chunk] @ en.T  # [n, E]
-        ranks.append(gold_rank(s, gold[a:a + chunk], rule))
+        for r in rules:
+            out[r].append(gold_rank(s, gold[a:a + chunk], r))
         if topk:
             tops.append(torch.topk(s.nan_to_num(nan=-2.0), min(topk, s.shape[1]), dim=1).indices)
-    r = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
-    return r, (torch.cat(tops) if tops else None)
+    ranks = {r: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for r, v in out.items()}
+    return (ranks[rule] if isinstance(rule, str) else ranks), (torch.cat(tops) if tops else None)
+
+
+def evaluate_rules(queries: torch.Tensor, entities: torch.Tensor, gold: np.ndarray, cand: np.ndarray | None,
+                   rules: Sequence[str] = RULES, protocols: Sequence[str] = PROTOCOLS, topk: int = 0
+                   ) -> tuple[dict, dict, torch.Tensor | None]:
+    """Every protocol under every rule from one scoring pass per protocol.
+
+    Returns ``({rule: {protocol: metrics}}, {rule: {protocol: ranks [N]}}, top)``, ``top [N, topk]``
+    being the best KB entities per mention (``None`` unless ``topk`` and the 'kb' protocol are asked).
+    """
+    rules = _rules(rules)
+    metrics: dict = {r: {} for r in rules}
+    ranks: dict = {r: {} for r in rules}
+    top = None
+    for p in protocols:
+        if p == "dim":
+            if cand is None:
+                raise ConfigError("the 'dim' protocol needs candidate lists (run `dimkit candidates NAME`)")
+            by_rule, ks = dim_ranks(queries, entities, cand, rules), DIM_KS
+        elif p == "kb":
+            (by_rule, top), ks = kb_ranks(queries, entities, gold, rules, topk=topk), KB_KS
+        else:
+            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+        for r, rk in by_rule.items():
+            metrics[r][p] = metrics_from_ranks(rk.cpu(), ks)
+            ranks[r][p] = rk.cpu().numpy()
+    return metrics, ranks, top
 
 
 def evaluate_queries(queries: torch.Tensor, entities: torch.Tensor, gold: np.ndarray,
                      cand: np.ndarray | None, rule: str = "pessimistic",
                      protocols: Sequence[str] = PROTOCOLS) -> tuple[dict, dict]:
-    """Metrics of each protocol, and the per-mention ranks (``{"dim": [N], "kb": [N]}``)."""
-    metrics, ranks = {}, {}
-    for p in protocols:
-        if p == "dim":
-            if cand is None:
-                raise ConfigError("the 'dim' protocol needs candidate lists (run `dimkit candidates NAME`)")
-            r = dim_ranks(queries, entities, cand, rule)
-            metrics["dim"] = metrics_from_ranks(r.cpu(), DIM_KS)
-        elif p == "kb":
-            r, _ = kb_ranks(queries, entities, gold, rule)
-            metrics["kb"] = metrics_from_ranks(r.cpu(), KB_KS)
-        else:
-            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
-        ranks[p] = r.cpu().numpy()
-    return metrics, ranks
+    """Metrics of each protocol, and the per-mention ranks (``{"dim": [N], "kb": [N]}``), under one rule."""
+    metrics, ranks, _ = evaluate_rules(queries, entities, gold, cand, (rule,), protocols)
+    return metrics[rule], ranks[rule]
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .stage import Config, Result, setting
-from .evaluate import PROTOCOL_NOTES, PROTOCOLS, RULE_NOTES, RULES, candidate_matrix, encode, evaluate_queries, kb_ranks
+from .evaluate import (PROTOCOL_NOTES, PROTOCOLS, RULE_NOTES, RULES, candidate_matrix, encode, evaluate_queries,
+                       evaluate_rules, kb_ranks)
 from .losses import LOSSES, compute_loss
 from .model import ABLATIONS, VARIANTS, ModelConfig, build_model, parse_ablation
 from .negatives import (SAMPLERS, STOP_LISTS, CandidateNegativeSampler, RandomNegativeSampler,
@@ -809,12 +810,15 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
         model.load_state_dict(state["best_state"])
     model.eval()
     by_rule: dict[str, dict] = {rule: {} for rule in RULES}
-    ranks = {}
-    for split_name, sp in (("dev", dev), ("test", test)):
+    ranks, tops = {}, {}
+    for split_name, sp in (("dev", dev), ("test", test)):  # one encoding and one scoring pass per split
+        q = encode(model, inputs, sp.rows)
+        m, r, tops[split_name] = evaluate_rules(q, entities, sp.gold, sp.cand, RULES, protocols, topk=5)
+        if tops[split_name] is None and len(sp.rows):  # no 'kb' protocol asked: the top-5 still comes from the KB
+            tops[split_name] = kb_ranks(q, entities, sp.gold, cfg.rank_rule, topk=5)[1]
         for rule in RULES:
-            by_rule[rule][split_name], r = evaluate_split(sp, rule)
-            if rule == cfg.rank_rule:
-                ranks[split_name] = r
+            by_rule[rule][split_name] = m[rule]
+        ranks[split_name] = r[cfg.rank_rule]
     best = {"step": state["best_step"], "epoch": state["best_epoch"],
             f"dev {cfg.select_protocol} H@1": state["best_score"] if state["best_step"] is not None else None}
     result = RunResult(run_name=run_name, run_dir=run_dir, dataset=ds.name, variant=cfg.variant,
@@ -826,7 +830,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
                        inputs_missing=missing, metrics_by_rule=by_rule)
     atomic.write_torch({"config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dataclasses.asdict(mcfg)),
                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, run_dir / "model.pt")
-    _write_predictions(run_dir, model, ds, entities, inputs, {"dev": dev, "test": test}, ranks, cfg.rank_rule)
+    _write_predictions(run_dir, ds, {"dev": dev, "test": test}, ranks, tops)
     # the key again: computing the features may have added the image check's columns to mentions.parquet
     _write_metrics(result, cfg, device, _inputs_key(cfg, ds, device) if key is not None else None)
     write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # what dimkit.link needs
@@ -905,19 +909,18 @@ def _diverged(what: str, state: dict, cfg: TrainConfig, ckpt_path: Path, run_nam
     raise TrainingDiverged(msg)
 
 
-def _write_predictions(run_dir: Path, model: torch.nn.Module, ds: datasets.Dataset, entities: torch.Tensor,
-                       inputs: dict, splits: dict[str, _Split], ranks: dict, rule: str) -> None:
+def _write_predictions(run_dir: Path, ds: datasets.Dataset, splits: dict[str, _Split], ranks: dict,
+                       tops: dict) -> None:
     """``predictions.parquet``: per dev and test mention, the gold's rank under each protocol and the top-5."""
     qids = ds.entities["qid"].to_numpy()
     frames = []
     for split_name, sp in splits.items():
         if not len(sp.rows):
             continue
-        _, top = kb_ranks(encode(model, inputs, sp.rows), entities, sp.gold, rule, topk=5)
         df = pd.DataFrame({"mention_id": sp.mention_ids, "split": split_name, "qid": qids[sp.gold]})
         for p, r in ranks[split_name].items():
             df[f"rank_{p}"] = r
-        df["top5"] = [list(qids[t]) for t in top.cpu().numpy()]
+        df["top5"] = [list(qids[t]) for t in tops[split_name].cpu().numpy()]
         frames.append(df)
     if frames:
         atomic.write_parquet(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")

@@ -127,3 +127,23 @@ def test_evaluate_queries_reports_both_protocols():
         ev.evaluate_queries(q, e, gold, None, protocols=("dim",))
     m_kb, _ = ev.evaluate_queries(q, e, gold, None, protocols=("kb",))
     assert set(m_kb) == {"kb"} and math.isclose(m_kb["kb"]["MRR"], 1.0)
+
+
+def test_one_scoring_pass_gives_each_rule_what_its_own_pass_gives():
+    # quantised vectors make ties common, so the two rules differ
+    rng = np.random.default_rng(2)
+    e = torch.tensor(rng.integers(0, 2, size=(50, 4)), dtype=torch.float32)
+    q = torch.tensor(rng.integers(0, 2, size=(20, 4)), dtype=torch.float32)
+    gold = rng.integers(0, 50, size=20)
+    cand = np.array([[g] + [int(x) for x in rng.choice(50, 7) if x != g][:5] for g in gold])
+    metrics, ranks, top = ev.evaluate_rules(q, e, gold, cand, ev.RULES, topk=5)
+    for rule in ev.RULES:
+        m, r = ev.evaluate_queries(q, e, gold, cand, rule)
+        assert metrics[rule] == m
+        for p in ev.PROTOCOLS:
+            np.testing.assert_array_equal(ranks[rule][p], r[p])
+    assert (ranks["strict"]["kb"] < ranks["pessimistic"]["kb"]).any(), "no ties: the test would not tell"
+    assert top.tolist() == ev.kb_ranks(q, e, gold, topk=5)[1].tolist()
+    by_rule, _ = ev.kb_ranks(q, e, gold, ev.RULES)
+    assert set(by_rule) == set(ev.RULES)
+    assert ev.evaluate_rules(q, e, gold, None, ev.RULES, ("kb",))[2] is None
