@@ -3,7 +3,7 @@
 The runs come from :mod:`dimkit.runs`. The tables, as DataFrames, are those of the paper (original
 datasets, enhanced ones, ablations), each under DIM's candidate protocol and, in a separate table,
 the whole-KB protocol, plus one for the bundled sample whose caption says its numbers are not paper
-numbers. Beside each dimkit number stand the value of ``data/reference_results.csv`` (n/a where the
+numbers. Beside each dimkit number stand the value of ``dimkit/data/reference_results.csv`` (n/a where the
 paper's number could not be obtained) and the difference. H@k and MRR are shown in percent, the
 differences in percentage points.
 """
@@ -63,7 +63,7 @@ SAMPLE_WARNING = "Synthetic sample: these numbers are not paper numbers."
 
 
 def load_reference(path: str | Path | None = None) -> pd.DataFrame:
-    """``data/reference_results.csv`` checked: known columns, numeric values, a source for every value."""
+    """``dimkit/data/reference_results.csv`` checked: known columns, numeric values, a source for every value."""
     path = Path(path) if path is not None else REFERENCE_FILE
     if not path.exists():
         raise DataError("reference file not found", file=path)
@@ -333,7 +333,7 @@ def _caption(table: TableSpec, used: Sequence[pd.Series], warnings: list[str], p
         parts.append(f"Run choice when several match: {rule}.")
     if filters:
         parts.append("Runs restricted to " + ", ".join(f"{k}={v!r}" for k, v in sorted(filters.items())) + ".")
-    parts.append("ref: data/reference_results.csv"
+    parts.append("ref: dimkit/data/reference_results.csv"
                  + (f" ({'; '.join(sorted(ref_sources))})" if ref_sources else "")
                  + "; the DIM paper's own numbers are not filled in (fill them from the PDF). "
                  "Δ = dimkit − ref in percentage points; n/a = no run or no reference value.")
@@ -358,7 +358,7 @@ def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path 
     out = [p for t in tables for p in t.save(folder)]
     index = ["# dimkit result tables", "",
              "Rebuilt by `dimkit.tables` (notebook `04_tables`) from `runs/*/metrics.json` and "
-             "`data/reference_results.csv`.", ""]
+             "`dimkit/data/reference_results.csv`.", ""]
     for t in tables:
         index += [t.to_markdown(), ""]
     return out + [atomic.write_text("\n".join(index), folder / "index.md")]

@@ -28,7 +28,7 @@
 # candidates, gold guaranteed; H@1/5/10/20) and, in separate tables, under the **whole-KB protocol**
 # of MIMIC and later papers (H@1/3/5/MRR). The two are never put in one column.
 #
-# Beside each dimkit number stand the reference value from `data/reference_results.csv` and the
+# Beside each dimkit number stand the reference value from `dimkit/data/reference_results.csv` and the
 # difference. **The DIM paper's own numbers are not in that file**: they could not be obtained when
 # the kit was written, so those cells are empty and show as *n/a* until you fill them in from the
 # PDF (give a `source` for every number you add). The file does hold the published whole-KB H@1 of
@@ -132,7 +132,7 @@ for name in cfg.shown():
 
 # %% [markdown]
 # ## The reference values
-# `data/reference_results.csv`: one row per (dataset, protocol, method, ablation, metric), values in
+# `dimkit/data/reference_results.csv`: one row per (dataset, protocol, method, ablation, metric), values in
 # percent as printed in the papers, a `source` for every number. Fill the empty DIM rows from the
 # paper's PDF, then rerun this notebook.
 
