@@ -20,9 +20,9 @@ def numbered_notebooks(folder: str | Path | None = None) -> list[Path]:
 def dataset_for(notebook: str | Path, dataset: str) -> str | None:
     """The dataset value to pass to a notebook, or None if it takes no ``dataset`` parameter.
 
-    Notebooks whose default dataset is an augmented one (``sample+``: 02, 03) get the augmented
-    form of the requested dataset, the others get it as is: ``make demo DATASET=rich`` runs 00 and
-    01 on ``richpediamel`` and 02, 03 on ``richpediamel+``.
+    Notebooks whose default dataset is an augmented one (``sample+``: 02, 03, 05, 06) get the
+    augmented form of the requested dataset, the others (00, 01, 04) get it as is: ``make demo
+    DATASET=rich`` runs 00, 01 and 04 on ``richpediamel`` and 02, 03, 05, 06 on ``richpediamel+``.
     """
     import papermill
 
@@ -76,7 +76,7 @@ def run_notebooks(dataset: str = "sample", out_dir: str | Path | None = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dimkit notebooks``."""
-    parser.add_argument("--dataset", default="sample", help="dataset for 00/01 (02/03 get its '+' form)")
+    parser.add_argument("--dataset", default="sample", help="dataset for 00, 01 and 04 (02, 03, 05 and 06 get its '+' form)")
     parser.add_argument("--out", default=None, help="folder for executed notebooks (default runs/notebooks)")
     parser.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 00 03")
 

@@ -243,6 +243,7 @@ class Config:
             metavar = ("{" + ",".join(map(str, choices)) + "}" if choices
                        else cls.flag(f.name).lstrip("-").replace("-", "_").upper())  # --epochs EPOCHS
             default = f.default if f.default is not dataclasses.MISSING else None
+            has_factory = f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
             help_text = meta.get("help", "")
             if meta.get("positional"):
                 parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
@@ -251,7 +252,7 @@ class Config:
             preset = any(f.name in p for p in cls.PRESETS.values())
             shown = (" (default: the dataset's preset)" if preset else
                      f" (default {default})" if default not in (None, "", False) and kind != "bool" else
-                     " (required)" if default is None and not optional else "")
+                     " (required)" if default is None and not optional and not has_factory else "")
             if kind == "bool":
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=help_text)

@@ -112,7 +112,6 @@ class TrainConfig(Config):
                                                 "missing", cli=False)
 
     @classmethod
-    @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
         """The dataset's preset (from the released scripts) with ``overrides`` (None keeps the preset; set a
         setting to None with :meth:`replace`). ``variant="released"`` also takes :data:`RELEASED_PROCEDURE`

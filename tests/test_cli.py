@@ -205,3 +205,14 @@ def test_every_command_is_a_stage_or_listed_as_not_one():
     from dimkit.cli import COMMANDS
 
     assert set(COMMANDS) == set(STAGES) | {"info", "notebooks"}
+
+
+def test_help_calls_only_settings_without_a_default_required(capsys):
+    """A list setting built by a default factory (figure2's --datasets) is optional, and says so."""
+    import re
+
+    text = re.sub(r"\s+", " ", _help(capsys, "figure2"))
+    datasets = text.split("--datasets DATASETS [DATASETS ...]", 2)[2]
+    datasets = datasets.split(" --", 1)[0]
+    assert "(required)" not in datasets and "default []" not in datasets, datasets
+    assert "default: every prepared one" in datasets
