@@ -9,7 +9,7 @@ Same model, same inputs, measured side by side (random weights: timing only, out
    of one with 77 tokens, then every entity description one by one. dimkit runs
    ``features.run`` end to end with an empty store (image check, hashing, cue replay,
    batched encoding, durable writes), then once more with the store full.
-2. A small BLIP-2-shaped model (``experts.random_blip2("small")``): the released loop calls the
+2. A small BLIP-2-shaped model (``dimkit_dev.tiny_blip2.random_blip2("small")``): the released loop calls the
    processor and ``generate(max_new_tokens=20)`` per image; dimkit's ``TransformersExpert`` batches.
 
 ``--throughput`` instead prints images per second for a CLIP architecture and a BLIP-2 preset on a
@@ -198,7 +198,8 @@ def bench_blip2(n_images: int, preset: str, batch_sizes: list[int], repeat: int)
     from PIL import Image
 
     from dimkit import datasets
-    from dimkit.experts import RELEASED_PROMPT, CueItem, TransformersExpert, random_blip2
+    from dimkit.experts import RELEASED_PROMPT, CueItem, TransformersExpert
+    from dimkit_dev.tiny_blip2 import random_blip2
 
     _hr(f"BLIP-2 '{preset}'-shaped (random weights), {n_images} images, 20 new tokens, CPU fp32")
     model, processor = random_blip2(preset)
@@ -245,7 +246,8 @@ def throughput(device: str, arch: str, preset: str, clip_batch: int, blip_batch:
     from PIL import Image
 
     from dimkit import clip
-    from dimkit.experts import CueItem, TransformersExpert, random_blip2
+    from dimkit.experts import CueItem, TransformersExpert
+    from dimkit_dev.tiny_blip2 import random_blip2
 
     fp16 = device.startswith("cuda")
     rng = np.random.default_rng(0)

@@ -164,7 +164,7 @@ def save_blip2(folder: Path, preset: str) -> Path:
     (which starts as a fork of this one) is the stage's own.
     """
     if not (folder / "config.json").exists():
-        code = ("import sys, torch; from dimkit.experts import random_blip2; "
+        code = ("import sys, torch; from dimkit_dev.tiny_blip2 import random_blip2; "
                 "m, p = random_blip2(sys.argv[2], seed=0, dtype=torch.float16 if sys.argv[2] == 'opt-2.7b' else None); "
                 "m.save_pretrained(sys.argv[1]); p.save_pretrained(sys.argv[1])")
         subprocess.run([sys.executable, "-c", code, str(folder), preset], check=True, stdout=subprocess.DEVNULL,

@@ -29,11 +29,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def register(name: str, module: str, help: str) -> None:
-    """Add a sub-command (used by stage modules that live outside this table)."""
-    COMMANDS[name] = (module, help)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dimkit info``."""
     parser.add_argument("dataset", nargs="?", help="dataset name (e.g. sample, rich+)")
@@ -41,9 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``dimkit info``: environment and, if named, a dataset's counts."""
-    from .env import environment_info
-    for k, v in environment_info().items():
-        print(f"{k:>14}: {v}")
+    from .env import print_environment
+    print_environment()
     if args.dataset:
         from . import datasets
         ds = datasets.load(args.dataset)
@@ -55,23 +49,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dimkit", description="DIM reproduction kit")
-    parser.add_argument("--version", action="version", version=f"dimkit {_version()}")
+    from .env import installed_version
+    parser.add_argument("--version", action="version", version=f"dimkit {installed_version('dimkit')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(_module=module)
-        p.set_defaults(_configure=None)
+        sub.add_parser(name, help=help, description=help)
     return parser
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("dimkit")
-    except metadata.PackageNotFoundError:
-        from . import __version__
-        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ _DISTRIBUTIONS = {"dimkit": "dimkit", "torch": "torch", "transformers": "transfo
                   "open_clip": "open_clip_torch", "pandas": "pandas"}
 
 
-def _version(module: str) -> str:
+def installed_version(module: str) -> str:
     """The installed version, read from package metadata: importing transformers or open_clip
     just to print their versions would cost seconds."""
     from importlib import metadata
@@ -72,11 +72,11 @@ def environment_info(feature_model: str | None = None, weights_real: bool | None
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(terse=True),
-        "dimkit": _version("dimkit"),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "open_clip": _version("open_clip"),
-        "pandas": _version("pandas"),
+        "dimkit": installed_version("dimkit"),
+        "torch": installed_version("torch"),
+        "transformers": installed_version("transformers"),
+        "open_clip": installed_version("open_clip"),
+        "pandas": installed_version("pandas"),
         "device": pick_device(),
         "hf_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
     }

@@ -255,9 +255,7 @@ def _check_expert(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> Non
 
 
 def _check_clip(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> None:
-    spec_text = cfg.clip
-    if spec_text == "auto":
-        spec_text = "sample" if datasets.base_name(name) == "sample" else "default"
+    spec_text = _clip_for(name, cfg.clip)
     try:
         from .clip import _check_cached_offline, parse_clip_spec
 

@@ -106,7 +106,9 @@ def test_failing_batch_is_bisected_down_to_the_bad_image(monkeypatch):
     """One image that breaks generate() costs a few extra calls and only its own answer."""
     from PIL import Image
 
-    model, processor = experts.random_blip2("tiny")
+    from dimkit_dev.tiny_blip2 import random_blip2
+
+    model, processor = random_blip2("tiny")
     ex = experts.TransformersExpert.from_model(model, processor, model_id="tiny", batch_size=8)
     good = Image.new("RGB", (32, 32), "white")
     bad = Image.new("RGB", (32, 32), "black")

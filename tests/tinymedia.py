@@ -69,7 +69,7 @@ def write_cue_file(path: Path, cues: dict[str, str] | None = None, expert: str =
 
 def tiny_blip2(folder: Path, seed: int = 0) -> Path:
     """Build a tiny random BLIP-2 (offline.md recipe) and save model + processor like a downloaded checkpoint."""
-    from dimkit.experts import random_blip2
+    from dimkit_dev.tiny_blip2 import random_blip2
 
     model, processor = random_blip2("tiny", seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
