@@ -63,7 +63,7 @@ sample-clip: $(STAMP)
 
 # The whole chain on synthetic data shaped like a real dataset, at 1/16, 1/4 and full size: time, peak
 # memory, items/s and bytes per stage, growth exponents, the rerun, DIM's fuzzywuzzy loop beside the
-# candidates (see benchmarks/rehearsal.py). Full size takes about an hour on 2 cores.
+# candidates (see benchmarks/rehearsal.py). The three scales and --kill take about 30 minutes on 2 cores.
 #   make rehearsal LIKE=wikimel [SCALES=0.0625,0.25,1] [REHEARSAL_ARGS="--kill"]
 LIKE ?= wikimel
 SCALES ?= 0.0625,0.25,1

@@ -327,12 +327,14 @@ def plot(args, results: list[dict]) -> None:
     results = sorted(results, key=lambda r: r["scale"])
     sizes = [r["sizes"]["mentions"] + r["sizes"]["entities"] for r in results]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, st in enumerate(results[0]["stages"]):
-        ax.loglog(sizes, [r["stages"][i]["seconds"] for r in results], marker="o", label=st["stage"])
+    for i, st in enumerate(results[0]["stages"]):  # tab20: eleven stages, eleven colours
+        ax.loglog(sizes, [r["stages"][i]["seconds"] for r in results], marker="os^D"[i % 4],
+                  color=plt.cm.tab20(i), label=st["stage"])
     ax.loglog(sizes, [sizes[0] and results[0]["stages"][0]["seconds"] * s / sizes[0] for s in sizes], "k:",
               label="linear (prepare's slope 1)")
     ax.set(xlabel="mentions + entities", ylabel="wall time (s)",
-           title=f"Rehearsal on {args.like}-shaped synthetic data (random tiny models)")
+           title=f"Rehearsal on {args.like}-shaped synthetic data\n"
+                 f"(random CLIP {args.clip}, random BLIP-2 {args.blip2}, {args.device})")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     for ext in ("png", "pdf"):

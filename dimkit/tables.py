@@ -392,7 +392,8 @@ class TablesConfig(Config):
     STAGE: ClassVar[str] = "tables"
 
     dataset: str = setting("sample", "dataset family shown first, and trained for with launch_missing (with its "
-                                     "+ form): sample, wikimel, richpediamel, wikidiverse")
+                                     "+ form): sample, wikimel, richpediamel, wikidiverse, or a prepared dataset "
+                                     "of your own (it gets tables of its own)")
     split: str = setting("test", "the split shown (the model is always selected on dev)", choices=("test", "dev"))
     pick: str = setting("latest", "which run fills a cell when several match: latest or best_dev", choices=PICKS)
     launch_missing: bool = setting(False, "first train the runs the tables lack, for launch_datasets x variants x "
