@@ -20,8 +20,10 @@ WikiDiverse's lists differently (docs/fidelity.md row 11), so lists built here f
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, NamedTuple, Sequence
@@ -300,7 +302,8 @@ def rank_names(queries: Sequence[str], names: Sequence[str], k: int = 100, *, wo
 
     ``strategy="pruned"`` (default) scores the expensive parts of WRatio only where they can reach
     the top k; ``"full"`` runs ``rapidfuzz.process.cdist(scorer=fuzz.WRatio)`` on every pair. Both
-    give the same lists and scores.
+    give the same lists and scores. ``workers`` threads (-1: every core) score chunks of queries side
+    by side: numpy and rapidfuzz release the GIL, and most of the pruned scorer's time is numpy.
     """
     from rapidfuzz import fuzz, process
 
@@ -323,12 +326,14 @@ def rank_names(queries: Sequence[str], names: Sequence[str], k: int = 100, *, wo
     n_rows = max(1, int(chunk_bytes // (8 * max(len(name_keys), len(names)))))
     top_idx = np.empty((len(query_keys), kk), dtype=np.int64)
     top_scores = np.empty((len(query_keys), kk), dtype=np.float32)
+    starts = range(0, len(query_keys), n_rows)
+    threads = min(len(starts), workers if workers > 0 else len(os.sched_getaffinity(0))
+                  if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if strategy == "pruned":
         qs = _Strings(query_keys)
-        scorer = _Scorer(_Strings(name_keys), name_pos, kk, workers)
-    starts = range(0, len(query_keys), n_rows)
-    # disable is passed only to switch the bar off, so that TQDM_DISABLE=1 still works otherwise.
-    for start in tqdm(starts, desc="candidates", unit="chunk", **({} if progress else {"disable": True})):
+        scorer = _Scorer(_Strings(name_keys), name_pos, kk, 1 if threads > 1 else workers)
+
+    def chunk(start: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         rows = np.arange(start, min(start + n_rows, len(query_keys)))
         if strategy == "pruned":
             s = scorer.scores(qs, rows).astype(np.float32)  # [R, U], as cdist's float32 output
@@ -338,9 +343,15 @@ def rank_names(queries: Sequence[str], names: Sequence[str], k: int = 100, *, wo
                               processor=None, dtype=np.float32, workers=workers)  # [R, U]
         if expand:
             s = s[:, name_pos]  # [R, N]: one column per name, duplicates included
-        i, v = _top_k(s, kk)
-        top_idx[rows] = i
-        top_scores[rows] = v
+        return rows, _top_k(s, kk)
+
+    # the full strategy's cdist has threads of its own; chunks in order, `threads` in flight at once
+    with ThreadPoolExecutor(threads if strategy == "pruned" else 1) as pool:
+        # disable is passed only to switch the bar off, so that TQDM_DISABLE=1 still works otherwise.
+        for rows, (i, v) in tqdm(pool.map(chunk, starts), total=len(starts), desc="candidates", unit="chunk",
+                                 **({} if progress else {"disable": True})):
+            top_idx[rows] = i
+            top_scores[rows] = v
     return Ranking(top_idx[query_pos], top_scores[query_pos])
 
 

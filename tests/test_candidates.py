@@ -97,6 +97,21 @@ def test_pruned_ranking_equals_plain_cdist_wratio(seed, k):
     np.testing.assert_array_equal(a.indices, b.indices)
 
 
+def test_chunks_scored_in_parallel_threads_give_the_same_lists_in_order():
+    """Small chunks on three threads: every query's list lands in its own row, as on one thread."""
+    rng = random.Random(7)
+    words = ["".join(rng.choice("abcdeilmnorstu") for _ in range(rng.randint(1, 9))) for _ in range(60)]
+    names = _random_strings(rng, 300, words)
+    queries = _random_strings(rng, 200, words)
+    chunk = 8 * len(names) * 7  # seven queries a chunk: about thirty chunks
+    one = rank_names(queries, names, 10, workers=1, chunk_bytes=chunk)
+    three = rank_names(queries, names, 10, workers=3, chunk_bytes=chunk)
+    whole = rank_names(queries, names, 10, strategy="full")
+    for other in (three, whole):
+        np.testing.assert_array_equal(one.indices, other.indices)
+        np.testing.assert_array_equal(one.scores, other.scores)
+
+
 def test_ties_follow_name_order_and_duplicates_all_appear():
     names = ["Paris Hilton", "Paris", "PARIS", "Paris!", "Parish"]
     r = rank_names(["paris"], names, 5)
