@@ -327,8 +327,9 @@ def rank_names(queries: Sequence[str], names: Sequence[str], k: int = 100, *, wo
     top_idx = np.empty((len(query_keys), kk), dtype=np.int64)
     top_scores = np.empty((len(query_keys), kk), dtype=np.float32)
     starts = range(0, len(query_keys), n_rows)
-    threads = min(len(starts), workers if workers > 0 else len(os.sched_getaffinity(0))
-                  if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    # the full strategy's cdist has threads of its own; the pruned one scores `threads` chunks at once
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(len(starts), workers if workers > 0 else cores) if strategy == "pruned" else 1
     if strategy == "pruned":
         qs = _Strings(query_keys)
         scorer = _Scorer(_Strings(name_keys), name_pos, kk, 1 if threads > 1 else workers)
@@ -345,8 +346,7 @@ def rank_names(queries: Sequence[str], names: Sequence[str], k: int = 100, *, wo
             s = s[:, name_pos]  # [R, N]: one column per name, duplicates included
         return rows, _top_k(s, kk)
 
-    # the full strategy's cdist has threads of its own; chunks in order, `threads` in flight at once
-    with ThreadPoolExecutor(threads if strategy == "pruned" else 1) as pool:
+    with ThreadPoolExecutor(threads) as pool:  # results come back in chunk order
         # disable is passed only to switch the bar off, so that TQDM_DISABLE=1 still works otherwise.
         for rows, (i, v) in tqdm(pool.map(chunk, starts), total=len(starts), desc="candidates", unit="chunk",
                                  **({} if progress else {"disable": True})):

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .env import installed_version
     parser.add_argument("--version", action="version", version=f"dimkit {installed_version('dimkit')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help) in COMMANDS.items():
+    for name, (_, help) in COMMANDS.items():
         sub.add_parser(name, help=help, description=help)
     return parser
 
