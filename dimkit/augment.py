@@ -14,7 +14,8 @@ module makes the step itself reliable and cheap to rerun. ``run(AugmentConfig) -
   ``concurrency`` worker threads: the openai client retries 429s (after ``Retry-After``), 5xx,
   timeouts and dropped connections; a malformed or empty answer is asked again up to
   ``max_attempts`` times and is never a description; what still fails is recorded with its reason,
-  the run goes on, and a rerun asks for it again;
+  the run goes on, and a rerun asks for it again; a rejected key, an unknown model or a spent
+  quota (a 429 ``insufficient_quota``, not retried) stops the run at once, keeping what is stored;
 - ``batch=True`` sends what is missing through the OpenAI Batch API instead (half the price);
   submitted batches are recorded in the store, so an interrupted run resumes them;
 - ``replay`` never calls anything and fails naming the first entity without a stored answer;

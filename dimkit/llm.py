@@ -36,8 +36,11 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 #: Answers asked again (up to ``max_attempts`` requests) before they count as failed.
 CONTENT_FAILURES = frozenset({"malformed", "empty"})
-#: Failures that make every further request pointless (a bad key, a model the endpoint lacks).
-FATAL = frozenset({"auth", "not_found"})
+#: Failures that make every further request pointless (a bad key, a model the endpoint lacks, an
+#: account whose quota or credit is spent: OpenAI answers that with a 429 no wait will cure).
+FATAL = frozenset({"auth", "not_found", "quota"})
+#: The error code of a 429 that is a spent quota, not a rate limit.
+QUOTA_CODE = "insufficient_quota"
 
 #: Approximate list prices in USD per 1M tokens (input, output) at the time of writing, for the
 #: cost estimate only. Providers change them: check the pricing page, or pass ``prices=``.
@@ -200,6 +203,9 @@ def classify(exc: BaseException, secret: str | None = None) -> LLMError:
     if isinstance(exc, openai.APIConnectionError):
         return LLMError("connection", detail)
     if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 429 and QUOTA_CODE in (getattr(exc, "code", None), getattr(exc, "type", None)):
+            return LLMError("quota", detail + " (the account's quota or credit is spent: top it up, then rerun; "
+                            "what is stored is kept)", status=429)
         return LLMError(status_reason(exc.status_code), detail, status=exc.status_code)
     if isinstance(exc, openai.APIResponseValidationError):
         return LLMError("malformed", detail)
@@ -306,6 +312,10 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
                     tally["timeout" if timeout else "connection"] += 1
                 raise
             reason = status_reason(response.status_code)
+            if reason == "rate_limited" and _spent_quota(response):
+                # The openai client would retry it max_retries times, with back-off, for nothing.
+                response.headers["x-should-retry"] = "false"
+                reason = "quota"
             with lock:
                 tally[reason] += 1
             if reason == "rate_limited":
@@ -315,6 +325,15 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
             return response
 
     return _Paced()
+
+
+def _spent_quota(response) -> bool:
+    """Whether a 429 says the quota is spent (``insufficient_quota``) rather than the rate too high."""
+    try:
+        error = json.loads(response.read()).get("error") or {}
+    except (ValueError, AttributeError):
+        return False
+    return QUOTA_CODE in (error.get("code"), error.get("type")) if isinstance(error, dict) else False
 
 
 def _raise_check_error(exc: Exception, endpoint: Endpoint) -> None:

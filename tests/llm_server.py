@@ -29,7 +29,7 @@ from typing import Callable
 #: A fault decides what one chat request gets instead of a normal answer:
 #: "429" / "429:<seconds>" (Retry-After), "500", "503", "timeout" (hang past the client's timeout),
 #: "malformed" (broken JSON), "badshape" (JSON without choices), "empty" (empty content),
-#: "close" (drop the connection), "401".
+#: "close" (drop the connection), "401", "quota" (429 insufficient_quota: the account's credit is spent).
 FaultFn = Callable[[str, int], "str | None"]
 
 
@@ -192,6 +192,11 @@ class _Handler(BaseHTTPRequestHandler):
             if fault in ("500", "502", "503"):
                 self._send(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
                 return
+            if fault == "quota":  # OpenAI's answer when the account's credit is spent
+                self._send(429, {"error": {"message": "You exceeded your current quota, please check your plan and "
+                                                      "billing details.", "type": "insufficient_quota",
+                                           "code": "insufficient_quota"}})
+                return
             if fault == "401":
                 self._send(401, {"error": {"message": "Incorrect API key provided"}})
                 return
@@ -292,7 +297,7 @@ class FakeLLMServer:
                     return 429, "rate", wait
                 self._window.append(now)
             fault = self._fault_fn(prompt, n)
-            status = {"429": 429, "500": 500, "502": 502, "503": 503, "401": 401}.get(
+            status = {"429": 429, "quota": 429, "500": 500, "502": 502, "503": 503, "401": 401}.get(
                 (fault or "").split(":")[0], 200)
             self.records.append({"t": now, "prompt": prompt, "status": status, "fault": fault})
             return 0, fault, 0.0

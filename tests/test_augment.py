@@ -331,6 +331,18 @@ def test_fatal_error_stops_the_run(server):
     assert KEY not in json.dumps(rep.to_dict())
 
 
+def test_a_spent_quota_stops_the_run_at_once_instead_of_retrying(server, capsys):
+    """OpenAI answers a spent quota with a 429 that no wait cures: no retries, no rate-limit back-off."""
+    make_toy(n=20)
+    server.set_faults(lambda prompt, n: "quota")
+    rep = aug.augment("toy", model="fake-model", concurrency=2, max_retries=5, progress=False, **FAST)
+    assert rep.aborted and rep.aborted.startswith("quota") and "quota or credit is spent" in rep.aborted
+    assert server.stats()["requests"] <= 2, "one request per worker, none retried"
+    assert rep.not_attempted >= 18 and not rep.written and rep.rate_limited == 0
+    assert cli.main(["augment", "toy", "--model", "fake-model", "--no-progress"]) != 0
+    assert "ABORTED: quota" in capsys.readouterr().out
+
+
 def test_a_failing_store_stops_the_run_loudly(server):
     class FullDisk(Store):
         calls = 0
