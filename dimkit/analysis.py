@@ -4,7 +4,8 @@
 (through :class:`dimkit.link.Linker`, so no model is loaded when the features are stored) and gives
 each failure one error kind; :func:`compare` sets two runs (e.g. ``paper`` and its ``text_only``
 ablation) side by side on the mentions where their predictions differ. The runs are found by
-:mod:`dimkit.runs`.
+:mod:`dimkit.runs`. :func:`run` does both for an :class:`AnalysisConfig` and writes the tables
+(``dimkit errors sample+``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from . import cues, datasets, runs
 from .errors import ConfigError, DimkitError
 from .images import load_dataset_image
 from .link import Linker
-from .stage import Config, setting
+from .stage import Config, Result, setting
 from .tables import ABLATION_LABELS, VARIANT_LABELS  # the names, without the model (torch)
 
 #: Error kinds, in the order they are assigned (the first that applies): the fuzzy candidate list
@@ -43,18 +44,22 @@ class AnalysisConfig(Config):
 
     STAGE: ClassVar[str] = "analysis"
 
-    dataset: str = setting("sample+", "a prepared dataset with trained runs (sample+, wiki+, rich+, diverse+, ...)")
+    dataset: str = setting("sample+", "a prepared dataset with trained runs (sample+, wiki+, rich+, diverse+, ...)",
+                           positional=True)
     run: str = setting("", "run folder or name under $DIMKIT_RUNS (empty: the newest run of the variant)")
     variant: str = setting("paper", "which run to take when run is empty: paper or released",
                            choices=tuple(VARIANT_LABELS))
     compare_run: str = setting("", "the run set beside it (empty: the newest compare_ablation run of the variant)")
-    compare_ablation: str = setting("text_only", "the ablation set beside the full run",
-                                    choices=[a for a in ABLATION_LABELS if a != "none"])
+    compare_ablation: str = setting("text_only", "the ablation set beside the full run (none: no comparison)",
+                                    choices=list(ABLATION_LABELS))
     split: str = setting("test", "the split analysed", choices=("test", "dev"))
     protocol: str = setting("dim", "dim (the gold among its candidate list) or kb (the gold among the whole KB)",
                             choices=PROTOCOLS)
     n_worst: int = setting(8, "failures and disagreements shown", min=1)
     quick_epochs: int = setting(5, "epochs of a run trained here because none exists yet", min=1)
+    save: bool = setting(True, "write the per-mention table, the error kinds and the disagreements (CSV) and a "
+                               "summary (JSON)")
+    folder: Path | None = setting(None, "where (default: <run folder>/errors/<split>-<protocol>)")
 
     def check(self) -> None:
         """The dataset's canonical name."""
@@ -65,8 +70,11 @@ class AnalysisConfig(Config):
         return runs.ensure(self.dataset, self.variant, "none", run=self.run, quick_epochs=self.quick_epochs,
                            progress=progress)
 
-    def other_run(self, progress: bool = False) -> Path:
-        """The run set beside it: ``compare_run``, else the newest ``compare_ablation`` run (or a quick one)."""
+    def other_run(self, progress: bool = False) -> Path | None:
+        """The run set beside it: ``compare_run``, else the newest ``compare_ablation`` run (or a quick one);
+        None when ``compare_ablation`` is ``none`` and no ``compare_run`` is named."""
+        if not self.compare_run and self.compare_ablation == "none":
+            return None
         return runs.ensure(self.dataset, self.variant, self.compare_ablation, run=self.compare_run,
                            quick_epochs=self.quick_epochs, progress=progress)
 
@@ -408,3 +416,90 @@ def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):
     return _image_grid(c.a.linker.dataset, list(t["image"]), captions,
                        f"{c.a.label} vs {c.b.label}: {c.a.dataset} {c.a.split} mentions where they disagree",
                        c.a.note, ncols=ncols, wrap=48)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: dimkit errors
+
+
+@dataclass
+class ErrorReport(Result):
+    """What :func:`run` found: the run's :class:`Analysis`, how far its re-scoring agrees with the ranks
+    training wrote, the error kinds, the :class:`Comparison` with the run set beside it, the files."""
+
+    analysis: Analysis
+    agreement: float
+    comparison: Comparison | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def kinds(self) -> pd.DataFrame:
+        """:func:`confusion_summary` of the analysis."""
+        return confusion_summary(self.analysis)
+
+    def summary(self) -> str:
+        lines = [str(self.analysis),
+                 f"ranks identical to training's predictions.parquet for {100 * self.agreement:.1f}% of mentions"]
+        if self.agreement < 1.0:
+            lines.append("WARNING: re-scoring does not reproduce the run's own evaluation (were its features "
+                         "recomputed with another model or expert since it was trained?)")
+        lines += ["", self.kinds.to_string(index=False)]
+        if self.comparison is not None:
+            lines += ["", str(self.comparison), self.comparison.summary().to_string(index=False)]
+        if self.files:
+            lines += ["", f"wrote {self.files[0].parent}: " + ", ".join(f.name for f in self.files)]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        a, t = self.analysis, self.analysis.table
+        kinds = self.kinds.astype(object).where(self.kinds.notna(), None)
+        out: dict[str, Any] = {
+            "run": a.run_name, "variant": a.variant, "ablation": a.ablation, "dataset": a.dataset, "split": a.split,
+            "protocol": a.protocol, "rank_rule": a.rank_rule, "mentions": len(t), "correct": int(t["correct"].sum()),
+            "hits_at_1": float(t["correct"].mean()), "agreement_with_training": self.agreement,
+            "error_kinds": kinds.to_dict("records"), "note": a.note, "files": [str(f) for f in self.files]}
+        if self.comparison is not None:
+            b = self.comparison.b
+            out["compared_with"] = {"run": b.run_name, "label": b.label, "hits_at_1": float(b.table["correct"].mean()),
+                                    "outcomes": dict(self.comparison.summary().itertuples(index=False, name=None))}
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.agreement == 1.0 else 1
+
+
+def run(cfg: AnalysisConfig, *, linker: Any = None, progress: bool = True) -> ErrorReport:
+    """Analyse the run ``cfg`` names (:meth:`AnalysisConfig.main_run`), set the compare run beside it, and
+    (``save``) write ``mentions.csv`` (every mention of the split: prediction, rank, margin, error kind),
+    ``error_kinds.csv``, ``disagreements.csv`` and ``summary.json`` to ``folder``.
+
+    ``linker``: a :class:`~dimkit.link.Linker` of the main run already loaded (notebook 06 holds one).
+    """
+    from . import atomic
+
+    cfg = cfg.replace()  # a checked copy
+    datasets.require(cfg.dataset)  # before any run is looked for (or trained)
+    main = cfg.main_run(progress) if linker is None else Path(linker.run_dir)
+    a = analyse(main, cfg.split, cfg.protocol, linker=linker, progress=progress)
+    if datasets.canonical_name(a.dataset) != cfg.dataset:
+        raise ConfigError(f"run {a.run_name} was trained on {a.dataset}, not on {cfg.dataset}: name a run of "
+                          f"{cfg.dataset}, or analyse it with dataset={a.dataset}")
+    other_dir = cfg.other_run(progress)
+    comparison = None
+    if other_dir is not None:
+        comparison = compare(a, analyse(other_dir, cfg.split, cfg.protocol, progress=progress))
+    report = ErrorReport(analysis=a, agreement=agreement_with_training(a), comparison=comparison)
+    if cfg.save:
+        out = cfg.folder if cfg.folder is not None else a.linker.run_dir / "errors" / f"{cfg.split}-{cfg.protocol}"
+        files = [atomic.write_text(a.table.to_csv(index=False), out / "mentions.csv"),
+                 atomic.write_text(report.kinds.to_csv(index=False), out / "error_kinds.csv")]
+        if comparison is not None:
+            files.append(atomic.write_text(comparison.table.to_csv(index=False), out / "disagreements.csv"))
+        report.files = files + [out / "summary.json"]
+        report.save(out / "summary.json")
+    return report
+
+
+#: The command line: ``dimkit errors sample+ --protocol kb`` takes the flags of :class:`AnalysisConfig`.
+CONFIG = AnalysisConfig

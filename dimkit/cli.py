@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dimkit.train", "train and evaluate DIM (paper or released variant) on a dataset"),
     "tables": ("dimkit.tables", "rebuild the paper's tables from the runs, training the missing ones if asked"),
     "figure2": ("dimkit.stats", "Figure 2: what the LLM descriptions of the '+' datasets add to the originals"),
+    "errors": ("dimkit.analysis", "where a trained run fails and why: error kinds, and the mentions an ablation "
+                                  "gets otherwise (notebook 06)"),
     "link": ("dimkit.link", "link new mentions (sentence, mention, image) with a trained run: top-k KB entities"),
     "info": ("dimkit.cli", "show a prepared dataset's counts and the environment"),
     "notebooks": ("dimkit.notebooks", "execute the numbered notebooks headless (make demo)"),

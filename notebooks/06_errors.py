@@ -108,16 +108,19 @@ pd.concat({"dataset image": with_file[["qid", "name", "score"]],
 
 # %% [markdown]
 # ## Every mention of the split, re-scored
-# `analyse` scores each mention with the run's model and stored features, as training evaluated it.
-# Before looking at failures, prove that it agrees with what `dimkit.train` wrote to
-# `predictions.parquet`: the rank of every gold must be identical.
+# `analysis.run` (the `dimkit errors` command) scores each mention with the run's model and stored
+# features, as training evaluated it, does the same with the run set beside it (the text-only
+# ablation, below), and writes the tables to the run folder. Before looking at failures, prove that
+# the re-scoring agrees with what `dimkit.train` wrote to `predictions.parquet`: the rank of every
+# gold must be identical.
 
 # %%
-result = analysis.analyse(run_dir, split=cfg.split, protocol=cfg.protocol, linker=linker)
-agreement = analysis.agreement_with_training(result)
+report = analysis.run(cfg, linker=linker)
+result = report.analysis
 print(result)
-print(f"ranks identical to training's predictions.parquet for {100 * agreement:.1f}% of mentions")
-assert agreement == 1.0, "re-scoring must reproduce the run's own evaluation"
+print(f"ranks identical to training's predictions.parquet for {100 * report.agreement:.1f}% of mentions")
+print("tables written to", report.files[0].parent if report.files else "(not saved)")
+assert report.agreement == 1.0, "re-scoring must reproduce the run's own evaluation"
 
 # %% [markdown]
 # ## The worst failures
@@ -144,8 +147,7 @@ with pd.option_context("display.max_colwidth", 120):
 # overlaps stay visible.
 
 # %%
-summary = analysis.confusion_summary(result)
-summary
+report.kinds
 
 # %% [markdown]
 # ## Beside the text-only ablation
@@ -153,9 +155,7 @@ summary
 # run was right tells what the extra modalities bought -- or cost.
 
 # %%
-other_dir = cfg.other_run()
-other = analysis.analyse(other_dir, split=cfg.split, protocol=cfg.protocol)
-comparison = analysis.compare(result, other)
+comparison = report.comparison
 print(comparison)
 comparison.summary()
 

@@ -64,7 +64,7 @@ def test_python_api_refuses_the_same_values(kit_dirs):
 
 #: Every command that is a stage (the others, info and notebooks, are not): see test_every_command_is_listed.
 STAGES = ("prepare", "images", "candidates", "augment", "cues", "features", "train", "link", "tables", "figure2",
-          "reproduce")
+          "reproduce", "errors")
 #: Flags that READMEs, notebooks and scripts use: they keep their spelling.
 KEPT_FLAGS = {
     "prepare": ["--name", "--layout", "--subset", "--images", "--seed", "--copy-images", "--data-dir"],

@@ -211,6 +211,33 @@ def test_comparing_a_run_with_its_text_only_ablation(sample_run):
     assert summary["only paper right"] == int((merged["correct_x"] & ~merged["correct_y"]).sum())
 
 
+def test_the_errors_command_writes_the_analysis_it_prints(sample_run, tmp_path, capsys):
+    run, out = sample_run["run"], tmp_path / "errors"
+    code = cli.main(["errors", "sample+", "--run", str(run), "--compare-ablation", "none", "--folder", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    a = analysis.analyse(run)
+    mentions = pd.read_csv(out / "mentions.csv", dtype={"mention_id": str})
+    assert mentions["mention_id"].tolist() == a.table["mention_id"].tolist()
+    assert (mentions["error_kind"] == a.table["error_kind"]).all() and (mentions["rank"] == a.table["rank"]).all()
+    kinds = pd.read_csv(out / "error_kinds.csv").set_index("error kind")
+    assert kinds.loc["all failures", "failures"] == len(a.failures) == (~mentions["correct"]).sum()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hits_at_1"] == pytest.approx(sample_run["result"].metrics["test"]["dim"]["H@1"])
+    assert summary["agreement_with_training"] == 1.0 and "compared_with" not in summary
+    assert not (out / "disagreements.csv").exists()  # compare_ablation none: no second run looked for
+    assert f"{len(a.failures)} failures" in printed and "name-alike entity chosen" in printed
+    assert "not comparable to the paper" in summary["note"]  # the sample says what its numbers are
+
+
+def test_the_errors_command_refuses_a_run_of_another_dataset_or_an_unprepared_one(sample_run, capsys):
+    assert cli.main(["errors", "sample", "--run", str(sample_run["run"])]) == 2
+    assert "was trained on sample+, not on sample" in capsys.readouterr().err
+    assert cli.main(["errors", "wiki+"]) == 2  # refused before any run is looked for or trained
+    err = capsys.readouterr().err
+    assert "'wikimel+' is not prepared" in err and not list(sample_run["root"].joinpath("runs").glob("wikimel+*"))
+
+
 def _one_line_input(ds, folder, image=True):
     """A batch file of one test mention of the sample (its image by absolute path unless ``image`` is False)."""
     r = _test_mentions(ds).iloc[0]
