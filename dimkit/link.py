@@ -27,7 +27,7 @@ from . import atomic, datasets, paths, runs
 from .clip import load_clip, parse_clip_spec
 from .cues import KIND, cue_key
 from .env import pick_device
-from .errors import DataError, DimkitError
+from .errors import ConfigError, DataError, DimkitError
 from .experts import CueItem, NoExpert, OpenAIExpert, TransformersExpert, make_expert
 from .features import SEP, FeatureStore, _entity_texts, image_key, text_key
 from .images import load_image, sha256_file
@@ -697,8 +697,15 @@ def _read_lines(src: Path) -> list[tuple[int, str]]:
 def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bool = True,
               **settings: Any) -> LinkFileReport:
     """Link every line of a JSONL file with the run ``model`` (a folder, a run name, a RunResult or a
-    Linker); ``settings`` are :class:`LinkConfig`'s."""
+    Linker); ``settings`` are :class:`LinkConfig`'s. ``expert`` may also be an expert object here
+    (as for :class:`Linker`) instead of a spec."""
     linker = model if isinstance(model, Linker) else None
+    expert = settings.get("expert")
+    if expert is not None and not isinstance(expert, str):
+        if linker is not None:
+            raise ConfigError("expert= and a Linker given as model: build the Linker with the expert instead")
+        settings.pop("expert")
+        linker = Linker(model, device=settings.get("device", "auto"), expert=expert)
     where = getattr(model, "run_dir", None) or ("in-memory model" if linker is not None else model)
     cfg = LinkConfig(run=str(where), input=input, output=output).replace(**settings)
     return run(cfg, linker=linker, progress=progress)

@@ -145,6 +145,15 @@ def test_the_batch_command_skips_and_reports_bad_lines(sample_run, tmp_path, cap
     # the API returns the same report; allowing unusable images links the broken line too
     rep = link_file(run, src, tmp_path / "again.jsonl", k=2, allow_unusable_images=True, progress=False)
     assert rep.linked == 3 and rep.reasons() == {"missing_field": 1, "bad_json": 1}
+    # an expert object, as Linker takes, works here too; a Linker together with one is ambiguous
+    from dimkit.experts import make_expert
+
+    expert = make_expert(read_run(run).cue_expert_spec)
+    rep = link_file(run, src, tmp_path / "third.jsonl", k=2, expert=expert, progress=False)
+    third = [json.loads(x) for x in (tmp_path / "third.jsonl").read_text().splitlines()]
+    assert rep.linked == 2 and [t["entities"] for t in third] == [g["entities"][:2] for g in got]
+    with pytest.raises(ConfigError, match="build the Linker with the expert"):
+        link_file(Linker(run), src, tmp_path / "fourth.jsonl", expert=expert, progress=False)
 
 
 def test_a_run_whose_feature_model_is_missing_is_refused_clearly(sample_run, monkeypatch, tmp_path):
