@@ -50,9 +50,9 @@ def _du(*folders: Path) -> int:
 
 
 def _rate(per_s: float | None) -> str:
-    """Items per second, with a decimal below 10 (BLIP-2 OPT-2.7b on a CPU does well under one image a second)."""
+    """Items per second, with two decimals below 10 (BLIP-2 OPT-2.7b on a CPU does well under one image a second)."""
     per_s = per_s or 0.0
-    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2f}"
 
 
 class Chain:

@@ -50,12 +50,13 @@ class AnalysisConfig(Config):
     variant: str = setting("paper", "which run to take when run is empty: paper or released",
                            choices=tuple(VARIANT_LABELS))
     compare_run: str = setting("", "the run set beside it (empty: the newest compare_ablation run of the variant)")
-    compare_ablation: str = setting("text_only", "the ablation set beside the full run (none: no comparison)",
+    compare_ablation: str = setting("text_only", "the ablation set beside the full run (none: no comparison, "
+                                                 "unless compare_run is named)",
                                     choices=list(ABLATION_LABELS))
     split: str = setting("test", "the split analysed", choices=("test", "dev"))
     protocol: str = setting("dim", "dim (the gold among its candidate list) or kb (the gold among the whole KB)",
                             choices=PROTOCOLS)
-    n_worst: int = setting(8, "failures and disagreements shown", min=1)
+    n_worst: int = setting(8, "failures and disagreements shown (all of them are in the files written)", min=1)
     quick_epochs: int = setting(5, "epochs of a run trained here because none exists yet", min=1)
     save: bool = setting(True, "write the per-mention table, the error kinds and the disagreements (CSV) and a "
                                "summary (JSON)")
@@ -366,18 +367,27 @@ class Comparison:
     b: Analysis
     table: pd.DataFrame  # one row per mention where the predictions differ
 
+    @property
+    def labels(self) -> tuple[str, str]:
+        """The two runs' names in the table: their labels (``paper``, ``paper (text_only)``), or their run
+        names when the labels are the same (two seeds of one variant)."""
+        if self.a.label != self.b.label:
+            return self.a.label, self.b.label
+        return self.a.run_name, self.b.run_name
+
     def summary(self) -> pd.DataFrame:
         """Counts: both right, only A right, only B right, both wrong (same / different entity)."""
         t = self.a.table.merge(self.b.table, on="mention_id", suffixes=("_a", "_b"))
         ca, cb = t["correct_a"], t["correct_b"]
         same = t["pred_qid_a"] == t["pred_qid_b"]
-        rows = [("both right", ca & cb), (f"only {self.a.label} right", ca & ~cb),
-                (f"only {self.b.label} right", ~ca & cb), ("both wrong, same entity", ~ca & ~cb & same),
+        la, lb = self.labels
+        rows = [("both right", ca & cb), (f"only {la} right", ca & ~cb),
+                (f"only {lb} right", ~ca & cb), ("both wrong, same entity", ~ca & ~cb & same),
                 ("both wrong, different entities", ~ca & ~cb & ~same)]
         return pd.DataFrame([{"outcome": k, "mentions": int(v.sum())} for k, v in rows])
 
     def __str__(self) -> str:
-        return (f"{self.a.label} vs {self.b.label} on {self.a.dataset} {self.a.split}: predictions differ on "
+        return (f"{self.labels[0]} vs {self.labels[1]} on {self.a.dataset} {self.a.split}: predictions differ on "
                 f"{len(self.table)} of {len(self.a.table)} mentions")
 
 
@@ -386,6 +396,9 @@ def compare(a: Analysis, b: Analysis) -> Comparison:
     if (a.dataset, a.split, a.protocol) != (b.dataset, b.split, b.protocol):
         raise ConfigError(f"compare runs on the same dataset, split and protocol: {a.dataset}/{a.split}/{a.protocol} "
                           f"vs {b.dataset}/{b.split}/{b.protocol}")
+    if a.run_name == b.run_name:
+        raise ConfigError(f"run {a.run_name} compared with itself: name another run to set beside it")
+    la, lb = Comparison(a, b, pd.DataFrame()).labels
     t = a.table.merge(b.table[["mention_id", "pred_qid", "pred_name", "pred_description", "rank", "correct"]],
                       on="mention_id", suffixes=("", "_b"))
     diff = t[t["pred_qid"] != t["pred_qid_b"]]
@@ -393,12 +406,12 @@ def compare(a: Analysis, b: Analysis) -> Comparison:
         "mention_id": diff["mention_id"], "mention": diff["mention"], "sentence": diff["sentence"],
         "image": diff["image"], "image_status": diff["image_status"], "cue": diff["cue"],
         "gold": diff["gold_name"] + " (" + diff["gold_qid"] + ")",
-        f"{a.label}": diff["pred_name"] + " (" + diff["pred_qid"] + ")", f"{a.label} right": diff["correct"],
-        f"{b.label}": diff["pred_name_b"] + " (" + diff["pred_qid_b"] + ")", f"{b.label} right": diff["correct_b"],
+        la: diff["pred_name"] + " (" + diff["pred_qid"] + ")", f"{la} right": diff["correct"],
+        lb: diff["pred_name_b"] + " (" + diff["pred_qid_b"] + ")", f"{lb} right": diff["correct_b"],
         "gold description": diff["gold_description"],
     })
     # Where exactly one run is right first: that is what the extra inputs bought (or cost).
-    both_alike = (out[f"{a.label} right"] == out[f"{b.label} right"]).to_numpy()
+    both_alike = (out[f"{la} right"] == out[f"{lb} right"]).to_numpy()
     return Comparison(a=a, b=b, table=out.iloc[np.argsort(both_alike, kind="stable")].reset_index(drop=True))
 
 
@@ -408,13 +421,13 @@ def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):
     captions = []
     for _, r in t.iterrows():
         lines = [f"[{r['mention']}] {r['sentence']}", f"gold: {r['gold']}"]
-        for x in (c.a, c.b):  # the ablation's name, or the variant of a full run
-            tag = x.variant if x.ablation == "none" else x.ablation
-            lines.append(f"{tag}: [{'right' if r[x.label + ' right'] else 'wrong'}] {r[x.label]}")
+        for x, label in zip((c.a, c.b), c.labels):  # the ablation's name, or the variant of a full run
+            tag = label if x.label != label else x.variant if x.ablation == "none" else x.ablation
+            lines.append(f"{tag}: [{'right' if r[label + ' right'] else 'wrong'}] {r[label]}")
         lines.append(f"cue: {r['cue']}" if isinstance(r["cue"], str) else "cue: (none)")
         captions.append("\n".join(_short(line, 44) for line in lines))
     return _image_grid(c.a.linker.dataset, list(t["image"]), captions,
-                       f"{c.a.label} vs {c.b.label}: {c.a.dataset} {c.a.split} mentions where they disagree",
+                       f"{c.labels[0]} vs {c.labels[1]}: {c.a.dataset} {c.a.split} mentions where they disagree",
                        c.a.note, ncols=ncols, wrap=48)
 
 
@@ -430,6 +443,7 @@ class ErrorReport(Result):
     analysis: Analysis
     agreement: float
     comparison: Comparison | None = None
+    n_worst: int = 8
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -437,15 +451,31 @@ class ErrorReport(Result):
         """:func:`confusion_summary` of the analysis."""
         return confusion_summary(self.analysis)
 
+    @property
+    def agrees(self) -> bool:
+        """Re-scoring gave every mention the rank training wrote (False when nothing could be matched)."""
+        return self.agreement == 1.0
+
     def summary(self) -> str:
-        lines = [str(self.analysis),
-                 f"ranks identical to training's predictions.parquet for {100 * self.agreement:.1f}% of mentions"]
-        if self.agreement < 1.0:
+        a = self.analysis
+        lines = [str(a), f"ranks identical to training's predictions.parquet for {100 * self.agreement:.1f}% of "
+                         "mentions" if self.agreement == self.agreement else
+                 "no mention could be matched with training's predictions.parquet"]
+        if not self.agrees:
             lines.append("WARNING: re-scoring does not reproduce the run's own evaluation (were its features "
                          "recomputed with another model or expert since it was trained?)")
         lines += ["", self.kinds.to_string(index=False)]
+        if len(a.failures):
+            worst = failure_table(a, self.n_worst)[["mention", "gold", "predicted", "gold rank", "margin", "error kind"]]
+            lines += ["", f"worst {len(worst)} failures (largest margin of the prediction over the gold):",
+                      worst.to_string(index=False, max_colwidth=40)]
         if self.comparison is not None:
-            lines += ["", str(self.comparison), self.comparison.summary().to_string(index=False)]
+            c = self.comparison
+            lines += ["", str(c), c.summary().to_string(index=False)]
+            if len(c.table):
+                la, lb = c.labels
+                head = c.table[["mention", "gold", la, f"{la} right", lb, f"{lb} right"]].head(self.n_worst)
+                lines += [head.to_string(index=False, max_colwidth=32)]
         if self.files:
             lines += ["", f"wrote {self.files[0].parent}: " + ", ".join(f.name for f in self.files)]
         return "\n".join(lines)
@@ -456,46 +486,60 @@ class ErrorReport(Result):
         out: dict[str, Any] = {
             "run": a.run_name, "variant": a.variant, "ablation": a.ablation, "dataset": a.dataset, "split": a.split,
             "protocol": a.protocol, "rank_rule": a.rank_rule, "mentions": len(t), "correct": int(t["correct"].sum()),
-            "hits_at_1": float(t["correct"].mean()), "agreement_with_training": self.agreement,
+            "hits_at_1": float(t["correct"].mean()),
+            "agreement_with_training": self.agreement if self.agreement == self.agreement else None,
             "error_kinds": kinds.to_dict("records"), "note": a.note, "files": [str(f) for f in self.files]}
         if self.comparison is not None:
             b = self.comparison.b
-            out["compared_with"] = {"run": b.run_name, "label": b.label, "hits_at_1": float(b.table["correct"].mean()),
+            out["compared_with"] = {"run": b.run_name, "label": self.comparison.labels[1],
+                                    "hits_at_1": float(b.table["correct"].mean()),
                                     "outcomes": dict(self.comparison.summary().itertuples(index=False, name=None))}
         return out
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.agreement == 1.0 else 1
+        return 0 if self.agrees else 1
 
 
 def run(cfg: AnalysisConfig, *, linker: Any = None, progress: bool = True) -> ErrorReport:
-    """Analyse the run ``cfg`` names (:meth:`AnalysisConfig.main_run`), set the compare run beside it, and
-    (``save``) write ``mentions.csv`` (every mention of the split: prediction, rank, margin, error kind),
-    ``error_kinds.csv``, ``disagreements.csv`` and ``summary.json`` to ``folder``.
+    """Analyse the run ``cfg`` names (:meth:`AnalysisConfig.main_run`), set the compare run of the same
+    variant beside it, and (``save``) write ``mentions.csv`` (every mention of the split: prediction,
+    rank, margin, error kind), ``error_kinds.csv``, ``disagreements.csv`` and ``summary.json`` to ``folder``.
 
     ``linker``: a :class:`~dimkit.link.Linker` of the main run already loaded (notebook 06 holds one).
     """
     from . import atomic
+    from .link import read_run
 
     cfg = cfg.replace()  # a checked copy
     datasets.require(cfg.dataset)  # before any run is looked for (or trained)
     main = cfg.main_run(progress) if linker is None else Path(linker.run_dir)
+    info = linker.info if linker is not None else read_run(main)
+    # refused before anything is computed (re-scoring may compute features and cues)
+    if datasets.canonical_name(info.dataset) != cfg.dataset:
+        raise ConfigError(f"run {info.run_name} was trained on {info.dataset}, not on {cfg.dataset}: name a run of "
+                          f"{cfg.dataset}, or analyse it with dataset={info.dataset}")
+    # the run set beside it is of the analysed run's variant, whatever cfg.variant says
+    other_dir = cfg.replace(variant=info.variant).other_run(progress)
+    if other_dir is not None:
+        other = read_run(other_dir)
+        if datasets.canonical_name(other.dataset) != cfg.dataset or other.run_name == info.run_name:
+            raise ConfigError(f"run {other.run_name} (of {other.dataset}) cannot be set beside {info.run_name}: "
+                              f"name another run of {cfg.dataset}")
     a = analyse(main, cfg.split, cfg.protocol, linker=linker, progress=progress)
-    if datasets.canonical_name(a.dataset) != cfg.dataset:
-        raise ConfigError(f"run {a.run_name} was trained on {a.dataset}, not on {cfg.dataset}: name a run of "
-                          f"{cfg.dataset}, or analyse it with dataset={a.dataset}")
-    other_dir = cfg.other_run(progress)
     comparison = None
     if other_dir is not None:
         comparison = compare(a, analyse(other_dir, cfg.split, cfg.protocol, progress=progress))
-    report = ErrorReport(analysis=a, agreement=agreement_with_training(a), comparison=comparison)
+    report = ErrorReport(analysis=a, agreement=agreement_with_training(a), comparison=comparison,
+                         n_worst=cfg.n_worst)
     if cfg.save:
         out = cfg.folder if cfg.folder is not None else a.linker.run_dir / "errors" / f"{cfg.split}-{cfg.protocol}"
         files = [atomic.write_text(a.table.to_csv(index=False), out / "mentions.csv"),
                  atomic.write_text(report.kinds.to_csv(index=False), out / "error_kinds.csv")]
         if comparison is not None:
             files.append(atomic.write_text(comparison.table.to_csv(index=False), out / "disagreements.csv"))
+        else:  # a comparison left by an earlier run here would read as this one's
+            atomic.remove(out / "disagreements.csv")
         report.files = files + [out / "summary.json"]
         report.save(out / "summary.json")
     return report

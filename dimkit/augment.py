@@ -258,7 +258,7 @@ class AugmentReport(Result):
     failed: int = 0
     failed_by_reason: dict = field(default_factory=dict)
     failed_examples: list = field(default_factory=list)   # [{"qid", "name", "reason", "detail"}]
-    not_attempted: int = 0             # left when a fatal error (bad key, unknown model) stopped the run
+    not_attempted: int = 0             # left when a fatal error (bad key, unknown model, spent quota) stopped the run
     aborted: str | None = None
     requests: int = 0                  # HTTP requests sent, retries included
     retries: int = 0

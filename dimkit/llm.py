@@ -333,6 +333,9 @@ def _spent_quota(response) -> bool:
         error = json.loads(response.read()).get("error") or {}
     except (ValueError, AttributeError):
         return False
+    except Exception:  # the body could not be read (a dropped connection): nothing can use the response
+        response.close()
+        raise
     return QUOTA_CODE in (error.get("code"), error.get("type")) if isinstance(error, dict) else False
 
 

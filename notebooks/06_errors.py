@@ -42,7 +42,7 @@ dataset: str = "sample+"  # sample+ | wiki+ | rich+ | diverse+ | any prepared da
 run: str = ""  # run folder or name under DIMKIT_RUNS (empty: the newest run of the variant below, no ablation)
 variant: str = "paper"  # paper | released: which run to pick when run is empty
 compare_run: str = ""  # the run set beside it (empty: the newest compare_ablation run of the same variant)
-compare_ablation: str = "text_only"  # text_only | no_image | no_cue | no_attention | original_descriptions
+compare_ablation: str = "text_only"  # text_only | no_image | no_cue | no_attention | original_descriptions | none
 split: str = "test"  # test | dev
 protocol: str = "dim"  # dim (the gold among its candidate list) | kb (the gold among the whole KB)
 n_worst: int = 8  # failures and disagreements shown
@@ -110,9 +110,9 @@ pd.concat({"dataset image": with_file[["qid", "name", "score"]],
 # ## Every mention of the split, re-scored
 # `analysis.run` (the `dimkit errors` command) scores each mention with the run's model and stored
 # features, as training evaluated it, does the same with the run set beside it (the text-only
-# ablation, below), and writes the tables to the run folder. Before looking at failures, prove that
-# the re-scoring agrees with what `dimkit.train` wrote to `predictions.parquet`: the rank of every
-# gold must be identical.
+# ablation, below), and writes the tables to the run folder (`errors/<split>-<protocol>/`).
+# Before looking at failures, prove that the re-scoring agrees with what `dimkit.train` wrote to
+# `predictions.parquet`: the rank of every gold must be identical.
 
 # %%
 report = analysis.run(cfg, linker=linker)
@@ -155,17 +155,22 @@ report.kinds
 # run was right tells what the extra modalities bought -- or cost.
 
 # %%
-comparison = report.comparison
-print(comparison)
-comparison.summary()
+comparison = report.comparison  # None with compare_ablation="none"
+if comparison is None:
+    print("no run set beside it (compare_ablation='none'): nothing to compare")
+else:
+    print(comparison)
+    display(comparison.summary())  # noqa: F821
 
 # %%
-fig = analysis.show_comparison(comparison, cfg.n_worst)
-save_figure(fig, f"06_disagreements_{cfg.dataset}")
+if comparison is not None:
+    fig = analysis.show_comparison(comparison, cfg.n_worst)
+    save_figure(fig, f"06_disagreements_{cfg.dataset}")
 
 # %%
-with pd.option_context("display.max_colwidth", 80):
-    display(comparison.table.drop(columns=["mention_id", "image"]).head(cfg.n_worst))  # noqa: F821
+if comparison is not None:
+    with pd.option_context("display.max_colwidth", 80):
+        display(comparison.table.drop(columns=["mention_id", "image"]).head(cfg.n_worst))  # noqa: F821
 
 # %%
 print("NOTE:", result.note or "pretrained feature model on a real dataset")

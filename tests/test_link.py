@@ -220,23 +220,55 @@ def test_comparing_a_run_with_its_text_only_ablation(sample_run):
     assert summary["only paper right"] == int((merged["correct_x"] & ~merged["correct_y"]).sum())
 
 
-def test_the_errors_command_writes_the_analysis_it_prints(sample_run, tmp_path, capsys):
-    run, out = sample_run["run"], tmp_path / "errors"
-    code = cli.main(["errors", "sample+", "--run", str(run), "--compare-ablation", "none", "--folder", str(out)])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
-    a = analysis.analyse(run)
-    mentions = pd.read_csv(out / "mentions.csv", dtype={"mention_id": str})
-    assert mentions["mention_id"].tolist() == a.table["mention_id"].tolist()
-    assert (mentions["error_kind"] == a.table["error_kind"]).all() and (mentions["rank"] == a.table["rank"]).all()
+def test_two_runs_of_one_label_are_told_apart_by_their_run_names(sample_run):
+    import dataclasses
+
+    a = analysis.analyse(sample_run["run"])
+    t = a.table.copy()
+    flip = t.index[:5]
+    t.loc[flip, "pred_qid"] = t.loc[flip, "gold_qid"].where(~t.loc[flip, "correct"], "Q-other")
+    t.loc[flip, "correct"] = ~t.loc[flip, "correct"]
+    b = dataclasses.replace(a, run_name="sample+-paper-full-s2-other", table=t)  # another seed of the same variant
+    c = analysis.compare(a, b)
+    assert c.labels == (a.run_name, b.run_name) and len(c.table) == 5
+    assert (c.table[f"{a.run_name} right"] != c.table[f"{b.run_name} right"]).all()
+    assert f"only {b.run_name} right" in set(c.summary()["outcome"])
+    with pytest.raises(ConfigError, match="compared with itself"):
+        analysis.compare(a, a)
+
+
+def test_the_errors_stage_writes_what_training_measured_and_the_text_only_run_beside_it(sample_run, capsys):
+    run = sample_run["run"]
+    text = runs.ensure("sample+", "paper", "text_only", quick_epochs=2)
+    cfg = analysis.AnalysisConfig.for_dataset("sample+", run=str(run), n_worst=3)
+    rep = analysis.run(cfg, progress=False)
+    out = run / "errors" / "test-dim"  # the default folder
+    assert rep.files == [out / f for f in ("mentions.csv", "error_kinds.csv", "disagreements.csv", "summary.json")]
+    # checked against what training wrote, not against the analysis code itself
+    mine = pd.read_csv(out / "mentions.csv", dtype={"mention_id": str}).set_index("mention_id")
+    pred = sample_run["pred"].query("split == 'test'").set_index("mention_id")
+    assert sorted(mine.index) == sorted(pred.index)
+    assert (mine["rank"] == pred.loc[mine.index, "rank_dim"]).all()
     kinds = pd.read_csv(out / "error_kinds.csv").set_index("error kind")
-    assert kinds.loc["all failures", "failures"] == len(a.failures) == (~mentions["correct"]).sum()
+    assert kinds.loc["all failures", "failures"] == int((pred["rank_dim"] > 1).sum())
+    other = pd.read_parquet(text / "predictions.parquet").query("split == 'test'").set_index("mention_id")
+    right, right_text = pred["rank_dim"] == 1, other.loc[pred.index, "rank_dim"] == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hits_at_1"] == pytest.approx(sample_run["result"].metrics["test"]["dim"]["H@1"])
-    assert summary["agreement_with_training"] == 1.0 and "compared_with" not in summary
-    assert not (out / "disagreements.csv").exists()  # compare_ablation none: no second run looked for
-    assert f"{len(a.failures)} failures" in printed and "name-alike entity chosen" in printed
-    assert "not comparable to the paper" in summary["note"]  # the sample says what its numbers are
+    assert summary["agreement_with_training"] == 1.0 and summary["compared_with"]["run"] == text.name
+    outcomes = summary["compared_with"]["outcomes"]
+    assert outcomes["only paper right"] == int((right & ~right_text).sum())
+    assert outcomes["only paper (text_only) right"] == int((~right & right_text).sum())
+    assert sum(outcomes.values()) == len(pred)
+    dis = pd.read_csv(out / "disagreements.csv", dtype={"mention_id": str})
+    assert set(dis["mention_id"]) >= set(pred.index[right != right_text])  # one right, one wrong: they differ
+    printed = rep.summary()
+    assert "worst 3 failures" in printed and "paper vs paper (text_only)" in printed
+    # without a comparison, the one written before does not stay to be read as this run's
+    assert cli.main(["errors", "sample+", "--run", str(run), "--compare-ablation", "none"]) == 0
+    assert "compared_with" not in json.loads((out / "summary.json").read_text())
+    assert not (out / "disagreements.csv").exists()
+    assert "not comparable to the paper" in capsys.readouterr().out  # the sample says what its numbers are
 
 
 def test_the_errors_command_refuses_a_run_of_another_dataset_or_an_unprepared_one(sample_run, capsys):
@@ -245,6 +277,9 @@ def test_the_errors_command_refuses_a_run_of_another_dataset_or_an_unprepared_on
     assert cli.main(["errors", "wiki+"]) == 2  # refused before any run is looked for or trained
     err = capsys.readouterr().err
     assert "'wikimel+' is not prepared" in err and not list(sample_run["root"].joinpath("runs").glob("wikimel+*"))
+    # a run compared with itself, or with a run of another dataset, is refused before anything is computed
+    assert cli.main(["errors", "sample+", "--run", str(sample_run["run"]), "--compare-run", str(sample_run["run"])]) == 2
+    assert "cannot be set beside" in capsys.readouterr().err
 
 
 def _one_line_input(ds, folder, image=True):
