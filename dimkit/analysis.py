@@ -9,6 +9,7 @@ ablation) side by side on the mentions where their predictions differ. The runs 
 """
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,9 +459,9 @@ class ErrorReport(Result):
 
     def summary(self) -> str:
         a = self.analysis
+        matched = not math.isnan(self.agreement)
         lines = [str(a), f"ranks identical to training's predictions.parquet for {100 * self.agreement:.1f}% of "
-                         "mentions" if self.agreement == self.agreement else
-                 "no mention could be matched with training's predictions.parquet"]
+                         "mentions" if matched else "no mention could be matched with training's predictions.parquet"]
         if not self.agrees:
             lines.append("WARNING: re-scoring does not reproduce the run's own evaluation (were its features "
                          "recomputed with another model or expert since it was trained?)")
@@ -487,7 +488,7 @@ class ErrorReport(Result):
             "run": a.run_name, "variant": a.variant, "ablation": a.ablation, "dataset": a.dataset, "split": a.split,
             "protocol": a.protocol, "rank_rule": a.rank_rule, "mentions": len(t), "correct": int(t["correct"].sum()),
             "hits_at_1": float(t["correct"].mean()),
-            "agreement_with_training": self.agreement if self.agreement == self.agreement else None,
+            "agreement_with_training": None if math.isnan(self.agreement) else self.agreement,
             "error_kinds": kinds.to_dict("records"), "note": a.note, "files": [str(f) for f in self.files]}
         if self.comparison is not None:
             b = self.comparison.b
