@@ -300,8 +300,11 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
 
     class _Paced(openai.DefaultHttpxClient):
         def send(self, request, **kwargs):
-            if not request.url.path.endswith("/chat/completions"):
-                return super().send(request, **kwargs)
+            if not request.url.path.endswith("/chat/completions"):  # Batch API control calls: not paced
+                response = super().send(request, **kwargs)
+                if response.status_code == 429 and _spent_quota(response):
+                    response.headers["x-should-retry"] = "false"
+                return response
             pacer.wait()
             try:
                 response = super().send(request, **kwargs)
@@ -313,7 +316,7 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
                 raise
             reason = status_reason(response.status_code)
             if reason == "rate_limited" and _spent_quota(response):
-                # The openai client would retry it max_retries times, with back-off, for nothing.
+                # the openai client would retry it max_retries times, with back-off, for nothing
                 response.headers["x-should-retry"] = "false"
                 reason = "quota"
             with lock:

@@ -31,6 +31,9 @@ from typing import Callable
 #: "malformed" (broken JSON), "badshape" (JSON without choices), "empty" (empty content),
 #: "close" (drop the connection), "401", "quota" (429 insufficient_quota: the account's credit is spent).
 FaultFn = Callable[[str, int], "str | None"]
+#: OpenAI's answer when the account's quota or credit is spent: a 429 that no wait cures.
+QUOTA_ERROR = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                         "type": "insufficient_quota", "code": "insufficient_quota"}}
 
 
 def user_prompt(body: dict) -> str:
@@ -135,6 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path.endswith("/chat/completions"):
             self._chat(raw)
+        elif fake.quota_spent and (path.endswith("/files") or path.endswith("/batches")):
+            with fake._lock:
+                fake.quota_refusals += 1
+            self._send(429, QUOTA_ERROR)
         elif path.endswith("/files"):
             self._upload(raw)
         elif path.endswith("/batches"):
@@ -192,10 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault in ("500", "502", "503"):
                 self._send(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
                 return
-            if fault == "quota":  # OpenAI's answer when the account's credit is spent
-                self._send(429, {"error": {"message": "You exceeded your current quota, please check your plan and "
-                                                      "billing details.", "type": "insufficient_quota",
-                                           "code": "insufficient_quota"}})
+            if fault == "quota":
+                self._send(429, QUOTA_ERROR)
                 return
             if fault == "401":
                 self._send(401, {"error": {"message": "Incorrect API key provided"}})
@@ -247,6 +252,8 @@ class FakeLLMServer:
         self.models = list(models)
         self.send_retry_after_ms = send_retry_after_ms  # OpenAI sends it; plain servers send Retry-After only
         self.batch_delay_s = batch_delay_s
+        self.quota_spent = False  # True: every upload and batch creation gets OpenAI's insufficient_quota 429
+        self.quota_refusals = 0
         self.answer_fn = answer_fn
         self.set_faults(faults)
         self._port = port

@@ -498,6 +498,14 @@ def test_batch_mode_submits_polls_and_ingests_into_the_same_store(server):
     assert rep2.cached == 8 and rep2.done == 2 and server.stats()["requests"] == 2 and rep2.written
 
 
+def test_batch_mode_with_a_spent_quota_fails_at_the_upload_without_retrying(server):
+    make_toy(n=6)
+    server.quota_spent = True
+    with pytest.raises(DimkitError, match=r"Batch API: upload failed .*quota or credit is spent"):
+        aug.augment("toy", model="fake-model", batch=True, max_retries=5, batch_poll_s=0.05, progress=False)
+    assert server.quota_refusals == 1 and not server.batches  # asked once, not max_retries more times
+
+
 def test_batch_interrupted_is_resumed_not_resubmitted(server):
     make_toy(n=6)
     server.batch_delay_s = 0.3
