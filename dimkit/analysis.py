@@ -370,11 +370,8 @@ class Comparison:
 
     @property
     def labels(self) -> tuple[str, str]:
-        """The two runs' names in the table: their labels (``paper``, ``paper (text_only)``), or their run
-        names when the labels are the same (two seeds of one variant)."""
-        if self.a.label != self.b.label:
-            return self.a.label, self.b.label
-        return self.a.run_name, self.b.run_name
+        """The two runs' names in the table (:func:`_labels`)."""
+        return _labels(self.a, self.b)
 
     def summary(self) -> pd.DataFrame:
         """Counts: both right, only A right, only B right, both wrong (same / different entity)."""
@@ -392,6 +389,12 @@ class Comparison:
                 f"{len(self.table)} of {len(self.a.table)} mentions")
 
 
+def _labels(a: Analysis, b: Analysis) -> tuple[str, str]:
+    """Two runs' labels (``paper``, ``paper (text_only)``), or their run names when the labels are the
+    same (two seeds of one variant)."""
+    return (a.label, b.label) if a.label != b.label else (a.run_name, b.run_name)
+
+
 def compare(a: Analysis, b: Analysis) -> Comparison:
     """The mentions where runs ``a`` and ``b`` predict different entities, side by side."""
     if (a.dataset, a.split, a.protocol) != (b.dataset, b.split, b.protocol):
@@ -399,7 +402,7 @@ def compare(a: Analysis, b: Analysis) -> Comparison:
                           f"vs {b.dataset}/{b.split}/{b.protocol}")
     if a.run_name == b.run_name:
         raise ConfigError(f"run {a.run_name} compared with itself: name another run to set beside it")
-    la, lb = Comparison(a, b, pd.DataFrame()).labels
+    la, lb = _labels(a, b)
     t = a.table.merge(b.table[["mention_id", "pred_qid", "pred_name", "pred_description", "rank", "correct"]],
                       on="mention_id", suffixes=("", "_b"))
     diff = t[t["pred_qid"] != t["pred_qid_b"]]
@@ -422,8 +425,9 @@ def show_comparison(c: Comparison, n: int = 8, *, ncols: int = 4):
     captions = []
     for _, r in t.iterrows():
         lines = [f"[{r['mention']}] {r['sentence']}", f"gold: {r['gold']}"]
-        for x, label in zip((c.a, c.b), c.labels):  # the ablation's name, or the variant of a full run
-            tag = label if x.label != label else x.variant if x.ablation == "none" else x.ablation
+        for x, label in zip((c.a, c.b), c.labels):
+            # the ablation's name, or the variant of a full run; the run name when that is the label
+            tag = (x.variant if x.ablation == "none" else x.ablation) if label == x.label else label
             lines.append(f"{tag}: [{'right' if r[label + ' right'] else 'wrong'}] {r[label]}")
         lines.append(f"cue: {r['cue']}" if isinstance(r["cue"], str) else "cue: (none)")
         captions.append("\n".join(_short(line, 44) for line in lines))

@@ -701,13 +701,11 @@ def link_file(model: Any, input: str | Path, output: str | Path, *, progress: bo
     (as for :class:`Linker`) instead of a spec."""
     linker = model if isinstance(model, Linker) else None
     where = getattr(model, "run_dir", None) or ("in-memory model" if linker is not None else model)
-    expert = settings.get("expert")
-    if expert is not None and not isinstance(expert, str):
-        if linker is not None:
-            raise ConfigError("expert= and a Linker given as model: build the Linker with the expert instead")
-        settings.pop("expert")
+    expert = settings.pop("expert") if not isinstance(settings.get("expert"), (str, type(None))) else None
+    if expert is not None and linker is not None:
+        raise ConfigError("expert= and a Linker given as model: build the Linker with the expert instead")
     cfg = LinkConfig(run=str(where), input=input, output=output).replace(**settings)  # checked before any load
-    if expert is not None and not isinstance(expert, str):
+    if expert is not None:
         linker = Linker(cfg.run, device=cfg.device, expert=expert)
     return run(cfg, linker=linker, progress=progress)
 

@@ -302,8 +302,7 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
         def send(self, request, **kwargs):
             if not request.url.path.endswith("/chat/completions"):  # Batch API control calls: not paced
                 response = super().send(request, **kwargs)
-                if response.status_code == 429 and _spent_quota(response):
-                    response.headers["x-should-retry"] = "false"
+                _no_retry_if_quota_spent(response)
                 return response
             pacer.wait()
             try:
@@ -314,11 +313,7 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
                 with lock:
                     tally["timeout" if timeout else "connection"] += 1
                 raise
-            reason = status_reason(response.status_code)
-            if reason == "rate_limited" and _spent_quota(response):
-                # the openai client would retry it max_retries times, with back-off, for nothing
-                response.headers["x-should-retry"] = "false"
-                reason = "quota"
+            reason = "quota" if _no_retry_if_quota_spent(response) else status_reason(response.status_code)
             with lock:
                 tally[reason] += 1
             if reason == "rate_limited":
@@ -330,8 +325,12 @@ def _http_client(pacer: Pacer, tally: collections.Counter, lock: threading.Lock)
     return _Paced()
 
 
-def _spent_quota(response) -> bool:
-    """Whether a 429 says the quota is spent (``insufficient_quota``) rather than the rate too high."""
+def _no_retry_if_quota_spent(response) -> bool:
+    """Whether ``response`` is a 429 saying the quota is spent (``insufficient_quota``) rather than the
+    rate too high; if so it is marked ``x-should-retry: false``, since the openai client would otherwise
+    retry it ``max_retries`` times, with back-off, for nothing."""
+    if response.status_code != 429:
+        return False
     try:
         error = json.loads(response.read()).get("error") or {}
     except (ValueError, AttributeError):
@@ -339,7 +338,10 @@ def _spent_quota(response) -> bool:
     except Exception:  # the body could not be read (a dropped connection): nothing can use the response
         response.close()
         raise
-    return QUOTA_CODE in (error.get("code"), error.get("type")) if isinstance(error, dict) else False
+    if not (isinstance(error, dict) and QUOTA_CODE in (error.get("code"), error.get("type"))):
+        return False
+    response.headers["x-should-retry"] = "false"
+    return True
 
 
 def _raise_check_error(exc: Exception, endpoint: Endpoint) -> None:
