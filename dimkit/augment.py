@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .images import sha256_file as imagefile_sha256
-from .llm import (BATCH_FINAL, ChatClient, Completion, Endpoint, LLMError, estimate_cost, estimate_prompt_tokens,
-                  parse_completion, status_reason)
+from .llm import (BATCH_FINAL, QUOTA_CODE, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
+                  estimate_prompt_tokens, parse_completion, status_reason)
 from .stage import Config, Result, setting
 from .store import Store, content_hash, default_store_path, make_key
 
@@ -540,8 +540,11 @@ def _run_live(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: Te
 # ---------------------------------------------------------------------------------------------
 # Batch API mode
 # ---------------------------------------------------------------------------------------------
-def _batch_reason(status_code: Any, error: Any) -> str:
+def _batch_reason(status_code: Any, error: Any, body: Any = None) -> str:
     if isinstance(status_code, int) and status_code != 200:
+        err = body.get("error") if isinstance(body, dict) else None
+        if status_code == 429 and isinstance(err, dict) and QUOTA_CODE in (err.get("code"), err.get("type")):
+            return "quota"  # the credit ran out while the batch ran: a rerun asks again once it is topped up
         return status_reason(status_code)
     code = str(error.get("code", "")) if isinstance(error, dict) else ""
     for reason in ("rate_limit", "server_error"):
@@ -618,7 +621,7 @@ def _ingest_batch(client: ChatClient, value: dict, st: dict, by_key: dict[str, _
             seen.add(key)
             resp = item.get("response") or {}
             if item.get("error") or resp.get("status_code") != 200:
-                failures.append((job, LLMError(_batch_reason(resp.get("status_code"), item.get("error")),
+                failures.append((job, LLMError(_batch_reason(resp.get("status_code"), item.get("error"), resp.get("body")),
                                                str(item.get("error") or resp.get("body"))[:300])))
                 continue
             try:

@@ -374,6 +374,11 @@ class FakeLLMServer:
                 err.append({"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": req["custom_id"],
                             "response": None, "error": {"code": "server_error", "message": "failed"}})
                 continue
+            if fault == "quota":  # a request of the batch refused because the account's credit ran out
+                out.append({"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": req["custom_id"],
+                            "response": {"status_code": 429, "request_id": uuid.uuid4().hex, "body": QUOTA_ERROR},
+                            "error": None})
+                continue
             content = "" if fault == "empty" else self.answer_fn(prompt)
             out.append({"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": req["custom_id"],
                         "response": {"status_code": 200, "request_id": uuid.uuid4().hex,

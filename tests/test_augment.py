@@ -484,18 +484,20 @@ def test_kill_9_mid_run_then_resume_completes_without_duplicates(server):
 # ------------------------------------------------------------------------------------------------
 def test_batch_mode_submits_polls_and_ingests_into_the_same_store(server):
     make_toy(n=10)
-    server.set_faults({"Charlie": ["empty"], "Delta": ["500"]})
+    server.set_faults({"Charlie": ["empty"], "Delta": ["500"], "Echo": ["quota"]})
     rep = aug.augment("toy", model="gpt-4o-mini", batch=True, batch_poll_s=0.05, progress=False)
     assert rep.mode == "batch" and len(rep.batches) == 1 and rep.batches[0]["status"] == "completed"
-    assert rep.done == 8 and rep.failed_by_reason == {"empty": 1, "server_error": 1} and not rep.written
+    # a request refused for a spent credit inside the batch is "quota", not "rate_limited"
+    assert rep.done == 7 and rep.failed_by_reason == {"empty": 1, "server_error": 1, "quota": 1}
+    assert not rep.written
     assert all("batch" in r for r in server.records)  # nothing went through the live endpoint
     live_equivalent = estimate_cost("gpt-4o-mini", rep.prompt_tokens, rep.completion_tokens)
     assert rep.cost_usd == pytest.approx(live_equivalent / 2, abs=1e-6)
-    # A live rerun finds the batch answers in the store: only the two failures are asked again.
+    # A live rerun finds the batch answers in the store: only the three failures are asked again.
     server.set_faults(None)
     server.reset()
     rep2 = aug.augment("toy", model="gpt-4o-mini", progress=False, **FAST)
-    assert rep2.cached == 8 and rep2.done == 2 and server.stats()["requests"] == 2 and rep2.written
+    assert rep2.cached == 7 and rep2.done == 3 and server.stats()["requests"] == 3 and rep2.written
 
 
 def test_batch_mode_with_a_spent_quota_fails_at_the_upload_without_retrying(server):
