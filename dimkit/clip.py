@@ -273,10 +273,20 @@ class ClipModel:
         """Raw CLIP image embeddings of preprocessed pixels ``[N, 3, H, W]`` -> ``[N, D]`` float32."""
         import torch
 
-        dtype = next(self.model.parameters()).dtype
         with self._lock, torch.inference_mode():
-            feats = self.model.encode_image(pixels.to(self.device, dtype=dtype))
+            feats = self.model.encode_image(pixels.to(self.device, dtype=self._pixel_dtype()))
         return feats.float().cpu().numpy()
+
+    def _pixel_dtype(self):
+        """The dtype the image tower takes: its first convolution's or linear layer's. In open_clip's
+        fp16/bf16 precision those hold half-precision weights while embeddings such as
+        ``positional_embedding`` stay float32, so the first parameter does not tell."""
+        import torch
+
+        for module in self.model.visual.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                return module.weight.dtype
+        return next(self.model.visual.parameters()).dtype
 
     def encode_images(self, images: Sequence, batch_size: int = 64, workers: int = 0) -> np.ndarray:
         """Raw CLIP image embeddings ``[N, D]`` float32 of RGB PIL images."""

@@ -296,3 +296,17 @@ def test_under_a_launcher_the_stage_shards_and_load_features_stays_whole(env, mo
     fs = features.load_features(ds, TINY, expert=f"replay:{env / 'cues.json'}", progress=False)
     assert fs.meta["report"]["shard"] is None and fs.image_ok.sum() == 4 and fs.cue_ok.sum() == 4
     assert (ds.root / "reports" / "features.json").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_encodes_images_as_fp32_does(env, precision):
+    """open_clip's fp16/bf16 keep embeddings in float32 and convolutions in half precision (the
+    default on a GPU): pixels must take the convolution's dtype, not the first parameter's."""
+    tinymedia.make_dataset(env / "data")
+    fs32, _ = _run(env, datasets.load("tiny"), expert="none", device="cpu", precision="fp32")
+    fs16, _ = _run(env, datasets.load("tiny"), expert="none", device="cpu", precision=precision)
+    usable = fs32.image_ok
+    assert usable.sum() > 0 and (fs16.image_ok == usable).all()
+    a, b = fs32.image[usable], fs16.image[usable]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.98
