@@ -47,6 +47,7 @@ split: str = "test"  # test | dev
 protocol: str = "dim"  # dim (the gold among its candidate list) | kb (the gold among the whole KB)
 n_worst: int = 8  # failures and disagreements shown
 quick_epochs: int = 5  # only if no run exists yet: train one this many epochs
+folder: str = ""  # where the tables go (empty: <run folder>/errors/<split>-<protocol>)
 
 # %%
 from dimkit import analysis, datasets, runs
@@ -55,7 +56,7 @@ from dimkit.link import Linker, link
 # the parameters, checked as every dimkit setting is (names, choices, ranges)
 cfg = analysis.AnalysisConfig.for_dataset(dataset, run=run, variant=variant, compare_run=compare_run,
                                           compare_ablation=compare_ablation, split=split, protocol=protocol,
-                                          n_worst=n_worst, quick_epochs=quick_epochs)
+                                          n_worst=n_worst, quick_epochs=quick_epochs, folder=folder or None)
 is_sample = datasets.base_name(cfg.dataset) == "sample"
 # fails here, at once, if it is not prepared (the sample's '+' form is built from its stored answers)
 datasets.require(cfg.dataset)
@@ -110,7 +111,8 @@ pd.concat({"dataset image": with_file[["qid", "name", "score"]],
 # ## Every mention of the split, re-scored
 # `analysis.run` (the `dimkit errors` command) scores each mention with the run's model and stored
 # features, as training evaluated it, does the same with the run set beside it (the text-only
-# ablation, below), and writes the tables to the run folder (`errors/<split>-<protocol>/`).
+# ablation, below), and writes the tables to the run folder (`errors/<split>-<protocol>/`) or to
+# `folder`.
 # Before looking at failures, prove that the re-scoring agrees with what `dimkit.train` wrote to
 # `predictions.parquet`: the rank of every gold must be identical.
 
