@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,8 @@ class Config:
                 choices = choices()
             if choices is not None and value not in choices:
                 raise ConfigError(f"{self.label(f.name, value)} is not one of {', '.join(map(str, choices))}")
+            if kind == "float" and not math.isfinite(value):  # nan passes every comparison below
+                raise ConfigError(f"{self.label(f.name)} must be a finite number, got {value!r}")
             low, above = meta.get("min"), meta.get("above")
             if kind == "int" and (low == 1 or above == 0) and value < 1:
                 raise ConfigError(f"{self.label(f.name)} must be a positive whole number, got {value!r}")

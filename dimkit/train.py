@@ -101,7 +101,7 @@ class TrainConfig(Config):
                                             "strict (released)", choices=RULES)
     candidate_limit: int | None = setting(None, "keep the first k listed candidates (WikiDiverse: 79 + gold)",
                                           min=1, cli=False)
-    seed: int = setting(114514, "seed (the released scripts' 114514)")
+    seed: int = setting(114514, "seed (the released scripts' 114514)", min=0)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     num_threads: int | None = setting(None, "CPU threads for torch during the run (None: torch's default)",
                                       above=0, cli=False)

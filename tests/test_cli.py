@@ -36,6 +36,10 @@ def test_cli_messages_name_flags_and_python_names_arguments():
     (["features", "sample+", "--image-batch-size", "-1"], "--image-batch-size must be a positive whole number"),
     (["cues", "sample+", "--max-new-tokens", "-1"], "--max-new-tokens must be a positive whole number, got -1"),
     (["cues", "sample+", "--batch-size", "0"], "--batch-size must be a positive whole number"),
+    (["train", "sample+", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["train", "sample+", "--set", "temperature=inf"], "temperature must be a finite number, got inf"),
+    (["train", "sample+", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["augment", "sample", "--timeout", "nan"], "--timeout must be a finite number"),
 ])
 def test_values_that_would_do_the_wrong_thing_are_refused(kit_dirs, capsys, argv, needle):
     from dimkit.cli import main
