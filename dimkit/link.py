@@ -605,6 +605,19 @@ class LinkConfig(Config):
     skipped_file: Path | None = setting(None, "where to list skipped lines (default <output stem>.skipped.jsonl)",
                                         cli="--skipped")
 
+    def check(self) -> None:
+        """The input, the output and the list of skipped lines are three different files (a symlink
+        to another of them counts as that file): writing one must never replace another."""
+        files = {"input": self.input, "output": self.output,
+                 "skipped_file": self.skipped_file or self.output.with_name(f"{self.output.stem}.skipped.jsonl")}
+        seen: dict[Path, str] = {}
+        for name, path in files.items():
+            real = Path(path).expanduser().resolve()
+            if real in seen:
+                raise ConfigError(f"{self.label(seen[real])} and {self.label(name)} are the same file ({path}): "
+                                  "writing one would replace the other")
+            seen[real] = name
+
 
 @dataclass
 class LinkFileReport(Result):
@@ -621,6 +634,11 @@ class LinkFileReport(Result):
     seconds: float = 0.0
     note: str = ""
     skipped_file: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """1 when the file had lines and none could be linked: a script must not take that for success."""
+        return 1 if self.lines and not self.linked else 0
 
     def reasons(self) -> dict[str, int]:
         """Skipped lines per reason."""

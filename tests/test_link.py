@@ -390,3 +390,29 @@ def test_a_batch_line_without_an_image_is_linked_as_the_python_api_links_it(samp
     # allowing unusable images adds the present-but-missing one; the two without an image stay linked
     rep = link_file(run, src, tmp_path / "again.jsonl", k=2, allow_unusable_images=True, progress=False)
     assert rep.linked == 3 and rep.no_image == 2 and rep.skipped == []
+
+
+def test_the_link_command_never_writes_over_its_input_or_its_own_files(sample_run, tmp_path, capsys):
+    run = sample_run["run"]
+    src = _one_line_input(sample_run["ds"], tmp_path)
+    before = src.read_bytes()
+    (tmp_path / "alias.jsonl").symlink_to(src)
+    for extra, needle in [(["--output", str(src)], "--input and --output are the same file"),
+                          (["--output", str(tmp_path / "alias.jsonl")], "--input and --output are the same file"),
+                          (["--output", str(tmp_path / "o.jsonl"), "--skipped", str(src)],
+                           "--input and --skipped are the same file"),
+                          (["--output", str(tmp_path / "o.jsonl"), "--skipped", str(tmp_path / "o.jsonl")],
+                           "--output and --skipped are the same file")]:
+        assert cli.main(["link", str(run), "--input", str(src), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert src.read_bytes() == before and not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(ConfigError, match="input and output are the same file"):
+        link_file(run, src, src, progress=False)
+
+
+def test_a_batch_where_no_line_could_be_linked_exits_1(sample_run, tmp_path, capsys):
+    src, out = tmp_path / "bad.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"sentence": "no mention"}\n{not json\n')
+    assert cli.main(["link", str(sample_run["run"]), "--input", str(src), "--output", str(out)]) == 1
+    assert "linked 0 of 2 lines" in capsys.readouterr().out
