@@ -92,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     except DimkitError as exc:
         print(f"dimkit {name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dimkit {name}: interrupted; what was stored so far is kept", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `dimkit info | head`: the reader went away, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except OSError as exc:  # a read-only folder, a full disk, a folder where a file was named
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dimkit {name}: error: {where}{exc.strerror or exc} (what was stored so far is kept)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dimkit {name}: interrupted; what was stored so far is kept", file=sys.stderr)
+        return 130
     finally:
         _CLI.reset(token)
 

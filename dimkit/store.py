@@ -106,6 +106,10 @@ class StoreDamaged(DataError):
     """The SQLite file of a store cannot be read: not a database, or a damaged one."""
 
 
+class StoreUnwritable(DataError):
+    """The SQLite file of a store cannot be written or opened where it is (disk full, read-only, locked)."""
+
+
 class Store:
     """SQLite-backed store of JSON values; safe for threads and for several processes of one machine."""
 
@@ -126,10 +130,13 @@ class Store:
             yield
         except sqlite3.DatabaseError as exc:
             msg = str(exc)
+            self.close()
             if isinstance(exc, sqlite3.OperationalError) and not any(
                     w in msg for w in ("malformed", "not a database", "corrupt")):
-                raise
-            self.close()
+                # a full disk, a read-only folder, a lock held too long: the file is fine, the place is not
+                raise StoreUnwritable(
+                    f"the store cannot be used here ({msg}); what it held before is kept. Free disk space, make "
+                    f"its folder writable, or point DIMKIT_CACHE at another folder, and rerun", file=self.path) from None
             raise StoreDamaged(
                 f"the store is damaged ({msg}): what it holds cannot be read. Move it aside "
                 f"(`mv {self.path} {self.path}.damaged`) and rerun: the missing values are computed again "

@@ -98,3 +98,30 @@ def test_a_store_on_a_network_file_system_is_warned_about(tmp_path, monkeypatch,
     Store(tmp_path / "x.sqlite")
     err = capsys.readouterr().err
     assert "network file system (nfs4)" in err and "local disk" in err
+
+
+def test_a_store_that_cannot_be_opened_where_it_is_is_named_not_a_traceback(tmp_path, kit_dirs, capsys):
+    """A read-only folder, a full disk or, as here, a folder where the store file should be: the
+    message names the store and what to do (root ignores permissions, so a folder stands in)."""
+    import pytest
+
+    from dimkit import cli
+    from dimkit.store import StoreUnwritable
+
+    (tmp_path / "x.sqlite").mkdir()
+    with pytest.raises(StoreUnwritable, match=r"x\.sqlite: the store cannot be used here \(unable to open"):
+        Store(tmp_path / "x.sqlite")
+    (kit_dirs["cache"] / "cues.sqlite").mkdir()
+    assert cli.main(["cues", "sample", "--expert", "sample-oracle"]) == 2
+    err = capsys.readouterr().err
+    assert "cues.sqlite" in err and "DIMKIT_CACHE" in err and "Traceback" not in err
+
+
+def test_an_output_place_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, kit_dirs, capsys):
+    from dimkit import cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["figure2", "--datasets", "sample+", "--save", "--folder", str(blocker / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert "dimkit figure2: error:" in err and "a-file" in err and "Traceback" not in err
