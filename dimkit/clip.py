@@ -167,6 +167,8 @@ def parse_clip_spec(text: str = "default") -> ClipSpec:
         # A bare checkpoint is taken to be OpenAI's ViT-B-32.pt, the file DIM loads (QuickGELU).
         return ClipSpec(arch="ViT-B-32", spec=text, weights=str(path.resolve()),
                         model_id=f"ViT-B-32:file-{_file_sha256(path)[:12]}", weights_real=True, quick_gelu=True)
+    if "/" in text or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ConfigError(f"--clip {text!r}: no such file or folder")
     if _known_arch(text):
         raise ConfigError(f"--clip {text!r} names an architecture but no weights: use '{text}:TAG' "
                           f"(e.g. '{text}:openai') or '{text}:random'")
@@ -378,10 +380,14 @@ def load_clip(clip: str | ClipSpec = "default", *, device: str = "auto", precisi
                 cs.arch, pretrained=cs.weights, precision=precision, device=device, force_quick_gelu=cs.quick_gelu)
     except DimkitError:
         raise
-    except (RuntimeError, OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged file raises EOFError, UnpicklingError, KeyError, ... as it likes
+        first = (str(exc).splitlines() or [""])[0][:300]
         if tagged:
-            raise DimkitError(pretrained_missing_message(cs, str(exc).splitlines()[0][:300])) from exc
-        raise DimkitError(f"cannot load CLIP {cs.spec!r}: {exc}") from exc
+            raise DimkitError(pretrained_missing_message(cs, first)) from exc
+        if cs.weights is not None:
+            raise DimkitError(f"cannot load CLIP {cs.spec!r}: the checkpoint {cs.weights} is damaged or is not "
+                              f"{cs.arch} weights ({type(exc).__name__}: {first})") from exc
+        raise DimkitError(f"cannot load CLIP {cs.spec!r}: {type(exc).__name__}: {first}") from exc
     model.eval()
     tokenizer = open_clip.get_tokenizer(cs.arch)
     with torch.inference_mode():

@@ -310,3 +310,18 @@ def test_half_precision_encodes_images_as_fp32_does(env, precision):
     a, b = fs32.image[usable], fs16.image[usable]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.98
+
+
+def test_a_damaged_or_missing_checkpoint_is_named(env, tmp_path, capsys):
+    from dimkit.cli import main
+
+    tinymedia.make_dataset(env / "data")
+    for name, content in (("empty.pt", b""), ("garbage.pt", b"\x80\x02garbage" * 50)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DimkitError, match=rf"checkpoint .*{name} is damaged or is not ViT-B-32 weights"):
+            clip_mod.load_clip(str(tmp_path / name))
+        assert main(["features", "tiny", "--expert", "none", "--clip", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        clip_mod.parse_clip_spec(str(tmp_path / "nowhere.pt"))
