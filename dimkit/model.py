@@ -104,7 +104,8 @@ def init_weights(module: nn.Module) -> None:
 
 
 class ReleasedModel(nn.Module):
-    """Spec E1: a linear map of the sum of raw CLIP vectors plus one transformed cue vector."""
+    """The released ``nel_model/nel.py::NELModel.forward`` (docs/fidelity.md, row 1): a linear map of
+    the sum of raw CLIP vectors plus one transformed cue vector."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

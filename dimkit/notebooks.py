@@ -21,8 +21,11 @@ def dataset_for(notebook: str | Path, dataset: str) -> str | None:
     """The dataset value to pass to a notebook, or None if it takes no ``dataset`` parameter.
 
     Notebooks whose default dataset is an augmented one (``sample+``: 02, 03, 05, 06) get the
-    augmented form of the requested dataset, the others (00, 01, 04) get it as is: ``make demo
-    DATASET=rich`` runs 00, 01 and 04 on ``richpediamel`` and 02, 03, 05, 06 on ``richpediamel+``.
+    augmented form of the requested dataset, the others (00, 01, 04) get it as is: ``sample`` gives
+    00, 01 and 04 ``sample`` and 02, 03, 05, 06 ``sample+``. Only the dataset is passed, so a run
+    suits the sample alone (notebook 01's default model, ``sample-oracle``, refuses every other
+    dataset); a real dataset goes through ``make reproduce``, or papermill with each notebook's own
+    parameters (``-p dataset wikimel -p model gpt-4o-mini -p replay False`` for 01).
     """
     import papermill
 

@@ -632,8 +632,9 @@ def _read_mimic(src: Path, prefix: str, name: str, images: Path | None) -> _Read
     if not (images_root / m_folder).is_dir() and (images_root / "mention_images").is_dir():
         m_folder = "mention_images"
         reader["mention_image_folder"] = m_folder
-        notes.append("the archive ships mention_images/ while MIMIC's config expects mention_image/ "
-                     "(MIMIC issue #2); mention_images/ was used")
+        notes.append("the archive ships mention_images/ while MIMIC's config (github.com/pengfei-luo/MIMIC) "
+                     "expects mention_image/, a folder-name mismatch reported there as MIMIC issue #2; "
+                     "mention_images/ was used")
     elif not (images_root / m_folder).is_dir():
         notes.append(f"no mention_image/ (or mention_images/) folder under {images_root}: every "
                      "mention image is missing")
@@ -813,7 +814,7 @@ class PrepareConfig(Config):
                                        "aliases wikimel/rich/diverse work everywhere")
     images: Path | None = setting(None, "images root (DIM: the ImgData folder; MIMIC: the folder holding "
                                         "kb_image/ and mention_image/)")
-    seed: int = setting(DEFAULT_SEED, "seed of the splits dimkit makes (MELBench; dev carved from train)")
+    seed: int = setting(DEFAULT_SEED, "seed of the splits dimkit makes (MELBench; dev carved from train)", min=0)
     copy_images: bool = setting(False, "copy the referenced images instead of linking the images root")
     data_dir: Path | None = setting(None, "output root (default $DIMKIT_DATA)")
     force: bool = setting(False, "prepare again even when the source and the settings are unchanged")

@@ -1,6 +1,6 @@
 """The whole chain for the datasets a user has placed (``make reproduce``, ``dimkit reproduce``).
 
-For each dataset: prepare (from ``$DIMKIT_DATA/raw/<name>`` or ``--source NAME=PATH``), augment or
+For each dataset: prepare (from ``$DIMKIT_DATA/raw/<name or alias>`` or ``--source NAME=PATH``), augment or
 replay ('+' datasets without a released copy), candidates, expert cues, CLIP features, training
 runs (variants x ablations); then the tables (:mod:`dimkit.tables`) and the figure
 (:mod:`dimkit.stats`). Every stage stores its work, so a rerun only does what is missing; a training
@@ -45,7 +45,8 @@ PLUS_FROM = "the pre-built {name} from the Google Drive folder linked in DIM's R
 
 
 def raw_dir(data_dir: str | Path | None = None) -> Path:
-    """Where a user places released datasets: ``$DIMKIT_DATA/raw/<name>`` (a folder or a symlink)."""
+    """Where a user places released datasets: ``$DIMKIT_DATA/raw/<name>`` or ``raw/<alias>``, e.g.
+    ``raw/wikimel+`` or ``raw/wiki+`` (a folder or a symlink)."""
     return (Path(data_dir) if data_dir is not None else paths.data_dir()) / "raw"
 
 
@@ -148,11 +149,22 @@ def _prepared(name: str, data_dir: str | Path | None) -> bool:
     return (datasets.dataset_dir(name, data_dir) / "meta.json").exists()
 
 
+def _placed(name: str, data_dir: str | Path | None) -> list[Path]:
+    """Where a release of ``name`` may be placed: ``raw/<name>``, then ``raw/<alias>`` for each of its
+    aliases (``raw/wikimel+``, ``raw/wiki+``, ``raw/wikimel_plus``)."""
+    aliases = [a for a, target in datasets.ALIASES.items() if target == name]
+    return [raw_dir(data_dir) / n for n in (name, *aliases)]
+
+
+def _looked(name: str, data_dir: str | Path | None) -> str:
+    """The folders :func:`_source` looks in, for messages."""
+    return " or ".join(str(p) for p in _placed(name, data_dir))
+
+
 def _source(name: str, sources: dict, data_dir: str | Path | None) -> Path | None:
     if name in sources:
         return Path(sources[name]).expanduser()
-    p = raw_dir(data_dir) / name
-    return p if p.exists() else None
+    return next((p for p in _placed(name, data_dir) if p.exists()), None)
 
 
 def _offline() -> bool:
@@ -176,7 +188,7 @@ def _check_dataset(name: str, cfg: ReproduceConfig, data_dir, out: list[InputChe
     if datasets.is_augmented(name):
         return False  # the caller decides: augment from the base dataset
     out.append(InputCheck(name, "dataset", False, f"neither prepared ({datasets.dataset_dir(name, data_dir)}) "
-                          f"nor placed ({raw_dir(data_dir) / name})",
+                          f"nor placed ({_looked(name, data_dir)})",
                           f"put {WHERE_FROM.get(name, 'the released files')} at {raw_dir(data_dir) / name} "
                           f"(a symlink to the release root works), or pass "
                           f"{option(f'sources={{{name!r}: PATH}}', f'--source {name}=PATH')}"))
@@ -286,7 +298,8 @@ def check_inputs(names: Iterable[str] | ReproduceConfig, *, data_dir: str | Path
             for c in sub:
                 out.append(InputCheck(name, "dataset", c.ok, f"to augment: {base} {c.detail}", c.fix))
             if not base_ok:
-                out.append(InputCheck(name, "dataset", False, f"no released {name} placed either",
+                out.append(InputCheck(name, "dataset", False, f"no released {name} placed either "
+                                      f"({_looked(name, data_dir)})",
                                       f"or place {PLUS_FROM.format(name=name)} at {raw_dir(data_dir) / name}"))
             if "augment" in cfg.steps:
                 _check_llm(name, cfg, data_dir, out)

@@ -33,6 +33,22 @@ def test_placed_release_and_key_make_the_inputs_complete(kit_dirs, monkeypatch):
     assert reproduce.format_checks(checks).endswith("all inputs present")
 
 
+def test_a_release_placed_under_an_alias_is_found(kit_dirs, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    raw = kit_dirs["data"] / "raw"
+    text = reproduce.format_checks(reproduce.check_inputs(["rich+"], steps=DATA_STEPS))
+    for folder in ("richpediamel+", "rich+", "richpediamel_plus"):  # every place looked in is named
+        assert str(raw / folder) in text
+    (raw / "wiki+").mkdir(parents=True)  # the released Wiki+ under the name a user types
+    checks = reproduce.check_inputs(["wikimel+"], steps=DATA_STEPS)
+    assert all(c.ok for c in checks), reproduce.format_checks(checks)
+    assert checks[0].detail == f"will prepare from {raw / 'wiki+'}"
+    assert reproduce._source("wikimel+", {}, None) == raw / "wiki+"
+    (raw / "wikimel+").mkdir()  # the canonical name comes first
+    assert reproduce._source("wikimel+", {}, None) == raw / "wikimel+"
+
+
 def test_explicit_source_and_the_sample(kit_dirs, tmp_path):
     checks = reproduce.check_inputs(["rich"], steps=DATA_STEPS, sources={"rich": str(tmp_path / "nowhere")})
     assert not checks[0].ok and "does not exist" in checks[0].detail
