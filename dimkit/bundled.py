@@ -13,9 +13,11 @@ from . import augment, datasets, paths, prepare
 
 
 def build_sample(data_dir: Path | None = None) -> Path:
-    """Prepare ``sample`` from the shipped source."""
+    """Prepare ``sample`` from the shipped source (again, replacing it, when the checkout or install it
+    links its images from has moved)."""
+    moved = datasets._images_link_broken(datasets.dataset_dir("sample", data_dir))
     return prepare.run(prepare.PrepareConfig(src=paths.sample_source_dir(), dataset="sample",
-                                             data_dir=data_dir)).root
+                                             data_dir=data_dir, force=moved)).root
 
 
 def build_sample_plus(data_dir: Path | None = None) -> Path:

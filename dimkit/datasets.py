@@ -190,7 +190,19 @@ def require(name: str, data_dir: str | Path | None = None) -> str:
     key = canonical_name(name)
     root = dataset_dir(key, data_dir)
     if (root / "meta.json").exists():
-        return key
+        if not _images_link_broken(root):
+            return key
+        if key not in BUILDERS:
+            link = root / "images"
+            raise DataError(f"the images folder link points to {os.readlink(link)}, which no longer exists (moved "
+                            f"or deleted?); prepare the dataset again from where its release is now "
+                            f"(`dimkit prepare SRC --name {key} --force`), or point the link at the images",
+                            file=link)
+        # the bundled sample links into the package: a moved checkout or install is repaired by rebuilding
+        for base in (key[:-1],) if key.endswith("+") and key[:-1] in BUILDERS else ():
+            require(base, data_dir)
+        if not _images_link_broken(root):
+            return key
     if key in BUILDERS:
         BUILDERS[key](Path(data_dir) if data_dir is not None else None)
         return key
@@ -200,6 +212,12 @@ def require(name: str, data_dir: str | Path | None = None) -> str:
     else:
         hint = f" Prepare it first: `dimkit prepare SRC --name {key}`."
     raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
+
+
+def _images_link_broken(root: Path) -> bool:
+    """Whether the dataset's ``images`` is a symlink to nothing (its target moved or was deleted)."""
+    link = root / "images"
+    return link.is_symlink() and not link.exists()
 
 
 def load(name: str, data_dir: str | Path | None = None) -> Dataset:

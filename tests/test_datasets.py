@@ -181,3 +181,25 @@ def test_atomically_written_files_get_the_mode_a_plain_open_gives(kit_dirs, tmp_
     finally:
         os.umask(old)
         atomic._FILE_MODE = None
+
+
+def test_a_dataset_whose_images_moved_is_named_and_the_bundled_sample_repairs_itself(kit_dirs, tmp_path):
+    import os
+
+    mentions, entities = _tables()
+    root = datasets.write_prepared(datasets.dataset_dir("toy"), mentions, entities, {"layout": "test"})
+    (tmp_path / "release" / "img").mkdir(parents=True)
+    os.symlink(tmp_path / "release", root / "images")
+    assert datasets.load("toy").counts()["mentions"] == 3
+    (tmp_path / "release").rename(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"toy/images: the images folder link points to .*release, which no "
+                                        r"longer exists .*dimkit prepare SRC --name toy --force"):
+        datasets.load("toy")
+    # the sample links into the package; a checkout moved elsewhere left the link pointing at nothing
+    sample = datasets.load("sample+")
+    link = datasets.dataset_dir("sample") / "images"
+    link.unlink()
+    os.symlink(tmp_path / "old-checkout" / "images", link)
+    assert not (sample.root / "images").exists()
+    again = datasets.load("sample+")
+    assert (again.root / "images").is_dir() and again.image_path(again.mentions["image"].dropna().iloc[0]).is_file()
