@@ -508,6 +508,8 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
     if len(entities) == 0:
         raise DataError("the knowledge base has no entities: no candidates can be built",
                         file=ds.root / "entities.parquet", field="name")
+    if (ds.meta.get("candidates") or {}).get("source") == "release" and not cfg.replace_released:
+        _check_released_lists(ds)
     key = _content_key(ds, k)
     if not cfg.force:
         previous = _load_previous(ds, key)
@@ -561,6 +563,22 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
         ds._candidates = df
     report.save(report_path)
     return report
+
+
+def _check_released_lists(ds: datasets.Dataset) -> None:
+    """The release's lists that would be kept are there and readable; else say how to get lists back
+    (keeping a missing file would leave training asking for candidates forever)."""
+    path = ds.root / "candidates.parquet"
+    flag = option("replace_released=True", "--replace-released")
+    fix = (f"prepare the dataset again to restore the release's lists (`dimkit prepare SRC --name {ds.name} "
+           f"--force`), or write the lists built here instead with {flag}")
+    if not path.is_file():
+        raise DataError(f"the DIM release's candidate lists are missing; {fix}", file=path)
+    try:
+        ds.candidates
+    except DataError as exc:
+        raise DataError(f"the DIM release's candidate lists cannot be read ({exc.reason}); {fix}",
+                        file=path) from None
 
 
 #: The command line: ``dimkit candidates NAME`` takes the flags of :class:`CandidatesConfig`.

@@ -247,6 +247,23 @@ def test_released_lists_are_kept_unless_replaced(kit_dirs):
     assert build_candidates(ds, k=1, progress=False)[1].reused
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_released_lists_that_are_gone_are_named_with_the_way_back(kit_dirs, capsys, damage):
+    _tiny(kit_dirs["data"] / "tiny", meta={"layout": "dim", "candidates": {"source": "release"}},
+          lists=[["Q6"]] * 6)
+    path = kit_dirs["data"] / "tiny" / "candidates.parquet"
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:40])
+    assert cli.main(["candidates", "tiny", "--k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "candidates.parquet" in err and "--force" in err and "--replace-released" in err
+    assert "Traceback" not in err
+    _, report = build_candidates(datasets.load("tiny"), k=1, progress=False, replace_released=True)
+    assert report.written and len(datasets.load("tiny").candidates) == 6
+
+
 def test_empty_kb_and_bad_k_are_refused(kit_dirs):
     mentions = pd.DataFrame({"mention_id": ["m1"], "split": ["train"], "sentence": ["s"],
                              "mention": ["x"], "image": [None], "qid": [None]})
