@@ -143,6 +143,12 @@ class CueResult(Result):
         """The report, and what comes next after a shard's run."""
         return str(self.report) + (f"\n{self.next_step}" if self.next_step else "")
 
+    @property
+    def exit_code(self) -> int:
+        """1 when every image the expert was asked about failed: the expert does not work here."""
+        r = self.report
+        return 1 if r.failed and not (r.done or r.cached or r.empty) else 0
+
     def to_dict(self) -> dict:
         """The report as a plain dict."""
         return self.report.to_dict()

@@ -322,6 +322,9 @@ class OpenAIExpert(Expert):
                                                      temperature=0)
         except LLMError as err:  # the key is scrubbed from the detail
             detail = f"HTTP {err.status}: {err.detail}" if err.status else err.detail
+            if err.fatal:  # a refused key, an unknown model, a spent quota: no other image will fare better
+                raise DimkitError(f"the expert endpoint {self.base_url} refused model {self.model!r} ({err.reason}): "
+                                  f"{detail}. Nothing more is asked; the cues stored so far are kept") from None
             return Answer(None, _CUE_REASON.get(err.reason, "api_error"), detail)
         return Answer(answer.text)
 

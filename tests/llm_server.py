@@ -94,6 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if self.headers.get("Authorization") == f"Bearer {fake.api_key}":
             return True
+        with fake._lock:
+            fake.refused_keys += 1
         self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
                                    "code": "invalid_api_key"}})
         return False
@@ -254,6 +256,7 @@ class FakeLLMServer:
         self.batch_delay_s = batch_delay_s
         self.quota_spent = False  # True: every upload and batch creation gets OpenAI's insufficient_quota 429
         self.quota_refusals = 0
+        self.refused_keys = 0  # requests answered 401 for a wrong or missing key
         self.answer_fn = answer_fn
         self.set_faults(faults)
         self._port = port

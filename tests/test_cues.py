@@ -244,6 +244,29 @@ def test_openai_expert_asks_again_after_a_malformed_or_empty_answer(env, monkeyp
         assert len(srv.chat_prompts()) == 2
 
 
+def test_a_refused_key_stops_the_cue_run_at_once_and_all_failed_exits_1(env, monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dimkit.cli import main
+    from llm_server import FakeLLMServer
+
+    tinymedia.make_dataset(env / "data")
+    with FakeLLMServer(api_key="sk-right") as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-secret")
+        assert main(["cues", "tiny", "--expert", "openai:tiny-vlm", "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "refused model 'tiny-vlm' (auth)" in err and "Traceback" not in err
+        assert "sk-wrong-secret" not in err and srv.refused_keys == 1  # not one request per image
+        # every image failing for a reason that is not fatal: the run ends, and says so by its status
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+        srv.set_faults(lambda prompt, n: "malformed")
+        assert main(["cues", "tiny", "--expert", "openai:tiny-vlm"]) == 1
+        assert "failed (retried next run): bad_response 3" in capsys.readouterr().out
+
+
 def test_sample_oracle_on_the_bundled_sample(env):
     res = run_cues("sample", progress=False)
     rep = res.report
