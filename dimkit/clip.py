@@ -266,10 +266,21 @@ class ClipModel:
 
         if workers > 1 and len(images) > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                tensors = list(pool.map(self.preprocess, images))
+                tensors = list(pool.map(self.pixels, images))
         else:
-            tensors = [self.preprocess(im) for im in images]
+            tensors = [self.pixels(im) for im in images]
         return torch.stack(tensors)
+
+    def pixels(self, image):
+        """The model's eval transform of one PIL image ``[3, H, W]``.
+
+        CLIP's transform scales the shorter side to the input size, then keeps the centre square. A
+        sliver (60000 x 1 pixels) would first become 13 million pixels wide: beyond an aspect ratio
+        of :data:`MAX_ASPECT`, the image is first cut to its centre 2:1 part, which holds that square
+        and a margin for the resampling filter, so memory stays bounded (the square kept is the same
+        to within a fraction of a pixel; ordinary images are not touched).
+        """
+        return self.preprocess(_centre_for_crop(self.preprocess, image))
 
     def encode_pixels(self, pixels) -> np.ndarray:
         """Raw CLIP image embeddings of preprocessed pixels ``[N, 3, H, W]`` -> ``[N, D]`` float32."""
@@ -297,6 +308,31 @@ class ClipModel:
             chunk = images[i:i + batch_size]
             out[i:i + len(chunk)] = self.encode_pixels(self.preprocess_images(chunk, workers))
         return out
+
+
+#: Images longer than this many times their width (or the reverse) are cut before CLIP's transform.
+MAX_ASPECT = 16
+
+
+def _centre_for_crop(transform, image):
+    """``image``, or its centre 2:1 part when it is a sliver and ``transform`` is resize-shorter-side
+    then centre-crop (open_clip's eval transform), so the crop sees the same pixels."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    if short == 0 or long <= MAX_ASPECT * short:
+        return image
+    ops = getattr(transform, "transforms", ())
+    if len(ops) < 2 or type(ops[0]).__name__ != "Resize" or type(ops[1]).__name__ != "CenterCrop":
+        return image
+    size = ops[0].size
+    if not (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1)):
+        return image  # a resize to a fixed shape ("squash") never blows up
+    keep = 2 * short
+    if w > h:
+        left = (w - keep) // 2
+        return image.crop((left, 0, left + keep, h))
+    top = (h - keep) // 2
+    return image.crop((0, top, w, top + keep))
 
 
 def _encode_trimmed(model, tokens):

@@ -345,7 +345,7 @@ def _encode_images(cm: ClipModel, store: FeatureStore, todo: list[tuple[str, Pat
 
     def prep(item: tuple[str, Path]):
         loaded = load_image(item[1])
-        return item[0], None if loaded.image is None else cm.preprocess(loaded.image), loaded.status
+        return item[0], None if loaded.image is None else cm.pixels(loaded.image), loaded.status
 
     failed: Counter = Counter()
     keys: list[str] = []

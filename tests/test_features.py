@@ -325,3 +325,20 @@ def test_a_damaged_or_missing_checkpoint_is_named(env, tmp_path, capsys):
         assert name in err and "Traceback" not in err
     with pytest.raises(ConfigError, match="no such file or folder"):
         clip_mod.parse_clip_spec(str(tmp_path / "nowhere.pt"))
+
+
+def test_a_sliver_image_is_cut_before_clips_transform_and_keeps_its_centre():
+    from PIL import Image
+
+    cm = clip_mod.load_clip(TINY)
+    rng = np.random.default_rng(0)
+    normal = Image.fromarray(rng.integers(0, 255, (120, 300, 3), dtype=np.uint8))
+    assert clip_mod._centre_for_crop(cm.preprocess, normal) is normal  # ordinary images are untouched
+    sliver = Image.fromarray(rng.integers(0, 255, (40, 3400, 3), dtype=np.uint8))  # 85:1
+    cut = clip_mod._centre_for_crop(cm.preprocess, sliver)
+    assert cut.size == (80, 40)
+    # the centre square CLIP keeps is the same pixels (here exactly; within a fraction of a pixel in general)
+    torch.testing.assert_close(cm.pixels(sliver), cm.preprocess(sliver))
+    # 60000 x 1 pixels would be scaled to millions of pixels wide before the crop; cut first, it is not
+    assert tuple(cm.pixels(Image.new("RGB", (60000, 1), (9, 200, 30))).shape[1:]) == tuple(
+        cm.preprocess(normal).shape[1:])
