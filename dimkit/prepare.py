@@ -11,7 +11,9 @@ through :func:`dimkit.datasets.write_prepared`:
   ``Richpedia-MEL.json``; no images; a seeded 70/10/20 split over sentences.
 
 Bad input raises :class:`dimkit.errors.DataError` naming the file, the record and the field before
-anything is written; a failed write leaves the previous output as it was. Images are referenced,
+anything is written; a failed write leaves the previous output as it was. A rerun on the same source
+replaces (or, unchanged, keeps) its earlier output; a name that holds a dataset made from another source
+or by another stage (a '+' dataset of ``dimkit augment``) is refused unless ``force``. Images are referenced,
 never opened (:mod:`dimkit.images` checks them); ``meta.json`` counts the referenced files that do
 not exist and those a link takes outside the images root, which are never copied.
 """
@@ -32,7 +34,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import atomic, datasets, paths
-from .errors import DataError, DimkitError, option
+from .errors import ConfigError, DataError, DimkitError, option
 from .stage import Config, Result, setting
 from .store import content_hash
 
@@ -457,8 +459,15 @@ def _read_dim_wiki_rich(folder: Path, subset: str, files: list[tuple[str, Path]]
     gold_names: dict[str, str] = {}
     record_briefs: dict[str, str] = {}
     non_jpg = 0
+    key_file: dict[str, Path] = {}  # record key -> the split file that holds it
     for split, path in files:
         for key, value in _read_json(path, dict, "sample key -> record").items():
+            if key in key_file:  # the key is the sample's id: one mention in two splits
+                raise DataError(f"the same record key is also in {key_file[key]}: one mention in two splits "
+                                "leaks evaluation data into training or model selection; keep the record in one "
+                                "split file only",
+                                file=path, record=key, field="key")
+            key_file[key] = path
             rec = _record(value, path, key)
             sentence = _need(rec, "sentence", path, key)
             mention = _need(rec, "mentions", path, key)
@@ -682,8 +691,11 @@ def _read_mimic(src: Path, prefix: str, name: str, images: Path | None) -> _Read
 # MELBench raw layout
 
 
-def _read_melbench(path: Path, name: str, seed: int) -> _Read:
+def _read_melbench(path: Path, subset: str, name: str, seed: int) -> _Read:
     data = _read_json(path, dict, "sample id -> record")
+    if not data:
+        raise DataError(f"no records found for the {subset} subset: the JSON object is empty (expected sample id "
+                        "-> record, as in the released Wikidata-MEL.json / Richpedia-MEL.json)", file=path)
     rows: list[dict] = []
     names: dict[str, str] = {}
     conflicts = nil = 0
@@ -716,6 +728,9 @@ def _read_melbench(path: Path, name: str, seed: int) -> _Read:
             names.setdefault(q, e)
             rows.append({"mention_id": f"{key}-{j}", "split": None, "sentence": sentence,
                          "mention": m, "image": None, "qid": q, "entity_name": e, "_key": key})
+    if not rows:
+        raise DataError(f"no records found for the {subset} subset: all {len(data)} record(s) have no answer "
+                        "(NIL), so there is no mention to link", file=path, field="answer")
     split_of = seeded_split(data.keys(), seed, MELBENCH_FRACTIONS)
     for r in rows:
         r["split"] = split_of[r["_key"]]
@@ -817,7 +832,8 @@ class PrepareConfig(Config):
     seed: int = setting(DEFAULT_SEED, "seed of the splits dimkit makes (MELBench; dev carved from train)", min=0)
     copy_images: bool = setting(False, "copy the referenced images instead of linking the images root")
     data_dir: Path | None = setting(None, "output root (default $DIMKIT_DATA)")
-    force: bool = setting(False, "prepare again even when the source and the settings are unchanged")
+    force: bool = setting(False, "prepare again even when the source and the settings are unchanged, and "
+                                 "replace a dataset of that name made from another source or by another stage")
 
 
 @dataclass
@@ -845,6 +861,36 @@ def source_key(cfg: "PrepareConfig", src: Path) -> str:
     stats = [(str(p.relative_to(src) if p != src else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     settings = {k: str(v) for k, v in cfg.to_dict().items() if k not in ("force", "data_dir")}
     return content_hash({"version": __version__, "src": str(src.resolve()), "settings": settings, "files": stats})
+
+
+def _check_replace(out: Path, old: dict, src: Path, layout: str, subset: str) -> None:
+    """Refuse to overwrite a dataset that this source did not prepare (unless ``force``).
+
+    Preparing the same source again (same file or folder, layout and subset) replaces its earlier
+    output: edited files or changed settings are meant to be picked up. Anything else in ``out``
+    (a '+' dataset written by ``dimkit augment``, a dataset prepared from another source or subset)
+    would be lost, so it stays unless the caller asks for the replacement.
+    """
+    name = old.get("name") or out.name
+    aug = old.get("augment") if isinstance(old.get("augment"), dict) else {}
+    lost = ""
+    if old.get("augmented_from") or aug:
+        what = (f"the dataset {name!r} that `dimkit augment` wrote from {old.get('augmented_from')!r} "
+                f"(model {aug.get('model')!r}, template {aug.get('template')!r})")
+        lost = ", and its LLM descriptions would be lost"
+    elif not str(old.get("prepared_by", "")).startswith("dimkit.prepare"):
+        what = f"the dataset {name!r}, which its meta.json does not say `dimkit prepare` wrote"
+    elif (old.get("source_resolved"), old.get("layout"), old.get("subset")) == (str(src.resolve()), layout, subset):
+        return
+    else:
+        mentions = (old.get("counts") or {}).get("mentions", "?")
+        origin = old.get("source_resolved") or old.get("source")
+        what = (f"the dataset {name!r} ({mentions} mentions) prepared from {origin} "
+                f"({old.get('layout')}, {old.get('subset')})")
+    raise ConfigError(
+        f"{out} holds {what}. Preparing {src} ({layout}, {subset}) as {out.name!r} would replace it{lost}. "
+        f"Choose another name ({option('dataset=...', '--name')}), or pass {option('force=True', '--force')} to "
+        "replace it.")
 
 
 def run(cfg: PrepareConfig) -> PrepareResult:
@@ -875,7 +921,9 @@ def run(cfg: PrepareConfig) -> PrepareResult:
     subset = _resolve_subset(layout, src, subset, cfg.subset, cfg.dataset)
     key = source_key(cfg, src)
     if not cfg.force and (out / "meta.json").is_file():
-        old = datasets.read_json_file(out / "meta.json", what="the dataset's meta.json", fix="rerun with --force")
+        fix = f"rerun with {option('force=True', '--force')}"
+        old = datasets.read_json_file(out / "meta.json", what="the dataset's meta.json", fix=fix)
+        _check_replace(out, old, src, layout, subset)
         if old.get("source_key") == key and (out / "mentions.parquet").is_file():
             return PrepareResult(dataset=cfg.dataset, root=out, meta=old, up_to_date=True)
     # ---- read everything first: every DataError is raised before anything is written
@@ -884,9 +932,12 @@ def run(cfg: PrepareConfig) -> PrepareResult:
     elif layout == "mimic":
         read = _read_mimic(src, subset, cfg.dataset, cfg.images)
     else:
-        read = _read_melbench(src, cfg.dataset, cfg.seed)
+        read = _read_melbench(src, subset, cfg.dataset, cfg.seed)
         if cfg.images is not None:
             read.notes.append(f"{option('images=', '--images ')}{cfg.images} ignored: MELBench has no images")
+    if read.mentions.empty:  # a dataset without a mention has nothing to train or evaluate on
+        raise DataError(f"no mentions found ({layout} layout, {subset}): the split files hold no records, or only "
+                        "records without an answer (NIL); check that this is the dataset you meant", file=src)
     read.mentions = read.mentions.drop(columns="_key", errors="ignore")
     img_meta, action, to_copy = _place_images(read, out, cfg.copy_images)
     if src.resolve() == paths.sample_source_dir().resolve():

@@ -608,3 +608,102 @@ def test_a_rerun_on_an_unchanged_source_prepares_nothing_again(tmp_path, data_di
     stamp = (root / "mentions.parquet").stat().st_mtime_ns
     prepare(src, "wikimel", force=True)  # and --force prepares it again regardless
     assert (root / "mentions.parquet").stat().st_mtime_ns != stamp
+
+
+# ---------------------------------------------------------------------------------------------
+# a dataset name already taken by another source or another stage is not replaced silently
+
+
+def test_another_source_does_not_replace_a_prepared_dataset(tmp_path, data_dir, capsys):
+    first = fx.build_dim_wiki(tmp_path / "first")
+    root = prepare(first, "wikimel")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    other = fx.build_dim_wiki(tmp_path / "other")
+    with pytest.raises(DimkitError, match=r"prepared from .*first.*force=True") as err:
+        prepare(other, "wikimel")
+    assert "11 mentions" in str(err.value) and str(other) in str(err.value)
+    # another subset of the same data root is another dataset too
+    fx.build_dim_rich(first)
+    with pytest.raises(DimkitError, match="would replace it"):
+        prepare(first, "wikimel", subset="richpedia")
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+    capsys.readouterr()
+    assert cli.main(["prepare", str(other), "--name", "wikimel"]) == 2
+    assert "--force" in capsys.readouterr().err
+    # the same source with other settings is prepared again, as before
+    prepare(first, "wikimel", subset="wikipedia", seed=7)
+    assert datasets.load("wikimel").meta["seed"] == 7
+    # and --force replaces it
+    prepare(other, "wikimel", force=True)
+    assert datasets.load("wikimel").meta["source_resolved"] == str(other.resolve())
+    # a folder that another tool wrote is not replaced either
+    fx.dump(data_dir / "mine" / "meta.json", {"name": "mine"})
+    with pytest.raises(DimkitError, match="does not say `dimkit prepare` wrote"):
+        prepare(other, "mine")
+    assert json.loads((data_dir / "mine" / "meta.json").read_text()) == {"name": "mine"}
+
+
+def test_prepare_does_not_replace_an_augmented_dataset(kit_dirs, capsys):
+    src = paths.sample_source_dir()
+    if not (src / "wikipedia" / "train.json").is_file():
+        pytest.skip("dimkit/data/sample/source is not generated yet")
+    plus = datasets.load("sample+")  # prepares the sample, then augments it with the stored answers
+    assert plus.meta["augmented_from"] == "sample"
+    before = (plus.root / "entities.parquet").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["prepare", str(src), "--name", "sample+"]) == 2
+    err = capsys.readouterr().err
+    assert "dimkit augment" in err and "LLM descriptions would be lost" in err and "--force" in err
+    assert (plus.root / "entities.parquet").read_bytes() == before
+    assert datasets.load("sample+").meta["augmented_from"] == "sample"
+    # the sample itself, from the same source and settings, stays a no-op
+    assert prepare_mod.run(prepare_mod.PrepareConfig(src=src, dataset="sample")).up_to_date
+    prepare(src, "sample+", force=True)
+    assert "augmented_from" not in datasets.load("sample+").meta
+
+
+# ---------------------------------------------------------------------------------------------
+# a source without a single mention is an error, not an empty dataset
+
+
+def test_melbench_without_records_is_an_error(tmp_path, data_dir, capsys):
+    empty = fx.dump(tmp_path / "Wikidata-MEL.json", {})
+    with pytest.raises(DataError, match="no records found for the Wikidata-MEL subset") as err:
+        prepare(empty, "mb")
+    assert err.value.file == str(empty)
+    other = fx.dump(tmp_path / "mine.json", {})
+    with pytest.raises(DataError, match="no records found for the Richpedia-MEL subset"):
+        prepare(other, "mb", subset="richpedia")
+    nil = fx.dump(tmp_path / "Richpedia-MEL.json", {"Q1": {"sentence": "x", "mentions": "x", "entities": "X",
+                                                         "answer": "nil"}})
+    capsys.readouterr()
+    assert cli.main(["prepare", str(nil), "--name", "mb"]) == 2
+    assert "Richpedia-MEL.json" in capsys.readouterr().err
+    assert not (data_dir / "mb").exists()
+
+
+def test_dim_split_files_without_records_are_an_error(tmp_path, data_dir):
+    src = fx.build_dim_wiki(tmp_path / "dim", records={"train": {}, "dev": {}, "test": {}})
+    with pytest.raises(DataError, match="no mentions found"):
+        prepare(src, "wikimel")
+    assert not (data_dir / "wikimel").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# DIM release: a record key is the sample's id, so one in two split files is a mention in two splits
+
+
+@pytest.mark.parametrize("build, other", [(_wiki, "dev.json"), (lambda t: fx.build_dim_rich(t / "dim"), None)])
+def test_dim_record_in_two_split_files_is_an_error(build, other, tmp_path, data_dir):
+    src = build(tmp_path)
+    folder = next(d for d in (src / "wikipedia", src / "richpedia") if d.is_dir())
+    train = json.loads((folder / "train.json").read_text())
+    key, rec = next(iter(train.items()))
+    target = folder / (other or "test.json")
+    _edit_json(target, lambda d: d.update({key: rec}))
+    with pytest.raises(DataError, match="same record key") as err:
+        prepare(src, "leaky")
+    exc = err.value
+    assert exc.file == str(target) and exc.record == key and exc.field == "key"
+    assert str(folder / "train.json") in str(exc)
+    assert not (data_dir / "leaky").exists()
