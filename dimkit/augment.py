@@ -625,7 +625,7 @@ def _ingest_batch(client: ChatClient, value: dict, st: dict, by_key: dict[str, _
                                                str(item.get("error") or resp.get("body"))[:300])))
                 continue
             try:
-                answer = parse_completion(json.dumps(resp.get("body")))
+                answer = parse_completion(json.dumps(resp.get("body")), client.endpoint.api_key)
             except LLMError as err:
                 failures.append((job, err))
                 continue

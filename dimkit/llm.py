@@ -152,8 +152,9 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
-def parse_completion(body: bytes | str) -> Completion:
-    """Read a chat.completion body; raise ``LLMError('malformed'|'empty')`` unless it holds an answer."""
+def parse_completion(body: bytes | str, secret: str | None = None) -> Completion:
+    """Read a chat.completion body; raise ``LLMError('malformed'|'empty')`` unless it holds an answer.
+    ``secret`` (the API key), should an answer ever echo it, is masked before the text is stored."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -177,7 +178,10 @@ def parse_completion(body: bytes | str) -> Completion:
     def _int(v: Any) -> int | None:
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    return Completion(text=content.strip(), prompt_tokens=_int(usage.get("prompt_tokens")),
+    text = content.strip()
+    if secret:
+        text = text.replace(secret, "***")
+    return Completion(text=text, prompt_tokens=_int(usage.get("prompt_tokens")),
                       completion_tokens=_int(usage.get("completion_tokens")),
                       model=data.get("model") if isinstance(data.get("model"), str) else None,
                       finish_reason=finish if isinstance(finish, str) else None)
@@ -425,7 +429,7 @@ class ChatClient:
             except Exception as exc:
                 raise classify(exc, self.endpoint.api_key) from None
             try:
-                return parse_completion(raw.http_response.content)
+                return parse_completion(raw.http_response.content, self.endpoint.api_key)
             except LLMError as err:
                 with self._lock:
                     self._tally[err.reason] += 1
