@@ -23,8 +23,12 @@ from .stage import Result
 #: The statuses of a run that finished; ``train`` writes ``diverged`` for one that stopped on a NaN.
 FINISHED = ("completed", "early_stopped")
 METRICS_FILE = "metrics.json"
+#: What ``train`` records about the inputs of a run: the feature model, the expert, the knowledge base.
+FEATURES_FILE = "features.json"
 #: What a finished run folder needs besides ``metrics.json`` to be linked with (:mod:`dimkit.link`).
-LINK_FILES = ("model.pt", "features.json")
+LINK_FILES = ("model.pt", FEATURES_FILE)
+#: The status :func:`check_kb` gives a finished run whose dataset's knowledge base changed since.
+STALE = "stale"
 #: How :func:`choose` picks one run among several.
 PICKS = ("latest", "best_dev")
 #: When :func:`launch` takes a run as there already: ``config``, the run of exactly these settings
@@ -59,7 +63,7 @@ class RunRecord:
 
     run_name: str
     run_dir: Path
-    status: str  # completed | early_stopped | diverged | unreadable | unknown
+    status: str  # completed | early_stopped | diverged | unreadable | unknown (| stale, see check_kb)
     dataset: str | None = None
     variant: str | None = None
     ablation: str = "none"
@@ -134,6 +138,16 @@ def _dataset_of(run_dir: Path) -> str | None:
         return str(json.loads((run_dir / "features.json").read_text(encoding="utf-8"))["dataset"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_name(value: str, label: str, hint: str = "") -> str:
+    """``value`` when it is a plain file or folder name, as a run name must be: not empty, no '/', not
+    starting with '.' (so nothing is written outside the folder it is meant for); else ConfigError
+    naming the setting (``label``: its flag on the command line) and saying ``hint``."""
+    if not isinstance(value, str) or not value or "/" in value or "\0" in value or value.startswith("."):
+        raise ConfigError(f"{label} must be a plain file or folder name (no '/', not starting with '.'), "
+                          f"got {value!r}" + (f"; {hint}" if hint else ""))
+    return value
 
 
 def _dict(value: Any) -> dict:
@@ -228,6 +242,76 @@ def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
                                   mtime_ns=p.stat().st_mtime_ns).row())
     metric_columns = sorted({c for row in rows for c in row} - set(COLUMNS))
     return pd.DataFrame(rows, columns=[*COLUMNS, *metric_columns])
+
+
+#: (entities.parquet, its size, its mtime) -> content hash of its qids: checking many runs reads it once.
+_KB_HASHES: dict[tuple[str, int, int], tuple[str, int]] = {}
+
+
+def kb_fingerprint(dataset: str, data_dir: str | Path | None = None) -> tuple[str, int, Path] | None:
+    """What ``train`` records of a dataset's knowledge base (``entity_qids_sha256`` in a run's
+    ``features.json``): the hash of its entities' qids in order, their number and the file; None when
+    the dataset is not prepared here or its entity table cannot be read."""
+    try:
+        path = datasets.dataset_dir(dataset, data_dir) / "entities.parquet"
+        st = path.stat()
+    except (DimkitError, OSError):
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _KB_HASHES:
+        from .store import content_hash
+
+        try:
+            qids = pd.read_parquet(path, columns=["qid"])["qid"].astype(str).tolist()
+        except Exception:  # a damaged table is reported by whatever loads the dataset
+            return None
+        _KB_HASHES[key] = (content_hash(qids), len(qids))
+    return (*_KB_HASHES[key], path)
+
+
+def kb_change(run: RunRecord | pd.Series | dict, data_dir: str | Path | None = None) -> DataError | None:
+    """Why a finished run no longer fits its dataset: the knowledge base changed since it was trained
+    (the check :class:`dimkit.link.Linker` makes before linking), as the error that names the entity
+    table; None when it fits, or when that cannot be told (an older run that does not record its
+    knowledge base, a dataset not prepared here)."""
+    run_dir = Path(_get(run, "run_dir"))
+    try:
+        f = json.loads((run_dir / FEATURES_FILE).read_text(encoding="utf-8"))
+        recorded, dataset = f["entity_qids_sha256"], f.get("dataset") or _get(run, "dataset")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(recorded, str) or not recorded or not isinstance(dataset, str):
+        return None
+    now = kb_fingerprint(dataset, data_dir)
+    if now is None or now[0] == recorded:
+        return None
+    _, n, path = now
+    then = f.get("entities")
+    name = _get(run, "run_name")
+    return DataError(f"the knowledge base changed since run {name} was trained ({n} entities now"
+                     + (f", {then} then" if isinstance(then, int) else "")
+                     + f"): retrain it with `dimkit train {datasets.canonical_name(dataset)}` and the run's settings, "
+                     "or delete the run folder", file=path, field="qid")
+
+
+def check_kb(runs: pd.DataFrame, data_dir: str | Path | None = None) -> pd.DataFrame:
+    """``runs`` (from :func:`collect`) with every finished run whose dataset's knowledge base changed
+    since it was trained marked ``stale``, the reason in ``error``: its numbers are not those of the
+    dataset prepared now, so :func:`finished` and :func:`find` leave it out."""
+    out = runs.copy()
+    for i, row in out[out["status"].isin(FINISHED)].iterrows():
+        change = kb_change(row, data_dir)
+        if change is not None:
+            out.at[i, "status"], out.at[i, "error"] = STALE, str(change)
+    out.attrs["kb_checked"] = True
+    return out
+
+
+def left_out(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(run name, why) of every run of ``runs`` that looks like a result but cannot be used: a
+    ``metrics.json`` that cannot be read, or a run ``stale`` after :func:`check_kb`."""
+    bad = runs[runs["status"].isin(("unreadable", STALE))]
+    return sorted(zip(bad["run_name"].astype(str), bad["error"].astype(str)))
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
@@ -342,7 +426,8 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
            progress: bool = False, data_dir: str | Path | None = None) -> LaunchReport:
     """Train each of ``keys`` that has no finished run yet (see :data:`REUSE`), with its dataset's preset.
 
-    ``runs``: what :func:`collect` returned (collected now when None). Datasets not prepared are skipped;
+    ``runs``: what :func:`collect` returned (collected now when None); a run whose dataset's knowledge
+    base changed since it was trained (:func:`check_kb`) counts as missing. Datasets not prepared are skipped;
     a run that fails is reported and the others still run; an interrupted one continues (``resume``).
     The other settings go to ``TrainConfig``.
     """
@@ -354,7 +439,8 @@ def launch(keys: Iterable[RunKey], *, reuse: str = "config", runs: pd.DataFrame 
         return report
     from . import train  # torch-heavy: imported only when something may be trained
 
-    done = finished(collect() if runs is None else runs)
+    # a run whose knowledge base changed since is trained again, as if missing
+    done = finished(check_kb(collect() if runs is None else runs, data_dir))
     folders = done["run_dir"].map(lambda p: Path(p).name).astype(str)
     for k in keys:
         if reuse == "key":

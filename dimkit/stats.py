@@ -37,7 +37,8 @@ from typing import ClassVar, Iterable, Sequence
 import pandas as pd
 
 from . import atomic, datasets, paths
-from .errors import ConfigError, DataError, DimkitError
+from .errors import ConfigError, DataError, DimkitError, option
+from .runs import check_name
 from .stage import Config, Result, setting
 
 #: Preferred order of the enhanced datasets in the figure (others follow by name, the sample last).
@@ -438,13 +439,17 @@ class Figure2Config(Config):
     STAGE: ClassVar[str] = "figure2"
 
     datasets: list[str] = setting(factory=list, help="'+' datasets (default: every prepared one, paper order)")
-    name: str | None = setting(None, "file stem of the figure and its table (default: from the datasets)")
+    name: str | None = setting(None, "file stem of the figure and its table, a plain file name (default: from the "
+                                     "datasets)")
     save: bool = setting(True, "write the figure (PNG, PDF) and its table (CSV, Markdown)")
     folder: Path | None = setting(None, "where (default $DIMKIT_FIGURES)")
     data_dir: Path | None = setting(None, "prepared datasets (default $DIMKIT_DATA)", cli=False)
 
     def check(self) -> None:
-        """Canonical '+' names, each once."""
+        """Canonical '+' names, each once; a name that stays inside the folder it is written to."""
+        if self.name is not None:
+            check_name(self.name, self.label("name"), f"it names files in {option('folder', '--folder')} "
+                                                      "(default $DIMKIT_FIGURES): choose the place with that")
         canon: list[str] = []
         for n in self.datasets:
             c = datasets.canonical_name(n)

@@ -18,7 +18,8 @@ import pandas as pd
 
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
-from .runs import PICKS, LaunchReport, RunKey, choose, collect, find, finished, launch, matches, metric, plan
+from .runs import (PICKS, STALE, LaunchReport, RunKey, check_kb, choose, collect, find, finished, launch, left_out,
+                   matches, metric, plan)
 from .stage import Config, Result, setting
 
 #: Metrics shown per protocol (the released code's top-k; MIMIC-style whole-KB metrics).
@@ -178,6 +179,7 @@ class Table:
     frame: pd.DataFrame  # dataset, method, rank rule, then per metric: value, "<m> ref", "Δ <m>"; runs matched, run
     caption: str
     warnings: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # runs of its cells left out: the knowledge base changed since
 
     @property
     def name(self) -> str:
@@ -254,16 +256,27 @@ _TEX = str.maketrans({"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\
                       "Δ": "$\\Delta$", "−": "-"})
 
 
+def _checked(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with the runs whose dataset's knowledge base changed since marked stale (:func:`check_kb`),
+    once."""
+    return runs if runs.attrs.get("kb_checked") else check_kb(runs)
+
+
 def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *, pick: str = "latest",
                 filters: dict | None = None) -> Table:
-    """Fill one table from the collected runs and the reference values (missing -> NaN, shown n/a)."""
+    """Fill one table from the collected runs and the reference values (missing -> NaN, shown n/a).
+
+    A run trained before its dataset's knowledge base changed fills no cell; the caption names it."""
     if pick not in PICKS:
         raise ConfigError(f"pick={pick!r} is not one of {', '.join(PICKS)}")
+    runs = _checked(runs)
     done = finished(runs)
+    old = runs[runs["status"] == STALE]
     refs = {tuple(key): (value, source) for key, value, source in
             zip(reference[REFERENCE_KEY].values.tolist(), reference["value"], reference["source"])}
     rows: list[dict] = []
     used: list[pd.Series] = []
+    stale: list[str] = []
     multi = 0
     ref_sources: set[str] = set()
     for ds in table.datasets:
@@ -279,6 +292,8 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
                 cand = cand.loc[[not math.isnan(metric(r, table.split, table.protocol, "H@1"))
                                  for _, r in cand.iterrows()]]
                 n_match, chosen = len(cand), choose(cand, pick, table.protocol)
+                stale += [n for n in find(ds, rs.variant, rs.ablation, filters=filters,
+                                          runs=old.assign(status="completed"))["run_name"] if n not in stale]
             multi += n_match > 1
             if chosen is not None:
                 used.append(chosen)
@@ -299,8 +314,8 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
     frame = pd.DataFrame(rows, columns=["dataset", "method", "rank rule", *numbers, "runs matched", "run"])
     frame = frame.astype({**{c: float for c in numbers}, "runs matched": int})
     warnings = _warnings(table, used)
-    caption = _caption(table, used, warnings, pick, multi, ref_sources, filters)
-    return Table(frame=frame, spec=table, caption=caption, warnings=warnings)
+    caption = _caption(table, used, warnings, pick, multi, ref_sources, filters, sorted(stale))
+    return Table(frame=frame, spec=table, caption=caption, warnings=warnings, stale=sorted(stale))
 
 
 def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
@@ -319,12 +334,15 @@ def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
 
 
 def _caption(table: TableSpec, used: Sequence[pd.Series], warnings: list[str], pick: str, multi: int,
-             ref_sources: set[str], filters: dict | None) -> str:
+             ref_sources: set[str], filters: dict | None, stale: Sequence[str] = ()) -> str:
     parts = [*warnings, PROTOCOL_CAPTIONS[table.protocol]]
     parts.append(f"dimkit: {table.split} split of the model selected on dev, one row per rank rule: "
                  "strict (released: ties and NaN favour the gold) and pessimistic (ties count against it).")
     if not used:
         parts.append("No finished dimkit run matched this table yet.")
+    if stale:
+        parts.append(f"Left out (trained before the knowledge base of the dataset changed; retrain to fill the "
+                     f"cell): {', '.join(stale)}.")
     rule = ("the latest finished run (newest metrics.json)" if pick == "latest"
             else f"the run with the best dev H@1 ({table.protocol} protocol)")
     if multi:
@@ -345,14 +363,16 @@ def build_tables(specs: Iterable[TableSpec] | None = None, *, runs: pd.DataFrame
                  pick: str = "latest", filters: dict | None = None) -> dict[str, Table]:
     """Build every table of ``specs`` (default :func:`standard_tables`) from the runs folder."""
     specs = list(specs) if specs is not None else standard_tables()
-    runs = collect(runs_dir) if runs is None else runs
+    runs = _checked(collect(runs_dir) if runs is None else runs)
     if reference is None or isinstance(reference, (str, Path)):
         reference = load_reference(reference)
     return {s.name: build_table(s, runs, reference, pick=pick, filters=filters) for s in specs}
 
 
-def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path | None = None) -> list[Path]:
-    """Write every table as CSV, Markdown and LaTeX, plus ``index.md`` holding all Markdown tables."""
+def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path | None = None,
+                 left: Sequence[tuple[str, str]] = ()) -> list[Path]:
+    """Write every table as CSV, Markdown and LaTeX, plus ``index.md`` holding all Markdown tables and
+    the runs ``left`` out of them (:func:`dimkit.runs.left_out`: name, why)."""
     tables = list(tables.values()) if isinstance(tables, dict) else list(tables)
     folder = Path(folder) if folder is not None else tables_dir()
     out = [p for t in tables for p in t.save(folder)]
@@ -361,14 +381,17 @@ def write_tables(tables: dict[str, Table] | Iterable[Table], folder: str | Path 
              "`dimkit/data/reference_results.csv`.", ""]
     for t in tables:
         index += [t.to_markdown(), ""]
+    if left:
+        index += ["## Runs left out", "", *(f"- `{name}`: {why}" for name, why in left), ""]
     return out + [atomic.write_text("\n".join(index), folder / "index.md")]
 
 
 def missing_runs(specs: Iterable[TableSpec], runs: pd.DataFrame, *, only: Iterable[str] | None = None,
                  filters: dict | None = None) -> list[RunKey]:
-    """Cells of ``specs`` (restricted to datasets in ``only``) that no finished run fills."""
+    """Cells of ``specs`` (restricted to datasets in ``only``) that no finished run fills (a run trained
+    before its dataset's knowledge base changed fills none)."""
     only_set = {datasets.canonical_name(d) for d in only} if only is not None else None
-    have = {RunKey(r["dataset"], r["variant"], r["ablation"]) for _, r in finished(runs).iterrows()
+    have = {RunKey(r["dataset"], r["variant"], r["ablation"]) for _, r in finished(_checked(runs)).iterrows()
             if matches(r, filters)}
     out: list[RunKey] = []
     for s in specs:
@@ -473,11 +496,16 @@ class TablesResult(Result):
     missing: list[RunKey]
     runs_used: int
     launch: LaunchReport | None = None
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (run name, why): runs no cell may use
 
     def summary(self) -> str:
-        """The launch report if any, the family's tables as Markdown, and what was written."""
+        """The launch report if any, the family's tables as Markdown, the runs left out (and why), and
+        what was written."""
         lines = [self.launch.summary(), ""] if self.launch is not None else []
         lines += [self.tables[n].to_markdown() for n in self.config.shown() if n in self.tables]
+        if self.left_out:
+            lines.append(f"{len(self.left_out)} run(s) left out of the tables:")
+            lines += [f"  {name}: {why}" for name, why in self.left_out]
         lines.append(f"{len(self.missing)} cell(s) of {', '.join(self.config.launch_names)} without a finished run"
                      + ("" if self.config.launch_missing or not self.missing
                         else f" ({option('launch_missing=True', '--launch-missing')} trains them)"))
@@ -487,9 +515,11 @@ class TablesResult(Result):
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """Settings, files, the cells without a run, the launch report and each table's caption."""
+        """Settings, files, the cells without a run, the runs left out, the launch report and each
+        table's caption."""
         return {"config": self.config.to_dict(), "files": [str(p) for p in self.files],
                 "missing": [str(k) for k in self.missing], "runs_used": self.runs_used,
+                "left_out": {name: why for name, why in self.left_out},
                 "launch": self.launch.to_dict() if self.launch is not None else None,
                 "tables": {n: {"title": t.spec.title, "caption": t.caption, "rows": len(t.frame)}
                            for n, t in self.tables.items()}}
@@ -500,17 +530,22 @@ class TablesResult(Result):
 
 
 def run(cfg: TablesConfig) -> TablesResult:
-    """Collect the runs, train the missing ones if asked, then build and write every table."""
-    found = collect()
+    """Collect the runs, train the missing ones if asked, then build and write every table.
+
+    A run that cannot be used -- its ``metrics.json`` unreadable, or trained before its dataset's
+    knowledge base changed -- fills no cell and is named, with what to do, in the summary and in
+    ``index.md``."""
+    found = check_kb(collect())
     report = None
     if cfg.launch_missing:
         report = launch(cfg.plan(), reuse="key", runs=found, num_epochs=cfg.num_epochs, clip=cfg.clip)
-        found = collect()
+        found = check_kb(collect())
     specs = cfg.specs()
     built = build_tables(specs, runs=found, pick=cfg.pick)
-    files = write_tables(built, cfg.out)
+    left = left_out(found)
+    files = write_tables(built, cfg.out, left)
     return TablesResult(config=cfg, tables=built, files=files, runs_used=len(finished(found)),
-                        missing=missing_runs(specs, found, only=cfg.launch_names), launch=report)
+                        missing=missing_runs(specs, found, only=cfg.launch_names), launch=report, left_out=left)
 
 
 #: The command line: ``dimkit tables`` takes the flags of :class:`TablesConfig` and runs :func:`run`.

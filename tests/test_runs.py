@@ -93,13 +93,23 @@ def install_fake_train(monkeypatch, runs_root: Path, *, fail: str = "no_cue") ->
     return calls
 
 
-def prepare_tiny(name: str) -> None:
-    """A one-mention prepared dataset, so that launching counts it as prepared."""
+def prepare_tiny(name: str, qids: tuple[str, ...] = ("Q1",)) -> None:
+    """A one-mention prepared dataset, so that launching counts it as prepared (``qids``: its KB)."""
     m = pd.DataFrame({"mention_id": ["m1"], "split": ["test"], "sentence": ["s"], "mention": ["a"], "image": [None],
                       "qid": ["Q1"]})
-    e = pd.DataFrame({"qid": ["Q1"], "name": ["a"], "description": ["d"], "description_source": ["x"],
-                      "images": [[]]})
+    e = pd.DataFrame({"qid": list(qids), "name": ["a"] * len(qids), "description": ["d"] * len(qids),
+                      "description_source": ["x"] * len(qids), "images": [[]] * len(qids)})
     datasets.write_prepared(datasets.dataset_dir(name), m, e, {"name": name})
+
+
+def write_features(run_dir: Path, dataset: str, qids: tuple[str, ...] = ("Q1",)) -> Path:
+    """A features.json as dimkit.train writes it, recording the knowledge base ``qids`` the run saw."""
+    from dimkit.store import content_hash
+
+    p = run_dir / "features.json"
+    p.write_text(json.dumps({"dataset": dataset, "feature_model": "ViT-B-32:openai", "entity_column": "description",
+                             "entities": len(qids), "entity_qids_sha256": content_hash(list(qids))}))
+    return p
 
 
 # --- finding and reading ---------------------------------------------------------------------------
@@ -165,6 +175,43 @@ def test_a_damaged_metrics_file_says_what_to_do(tmp_path):
     assert not rec.finished and rec.dataset == "wikimel"
     with pytest.raises(DataError, match="did not finish \\(status 'diverged': loss is nan at step 8\\)"):
         rec.require_finished()
+
+
+def test_a_run_whose_knowledge_base_changed_since_is_stale(kit_dirs):
+    """The check dimkit link makes before linking, on every collected run: a run trained on other
+    entities than the dataset now holds is marked stale, with the entity table and what to do."""
+    root = kit_dirs["runs"]
+    prepare_tiny("wikimel+", qids=("Q1", "Q2"))
+    write_features(write_run(root, "fits", "wikimel+").parent, "wikimel+", ("Q1", "Q2"))
+    write_features(write_run(root, "old-kb", "wikimel+").parent, "wikimel+", ("Q1",))
+    write_run(root, "no-record", "wikimel+")  # older runs do not record their KB: nothing to compare
+    write_features(write_run(root, "elsewhere", "rich+").parent, "rich+", ("Q9",))  # not prepared here
+    df = runs.check_kb(runs.collect(root))
+    status = dict(zip(df["run_name"], df["status"]))
+    assert status == {"elsewhere": "completed", "fits": "completed", "no-record": "completed", "old-kb": runs.STALE}
+    why = df.set_index("run_name").loc["old-kb", "error"]
+    entities = str(datasets.dataset_dir("wikimel+") / "entities.parquet")
+    assert why.startswith(entities) and "field 'qid'" in why
+    assert "knowledge base changed since run old-kb was trained (2 entities now, 1 then)" in why
+    assert "dimkit train wikimel+" in why
+    assert runs.left_out(df) == [("old-kb", why)]
+    assert set(runs.find("wikimel+", runs=df)["run_name"]) == {"fits", "no-record"}
+    assert runs.check_kb(df).equals(df)  # checking twice changes nothing
+
+
+def test_launch_trains_again_a_run_whose_knowledge_base_changed(kit_dirs, monkeypatch):
+    calls = install_fake_train(monkeypatch, kit_dirs["runs"])
+    prepare_tiny("wikimel+", qids=("Q1", "Q2"))
+    write_features(write_run(kit_dirs["runs"], "old-kb", "wikimel+").parent, "wikimel+", ("Q1",))
+    rep = runs.launch([runs.RunKey("wikimel+")], reuse="key", num_epochs=2)
+    assert rep.launched == ["wikimel+-paper-none-e2"] and len(calls) == 1
+
+
+def test_check_name_takes_plain_names_only():
+    assert runs.check_name("figure2-wiki", "--name") == "figure2-wiki"
+    for bad in ("../escaped", "../../etc/x", "/abs", "a/b", ".hidden", "..", "", "a\0b"):
+        with pytest.raises(ConfigError, match="--name must be a plain file or folder name"):
+            runs.check_name(bad, "--name")
 
 
 def test_finished_run_missing_fields_is_an_error_naming_the_field(tmp_path):

@@ -118,6 +118,27 @@ def test_figure2_of_paper_datasets_and_marked_synthetic_answers(kit_dirs):
     plt.close("all")
 
 
+def test_figure2_name_stays_in_the_figures_folder(kit_dirs, tmp_path, capsys):
+    """--name is a file stem, checked as a run name is: nothing is written outside the figures folder."""
+    from dimkit import cli
+    from dimkit.errors import ConfigError
+
+    make_plus("sample+")
+    for bad in ("../escaped", "../../etc/x", ".hidden", ""):
+        with pytest.raises(ConfigError, match="name must be a plain file or folder name"):
+            stats.figure2(["sample+"], name=bad)
+        assert cli.main(["figure2", "--datasets", "sample+", "--name", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--name must be a plain file or folder name (no '/', not starting with '.'), got {bad!r}" in err
+        assert "--folder" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("escaped*")) and not list(kit_dirs["figures"].rglob("*escaped*"))
+    res = stats.figure2(["sample+"], name="figure2-mine")
+    assert sorted(p.name for p in res.files)[0] == "figure2-mine.pdf"
+    assert {p.parent for p in res.files} == {kit_dirs["figures"], kit_dirs["figures"] / "tables"}
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
 def test_no_enhanced_dataset_is_a_clear_error(kit_dirs):
     with pytest.raises(DimkitError, match="dimkit augment sample"):
         stats.figure2()

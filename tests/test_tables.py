@@ -152,6 +152,56 @@ def test_unfinished_and_broken_runs_are_listed_not_used(tmp_path, reference):
     assert len(overview(runs)) == 2
 
 
+def test_a_run_trained_on_an_older_knowledge_base_fills_no_cell_and_is_named(kit_dirs, reference, monkeypatch):
+    """The dataset was prepared again with other entities since the run was trained (dimkit link refuses
+    such a run): its numbers are left out, and the caption, the summary and index.md say which run, why
+    and what to do; --launch-missing trains it again."""
+    from test_runs import install_fake_train, prepare_tiny, write_features
+
+    prepare_tiny("wikimel+", qids=("Q1", "Q2"))  # now: two entities
+    old = write_run(kit_dirs["runs"], "old-kb", "wikimel+", test_h1=0.9).parent
+    write_features(old, "wikimel+", ("Q1",))  # trained when the KB held one
+    paper = tables.VARIANT_LABELS["paper"]
+    for t in (tables.build_table(spec("enhanced_dim"), collect(kit_dirs["runs"]), reference),
+              tables.build_tables([spec("enhanced_dim")], reference=reference)["enhanced_dim"]):
+        row = pess(t.frame).set_index(["dataset", "method"]).loc[("wikimel+", paper)]
+        assert math.isnan(row["H@1"]) and row["runs matched"] == 0 and row["run"] is None
+        assert t.stale == ["old-kb"] and "knowledge base" in t.caption and "old-kb" in t.to_markdown()
+    assert tables.build_table(spec("original_dim"), collect(kit_dirs["runs"]), reference).stale == []
+    assert RunKey("wikimel+") in tables.missing_runs([spec("enhanced_dim")], collect(kit_dirs["runs"]))
+
+    result = tables.run(tables.TablesConfig.for_dataset("wikimel"))
+    assert result.runs_used == 0 and RunKey("wikimel+") in result.missing
+    text = result.summary()
+    assert "1 run(s) left out of the tables:" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("  old-kb: "))
+    assert "entities.parquet" in line and "knowledge base changed" in line and "dimkit train wikimel+" in line
+    assert "old-kb" in result.to_dict()["left_out"]
+    assert "## Runs left out" in (tables.tables_dir() / "index.md").read_text()
+
+    calls = install_fake_train(monkeypatch, kit_dirs["runs"])
+    launched = tables.run(tables.TablesConfig.for_dataset("wikimel", launch_missing=True, num_epochs=2,
+                                                          launch_datasets=["wikimel+"]))
+    assert [c["dataset"] for c in calls] == ["wikimel+"] and launched.runs_used == 1
+    row = pess(launched.tables["enhanced_dim"].frame).set_index(["dataset", "method"]).loc[("wikimel+", paper)]
+    assert row["run"] == "wikimel+-paper-none-e2"
+
+
+def test_a_damaged_metrics_file_is_named_in_the_summary(kit_dirs):
+    write_run(kit_dirs["runs"], "good", "sample+", test_h1=0.6)
+    (kit_dirs["runs"] / "X").mkdir()
+    (kit_dirs["runs"] / "X" / "metrics.json").write_text("{")
+    result = tables.run(tables.TablesConfig.for_dataset("sample"))
+    assert result.runs_used == 1 and [name for name, _ in result.left_out] == ["X"]
+    text = result.summary()
+    line = next(ln for ln in text.splitlines() if ln.startswith("  X: "))
+    assert str(kit_dirs["runs"] / "X" / "metrics.json") in line and "damaged" in line
+    assert "train it again" in line  # what to do
+    assert set(pess(result.tables["sample_dim"].frame)["run"]) == {"good"}  # never used
+    assert "damaged" in result.to_dict()["left_out"]["X"]
+    assert "`X`" in (tables.tables_dir() / "index.md").read_text()
+
+
 def test_write_tables_csv_markdown_latex(tmp_path, reference):
     write_run(tmp_path / "runs", "s", "sample+", test_h1=0.6, weights_real=False, feature_model="sample-clip")
     built = tables.build_tables(runs_dir=tmp_path / "runs", reference=tmp_path / "ref.csv")
