@@ -256,11 +256,10 @@ class Linker:
             self.clip()
         self.dataset = datasets.load(self.info.dataset)
         ents = self.dataset.entities
-        recorded = self.info.entity_qids_sha256
-        if recorded and content_hash(ents["qid"].astype(str).tolist()) != recorded:
-            raise DataError(f"the knowledge base changed since run {self.info.run_name} was trained "
-                            f"({len(ents)} entities now): retrain it", file=self.dataset.root / "entities.parquet",
-                            field="qid")
+        change = runs.kb_change({"run_dir": self.info.run_dir, "run_name": self.info.run_name,
+                                 "dataset": self.info.dataset})
+        if change is not None:
+            raise change
         self._store = None
         self._memo: dict[str, np.ndarray] = {}
         self._set_kb(ents, self._entity_features(ents))

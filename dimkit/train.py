@@ -135,8 +135,10 @@ class TrainConfig(Config):
             raise ConfigError("dropout must be in [0, 1) and hard_prob in [0, 1]")
         if self.hidden is not None and self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
-            raise ConfigError(f"run_name {self.run_name!r} must be a plain folder name")
+        if self.run_name is not None:
+            from .runs import check_name
+
+            check_name(self.run_name, self.label("run_name"))
         ModelConfig.from_ablation(self.ablation, variant=self.variant)  # variant/ablation clash
 
     def fingerprint(self) -> str:

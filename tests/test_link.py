@@ -416,3 +416,19 @@ def test_a_batch_where_no_line_could_be_linked_exits_1(sample_run, tmp_path, cap
     src.write_text('{"sentence": "no mention"}\n{not json\n')
     assert cli.main(["link", str(sample_run["run"]), "--input", str(src), "--output", str(out)]) == 1
     assert "linked 0 of 2 lines" in capsys.readouterr().out
+
+
+def test_a_run_whose_knowledge_base_changed_is_not_linked_with(sample_run, monkeypatch, capsys):
+    from dimkit import runs as runs_mod
+
+    real = runs_mod.kb_fingerprint
+
+    def changed(dataset, data_dir=None):
+        _, n, path = real(dataset, data_dir)
+        return "0" * 64, n + 1, path
+
+    monkeypatch.setattr(runs_mod, "kb_fingerprint", changed)
+    with pytest.raises(DataError, match=r"entities.parquet: field .qid.: the knowledge base changed since run .* retrain it"):
+        Linker(sample_run["run"])
+    assert cli.main(["errors", "sample+", "--run", str(sample_run["run"]), "--compare-ablation", "none"]) == 2
+    assert "knowledge base changed" in capsys.readouterr().err
