@@ -140,3 +140,34 @@ def remove(path: str | Path) -> None:
         p.unlink()
     elif p.is_dir():
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` while the block runs; if another process holds it,
+    raise :class:`dimkit.errors.DimkitError` at once naming ``what``. The lock goes with the process,
+    so a killed run leaves nothing to clean up (the empty file stays, unlocked)."""
+    import fcntl
+
+    from .errors import DimkitError
+
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise DimkitError(f"{what} is being written by {holder} right now; wait for it to finish "
+                              "(then a rerun reads its result back), or choose another name") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

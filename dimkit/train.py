@@ -600,8 +600,11 @@ def run(cfg: TrainConfig, *, dataset: datasets.Dataset | None = None, features: 
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # two processes training one run would both train it and race on its files: the second is refused
+    name = cfg.name()
     try:
-        return _run(cfg, dataset, features, callback or (lambda event: None), progress)
+        with atomic.exclusive(paths.runs_dir() / ".locks" / f"{name}.lock", f"run {name}"):
+            return _run(cfg, dataset, features, callback or (lambda event: None), progress)
     finally:
         torch.set_num_threads(threads)
 

@@ -385,3 +385,29 @@ def test_a_finished_run_on_unchanged_inputs_is_read_back_without_features(kit_di
         train.run(cfg, progress=False)
     monkeypatch.setattr(dimkit.features, "load_features", real)
     assert train.run(cfg, progress=False).status == "completed"
+
+
+def test_a_run_another_process_is_training_is_refused_not_trained_twice(problem, kit_dirs):
+    import subprocess
+    import sys
+
+    from dimkit.errors import DimkitError
+
+    ds, fs = problem
+    lock = kit_dirs["runs"] / ".locks" / "busy.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('process 4242'); f.flush(); print('held', flush=True); time.sleep(60)"), str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DimkitError, match="run busy is being written by process 4242 right now"):
+            train.run(_cfg(run_name="busy", num_epochs=1), dataset=ds, features=fs)
+        assert not (kit_dirs["runs"] / "busy").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (even killed, its lock went with it): the run trains, and a second call reads it back
+    first = train.run(_cfg(run_name="busy", num_epochs=1), dataset=ds, features=fs)
+    assert first.status == "completed" and lock.read_text() == ""
