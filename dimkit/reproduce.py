@@ -420,8 +420,9 @@ def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: b
     report.runs = trained
     if "tables" in cfg.steps:
         from . import tables
-        built = step("all", "tables", lambda: tables.build_tables(pick=cfg.pick))
-        report.files += [str(p) for p in tables.write_tables(built)]
+        found = runs.check_kb(runs.collect())  # runs of an older knowledge base are named, not used
+        built = step("all", "tables", lambda: tables.build_tables(runs=found, pick=cfg.pick))
+        report.files += [str(p) for p in tables.write_tables(built, left=runs.left_out(found))]
     if "figure" in cfg.steps:
         plus = [d for d in cfg.datasets if datasets.is_augmented(d)]
         if plus:

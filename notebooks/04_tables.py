@@ -68,10 +68,11 @@ print(f"tables for {cfg.split}, run choice {cfg.pick!r}; launch {'ON' if cfg.lau
 # %% [markdown]
 # ## The runs
 # One row per `metrics.json` under `runs/`, newest first. Runs that did not finish (a diverged
-# loss, a broken file) are listed with their status and never used in a table.
+# loss, a broken file, a knowledge base changed since: "stale") are listed with their status and
+# never used in a table.
 
 # %%
-found = runs.collect()
+found = runs.check_kb(runs.collect())  # a run trained before its knowledge base changed: "stale"
 runs.overview(found)
 
 # %% [markdown]
@@ -86,7 +87,7 @@ print(f"{len(missing)} cell(s) without a run for {cfg.launch_names}:",
       ", ".join(map(str, missing[:12])) + (" ..." if len(missing) > 12 else ""))
 if cfg.launch_missing:
     print(runs.launch(cfg.plan(), reuse="key", runs=found, num_epochs=cfg.num_epochs, clip=cfg.clip))
-    found = runs.collect()
+    found = runs.check_kb(runs.collect())
 
 # %% [markdown]
 # ## Building the tables
@@ -96,7 +97,10 @@ if cfg.launch_missing:
 
 # %%
 built = tables.build_tables(specs, runs=found, pick=cfg.pick)
-files = tables.write_tables(built)
+left = runs.left_out(found)  # unreadable or stale runs: named, never used
+for name, why in left:
+    print(f"left out {name}: {why}")
+files = tables.write_tables(built, left=left)
 print(f"wrote {len(files)} files to {files[0].parent}")
 
 # %% [markdown]
