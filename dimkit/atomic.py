@@ -145,29 +145,43 @@ def remove(path: str | Path) -> None:
 @contextlib.contextmanager
 def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` while the block runs; if another process holds it,
-    raise :class:`dimkit.errors.DimkitError` at once naming ``what``. The lock goes with the process,
-    so a killed run leaves nothing to clean up (the empty file stays, unlocked)."""
+    raise :class:`dimkit.errors.DimkitError` at once naming ``what``. The lock goes with the process
+    (a killed run leaves at most an unlocked empty file); a finished block removes the file, and its
+    folder when empty."""
     import fcntl
 
     from .errors import DimkitError
 
     path = Path(lock_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fh = open(path, "a+")
+        except FileNotFoundError:  # the folder was removed by a holder finishing just now
+            continue
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise DimkitError(f"{what} is being written by {holder} right now; wait for it to finish "
                               "(then a rerun reads its result back), or choose another name") from None
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # a finishing holder removed this file after we opened it: lock the new one
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(f"process {os.getpid()}")
         fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: whoever opened it sees it is gone and retries
+        fh.close()
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only when empty
