@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ConfigError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: What ships inside the package, found the same way from a checkout or an installed wheel: the
 #: bundled synthetic sample, its small CLIP and the reference results.
@@ -85,3 +87,13 @@ def notebooks_dir() -> Path:
         raise DimkitError("the notebooks live in the dimkit repository, not in an installed copy: clone it "
                           "and run them from there (`make demo`)")
     return REPO_ROOT / "notebooks"
+
+
+def check_name(value: str, label: str, hint: str = "") -> str:
+    """``value`` when it is a plain file or folder name, as a run name must be: not empty, no '/', not
+    starting with '.' (so nothing is written outside the folder it is meant for); else ConfigError
+    naming the setting (``label``: its flag on the command line) and saying ``hint``."""
+    if not isinstance(value, str) or not value or "/" in value or "\0" in value or value.startswith("."):
+        raise ConfigError(f"{label} must be a plain file or folder name (no '/', not starting with '.'), "
+                          f"got {value!r}" + (f"; {hint}" if hint else ""))
+    return value

@@ -140,16 +140,6 @@ def _dataset_of(run_dir: Path) -> str | None:
         return None
 
 
-def check_name(value: str, label: str, hint: str = "") -> str:
-    """``value`` when it is a plain file or folder name, as a run name must be: not empty, no '/', not
-    starting with '.' (so nothing is written outside the folder it is meant for); else ConfigError
-    naming the setting (``label``: its flag on the command line) and saying ``hint``."""
-    if not isinstance(value, str) or not value or "/" in value or "\0" in value or value.startswith("."):
-        raise ConfigError(f"{label} must be a plain file or folder name (no '/', not starting with '.'), "
-                          f"got {value!r}" + (f"; {hint}" if hint else ""))
-    return value
-
-
 def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 

@@ -38,7 +38,6 @@ import pandas as pd
 
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
-from .runs import check_name
 from .stage import Config, Result, setting
 
 #: Preferred order of the enhanced datasets in the figure (others follow by name, the sample last).
@@ -448,7 +447,7 @@ class Figure2Config(Config):
     def check(self) -> None:
         """Canonical '+' names, each once; a name that stays inside the folder it is written to."""
         if self.name is not None:
-            check_name(self.name, self.label("name"), f"it names files in {option('folder', '--folder')} "
+            paths.check_name(self.name, self.label("name"), f"it names files in {option('folder', '--folder')} "
                                                       "(default $DIMKIT_FIGURES): choose the place with that")
         canon: list[str] = []
         for n in self.datasets:

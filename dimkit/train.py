@@ -136,9 +136,7 @@ class TrainConfig(Config):
         if self.hidden is not None and self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.run_name is not None:
-            from .runs import check_name
-
-            check_name(self.run_name, self.label("run_name"))
+            paths.check_name(self.run_name, self.label("run_name"))
         ModelConfig.from_ablation(self.ablation, variant=self.variant)  # variant/ablation clash
 
     def fingerprint(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dimkit import datasets, runs
+from dimkit import datasets, paths, runs
 from dimkit.errors import ConfigError, DataError, DimkitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,10 +208,10 @@ def test_launch_trains_again_a_run_whose_knowledge_base_changed(kit_dirs, monkey
 
 
 def test_check_name_takes_plain_names_only():
-    assert runs.check_name("figure2-wiki", "--name") == "figure2-wiki"
+    assert paths.check_name("figure2-wiki", "--name") == "figure2-wiki"
     for bad in ("../escaped", "../../etc/x", "/abs", "a/b", ".hidden", "..", "", "a\0b"):
         with pytest.raises(ConfigError, match="--name must be a plain file or folder name"):
-            runs.check_name(bad, "--name")
+            paths.check_name(bad, "--name")
 
 
 def test_finished_run_missing_fields_is_an_error_naming_the_field(tmp_path):
