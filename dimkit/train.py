@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .stage import Config, Result, setting
+from .store import content_hash
 from .evaluate import (PROTOCOL_NOTES, PROTOCOLS, RULE_NOTES, RULES, candidate_matrix, encode, evaluate_queries,
                        evaluate_rules, kb_ranks)
 from .losses import LOSSES, compute_loss
@@ -432,9 +433,21 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
     return model, cfg
 
 
-def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: str, device: str) -> dict | None:
+def _recorded_kb(ck: dict, run_dir: Path) -> str | None:
+    """The knowledge base (hash of its qids) a checkpoint was trained on: recorded in it, or, for an
+    older one, in its run's record of its features."""
+    if isinstance(ck.get("entity_qids_sha256"), str):
+        return ck["entity_qids_sha256"]
+    try:
+        return json.loads((run_dir / PROVENANCE_FILE).read_text(encoding="utf-8")).get("entity_qids_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: str, device: str,
+               kb: str) -> dict | None:
     """The run's checkpoint when it can be continued; None when there is none or it is stale (made by
-    other code or features: its numbers would be)."""
+    other code or features, or on another knowledge base: its numbers would be)."""
     if not cfg.resume:
         return None
     if not ckpt_path.exists():
@@ -450,6 +463,10 @@ def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: 
                                                                                 feature_model):
         print(f"checkpoint of {run_name} was made by other code or features "
               f"({ck.get('feature_model')}, code v{ck.get('code_version')}): training again")
+        return None
+    recorded = _recorded_kb(ck, ckpt_path.parent)
+    if recorded is not None and recorded != kb:
+        print(f"the knowledge base changed since {run_name} was trained: training it again")
         return None
     old, new = json.loads(ck["config"]), cfg.to_dict()
     diff = [k for k in old if k not in _NOT_IN_FINGERPRINT and old[k] != new.get(k)]
@@ -688,7 +705,8 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
                  best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
                  epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
-    ck = _resumable(cfg, ckpt_path, run_name, str(features.model_id), device)
+    kb_hash = content_hash(ds.entities["qid"].astype(str).tolist())
+    ck = _resumable(cfg, ckpt_path, run_name, str(features.model_id), device, kb_hash)
     # the negatives' tables take a while on a large KB (no random number is drawn building them): a
     # run that finished earlier only needs its evaluation
     sampler = None if ck is not None and ck["state"].get("finished") else _sampler(cfg, ds, desc_col, train)
@@ -729,6 +747,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
         s.update(curve=json.dumps(state["curve"]), wall=state["wall"] + (time.perf_counter() - t_start))
         atomic.write_torch({"format": CHECKPOINT_FORMAT, "code_version": CODE_VERSION,
                             "feature_model": str(features.model_id), "config": json.dumps(cfg.to_dict()),
+                            "entity_qids_sha256": kb_hash,
                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": rng, "perm": state["perm"],
                             "best_state": state["best_state"], "state": s}, ckpt_path)

@@ -411,3 +411,21 @@ def test_a_run_another_process_is_training_is_refused_not_trained_twice(problem,
     # the holder is gone (even killed, its lock went with it): the run trains, and a second call reads it back
     first = train.run(_cfg(run_name="busy", num_epochs=1), dataset=ds, features=fs)
     assert first.status == "completed" and not lock.parent.exists()  # nothing left behind
+
+
+def test_a_finished_run_is_trained_again_not_read_back_when_its_knowledge_base_changed(problem, kit_dirs, capsys):
+    ds, fs = problem
+    first = train.run(_cfg(run_name="kb", num_epochs=1), dataset=ds, features=fs)
+    assert first.status == "completed"
+    capsys.readouterr()
+    # one entity more (the features grow with it), same settings, same run name
+    extra = ds.entities.iloc[[0]].assign(qid="Q999999", name="Newcomer")
+    ds2 = dataclasses.replace(ds, entities=pd.concat([ds.entities, extra], ignore_index=True))
+    fs2 = dataclasses.replace(fs, entity=np.vstack([fs.entity, fs.entity[:1]]),
+                              entity_original=np.vstack([fs.entity_original, fs.entity_original[:1]]),
+                              entity_qids=[*fs.entity_qids, "Q999999"])
+    again = train.run(_cfg(run_name="kb", num_epochs=1), dataset=ds2, features=fs2)
+    out = capsys.readouterr().out
+    assert "knowledge base changed since kb was trained: training it again" in out
+    assert "finished earlier" not in out and again.status == "completed"
+    assert json.loads((again.run_dir / "features.json").read_text())["entities"] == len(ds2.entities)
