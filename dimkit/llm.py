@@ -152,6 +152,11 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+#: Keys at least this long are masked in answers; real API keys are far longer, while a local server's
+#: dummy key ("x", "test") would otherwise mangle ordinary words.
+MASKED_KEY_LENGTH = 20
+
+
 def parse_completion(body: bytes | str, secret: str | None = None) -> Completion:
     """Read a chat.completion body; raise ``LLMError('malformed'|'empty')`` unless it holds an answer.
     ``secret`` (the API key), should an answer ever echo it, is masked before the text is stored."""
@@ -179,7 +184,7 @@ def parse_completion(body: bytes | str, secret: str | None = None) -> Completion
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     text = content.strip()
-    if secret:
+    if secret and len(secret) >= MASKED_KEY_LENGTH:  # a short dummy key ("x" for a local server) is no secret
         text = text.replace(secret, "***")
     return Completion(text=text, prompt_tokens=_int(usage.get("prompt_tokens")),
                       completion_tokens=_int(usage.get("completion_tokens")),

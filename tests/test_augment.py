@@ -100,6 +100,11 @@ def test_parse_completion_and_retry_after():
           "usage": {"prompt_tokens": 5, "completion_tokens": 3}, "model": "m"}
     c = parse_completion(json.dumps(ok))
     assert (c.text, c.prompt_tokens, c.completion_tokens) == ("An answer.", 5, 3)
+    # a real key echoed in an answer is masked; a local server's dummy key leaves ordinary words alone
+    echo = {"choices": [{"message": {"content": f"Alexander, a contestant [{KEY}]"}}]}
+    assert parse_completion(json.dumps(echo), KEY).text == "Alexander, a contestant [***]"
+    for dummy in ("x", "test"):
+        assert parse_completion(json.dumps(echo), dummy).text == f"Alexander, a contestant [{KEY}]"
     for body, reason in (("{not json", "malformed"), ("[]", "malformed"), ('{"choices": []}', "malformed"),
                          ('{"choices": [{"message": {"content": 3}}]}', "malformed"),
                          ('{"choices": [{"message": {"content": "  "}}]}', "empty"),
