@@ -882,6 +882,9 @@ def _check_replace(out: Path, old: dict, src: Path, layout: str, subset: str) ->
         what = f"the dataset {name!r}, which its meta.json does not say `dimkit prepare` wrote"
     elif (old.get("source_resolved"), old.get("layout"), old.get("subset")) == (str(src.resolve()), layout, subset):
         return
+    elif (old.get("layout"), old.get("subset")) == (layout, subset) and old.get("source_resolved") and \
+            not Path(old["source_resolved"]).exists():
+        return  # the release it came from moved (or is gone): prepared again from where it is now
     else:
         mentions = (old.get("counts") or {}).get("mentions", "?")
         origin = old.get("source_resolved") or old.get("source")

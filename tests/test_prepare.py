@@ -643,6 +643,14 @@ def test_another_source_does_not_replace_a_prepared_dataset(tmp_path, data_dir, 
     assert json.loads((data_dir / "mine" / "meta.json").read_text()) == {"name": "mine"}
 
 
+def test_a_release_that_moved_is_prepared_again_from_its_new_place(tmp_path, data_dir):
+    first = fx.build_dim_wiki(tmp_path / "first")
+    prepare(first, "wikimel")
+    moved = first.rename(tmp_path / "moved")
+    prepare(moved, "wikimel")  # no --force: the old place no longer exists, the runs keep their name
+    assert datasets.load("wikimel").meta["source_resolved"] == str(moved.resolve())
+
+
 def test_prepare_does_not_replace_an_augmented_dataset(kit_dirs, capsys):
     src = paths.sample_source_dir()
     if not (src / "wikipedia" / "train.json").is_file():
