@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, datasets, shards
 from .errors import ConfigError
-from .experts import NoExpert, CueItem, Expert, RELEASED_MAX_NEW_TOKENS, SAMPLE_ORACLE, make_expert
+from .experts import NOT_ASKED, NoExpert, CueItem, Expert, RELEASED_MAX_NEW_TOKENS, SAMPLE_ORACLE, make_expert
 from .images import ImageScan, scan_images
 from .shards import Shard, in_shard, run_then_assemble, shard_device
 from .stage import Config, Result, load_dataset, setting
@@ -233,13 +233,15 @@ def compute(cfg: CuesConfig, ds: datasets.Dataset, *, shard: Shard | None = None
                             text = ans.text or ""
                             answers[it.image_sha256] = text
                             rows.append((keys[it.image_sha256], {"cue": text}, it.rel))
-                        else:
+                        elif ans.reason != NOT_ASKED:
                             failures[it.image_sha256] = reason = ans.reason or "model_error"
                             store.put_failure(keys[it.image_sha256], kind=KIND, model=ex.model_id,
                                               version=ex.version, item=it.rel, reason=reason, detail=ans.detail)
                     store.put_many(rows, kind=KIND, model=ex.model_id, version=ex.version)
                     done += len(rows)
                     bar.update(len(batch))
+                    if ex.fatal is not None:  # what was answered is stored; nothing more is asked
+                        raise ex.fatal
 
     sha_col = [sha_of.get(rel) if rel else None for rel in pm["image"]]
     cue_col = [answers.get(sha) or None for sha in sha_col]

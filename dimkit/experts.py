@@ -85,6 +85,9 @@ class Expert:
     synthetic: bool = False
     batch_size: int = 8
     note: str = ""
+    #: Set when the expert cannot answer any image (a refused key, an unknown model, a spent quota): the
+    #: caller stores the answers it has, then raises it. Images not asked get the reason ``NOT_ASKED``.
+    fatal: DimkitError | None = None
 
     def describe(self, items: Sequence[CueItem]) -> list[Answer]:
         """Answers for ``items`` (same order); never raises for one bad image."""
@@ -252,6 +255,8 @@ class TransformersExpert(Expert):
 
 
 #: llm.classify's failure categories -> the cue store's (others: api_error, with the HTTP status in the detail).
+#: The reason of an image not asked because the expert stopped (:attr:`Expert.fatal`); never stored.
+NOT_ASKED = "not_asked"
 _CUE_REASON = {"rate_limited": "rate_limited", "timeout": "timeout", "connection": "connection_error",
                "malformed": "bad_response", "empty": "empty_answer"}
 
@@ -314,6 +319,8 @@ class OpenAIExpert(Expert):
     def _ask(self, item: CueItem) -> Answer:
         from .llm import LLMError
 
+        if self.fatal is not None:  # another worker's request was refused: the rest are not sent
+            return Answer(None, NOT_ASKED, "the endpoint refused an earlier request")
         messages = [{"role": "user", "content": [
             {"type": "text", "text": self.prompt},
             {"type": "image_url", "image_url": {"url": self._data_url(item.image)}}]}]
@@ -323,14 +330,18 @@ class OpenAIExpert(Expert):
         except LLMError as err:  # the key is scrubbed from the detail
             detail = f"HTTP {err.status}: {err.detail}" if err.status else err.detail
             if err.fatal:  # a refused key, an unknown model, a spent quota: no other image will fare better
-                raise DimkitError(f"the expert endpoint {self.base_url} refused model {self.model!r} ({err.reason}): "
-                                  f"{detail}. Nothing more is asked; the cues stored so far are kept") from None
+                self.fatal = DimkitError(
+                    f"the expert endpoint {self.base_url} refused model {self.model!r} ({err.reason}): {detail}. "
+                    "Nothing more is asked; the cues answered so far are stored")
+                return Answer(None, NOT_ASKED, "the endpoint refused an earlier request")
             return Answer(None, _CUE_REASON.get(err.reason, "api_error"), detail)
         return Answer(answer.text)
 
     def describe(self, items: Sequence[CueItem]) -> list[Answer]:
-        """Ask the endpoint about each image, ``workers`` requests at a time."""
+        """Ask the endpoint about each image, ``workers`` requests at a time; after a refusal that no
+        retry cures, the rest are not sent (:attr:`fatal`)."""
         self._client_or_fail()
+        self.fatal = None
         if self.workers <= 1 or len(items) <= 1:
             return [self._ask(it) for it in items]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:

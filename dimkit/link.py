@@ -28,7 +28,7 @@ from .clip import load_clip, parse_clip_spec
 from .cues import KIND, cue_key
 from .env import pick_device
 from .errors import ConfigError, DataError, DimkitError
-from .experts import CueItem, NoExpert, OpenAIExpert, TransformersExpert, make_expert
+from .experts import NOT_ASKED, CueItem, NoExpert, OpenAIExpert, TransformersExpert, make_expert
 from .features import SEP, FeatureStore, _entity_texts, image_key, text_key
 from .images import load_image, sha256_file
 from .stage import Config, Result, setting
@@ -408,7 +408,7 @@ class Linker:
                     if ans.text is not None or ans.reason == "empty_answer":
                         answers[it.image_sha256] = ans.text or ""
                         rows.append((keys[it.image_sha256], {"cue": ans.text or ""}, it.rel))
-                    else:
+                    elif ans.reason != NOT_ASKED:
                         # recorded as dimkit.cues records it, so reports count it and a rerun retries it
                         why[it.image_sha256] = ans.reason or "model_error"
                         store.put_failure(keys[it.image_sha256], kind=KIND, model=ex.model_id, version=ex.version,
@@ -416,6 +416,8 @@ class Linker:
                 if rows:
                     store.put_many(rows, kind=KIND, model=ex.model_id, version=ex.version)
                 computed["cues"] += len(rows)
+                if ex.fatal is not None:
+                    raise ex.fatal
         cues, status = [], []
         for img in images:
             sha = img.cue_source[0] if img.cue_source is not None else None

@@ -260,10 +260,22 @@ def test_a_refused_key_stops_the_cue_run_at_once_and_all_failed_exits_1(env, mon
         err = capsys.readouterr().err
         assert "refused model 'tiny-vlm' (auth)" in err and "Traceback" not in err
         assert "sk-wrong-secret" not in err and srv.refused_keys == 1  # not one request per image
-        # every image failing for a reason that is not fatal: the run ends, and says so by its status
+        from dimkit.store import Store
+        with Store(env / "cache" / "cues.sqlite") as st:
+            assert st.failures(cues.KIND) == []  # images not asked are not recorded as failed
+        # refused midway through a batch: the answers already given are stored, a rerun asks only the rest
         monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+        asked = []
+        srv.set_faults(lambda prompt, n: "401" if asked.append(prompt) or len(asked) == 3 else None)
+        assert main(["cues", "tiny", "--expert", "openai:tiny-vlm", "--workers", "1"]) == 2
+        capsys.readouterr()
+        srv.set_faults(None)
+        srv.reset()
+        assert main(["cues", "tiny", "--expert", "openai:tiny-vlm"]) == 0
+        assert "computed now 1, reused 2" in capsys.readouterr().out and len(srv.chat_prompts()) == 1
+        # every image failing for a reason that is not fatal: the run ends, and says so by its status
         srv.set_faults(lambda prompt, n: "malformed")
-        assert main(["cues", "tiny", "--expert", "openai:tiny-vlm"]) == 1
+        assert main(["cues", "tiny", "--expert", "openai:tiny-vlm", "--force"]) == 1
         assert "failed (retried next run): bad_response 3" in capsys.readouterr().out
 
 
