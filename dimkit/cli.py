@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -29,6 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "notebooks": ("dimkit.notebooks", "execute the numbered notebooks headless (make demo)"),
     "reproduce": ("dimkit.reproduce", "check inputs, then run the whole chain, tables and figure (make reproduce)"),
 }
+
+
+#: OS errors that say the place a command writes to cannot take it: reported as errors, not tracebacks.
+_PLACE_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                           errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except OSError as exc:  # a read-only folder, a full disk, a folder where a file was named
+        if exc.errno not in _PLACE_ERRORS:
+            raise  # anything else is a bug to see with its traceback
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"dimkit {name}: error: {where}{exc.strerror or exc} (what was stored so far is kept)", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +169,7 @@ def parse_clip_spec(text: str = "default") -> ClipSpec:
         # A bare checkpoint is taken to be OpenAI's ViT-B-32.pt, the file DIM loads (QuickGELU).
         return ClipSpec(arch="ViT-B-32", spec=text, weights=str(path.resolve()),
                         model_id=f"ViT-B-32:file-{_file_sha256(path)[:12]}", weights_real=True, quick_gelu=True)
-    if "/" in text or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors") or text.startswith(("/", "./", "../", "~")):
         raise ConfigError(f"--clip {text!r}: no such file or folder")
     if _known_arch(text):
         raise ConfigError(f"--clip {text!r} names an architecture but no weights: use '{text}:TAG' "
@@ -416,7 +418,8 @@ def load_clip(clip: str | ClipSpec = "default", *, device: str = "auto", precisi
                 cs.arch, pretrained=cs.weights, precision=precision, device=device, force_quick_gelu=cs.quick_gelu)
     except DimkitError:
         raise
-    except Exception as exc:  # a damaged file raises EOFError, UnpicklingError, KeyError, ... as it likes
+    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as exc:  # what torch.load and open_clip raise for a missing or damaged file
         first = (str(exc).splitlines() or [""])[0][:300]
         if tagged:
             raise DimkitError(pretrained_missing_message(cs, first)) from exc

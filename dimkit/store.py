@@ -133,6 +133,9 @@ class Store:
             self.close()
             if isinstance(exc, sqlite3.OperationalError) and not any(
                     w in msg for w in ("malformed", "not a database", "corrupt")):
+                if not any(w in msg for w in ("readonly", "read-only", "disk is full", "unable to open",
+                                              "locked", "disk I/O")):
+                    raise  # not about the place: a bug to see as it is
                 # a full disk, a read-only folder, a lock held too long: the file is fine, the place is not
                 raise StoreUnwritable(
                     f"the store cannot be used here ({msg}); what it held before is kept. Free disk space, make "

@@ -82,7 +82,8 @@ class TrainConfig(Config):
                            choices=SEEDINGS, cli=False)
     weight_decay: float = setting(1e-3, "AdamW weight decay", min=0, cli=False)
     adam_epsilon: float = setting(1e-8, "AdamW epsilon", min=0, cli=False)
-    max_grad_norm: float = setting(1.0, "gradient clipping", min=0, cli=False)
+    max_grad_norm: float | None = setting(1.0, "gradient clipping: the largest gradient norm (none: no clipping)",
+                                          above=0, cli=False)
     warmup_steps: int = setting(100, "linear warm-up steps", min=0, cli=False)
     dropout: float = setting(0.4, "dropout", min=0, cli=False)
     hidden: int | None = setting(None, "hidden size (None: the CLIP feature size, 512 with ViT-B/32)", above=0,
@@ -789,7 +790,8 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
                     _diverged(f"loss is {lv}", state, cfg, ckpt_path, run_name)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                gnorm = float(torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf))
                 if not math.isfinite(gnorm):
                     _diverged(f"gradient norm is {gnorm}", state, cfg, ckpt_path, run_name)
                 optimizer.step()

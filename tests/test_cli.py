@@ -39,6 +39,7 @@ def test_cli_messages_name_flags_and_python_names_arguments():
     (["train", "sample+", "--lr", "nan"], "--lr must be a finite number, got nan"),
     (["train", "sample+", "--set", "temperature=inf"], "temperature must be a finite number, got inf"),
     (["train", "sample+", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["train", "sample+", "--set", "max_grad_norm=0"], "max_grad_norm must be > 0"),  # 0 zeroes every gradient
     (["augment", "sample", "--timeout", "nan"], "--timeout must be a finite number"),
 ])
 def test_values_that_would_do_the_wrong_thing_are_refused(kit_dirs, capsys, argv, needle):

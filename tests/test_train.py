@@ -387,6 +387,13 @@ def test_a_finished_run_on_unchanged_inputs_is_read_back_without_features(kit_di
     assert train.run(cfg, progress=False).status == "completed"
 
 
+def test_gradient_clipping_can_be_turned_off(problem, kit_dirs):
+    ds, fs = problem
+    assert train.TrainConfig.coerce("max_grad_norm", "none") is None
+    cfg = _cfg(num_epochs=1).replace(max_grad_norm=None)  # (for_dataset: None keeps the preset)
+    assert train.run(cfg, dataset=ds, features=fs).status == "completed"
+
+
 def test_a_run_another_process_is_training_is_refused_not_trained_twice(problem, kit_dirs):
     import subprocess
     import sys
