@@ -329,7 +329,7 @@ def _centre_for_crop(transform, image):
     size = ops[0].size
     if not (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1)):
         return image  # a resize to a fixed shape ("squash") never blows up
-    keep = 2 * short
+    keep = 2 * short + (long - 2 * short) % 2  # the same parity as the long side: the centres coincide
     if w > h:
         left = (w - keep) // 2
         return image.crop((left, 0, left + keep, h))

@@ -420,7 +420,7 @@ def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: b
     report.runs = trained
     if "tables" in cfg.steps:
         from . import tables
-        found = runs.check_kb(runs.collect())  # runs of an older knowledge base are named, not used
+        found = runs.check_kb(runs.collect(), data_dir)  # runs of an older knowledge base are named, not used
         built = step("all", "tables", lambda: tables.build_tables(runs=found, pick=cfg.pick))
         report.files += [str(p) for p in tables.write_tables(built, left=runs.left_out(found))]
     if "figure" in cfg.steps:

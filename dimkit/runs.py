@@ -234,8 +234,8 @@ def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*COLUMNS, *metric_columns])
 
 
-#: (entities.parquet, its size, its mtime) -> content hash of its qids: checking many runs reads it once.
-_KB_HASHES: dict[tuple[str, int, int], tuple[str, int]] = {}
+#: (entities.parquet, its inode, size and mtime) -> content hash of its qids: checking many runs reads it once.
+_KB_HASHES: dict[tuple[str, int, int, int], tuple[str, int]] = {}
 
 
 def kb_fingerprint(dataset: str, data_dir: str | Path | None = None) -> tuple[str, int, Path] | None:
@@ -247,7 +247,7 @@ def kb_fingerprint(dataset: str, data_dir: str | Path | None = None) -> tuple[st
         st = path.stat()
     except (DimkitError, OSError):
         return None
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _KB_HASHES:
         from .store import content_hash
 
