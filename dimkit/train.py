@@ -142,8 +142,9 @@ class TrainConfig(Config):
         ModelConfig.from_ablation(self.ablation, variant=self.variant)  # variant/ablation clash
 
     def fingerprint(self) -> str:
-        """Short hash of what changes the result (not device, run name or resume)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        """Short hash of what changes the result (not device, run name or resume; ``clip`` spelled as
+        ``auto`` whenever it is what ``auto`` picks, so ``--clip sample`` on the sample is the same run)."""
+        d = _comparable(self.to_dict())
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     def name(self) -> str:
@@ -156,6 +157,22 @@ class TrainConfig(Config):
 
 #: Settings that do not change a run's results: left out of its name and free to differ on resume.
 _NOT_IN_FINGERPRINT = ("device", "run_name", "resume", "num_threads", "allow_missing_inputs")
+
+
+def _comparable(config: dict) -> dict:
+    """A config as runs are told apart: without :data:`_NOT_IN_FINGERPRINT`, and with a ``clip`` that
+    names what ``auto`` picks for the dataset (``sample``, ``default``, ``ViT-B-32:openai``) written ``auto``."""
+    from .clip import DEFAULT_CLIP, SAMPLE_CLIP_NAMES
+    from .features import resolve_clip_name
+
+    d = {k: v for k, v in config.items() if k not in _NOT_IN_FINGERPRINT}
+    clip = d.get("clip")
+    if isinstance(clip, str) and isinstance(d.get("dataset"), str):
+        auto = resolve_clip_name(d["dataset"], "auto")
+        same = {"default", DEFAULT_CLIP.lower()} if auto == "default" else set(SAMPLE_CLIP_NAMES)
+        if clip.strip().lower() in same:
+            d["clip"] = "auto"
+    return d
 _SHARED = dict(weight_decay=1e-3, dropout=0.4, hidden=None, heads=8, seed=114514, warmup_steps=100,
                eval_steps=500, patience=20, num_threads=None)
 #: Per-dataset presets (keyed by the base dataset name); all have the same keys.
@@ -469,8 +486,8 @@ def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: 
     if recorded is not None and recorded != kb:
         print(f"the knowledge base changed since {run_name} was trained: training it again")
         return None
-    old, new = json.loads(ck["config"]), cfg.to_dict()
-    diff = [k for k in old if k not in _NOT_IN_FINGERPRINT and old[k] != new.get(k)]
+    old, new = _comparable(json.loads(ck["config"])), _comparable(cfg.to_dict())
+    diff = [k for k in old if old[k] != new.get(k)]
     if diff:
         raise ConfigError(f"{ckpt_path} was written with a different config ({', '.join(diff)}); "
                           f"start a new run instead ({option('resume=False', '--no-resume')})")

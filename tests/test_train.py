@@ -78,6 +78,11 @@ def test_run_names_follow_the_config_not_the_device():
     assert a.resume, "a rerun reads a finished run back instead of training it again"
     assert dataclasses.replace(a, lr=1e-4).name() != a.name()
     assert train.TrainConfig.for_dataset("rich+", ablation="text_only").name().startswith("richpediamel+-paper-text_only-")
+    # the CLIP that `auto` picks, spelled out (as make reproduce passes it), is the same run
+    for ds, spellings in (("rich+", ("default", "ViT-B-32:openai")), ("sample+", ("sample", "dimkit-sample-clip"))):
+        auto = train.TrainConfig.for_dataset(ds)
+        assert all(dataclasses.replace(auto, clip=c).name() == auto.name() for c in spellings)
+        assert dataclasses.replace(auto, clip="ViT-B-32:random").name() != auto.name()
 
 
 def test_cli_registers_train_and_reports_bad_keys(capsys, kit_dirs):
@@ -436,3 +441,11 @@ def test_a_finished_run_is_trained_again_not_read_back_when_its_knowledge_base_c
     assert "knowledge base changed since kb was trained: training it again" in out
     assert "finished earlier" not in out and again.status == "completed"
     assert json.loads((again.run_dir / "features.json").read_text())["entities"] == len(ds2.entities)
+
+
+def test_a_run_trained_with_clip_auto_is_the_run_of_the_clip_auto_picks(problem, kit_dirs, capsys):
+    ds, fs = problem
+    first = train.run(_cfg(num_epochs=1), dataset=ds, features=fs)
+    capsys.readouterr()
+    again = train.run(_cfg(num_epochs=1, clip="default"), dataset=ds, features=fs)
+    assert again.run_dir == first.run_dir and "finished earlier" in capsys.readouterr().out
