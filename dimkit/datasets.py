@@ -209,6 +209,19 @@ def require(name: str, data_dir: str | Path | None = None) -> str:
     raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
 
 
+def kb_hashes(entities: pd.DataFrame, column: str = "description") -> dict[str, str]:
+    """What a trained run records of the knowledge base it was trained on: the hash of the entities'
+    qids in order (``entity_qids_sha256``), and of their qids, names and ``column`` texts
+    (``entity_texts_sha256``), so a run on descriptions rewritten since is told apart."""
+    from .store import content_hash
+
+    qids = entities["qid"].astype(str).tolist()
+    texts = entities[column] if column in entities.columns else pd.Series([None] * len(entities))
+    rows = [[q, str(n), t if isinstance(t, str) else None]
+            for q, n, t in zip(qids, entities["name"].tolist(), texts.tolist())]
+    return {"entity_qids_sha256": content_hash(qids), "entity_texts_sha256": content_hash(rows)}
+
+
 def _images_link_broken(root: Path) -> bool:
     """Whether the dataset's ``images`` is a symlink to nothing (its target moved or was deleted)."""
     link = root / "images"

@@ -234,54 +234,59 @@ def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*COLUMNS, *metric_columns])
 
 
-#: (entities.parquet, its inode, size and mtime) -> content hash of its qids: checking many runs reads it once.
-_KB_HASHES: dict[tuple[str, int, int, int], tuple[str, int]] = {}
+#: (entities.parquet, its inode, size, mtime, text column) -> its hashes: checking many runs reads it once.
+_KB_HASHES: dict[tuple, tuple[dict[str, str], int]] = {}
 
 
-def kb_fingerprint(dataset: str, data_dir: str | Path | None = None) -> tuple[str, int, Path] | None:
-    """What ``train`` records of a dataset's knowledge base (``entity_qids_sha256`` in a run's
-    ``features.json``): the hash of its entities' qids in order, their number and the file; None when
-    the dataset is not prepared here or its entity table cannot be read."""
+def kb_fingerprint(dataset: str, data_dir: str | Path | None = None,
+                   column: str = "description") -> tuple[dict[str, str], int, Path] | None:
+    """What ``train`` records of a dataset's knowledge base (:func:`dimkit.datasets.kb_hashes`, in a
+    run's ``features.json``), the number of entities and the file; None when the dataset is not
+    prepared here or its entity table cannot be read."""
     try:
         path = datasets.dataset_dir(dataset, data_dir) / "entities.parquet"
         st = path.stat()
     except (DimkitError, OSError):
         return None
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, column)
     if key not in _KB_HASHES:
-        from .store import content_hash
-
         try:
-            qids = pd.read_parquet(path, columns=["qid"])["qid"].astype(str).tolist()
+            ents = pd.read_parquet(path)
+            _KB_HASHES[key] = (datasets.kb_hashes(ents, column), len(ents))
         except Exception:  # a damaged table is reported by whatever loads the dataset
             return None
-        _KB_HASHES[key] = (content_hash(qids), len(qids))
     return (*_KB_HASHES[key], path)
 
 
 def kb_change(run: RunRecord | pd.Series | dict, data_dir: str | Path | None = None) -> DataError | None:
-    """Why a finished run no longer fits its dataset: the knowledge base changed since it was trained
-    (the check :class:`dimkit.link.Linker` makes before linking), as the error that names the entity
-    table; None when it fits, or when that cannot be told (an older run that does not record its
-    knowledge base, a dataset not prepared here)."""
+    """Why a finished run no longer fits its dataset: its entities, or their descriptions, changed since
+    it was trained (the check :class:`dimkit.link.Linker` makes before linking), as the error that
+    names the entity table; None when it fits, or when that cannot be told (an older run that does not
+    record its knowledge base, a dataset not prepared here)."""
     run_dir = Path(_get(run, "run_dir"))
     try:
         f = json.loads((run_dir / FEATURES_FILE).read_text(encoding="utf-8"))
-        recorded, dataset = f["entity_qids_sha256"], f.get("dataset") or _get(run, "dataset")
-    except (OSError, ValueError, KeyError, TypeError):
+        dataset = f.get("dataset") or _get(run, "dataset")
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    if not isinstance(recorded, str) or not recorded or not isinstance(dataset, str):
+    recorded = {k: f.get(k) for k in ("entity_qids_sha256", "entity_texts_sha256") if isinstance(f.get(k), str)}
+    if not recorded or not isinstance(dataset, str):
         return None
-    now = kb_fingerprint(dataset, data_dir)
-    if now is None or now[0] == recorded:
+    now = kb_fingerprint(dataset, data_dir, str(f.get("entity_column") or "description"))
+    if now is None:
         return None
-    _, n, path = now
+    hashes, n, path = now
+    changed = [k for k, v in recorded.items() if hashes[k] != v]
+    if not changed:
+        return None
     then = f.get("entities")
     name = _get(run, "run_name")
-    return DataError(f"the knowledge base changed since run {name} was trained ({n} entities now"
+    what = "knowledge base" if "entity_qids_sha256" in changed else "entity descriptions"
+    return DataError(f"the {what} changed since run {name} was trained ({n} entities now"
                      + (f", {then} then" if isinstance(then, int) else "")
                      + f"): retrain it with `dimkit train {datasets.canonical_name(dataset)}` and the run's settings, "
-                     "or delete the run folder", file=path, field="qid")
+                     "or delete the run folder", file=path,
+                     field="qid" if "entity_qids_sha256" in changed else str(f.get("entity_column") or "description"))
 
 
 def check_kb(runs: pd.DataFrame, data_dir: str | Path | None = None) -> pd.DataFrame:

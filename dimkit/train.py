@@ -451,19 +451,23 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
     return model, cfg
 
 
-def _recorded_kb(ck: dict, run_dir: Path) -> str | None:
-    """The knowledge base (hash of its qids) a checkpoint was trained on: recorded in it, or, for an
-    older one, in its run's record of its features."""
-    if isinstance(ck.get("entity_qids_sha256"), str):
-        return ck["entity_qids_sha256"]
-    try:
-        return json.loads((run_dir / PROVENANCE_FILE).read_text(encoding="utf-8")).get("entity_qids_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _recorded_kb(ck: dict, run_dir: Path) -> dict[str, str]:
+    """The knowledge base a checkpoint was trained on (:func:`dimkit.datasets.kb_hashes`): recorded in
+    it, or, for an older one, in its run's record of its features; what neither records is left out."""
+    rec = dict(ck)
+    if not any(isinstance(rec.get(k), str) for k in _KB_KEYS):
+        try:
+            rec = json.loads((run_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+    return {k: rec[k] for k in _KB_KEYS if isinstance(rec, dict) and isinstance(rec.get(k), str)}
+
+
+_KB_KEYS = ("entity_qids_sha256", "entity_texts_sha256")
 
 
 def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: str, device: str,
-               kb: str) -> dict | None:
+               kb: dict[str, str]) -> dict | None:
     """The run's checkpoint when it can be continued; None when there is none or it is stale (made by
     other code or features, or on another knowledge base: its numbers would be)."""
     if not cfg.resume:
@@ -483,8 +487,8 @@ def _resumable(cfg: TrainConfig, ckpt_path: Path, run_name: str, feature_model: 
               f"({ck.get('feature_model')}, code v{ck.get('code_version')}): training again")
         return None
     recorded = _recorded_kb(ck, ckpt_path.parent)
-    if recorded is not None and recorded != kb:
-        print(f"the knowledge base changed since {run_name} was trained: training it again")
+    if any(kb.get(k) != v for k, v in recorded.items()):
+        print(f"the knowledge base or its descriptions changed since {run_name} was trained: training it again")
         return None
     old, new = _comparable(json.loads(ck["config"])), _comparable(cfg.to_dict())
     diff = [k for k in old if old[k] != new.get(k)]
@@ -723,7 +727,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     state = dict(step=0, epoch=0, pos=0, perm=None, best_state=None, best_score=-1.0, best_step=None,
                  best_epoch=None, best_dev=None, since_best=0, curve={"train": [], "dev": []},
                  epoch_loss=[0.0, 0], eval_loss=[0.0, 0], wall=0.0, finished=False, status="running")
-    kb_hash = content_hash(ds.entities["qid"].astype(str).tolist())
+    kb_hash = datasets.kb_hashes(ds.entities, desc_col)
     ck = _resumable(cfg, ckpt_path, run_name, str(features.model_id), device, kb_hash)
     # the negatives' tables take a while on a large KB (no random number is drawn building them): a
     # run that finished earlier only needs its evaluation
@@ -765,7 +769,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
         s.update(curve=json.dumps(state["curve"]), wall=state["wall"] + (time.perf_counter() - t_start))
         atomic.write_torch({"format": CHECKPOINT_FORMAT, "code_version": CODE_VERSION,
                             "feature_model": str(features.model_id), "config": json.dumps(cfg.to_dict()),
-                            "entity_qids_sha256": kb_hash,
+                            **kb_hash,
                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": rng, "perm": state["perm"],
                             "best_state": state["best_state"], "state": s}, ckpt_path)
@@ -1041,5 +1045,5 @@ def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Datas
         "cue_prompt_version": meta.get("cue_prompt_version"), "synthetic_cues": meta.get("synthetic_cues"),
         "missing_description": meta.get("missing_description", "name"),
         "entity_column": desc_col, "entities": int(len(ds.entities)),
-        "entity_qids_sha256": content_hash(ds.entities["qid"].astype(str).tolist()),
+        **datasets.kb_hashes(ds.entities, desc_col),
     }, Path(run_dir) / PROVENANCE_FILE)

@@ -423,12 +423,17 @@ def test_a_run_whose_knowledge_base_changed_is_not_linked_with(sample_run, monke
 
     real = runs_mod.kb_fingerprint
 
-    def changed(dataset, data_dir=None):
-        _, n, path = real(dataset, data_dir)
-        return "0" * 64, n + 1, path
+    def changed(dataset, data_dir=None, column="description"):
+        hashes, n, path = real(dataset, data_dir, column)
+        return {**hashes, "entity_qids_sha256": "0" * 64}, n + 1, path
 
     monkeypatch.setattr(runs_mod, "kb_fingerprint", changed)
     with pytest.raises(DataError, match=r"entities.parquet: field .qid.: the knowledge base changed since run .* retrain it"):
         Linker(sample_run["run"])
     assert cli.main(["errors", "sample+", "--run", str(sample_run["run"]), "--compare-ablation", "none"]) == 2
     assert "knowledge base changed" in capsys.readouterr().err
+    # the same entities with rewritten descriptions: refused too (its entity features were of the old texts)
+    monkeypatch.setattr(runs_mod, "kb_fingerprint", lambda dataset, data_dir=None, column="description": (
+        {**real(dataset, data_dir, column)[0], "entity_texts_sha256": "1" * 64}, *real(dataset, data_dir, column)[1:]))
+    with pytest.raises(DataError, match=r"field 'description': the entity descriptions changed since run"):
+        Linker(sample_run["run"])

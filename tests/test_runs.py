@@ -102,13 +102,13 @@ def prepare_tiny(name: str, qids: tuple[str, ...] = ("Q1",)) -> None:
     datasets.write_prepared(datasets.dataset_dir(name), m, e, {"name": name})
 
 
-def write_features(run_dir: Path, dataset: str, qids: tuple[str, ...] = ("Q1",)) -> Path:
-    """A features.json as dimkit.train writes it, recording the knowledge base ``qids`` the run saw."""
-    from dimkit.store import content_hash
-
+def write_features(run_dir: Path, dataset: str, qids: tuple[str, ...] = ("Q1",), description: str = "d") -> Path:
+    """A features.json as dimkit.train writes it, recording the knowledge base the run saw: ``qids``,
+    each named 'a' and described ``description`` (as :func:`prepare_tiny` writes them)."""
+    e = pd.DataFrame({"qid": list(qids), "name": ["a"] * len(qids), "description": [description] * len(qids)})
     p = run_dir / "features.json"
     p.write_text(json.dumps({"dataset": dataset, "feature_model": "ViT-B-32:openai", "entity_column": "description",
-                             "entities": len(qids), "entity_qids_sha256": content_hash(list(qids))}))
+                             "entities": len(qids), **datasets.kb_hashes(e, "description")}))
     return p
 
 
@@ -186,16 +186,26 @@ def test_a_run_whose_knowledge_base_changed_since_is_stale(kit_dirs):
     write_features(write_run(root, "old-kb", "wikimel+").parent, "wikimel+", ("Q1",))
     write_run(root, "no-record", "wikimel+")  # older runs do not record their KB: nothing to compare
     write_features(write_run(root, "elsewhere", "rich+").parent, "rich+", ("Q9",))  # not prepared here
+    # the same entities, described otherwise then (an LLM rewrote the descriptions since)
+    write_features(write_run(root, "old-texts", "wikimel+").parent, "wikimel+", ("Q1", "Q2"), description="older")
+    # a run of before the descriptions were recorded: only its qids are compared
+    qids_only = write_features(write_run(root, "qids-only", "wikimel+").parent, "wikimel+", ("Q1", "Q2"), "older")
+    qids_only.write_text(json.dumps({k: v for k, v in json.loads(qids_only.read_text()).items()
+                                     if k != "entity_texts_sha256"}))
     df = runs.check_kb(runs.collect(root))
     status = dict(zip(df["run_name"], df["status"]))
-    assert status == {"elsewhere": "completed", "fits": "completed", "no-record": "completed", "old-kb": runs.STALE}
+    assert status == {"elsewhere": "completed", "fits": "completed", "no-record": "completed", "old-kb": runs.STALE,
+                      "old-texts": runs.STALE, "qids-only": "completed"}
+    texts = df.set_index("run_name").loc["old-texts", "error"]
+    assert "field 'description'" in texts and "entity descriptions changed since run old-texts" in texts
+    df = df[df["run_name"] != "old-texts"]
     why = df.set_index("run_name").loc["old-kb", "error"]
     entities = str(datasets.dataset_dir("wikimel+") / "entities.parquet")
     assert why.startswith(entities) and "field 'qid'" in why
     assert "knowledge base changed since run old-kb was trained (2 entities now, 1 then)" in why
     assert "dimkit train wikimel+" in why
     assert runs.left_out(df) == [("old-kb", why)]
-    assert set(runs.find("wikimel+", runs=df)["run_name"]) == {"fits", "no-record"}
+    assert set(runs.find("wikimel+", runs=df)["run_name"]) == {"fits", "no-record", "qids-only"}
     assert runs.check_kb(df).equals(df)  # checking twice changes nothing
 
 

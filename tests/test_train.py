@@ -438,7 +438,7 @@ def test_a_finished_run_is_trained_again_not_read_back_when_its_knowledge_base_c
                               entity_qids=[*fs.entity_qids, "Q999999"])
     again = train.run(_cfg(run_name="kb", num_epochs=1), dataset=ds2, features=fs2)
     out = capsys.readouterr().out
-    assert "knowledge base changed since kb was trained: training it again" in out
+    assert "knowledge base or its descriptions changed since kb was trained: training it again" in out
     assert "finished earlier" not in out and again.status == "completed"
     assert json.loads((again.run_dir / "features.json").read_text())["entities"] == len(ds2.entities)
 
