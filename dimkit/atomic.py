@@ -46,9 +46,15 @@ def plain_file_mode() -> int:
 def replacing(target: str | Path, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO]:
     """Write ``target`` through a temporary file: renamed into place only when the block ends well.
 
-    Several processes may write into one folder at once (the temporary names are unique).
+    Several processes may write into one folder at once (the temporary names are unique). A symlink is
+    written through (the file it points to is replaced, the link stays); a target that exists but is
+    not a regular file (``/dev/null``, a FIFO, a folder) is refused: renaming over it would destroy it.
     """
-    target = Path(target)
+    target = Path(os.path.realpath(target))
+    if target.exists() and not target.is_file():
+        from .errors import DimkitError
+
+        raise DimkitError(f"{target} is not a regular file (a device, a pipe or a folder): name a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -195,3 +195,20 @@ def test_the_bundled_sample_repairs_itself_when_the_checkout_moved(kit_dirs, tmp
     assert not (sample.root / "images").exists()
     again = datasets.load("sample+")
     assert (again.root / "images").is_dir() and again.image_path(again.mentions["image"].dropna().iloc[0]).is_file()
+
+
+def test_atomic_writes_go_through_symlinks_and_never_replace_special_files(tmp_path):
+    import os
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    atomic.write_text("new", link)
+    assert link.is_symlink() and real.read_text() == "new"  # the link stays, its file is replaced
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for target in (fifo, tmp_path):
+        with pytest.raises(DimkitError, match="is not a regular file"):
+            atomic.write_text("x", target)
+    assert fifo.exists() and not fifo.is_file()  # still a pipe
