@@ -359,7 +359,7 @@ def plot(args, results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--like", default="wikimel", choices=("wikimel", "richpediamel", "wikidiverse"))
     p.add_argument("--scales", default="0.0625,0.25,1", help="comma-separated fractions of the real size")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "rehearsal")

@@ -254,8 +254,9 @@ class Config:
             flag = cls.flag(f.name)
             preset = any(f.name in p for p in cls.PRESETS.values())
             shown = (" (default: the dataset's preset)" if preset else
-                     f" (default {default})" if default not in (None, "", False) and kind != "bool" else
-                     " (required)" if default is None and not optional and not has_factory else "")
+                     f" (default {default})" if default not in (None, "", False) and kind != "bool" else "")
+            if default is None and not optional and not has_factory:
+                help_text = f"required: {help_text}"  # first, so it cannot be read as said of the last word
             if kind == "bool":
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=help_text)

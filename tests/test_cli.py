@@ -219,5 +219,8 @@ def test_help_calls_only_settings_without_a_default_required(capsys):
     text = re.sub(r"\s+", " ", _help(capsys, "figure2"))
     datasets = text.split("--datasets DATASETS [DATASETS ...]", 2)[2]
     datasets = datasets.split(" --", 1)[0]
-    assert "(required)" not in datasets and "default []" not in datasets, datasets
+    assert "required" not in datasets and "default []" not in datasets, datasets
     assert "default: every prepared one" in datasets
+    # a required setting says so first, not after its last word (link's --input ends "... and id")
+    link = re.sub(r"\s+", " ", _help(capsys, "link"))
+    assert "--input INPUT required: UTF-8 JSONL" in link and "and id (required)" not in link
