@@ -17,7 +17,9 @@ module makes the step itself reliable and cheap to rerun. ``run(AugmentConfig) -
   the run goes on, and a rerun asks for it again; a rejected key, an unknown model or a spent
   quota (a 429 ``insufficient_quota``, not retried) stops the run at once, keeping what is stored;
 - ``batch=True`` sends what is missing through the OpenAI Batch API instead (half the price);
-  submitted batches are recorded in the store, so an interrupted run resumes them;
+  submitted batches are recorded in the store, so an interrupted run resumes them; a batch the
+  endpoint answers 404 for is marked lost and its entities are asked again; a live run or dry run
+  leaves out the entities a pending batch covers (the report names the batch);
 - ``replay`` never calls anything and fails naming the first entity without a stored answer;
   ``dry_run`` counts and estimates tokens and cost without calling anything;
 - the bundled sample ships synthetic "oracle" answers (``llm_answers.json``) that are imported as
@@ -50,7 +52,7 @@ from tqdm.auto import tqdm
 from . import atomic, datasets, paths
 from .errors import ConfigError, DataError, DimkitError, option
 from .images import sha256_file as imagefile_sha256
-from .llm import (BATCH_FINAL, QUOTA_CODE, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
+from .llm import (BATCH_FINAL, QUOTA_CODE, BatchNotFound, ChatClient, Completion, Endpoint, LLMError, estimate_cost,
                   estimate_prompt_tokens, parse_completion, status_reason)
 from .stage import Config, Result, setting
 from .store import Store, content_hash, default_store_path, make_key
@@ -63,6 +65,8 @@ BATCH_KIND = "llm_batch"
 DEFAULT_MODEL = "gpt-4o-mini"
 #: The model id under which the sample's synthetic answers are stored.
 SAMPLE_ORACLE = "sample-oracle"
+#: The data folder's subfolder where released datasets are placed (``dimkit reproduce``): never an output.
+RAW_FOLDER = "raw"
 #: File of stored answers shipped beside a dataset's source (the bundled sample has one).
 ANSWERS_FILE = "llm_answers.json"
 
@@ -231,9 +235,21 @@ class AugmentConfig(Config):
             raise ConfigError(f"model {SAMPLE_ORACLE!r} only has answers for the bundled sample, not "
                               f"{self.dataset!r}: pass a real model ({real}) and set OPENAI_API_KEY")
         if self.out is not None:
+            given = self.out
             self.out = datasets.canonical_name(self.out)
+            flag = option("out", "--out")
             if self.out == self.dataset:
-                raise ConfigError(f"{option('out', '--out')} must differ from the source dataset")
+                raise ConfigError(f"{flag} must differ from the source dataset")
+            own = f"{self.dataset}+"
+            if self.out == RAW_FOLDER:
+                raise ConfigError(f"{flag} {given!r} is the folder where released datasets are placed "
+                                  f"({RAW_FOLDER}/); choose another output name, e.g. {own!r} (the default)")
+            if self.out in datasets.KNOWN_DATASETS and self.out != own:
+                what = ("the LLM-augmented dataset of " + repr(datasets.base_name(self.out))
+                        if datasets.is_augmented(self.out) else "an original dataset")
+                raise ConfigError(f"{flag} {given!r} names {self.out!r}, {what}, not an augmentation of "
+                                  f"{self.dataset!r}; omit {flag} (default {own!r}) or choose a name of your "
+                                  f"own, e.g. '{self.dataset}-mine+'")
 
     @property
     def mode(self) -> str:
@@ -270,6 +286,8 @@ class AugmentReport(Result):
     estimate: dict = field(default_factory=dict)   # dry run: tokens and cost of what would be sent
     batches: list = field(default_factory=list)    # Batch API mode: [{"id", "requests", "status", "resumed"}]
     batches_pending: int = 0           # Batch API mode: submitted, not finished yet (rerun to collect)
+    batches_lost: list = field(default_factory=list)     # [{"id", "entities"}]: batches the endpoint answers 404 for
+    batches_waiting: list = field(default_factory=list)  # live/dry run: [{"id", "entities"}] left to a pending batch
     endpoint: str | None = None        # base URL (never the key)
     elapsed_s: float = 0.0
     answers_per_s: float | None = None   # answers stored per second of the live phase
@@ -281,7 +299,12 @@ class AugmentReport(Result):
     @property
     def exit_code(self) -> int:
         """1 when the dataset was not written (and nothing is pending and it was no dry run)."""
-        return 0 if (self.written or self.mode == "dry_run" or self.batches_pending) else 1
+        return 0 if (self.written or self.mode == "dry_run" or self.batches_pending or self.batches_waiting) else 1
+
+    def waiting_lines(self) -> list[str]:
+        """One line per pending batch whose entities this run left to it."""
+        return [f"{b['entities']} entities wait in batch {b['id']}: rerun with {option('batch=True', '--batch')} "
+                "to collect them" for b in self.batches_waiting]
 
     def summary(self) -> str:
         """A few readable lines."""
@@ -317,11 +340,17 @@ class AugmentReport(Result):
                              f"{self.completion_tokens:,} completion; cost {_money(self.cost_usd)}")
             else:
                 lines.append("requests 0 (replay)")
+        for b in self.batches_lost:
+            then = ("submitted again in a new batch" if b.get("resubmitted") else
+                    "recorded as failed (batch_lost); rerun to ask for them again")
+            lines.append(f"batch {b['id']} is unknown to the endpoint (HTTP 404): marked lost, not resumed again; "
+                         f"its {b['entities']} entities were {then}")
+        lines += self.waiting_lines()
         if self.aborted:
             lines.append(f"ABORTED: {self.aborted}")
         if self.written:
             lines.append(f"wrote {self.out_path}")
-        elif self.mode != "dry_run" and not self.batches_pending:
+        elif self.mode != "dry_run" and not self.batches_pending and not self.batches_waiting:
             lines.append(f"not written: {self.failed + self.not_attempted} entities lack an answer; rerun to "
                          f"retry them (stored answers are kept), or pass {option('allow_partial=True', '--allow-partial')}")
         if self.note:
@@ -553,6 +582,15 @@ def _batch_reason(status_code: Any, error: Any, body: Any = None) -> str:
     return "batch_error" if error else "malformed"
 
 
+def _pending_batches(store: Store, cfg: AugmentConfig, keys: Iterable[str]) -> list[tuple[str, dict]]:
+    """The batches of ``cfg``'s model and template recorded as submitted and not yet collected that cover
+    any of ``keys``: ``[(store key, value)]``."""
+    keys = set(keys)
+    return [(rec["key"], rec["value"]) for rec in store.items(BATCH_KIND)
+            if rec["model"] == cfg.model and rec["version"] == cfg.template
+            and rec["value"].get("state") == "submitted" and keys & set(rec["value"]["keys"])]
+
+
 def _run_batch(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: Template, store: Store,
                report: AugmentReport, pbar: Any) -> None:
     """Submit what is missing as Batch API jobs (half price), poll them, ingest answers into the store.
@@ -562,13 +600,16 @@ def _run_batch(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: T
     """
     by_key = {j.key: j for j in todo}
     pending = []
-    for rec in store.items(BATCH_KIND):
-        v = rec["value"]
-        if (rec["model"] == cfg.model and rec["version"] == cfg.template and v.get("state") == "submitted"
-                and by_key.keys() & set(v["keys"])):
-            pending.append((rec["key"], v))
-            report.batches.append({"id": v["batch_id"], "requests": len(v["keys"]), "status": "resumed",
-                                   "resumed": True})
+    for key, v in _pending_batches(store, cfg, by_key):
+        entry = {"id": v["batch_id"], "requests": len(v["keys"]), "status": "resumed", "resumed": True}
+        report.batches.append(entry)
+        try:
+            client.status(v["batch_id"])
+        except BatchNotFound:  # the endpoint forgot it (or is another one): its entities are asked again
+            _mark_lost(store, key, v, cfg, entry, report, entities=len(by_key.keys() & set(v["keys"])),
+                       resubmitted=True)
+            continue
+        pending.append((key, v))
     covered = {k for _, v in pending for k in v["keys"]}
     fresh = [j for j in todo if j.key not in covered]
     for i in range(0, len(fresh), cfg.batch_max_requests):
@@ -587,7 +628,18 @@ def _run_batch(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: T
                                "resumed": False})
     while pending and cfg.batch_wait:
         for key, value in list(pending):
-            st = client.status(value["batch_id"])
+            try:
+                st = client.status(value["batch_id"])
+            except BatchNotFound as exc:  # forgotten while we waited: a rerun asks for its entities again
+                entry = next(b for b in report.batches if b["id"] == value["batch_id"])
+                _mark_lost(store, key, value, cfg, entry, report, entities=len(by_key.keys() & set(value["keys"])),
+                           resubmitted=False)
+                pending = [p for p in pending if p[0] != key]
+                for k in value["keys"]:
+                    if k in by_key:
+                        _failed(by_key[k], LLMError("batch_lost", str(exc)), cfg, store, report)
+                        pbar.update(1)
+                continue
             if st["status"] not in BATCH_FINAL:
                 continue
             _ingest_batch(client, value, st, by_key, cfg, store, report, pbar)
@@ -600,6 +652,15 @@ def _run_batch(todo: list[_Job], client: ChatClient, cfg: AugmentConfig, tmpl: T
         if pending:
             time.sleep(cfg.batch_poll_s)
     report.batches_pending = len(pending)
+
+
+def _mark_lost(store: Store, key: str, value: dict, cfg: AugmentConfig, entry: dict,
+               report: AugmentReport, *, entities: int, resubmitted: bool) -> None:
+    """Record a batch the endpoint answers 404 for as lost, so no run waits for it again."""
+    store.put(key, {**value, "state": "lost", "status": "lost", "lost": time.time()}, kind=BATCH_KIND,
+              model=cfg.model, version=cfg.template, item=value["batch_id"])
+    entry["status"] = "lost"
+    report.batches_lost.append({"id": value["batch_id"], "entities": entities, "resubmitted": resubmitted})
 
 
 def _ingest_batch(client: ChatClient, value: dict, st: dict, by_key: dict[str, _Job], cfg: AugmentConfig,
@@ -849,6 +910,16 @@ def _run(cfg: AugmentConfig, store: Store, base_url: str | None, api_key: str | 
 
     values = store.get_many(j.key for j in jobs)
     todo = [j for j in jobs if j.key not in values]
+    waiting: set[str] = set()
+    if not cfg.batch or cfg.dry_run:  # what a pending batch will answer is not paid for twice
+        todo_keys = {j.key for j in todo}
+        for _, v in _pending_batches(store, cfg, todo_keys):
+            mine = todo_keys.intersection(v["keys"]) - waiting
+            waiting |= mine
+            if mine:
+                report.batches_waiting.append({"id": v["batch_id"], "entities": len(mine)})
+        if not cfg.replay or cfg.dry_run:  # replay asks nothing anyway; its error names them
+            todo = [j for j in todo if j.key not in waiting]
     report.requested = len(todo)
     report.synthetic_answers = any(v.get("synthetic") for v in values.values())
     if report.synthetic_answers:
@@ -865,7 +936,7 @@ def _run(cfg: AugmentConfig, store: Store, base_url: str | None, api_key: str | 
             f"replay: no stored answer for entity {first.qid} ({first.name!r}) of {ds.name!r} "
             f"[model {cfg.model}, template {tmpl.id}]; {len(todo)} of {len(jobs)} entities lack one. "
             f"Run without {option('replay=True', '--replay')} to request them, or import answers with "
-            f"{option('answers=FILE', '--answers FILE')}.")
+            f"{option('answers=FILE', '--answers FILE')}." + "".join(f" {line}." for line in report.waiting_lines()))
     # before any request: a run that could not write its result must not spend money first
     check_out(datasets.dataset_dir(out, data_dir), ds, cfg, tmpl)
 
@@ -876,7 +947,7 @@ def _run(cfg: AugmentConfig, store: Store, base_url: str | None, api_key: str | 
         with ChatClient(endpoint, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,  # raises if no key
                         max_attempts=cfg.max_attempts, requests_per_s=cfg.requests_per_s,
                         adaptive_rate=cfg.adaptive_rate) as client, \
-                tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="entity",
+                tqdm(total=len(jobs) - len(waiting), initial=len(jobs) - len(waiting) - len(todo), unit="entity",
                      desc=f"augment {ds.name}" + (" (batch)" if cfg.batch else ""),
                      # disable only to switch the bar off: disable=False would override TQDM_DISABLE
                      **({} if cfg.progress else {"disable": True})) as pbar:

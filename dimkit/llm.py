@@ -63,10 +63,26 @@ def redact_url(url: str | None) -> str | None:
     if not url:
         return url
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    # the host and port as written, after any user info: never parsed, so a bad port cannot raise here
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def check_base_url(url: str, source: str = "OPENAI_BASE_URL") -> None:
+    """Raise ConfigError unless ``url`` is an http(s) URL with a host and a valid port; ``source`` names
+    where it came from. The message shows the URL redacted (no user info, no query)."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source} {redact_url(url)!r} is not an http(s) URL; set it to the endpoint's "
+                          "base URL, e.g. http://localhost:8000/v1")
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises for a port that is not a number in 0..65535 ("h:99999", "h:8000:")
+    except ValueError:
+        raise ConfigError(f"{source} {redact_url(url)!r} is not a valid URL (the port must be a number in "
+                          "0..65535); set it to the endpoint's base URL, e.g. http://localhost:8000/v1") from None
+    if not parts.hostname:
+        raise ConfigError(f"{source} {redact_url(url)!r} is not a valid URL (no host); set it to the "
+                          "endpoint's base URL, e.g. http://localhost:8000/v1")
 
 
 def scrub(text: str, secret: str | None) -> str:
@@ -89,8 +105,7 @@ class Endpoint:
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).strip()
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         key = key.strip() if key else None
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"LLM endpoint {redact_url(url)!r} is not an http(s) URL (OPENAI_BASE_URL)")
+        check_base_url(url, "base_url" if base_url else "OPENAI_BASE_URL")
         return cls(base_url=url.rstrip("/"), api_key=key or None)
 
     @property
@@ -373,6 +388,14 @@ def _raise_check_error(exc: Exception, endpoint: Endpoint) -> None:
 BATCH_FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
+class BatchNotFound(DimkitError):
+    """The endpoint answers 404 for a batch: it was forgotten, or submitted to another endpoint."""
+
+    def __init__(self, batch_id: str, message: str):
+        self.batch_id = batch_id
+        super().__init__(message)
+
+
 class ChatClient:
     """Chat completions (and the Batch API) against an :class:`Endpoint`; safe to share between threads.
 
@@ -459,8 +482,16 @@ class ChatClient:
         return {"batch_id": b.id, "input_file_id": f.id}
 
     def status(self, batch_id: str) -> dict:
-        """``{"status", "output_file_id", "error_file_id", "request_counts"}`` of a batch."""
-        b = self._call("poll", self._client.batches.retrieve, batch_id)
+        """``{"status", "output_file_id", "error_file_id", "request_counts"}`` of a batch; raises
+        :class:`BatchNotFound` if the endpoint does not know it (HTTP 404)."""
+        try:
+            b = self._client.batches.retrieve(batch_id)
+        except Exception as exc:
+            err = classify(exc, self.endpoint.api_key)
+            if err.status == 404:
+                raise BatchNotFound(batch_id, f"Batch API: the endpoint {self.endpoint.public_url} does not know "
+                                              f"batch {batch_id} (HTTP 404)") from None
+            raise DimkitError(f"Batch API: poll failed at {self.endpoint.public_url} ({err})") from None
         counts = getattr(b, "request_counts", None)
         return {"status": b.status, "output_file_id": getattr(b, "output_file_id", None),
                 "error_file_id": getattr(b, "error_file_id", None),

@@ -23,6 +23,7 @@ from typing import ClassVar, Iterable, Sequence
 
 from . import augment, candidates, cues, datasets, features, paths, prepare, runs
 from .errors import ConfigError, DimkitError, option
+from .llm import Endpoint
 from .runs import PICKS
 from .stage import Config, Result, setting
 from .tables import ABLATION_LABELS, VARIANT_LABELS
@@ -219,13 +220,19 @@ def _check_llm(name: str, cfg: ReproduceConfig, data_dir, out: list[InputCheck])
             out.append(InputCheck(name, "llm answers", True, "replay: stored answers are counted once "
                                   f"{base} is prepared (the run stops naming the first entity without one)"))
         return
-    key = bool(os.environ.get("OPENAI_API_KEY"))
-    url = os.environ.get("OPENAI_BASE_URL")
-    out.append(InputCheck(name, "llm answers", key or bool(url),
-                          f"live requests to {url or 'api.openai.com'} (model {model or 'augment default'}); "
+    placed = f"or place {PLUS_FROM.format(name=name)} at {raw_dir(data_dir) / name}"
+    try:
+        endpoint = Endpoint.resolve()
+    except ConfigError as exc:  # the message shows the URL redacted
+        out.append(InputCheck(name, "llm answers", False, f"live requests: {exc}",
+                              f"correct OPENAI_BASE_URL (or unset it for api.openai.com), {placed}"))
+        return
+    key = bool(endpoint.api_key)  # every endpoint needs one, a local server's too (any non-empty value)
+    out.append(InputCheck(name, "llm answers", key,
+                          f"live requests to {endpoint.public_url} (model {model or 'augment default'}); "
                           f"OPENAI_API_KEY {'set' if key else 'not set'}",
-                          "export OPENAI_API_KEY=... (or OPENAI_BASE_URL of a local OpenAI-compatible server), "
-                          f"or place {PLUS_FROM.format(name=name)} at {raw_dir(data_dir) / name}"))
+                          "export OPENAI_API_KEY=... (for a local OpenAI-compatible server named in "
+                          f"OPENAI_BASE_URL, any non-empty value such as OPENAI_API_KEY=local), {placed}"))
 
 
 def _check_expert(name: str, cfg: ReproduceConfig, out: list[InputCheck]) -> None:

@@ -614,3 +614,92 @@ def test_tqdm_disable_is_honoured(server, capsys, monkeypatch):
     make_toy(n=3)
     aug.augment("toy", model="fake-model")
     assert "entity/s" not in capsys.readouterr().err
+
+
+def test_a_pending_batch_is_not_paid_again_by_a_live_run_or_counted_by_a_dry_run(server, capsys):
+    make_toy(n=4)
+    server.batch_delay_s = 3600  # still running on the endpoint
+    rep = aug.augment("toy", model="fake-model", batch=True, batch_wait=False, progress=False)
+    assert rep.batches_pending == 1 and len(server.batches) == 1
+    batch_id = rep.batches[0]["id"]
+    make_toy(n=6)  # two entities more, which no batch covers
+    rc = cli.main(["augment", "toy", "--model", "fake-model", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 would be requested" in out
+    assert f"4 entities wait in batch {batch_id}: rerun with --batch to collect them" in out
+    live = aug.augment("toy", model="fake-model", progress=False, **FAST)
+    # only the two entities outside the batch are asked live; the four wait for the batch
+    assert sorted(server.chat_prompts()) == sorted(prompt_of(f"Person {w}", f"Q{100 + i}")
+                                                   for i, w in enumerate(WORDS[:6]) if i >= 4)
+    assert live.done == 2 and live.requested == 2 and not live.written and live.exit_code == 0
+    assert live.batches_waiting == [{"id": batch_id, "entities": 4}]
+    assert f"4 entities wait in batch {batch_id}: rerun with batch=True to collect them" in str(live)
+    assert "not written" not in str(live)
+    server.batch_delay_s = 0.0
+    collected = aug.augment("toy", model="fake-model", batch=True, batch_poll_s=0.05, progress=False)
+    assert collected.done == 4 and collected.written and len(server.batches) == 1  # nothing submitted again
+    assert collected.batches_waiting == []
+
+
+def test_a_batch_the_endpoint_forgot_is_marked_lost_and_its_entities_asked_again(server):
+    make_toy(n=5)
+    server.batch_delay_s = 3600
+    rep = aug.augment("toy", model="fake-model", batch=True, batch_wait=False, progress=False)
+    lost_id = rep.batches[0]["id"]
+    server.batches.clear()  # the endpoint no longer knows it (HTTP 404 on poll)
+    server.batch_delay_s = 0.0
+    rep2 = aug.augment("toy", model="fake-model", batch=True, batch_poll_s=0.05, progress=False)
+    assert rep2.batches_lost == [{"id": lost_id, "entities": 5, "resubmitted": True}]
+    assert [b["status"] for b in rep2.batches] == ["lost", "completed"] and len(server.batches) == 1
+    assert rep2.done == 5 and rep2.written
+    assert f"batch {lost_id} is unknown to the endpoint (HTTP 404): marked lost" in str(rep2)
+    states = {r["item"]: r["value"]["state"] for r in llm_store().items(aug.BATCH_KIND)}
+    assert states[lost_id] == "lost"
+    # never resumed again: a rerun finds everything stored
+    rep3 = aug.augment("toy", model="fake-model", batch=True, progress=False)
+    assert rep3.batches == [] and rep3.batches_lost == [] and rep3.written
+
+
+def test_a_batch_forgotten_while_waiting_fails_its_entities_for_a_rerun(server, monkeypatch):
+    make_toy(n=3)
+    with monkeypatch.context() as m:
+        m.setattr(server, "poll_batch", lambda bid: None)  # every poll answers 404
+        rep = aug.augment("toy", model="fake-model", batch=True, batch_poll_s=0.05, progress=False)
+    assert rep.failed_by_reason == {"batch_lost": 3} and rep.batches_pending == 0 and not rep.written
+    assert rep.batches_lost[0]["resubmitted"] is False and "rerun to ask for them again" in str(rep)
+    again = aug.augment("toy", model="fake-model", batch=True, batch_poll_s=0.05, progress=False)
+    assert again.done == 3 and again.written and again.batches_lost == []
+
+
+def test_out_of_another_dataset_family_an_original_or_raw_is_refused(kit_dirs, capsys):
+    make_toy(n=3)
+    for out in ("wiki+", "wikimel+", "richpediamel_plus", "richpediamel", "rich", "wikidiverse", "sample",
+                "sample+", "raw"):
+        with pytest.raises(ConfigError, match="out"):
+            aug.AugmentConfig.for_dataset("toy", model="fake-model", out=out).validate()
+    for out in ("mydata+", "toy+", "mine"):  # names of one's own stay allowed
+        assert aug.AugmentConfig.for_dataset("toy", model="fake-model", out=out).validate().out == out
+    assert aug.AugmentConfig.for_dataset("sample", model="sample-oracle", out="sample+").validate().out == "sample+"
+    assert aug.AugmentConfig.for_dataset("wiki", out="wiki+").validate().out == "wikimel+"
+    raw = paths.data_dir() / "raw"
+    raw.mkdir()
+    for out in ("wiki+", "richpediamel", "raw"):
+        rc = cli.main(["augment", "sample", "--model", "sample-oracle", "--replay", "--out", out, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--out" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in paths.data_dir().iterdir()) == ["raw", "toy"] and not any(raw.iterdir())
+
+
+def test_an_invalid_base_url_is_a_named_error_that_shows_no_secret(server, monkeypatch, capsys):
+    make_toy(n=2)
+    for url in ("http://bob:pw_TOPSECRET@h:99999/v1?api-key=QSECRET", "http://bob:pw_TOPSECRET@h:18001:/v1"):
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        with pytest.raises(ConfigError, match="OPENAI_BASE_URL 'http://h:.*' is not a valid URL") as ei:
+            Endpoint.resolve()
+        assert "TOPSECRET" not in str(ei.value) and "QSECRET" not in str(ei.value)
+        assert cli.main(["augment", "toy", "--model", "fake-model", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "not a valid URL" in err and "TOPSECRET" not in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="base_url 'http://h:99999/v1' is not a valid URL"):
+        Endpoint.resolve("http://h:99999/v1")
+    assert server.stats()["requests"] == 0

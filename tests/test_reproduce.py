@@ -119,3 +119,37 @@ def test_training_goes_through_runs_and_a_failed_run_is_reported(kit_dirs, monke
     again = reproduce.run(cfg, progress=False)
     assert again.runs == ["sample+-paper-none-e2"] and len(calls) == 1
     assert [k for k, _ in again.failed] == ["sample+/paper/no_cue"]
+
+
+def test_check_shows_the_base_url_without_user_info_or_query(kit_dirs, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://bob:pw_TOPSECRET@llm.example/v1?api-key=QSECRET")
+    cli.main(["reproduce", "--check", "wiki+", "--steps", "augment"])
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "live requests to https://llm.example/v1" in text
+    assert "TOPSECRET" not in text and "QSECRET" not in text and "bob" not in text
+
+
+def test_check_names_an_invalid_base_url_without_a_traceback(kit_dirs, capsys, monkeypatch):
+    (kit_dirs["data"] / "raw" / "wikimel").mkdir(parents=True)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    for url in ("http://bob:pw_TOPSECRET@h:99999/v1?api-key=QSECRET", "http://h:18001:/v1"):
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        assert cli.main(["reproduce", "--check", "wiki+", "--steps", "augment"]) == 1
+        shown = capsys.readouterr()
+        text = shown.out + shown.err
+        assert "OPENAI_BASE_URL 'http://h:" in text and "is not a valid URL" in text and "MISSING" in text
+        assert "Traceback" not in text and "TOPSECRET" not in text and "QSECRET" not in text
+
+
+def test_a_base_url_without_a_key_is_reported_missing(kit_dirs, monkeypatch):
+    (kit_dirs["data"] / "raw" / "wikimel").mkdir(parents=True)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")  # a local server needs a key too
+    checks = reproduce.check_inputs(["wiki+"], steps=DATA_STEPS)
+    llm = [c for c in checks if c.item == "llm answers"]
+    assert len(llm) == 1 and not llm[0].ok and "OPENAI_API_KEY not set" in llm[0].detail
+    assert "any non-empty value" in llm[0].fix and "OPENAI_API_KEY=" in llm[0].fix
+    monkeypatch.setenv("OPENAI_API_KEY", "local")
+    assert all(c.ok for c in reproduce.check_inputs(["wiki+"], steps=DATA_STEPS))
