@@ -365,7 +365,8 @@ class CandidatesConfig(Config):
     k: int = setting(100, "candidates per mention (DIM: 100)", min=1)
     workers: int = setting(-1, "threads for scoring (-1: all cores)")
     force: bool = setting(False, "rebuild even if identical lists exist")
-    replace_released: bool = setting(False, "overwrite lists imported from a DIM release (kept by default)")
+    replace_released: bool = setting(False, "overwrite the lists that came with the source (DIM release layout; "
+                                             "kept by default)")
 
     def check(self) -> None:
         """``workers`` is -1 (all cores) or a positive count."""
@@ -497,8 +498,9 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
     Writes ``candidates.parquet`` (``mention_id``, ``qids``), ``reports/candidates.json`` and
     ``meta.json["candidates"]`` in the dataset folder; the report's ``candidates`` holds the lists.
     A rerun on unchanged mentions, entities and k loads the stored lists unless ``cfg.force``. Lists
-    imported from a DIM release (meta source "release") are DIM's own and are kept unless
-    ``cfg.replace_released``: the built lists are then returned and reported, not written.
+    that came with a source in the DIM release layout (meta source "release": DIM's own for a DIM
+    release, the shipped ones for the bundled sample) are kept unless ``cfg.replace_released``: the
+    built lists are then returned and reported, not written.
     ``dataset``: the loaded ``cfg.dataset``, when the caller holds it.
     """
     cfg = cfg.replace()  # a checked copy
@@ -536,8 +538,8 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
     write = not released or cfg.replace_released
     if not write:
         flag = option("replace_released=True", "--replace-released")
-        notes.append(f"candidates.parquet holds the lists of the DIM release and was kept; these built lists were "
-                     f"not written ({flag} replaces them)")
+        notes.append(f"candidates.parquet holds the lists that came with the source (DIM release layout) and was "
+                     f"kept; these built lists were not written ({flag} replaces them)")
     report = CandidateReport(
         dataset=ds.name, k=int(k), n_mentions=len(mentions), n_distinct_mentions=len(distinct),
         n_entities=len(entities), n_gold_mentions=n_gold, n_hits=n_hits,
@@ -566,19 +568,20 @@ def run(cfg: CandidatesConfig, *, dataset: datasets.Dataset | None = None, progr
 
 
 def _check_released_lists(ds: datasets.Dataset) -> None:
-    """The release's lists that would be kept are there and readable; else say how to get lists back
+    """The source's lists that would be kept are there and readable; else say how to get lists back
     (keeping a missing file would leave training asking for candidates forever)."""
     path = ds.root / "candidates.parquet"
     flag = option("replace_released=True", "--replace-released")
-    fix = (f"prepare the dataset again to restore the release's lists (`dimkit prepare SRC --name {ds.name} "
+    fix = (f"prepare the dataset again to restore the source's lists (`dimkit prepare SRC --name {ds.name} "
            f"--force`), or write the lists built here instead with {flag}")
     if not path.is_file():
-        raise DataError(f"the DIM release's candidate lists are missing; {fix}", file=path)
+        raise DataError(f"the candidate lists that came with the source (DIM release layout) are missing; {fix}",
+                        file=path)
     try:
         ds.candidates
     except DataError as exc:
-        raise DataError(f"the DIM release's candidate lists cannot be read ({exc.reason}); {fix}",
-                        file=path) from None
+        raise DataError(f"the candidate lists that came with the source (DIM release layout) cannot be read "
+                        f"({exc.reason}); {fix}", file=path) from None
 
 
 #: The command line: ``dimkit candidates NAME`` takes the flags of :class:`CandidatesConfig`.

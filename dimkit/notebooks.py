@@ -6,10 +6,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import datasets, paths
 from .datasets import canonical_name
-from .errors import DimkitError
-
+from .errors import ConfigError, DimkitError, option
 
 
 def numbered_notebooks(folder: str | Path | None = None) -> list[Path]:
@@ -39,6 +38,24 @@ def dataset_for(notebook: str | Path, dataset: str) -> str | None:
     return name
 
 
+def check_dataset(dataset: str) -> str:
+    """The canonical name of ``dataset`` when the notebooks can run on it -- a bundled dataset (built on
+    first use) or one prepared here -- else a ConfigError saying how to prepare it, before any kernel
+    starts (a notebook would otherwise fail in its second cell, deep in papermill's traceback)."""
+    flag = option("dataset", "--dataset")
+    try:
+        name = canonical_name(dataset)
+    except DimkitError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+    root = datasets.dataset_dir(name)
+    if name in datasets.BUILDERS or (root / "meta.json").exists():
+        return name
+    bundled = ", ".join(datasets.BUILDERS) or "sample"
+    raise ConfigError(f"{flag}: dataset {name!r} is not prepared here ({root / 'meta.json'} is missing) and is not "
+                      f"a bundled one ({bundled}): prepare it first with `dimkit prepare SRC --name {name}`, or run "
+                      "the notebooks on the sample")
+
+
 @dataclass
 class NotebookRun:
     notebook: str
@@ -49,16 +66,23 @@ class NotebookRun:
 
 def run_notebooks(dataset: str = "sample", out_dir: str | Path | None = None,
                   only: list[str] | None = None, parameters: dict | None = None) -> list[NotebookRun]:
-    """Execute every numbered notebook in order; the first failing cell raises (papermill's error)."""
+    """Execute every numbered notebook in order (``only``: those whose name starts with one of these
+    prefixes; None: all); the first failing cell raises (papermill's error). The dataset and ``only``
+    are checked before any kernel starts."""
+    dataset = check_dataset(dataset)
+    notebooks = numbered_notebooks()
+    if only is not None:
+        flag = option("only", "--only")
+        known = ", ".join(nb.name[:2] for nb in notebooks)
+        if not only:
+            raise ConfigError(f"{flag}: name the notebooks to run by number ({known}), or leave it out to run all")
+        notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in only)]
+        if not notebooks:
+            raise ConfigError(f"{flag}: no notebook matches {' '.join(only)} (the notebooks: {known})")
     import papermill
 
     out_dir = Path(out_dir) if out_dir is not None else paths.runs_dir() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    notebooks = numbered_notebooks()
-    if only:
-        notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in only)]
-        if not notebooks:
-            raise DimkitError(f"no notebook matches {only}")
     runs = []
     for nb in notebooks:
         params = dict(parameters or {})
@@ -81,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dimkit notebooks``."""
     parser.add_argument("--dataset", default="sample", help="dataset for 00, 01 and 04 (02, 03, 05 and 06 get its '+' form)")
     parser.add_argument("--out", default=None, help="folder for executed notebooks (default runs/notebooks)")
-    parser.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 00 03")
+    parser.add_argument("--only", nargs="+", metavar="NN", help="notebook number prefixes to run, e.g. 00 03 "
+                                                                  "(default: all)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

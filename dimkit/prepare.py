@@ -789,8 +789,10 @@ def _place_images(read: _Read, out: Path, copy: bool) -> tuple[dict, str | None,
     entity_rel = {p for lst in e["images"] for p in lst}
     # A link in the image folder may point anywhere (evil.jpg -> /etc/passwd): such files are
     # refused like missing ones, never copied, and dimkit.images never opens them either.
-    outside = {r for r in mention_rel | entity_rel if not (root / r).resolve().is_relative_to(root)}
-    present = {r for r in mention_rel | entity_rel if r not in outside and (root / r).is_file()}
+    where = {r: _resolved(root / r) for r in mention_rel | entity_rel}
+    loops = {r for r, p in where.items() if p is None}
+    outside = {r for r, p in where.items() if p is not None and not p.is_relative_to(root)}
+    present = {r for r in mention_rel | entity_rel if r not in (outside | loops) and (root / r).is_file()}
     for kind, rels in (("mention", mention_rel), ("entity", entity_rel)):
         meta.update({f"{kind}_images_referenced": len(rels), f"{kind}_images_missing": len(rels - present - outside),
                      f"{kind}_images_outside": len(rels & outside)})
@@ -799,6 +801,10 @@ def _place_images(read: _Read, out: Path, copy: bool) -> tuple[dict, str | None,
         read.notes.append(f"{len(outside)} referenced image file(s) resolve outside the images root {root} "
                           f"through a link ({shown}): refused, not copied, and unusable like missing ones "
                           "(`dimkit images` reports them); put the files themselves in the image folder")
+    if loops:
+        shown = ", ".join(sorted(loops)[:3]) + (" ..." if len(loops) > 3 else "")
+        read.notes.append(f"{len(loops)} referenced image file(s) under {root} are links that never reach a file "
+                          f"(a link loop: {shown}): counted as missing; replace the links with the image files")
 
     def moved(p: Any) -> str | None:
         return str(PurePosixPath(prefix) / p) if isinstance(p, str) else None
@@ -808,6 +814,14 @@ def _place_images(read: _Read, out: Path, copy: bool) -> tuple[dict, str | None,
         m["images"] = [[moved(p) for p in lst] for lst in m["images"]]
     e["images"] = [[moved(p) for p in lst] for lst in e["images"]]
     return meta, action, sorted(present)
+
+
+def _resolved(path: Path) -> Path | None:
+    """``path`` with every link followed, or None when its links loop (it then names no file)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a link loop: RuntimeError up to Python 3.12, OSError (ELOOP) after
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -232,6 +232,9 @@ def test_released_lists_are_kept_unless_replaced(kit_dirs):
           lists=released)
     df, report = build_candidates(datasets.load("tiny"), k=1, progress=False)
     assert not report.written and "release" in report.note
+    # true of the DIM release and of the bundled sample (synthetic, in the DIM release layout) alike
+    assert "the lists that came with the source (DIM release layout) and was kept" in report.note
+    assert "of the DIM release" not in report.note
     assert report.recall == pytest.approx(0.8)  # of the built lists, returned all the same
     ds = datasets.load("tiny")
     assert ds.candidates["qids"].map(list).tolist() == released
@@ -259,6 +262,7 @@ def test_released_lists_that_are_gone_are_named_with_the_way_back(kit_dirs, caps
     assert cli.main(["candidates", "tiny", "--k", "1"]) == 2
     err = capsys.readouterr().err
     assert "candidates.parquet" in err and "--force" in err and "--replace-released" in err
+    assert "the candidate lists that came with the source (DIM release layout)" in err
     assert "Traceback" not in err
     _, report = build_candidates(datasets.load("tiny"), k=1, progress=False, replace_released=True)
     assert report.written and len(datasets.load("tiny").candidates) == 6

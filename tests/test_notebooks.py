@@ -100,3 +100,51 @@ def test_a_dataset_that_is_not_prepared_fails_in_the_cell_after_the_parameters(k
     params = max(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])
                  or "injected-parameters" in c.metadata.get("tags", []))
     assert failed == params + 1, "the first cell after the parameters names the missing dataset"
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Any notebook execution fails the test: the checks below come before a kernel starts."""
+    import papermill
+
+    def execute(*args, **kwargs):
+        raise AssertionError("a kernel was started")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("nosuch", "dataset 'nosuch' is not prepared here"),
+    ("No Such!", "invalid dataset name 'No Such!'"),
+])
+def test_an_unknown_dataset_is_refused_before_any_kernel_starts(kit_dirs, capsys, no_kernel, name, expect):
+    from dimkit import cli
+
+    assert cli.main(["notebooks", "--dataset", name]) == 2
+    err = capsys.readouterr().err
+    assert "dimkit notebooks: error: --dataset" in err and expect in err and "Traceback" not in err
+    if name == "nosuch":
+        assert str(kit_dirs["data"] / "nosuch" / "meta.json") in err and "dimkit prepare SRC --name nosuch" in err
+    assert not (kit_dirs["runs"] / "notebooks").exists()
+    # the same from Python, named as an argument
+    with pytest.raises(nbrun.ConfigError, match="dataset"):
+        nbrun.run_notebooks(name)
+
+
+def test_a_bundled_or_prepared_dataset_passes_the_check(kit_dirs):
+    assert nbrun.check_dataset("sample") == "sample" and nbrun.check_dataset("sample+") == "sample+"
+    (kit_dirs["data"] / "richpediamel").mkdir()
+    (kit_dirs["data"] / "richpediamel" / "meta.json").write_text("{}")
+    assert nbrun.check_dataset("rich") == "richpediamel"
+
+
+def test_only_without_a_value_runs_nothing(kit_dirs, capsys, no_kernel):
+    from dimkit import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["notebooks", "--only"])
+    assert exit_.value.code == 2 and "--only" in capsys.readouterr().err
+    with pytest.raises(nbrun.ConfigError, match="name the notebooks to run by number"):
+        nbrun.run_notebooks("sample", only=[])
+    with pytest.raises(nbrun.ConfigError, match="no notebook matches 99"):
+        nbrun.run_notebooks("sample", only=["99"])

@@ -586,6 +586,32 @@ def test_linked_images_root_does_not_expose_links_out_of_it(tmp_path, data_dir):
     assert ds.image_path(m.loc["train-12", "image"]).is_file()
 
 
+@pytest.mark.parametrize("copy_images", [False, True])
+def test_a_link_loop_among_the_images_counts_as_missing(tmp_path, data_dir, copy_images):
+    """`ln -s b.jpg a.jpg; ln -s a.jpg b.jpg` in the image folder, a.jpg referenced by a mention: prepared,
+    reported like a missing image, no traceback; `dimkit images` reports it too."""
+    src = fx.build_dim_wiki(tmp_path / "dim")
+    folder = src / "ImgData" / "wikipedia"
+    (folder / "a.jpg").symlink_to("b.jpg")
+    (folder / "b.jpg").symlink_to("a.jpg")
+    split = src / "wikipedia" / "train.json"
+    records = json.loads(split.read_text())
+    records["13"]["imgPath"] = "wikipedia/a.jpg"
+    fx.dump(split, records)
+    name = "wloopc" if copy_images else "wloop"
+    root = prepare(src, name, copy_images=copy_images)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["images"]["mention_images_missing"] == 2  # a.jpg and 32's image, absent from the start
+    assert meta["images"]["mention_images_outside"] == 0
+    assert any("link loop" in n and "wikipedia/a.jpg" in n for n in meta["notes"])
+    assert "referenced files missing: 2" in prepare_mod.format_summary(root)
+    if copy_images:
+        assert not (root / "images" / "wikipedia" / "a.jpg").exists()
+    from dimkit import images
+    pm = images.run(images.ImagesConfig.for_dataset(name, write=False), progress=False).per_mention
+    assert pm.set_index("mention_id")["status"]["train-13"] != "ok"
+
+
 def test_a_rerun_on_an_unchanged_source_prepares_nothing_again(tmp_path, data_dir, capsys):
     src = fx.build_dim_wiki(tmp_path / "src")
     root = prepare(src, "wikimel")
