@@ -37,8 +37,8 @@ PICKS = ("latest", "best_dev")
 REUSE = ("config", "key")
 #: The columns of :func:`collect` before the per-metric ones.
 COLUMNS = ("run_name", "status", "dataset", "variant", "ablation", "weights_real", "feature_model", "rank_rule",
-           "seed", "note", "config", "metrics", "metrics_by_rule", "wall_time_s", "path", "run_dir", "linkable",
-           "mtime_ns", "error")
+           "seed", "note", "config", "off_preset", "metrics", "metrics_by_rule", "wall_time_s", "path", "run_dir",
+           "linkable", "mtime_ns", "error")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class RunRecord:
     variant: str | None = None
     ablation: str = "none"
     config: dict = field(default_factory=dict)
+    #: {setting: [its value, the preset's]} where it was not trained with its dataset's preset settings
+    #: (:func:`dimkit.train.off_preset`); None for a run older than that record
+    off_preset: dict | None = None
     metrics: dict = field(default_factory=dict)  # {"dev": {"dim": {...}, "kb": {...}}, "test": {...}}
     metrics_by_rule: dict = field(default_factory=dict)  # {"strict": <metrics>, "pessimistic": <metrics>}
     rank_rule: str | None = None
@@ -171,7 +174,8 @@ def read(path: str | Path, *, fix: str | None = None) -> RunRecord:
         run_name=str(d.get("run_name") or run_dir.name), run_dir=run_dir,
         status=status if isinstance(status, str) else "unknown",
         variant=d.get("variant") or config.get("variant"),
-        ablation=d.get("ablation") or config.get("ablation") or "none", config=config, metrics=metrics,
+        ablation=d.get("ablation") or config.get("ablation") or "none", config=config,
+        off_preset=d["off_preset"] if isinstance(d.get("off_preset"), dict) else None, metrics=metrics,
         metrics_by_rule=by_rule, rank_rule=rank_rule, best=_dict(d.get("best")),
         curve=_dict(d.get("curve")) or {"train": [], "dev": []}, feature_model=d.get("feature_model"),
         weights_real=d.get("weights_real"), seed=d.get("seed", config.get("seed")), note=str(d.get("note") or ""),

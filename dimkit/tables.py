@@ -180,6 +180,7 @@ class Table:
     caption: str
     warnings: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # runs of its cells left out: the knowledge base changed since
+    off_preset: list[str] = field(default_factory=list)  # cells filled by a run not trained with the preset
 
     @property
     def name(self) -> str:
@@ -262,11 +263,25 @@ def _checked(runs: pd.DataFrame) -> pd.DataFrame:
     return runs if runs.attrs.get("kb_checked") else check_kb(runs)
 
 
+def preset_differences(run: pd.Series | dict) -> dict[str, list]:
+    """``{setting: [the run's value, the preset's]}`` as the run's ``metrics.json`` records it
+    (:func:`dimkit.train.off_preset`); empty for a preset run, and for an older run that does not say."""
+    value = run.get("off_preset")
+    return value if isinstance(value, dict) else {}
+
+
+def _describe(differences: dict[str, list]) -> str:
+    return ", ".join(f"{k}={mine!r} (preset {want!r})" for k, (mine, want) in sorted(differences.items()))
+
+
 def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *, pick: str = "latest",
                 filters: dict | None = None) -> Table:
     """Fill one table from the collected runs and the reference values (missing -> NaN, shown n/a).
 
-    A run trained before its dataset's knowledge base changed fills no cell; the caption names it."""
+    Among the runs of a cell, those trained with their dataset's preset settings (:func:`preset_differences`)
+    are preferred and ``pick`` chooses among them; only a cell without one is filled by another run, and
+    the caption names that run and the settings that differ. A run trained before its dataset's
+    knowledge base changed fills no cell; the caption names it."""
     if pick not in PICKS:
         raise ConfigError(f"pick={pick!r} is not one of {', '.join(PICKS)}")
     runs = _checked(runs)
@@ -277,6 +292,7 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
     rows: list[dict] = []
     used: list[pd.Series] = []
     stale: list[str] = []
+    off_preset: list[str] = []
     multi = 0
     ref_sources: set[str] = set()
     for ds in table.datasets:
@@ -291,7 +307,12 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
                 cand = find(ds, rs.variant, rs.ablation, filters=filters, runs=done)
                 cand = cand.loc[[not math.isnan(metric(r, table.split, table.protocol, "H@1"))
                                  for _, r in cand.iterrows()]]
-                n_match, chosen = len(cand), choose(cand, pick, table.protocol)
+                n_match = len(cand)
+                fits = [not preset_differences(r) for _, r in cand.iterrows()]
+                chosen = choose(cand[fits] if any(fits) else cand, pick, table.protocol)
+                if chosen is not None and not any(fits):
+                    off_preset.append(f"{ds} / {rs.label}: {chosen['run_name']} "
+                                      f"({_describe(preset_differences(chosen))})")
                 stale += [n for n in find(ds, rs.variant, rs.ablation, filters=filters,
                                           runs=old.assign(status="completed"))["run_name"] if n not in stale]
             multi += n_match > 1
@@ -314,8 +335,9 @@ def build_table(table: TableSpec, runs: pd.DataFrame, reference: pd.DataFrame, *
     frame = pd.DataFrame(rows, columns=["dataset", "method", "rank rule", *numbers, "runs matched", "run"])
     frame = frame.astype({**{c: float for c in numbers}, "runs matched": int})
     warnings = _warnings(table, used)
-    caption = _caption(table, used, warnings, pick, multi, ref_sources, filters, sorted(stale))
-    return Table(frame=frame, spec=table, caption=caption, warnings=warnings, stale=sorted(stale))
+    caption = _caption(table, used, warnings, pick, multi, ref_sources, filters, sorted(stale), off_preset)
+    return Table(frame=frame, spec=table, caption=caption, warnings=warnings, stale=sorted(stale),
+                 off_preset=off_preset)
 
 
 def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
@@ -334,7 +356,8 @@ def _warnings(table: TableSpec, used: Sequence[pd.Series]) -> list[str]:
 
 
 def _caption(table: TableSpec, used: Sequence[pd.Series], warnings: list[str], pick: str, multi: int,
-             ref_sources: set[str], filters: dict | None, stale: Sequence[str] = ()) -> str:
+             ref_sources: set[str], filters: dict | None, stale: Sequence[str] = (),
+             off_preset: Sequence[str] = ()) -> str:
     parts = [*warnings, PROTOCOL_CAPTIONS[table.protocol]]
     parts.append(f"dimkit: {table.split} split of the model selected on dev, one row per rank rule: "
                  "strict (released: ties and NaN favour the gold) and pessimistic (ties count against it).")
@@ -343,8 +366,12 @@ def _caption(table: TableSpec, used: Sequence[pd.Series], warnings: list[str], p
     if stale:
         parts.append(f"Left out (trained before the knowledge base of the dataset changed; retrain to fill the "
                      f"cell): {', '.join(stale)}.")
+    if off_preset:
+        parts.append("Not trained with the dataset's preset settings (no run with them was found; the settings "
+                     f"that differ): {'; '.join(off_preset)}.")
     rule = ("the latest finished run (newest metrics.json)" if pick == "latest"
             else f"the run with the best dev H@1 ({table.protocol} protocol)")
+    rule += " among those trained with the dataset's preset settings (any run where none was)"
     if multi:
         parts.append(f"{multi} row(s) matched several runs: each shows {rule}; 'run' names it.")
     else:
@@ -497,15 +524,30 @@ class TablesResult(Result):
     runs_used: int
     launch: LaunchReport | None = None
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (run name, why): runs no cell may use
+    notes: list[str] = field(default_factory=list)  # what the family's tables lack and why (see run)
+
+    @property
+    def off_preset(self) -> list[str]:
+        """The cells of the family's tables filled by a run not trained with its dataset's preset
+        settings (each once): the run and the settings that differ."""
+        out: list[str] = []
+        for n in self.config.shown():
+            out += [c for c in (self.tables[n].off_preset if n in self.tables else []) if c not in out]
+        return out
 
     def summary(self) -> str:
-        """The launch report if any, the family's tables as Markdown, the runs left out (and why), and
-        what was written."""
+        """The launch report if any, the family's tables as Markdown, the cells filled by a run with
+        other settings than the preset, the runs left out (and why), and what was written."""
         lines = [self.launch.summary(), ""] if self.launch is not None else []
         lines += [self.tables[n].to_markdown() for n in self.config.shown() if n in self.tables]
+        if self.off_preset:
+            lines.append(f"{len(self.off_preset)} cell(s) filled by a run not trained with the dataset's preset "
+                         "settings (none with them was found):")
+            lines += [f"  {c}" for c in self.off_preset]
         if self.left_out:
             lines.append(f"{len(self.left_out)} run(s) left out of the tables:")
             lines += [f"  {name}: {why}" for name, why in self.left_out]
+        lines += self.notes
         lines.append(f"{len(self.missing)} cell(s) of {', '.join(self.config.launch_names)} without a finished run"
                      + ("" if self.config.launch_missing or not self.missing
                         else f" ({option('launch_missing=True', '--launch-missing')} trains them)"))
@@ -519,9 +561,11 @@ class TablesResult(Result):
         table's caption."""
         return {"config": self.config.to_dict(), "files": [str(p) for p in self.files],
                 "missing": [str(k) for k in self.missing], "runs_used": self.runs_used,
-                "left_out": {name: why for name, why in self.left_out},
+                "left_out": {name: why for name, why in self.left_out}, "off_preset": self.off_preset,
+                "notes": self.notes,
                 "launch": self.launch.to_dict() if self.launch is not None else None,
-                "tables": {n: {"title": t.spec.title, "caption": t.caption, "rows": len(t.frame)}
+                "tables": {n: {"title": t.spec.title, "caption": t.caption, "rows": len(t.frame),
+                               "off_preset": t.off_preset}
                            for n, t in self.tables.items()}}
 
     @property
@@ -545,7 +589,31 @@ def run(cfg: TablesConfig) -> TablesResult:
     left = left_out(found)
     files = write_tables(built, cfg.out, left)
     return TablesResult(config=cfg, tables=built, files=files, runs_used=len(finished(found)),
-                        missing=missing_runs(specs, found, only=cfg.launch_names), launch=report, left_out=left)
+                        missing=missing_runs(specs, found, only=cfg.launch_names), launch=report, left_out=left,
+                        notes=_no_run_notes(cfg, found))
+
+
+def _no_run_notes(cfg: TablesConfig, runs: pd.DataFrame) -> list[str]:
+    """For a dataset of one's own without any run: that none was found, and whether (and how) each
+    dataset of the family is prepared here -- its tables are otherwise written empty without a word."""
+    if not cfg.own:
+        return []
+    names = [datasets.base_name(cfg.dataset), datasets.base_name(cfg.dataset) + "+"]
+    if runs["dataset"].isin(names).any():
+        return []
+    lines = [f"No run of {'/'.join(names)} was found in {paths.runs_dir()}: its tables are empty."]
+    for name in names:
+        root = datasets.dataset_dir(name)
+        if (root / "meta.json").exists():
+            lines.append(f"  {name} is prepared ({root}); train it with `dimkit train {name}`.")
+        elif name.endswith("+"):
+            lines.append(f"  {name} is not prepared here ({root / 'meta.json'} missing): build it with "
+                         f"`dimkit augment {name[:-1]} --out {name}`, or prepare a released '+' dataset with "
+                         f"`dimkit prepare SRC --name {name}`.")
+        else:
+            lines.append(f"  {name} is not prepared here ({root / 'meta.json'} missing): prepare it with "
+                         f"`dimkit prepare SRC --name {name}`.")
+    return lines
 
 
 #: The command line: ``dimkit tables`` takes the flags of :class:`TablesConfig` and runs :func:`run`.

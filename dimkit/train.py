@@ -463,6 +463,18 @@ def _recorded_kb(ck: dict, run_dir: Path) -> dict[str, str]:
     return {k: rec[k] for k in _KB_KEYS if isinstance(rec, dict) and isinstance(rec.get(k), str)}
 
 
+def off_preset(cfg: TrainConfig) -> dict[str, list]:
+    """``{setting: [this run's value, the preset's]}`` for every setting that changes results and differs
+    from what ``dimkit train DATASET --variant V --ablation A`` would use (the seed aside: seeds are
+    repeats, not other settings). ``metrics.json`` records it, so the tables prefer preset runs."""
+    try:
+        preset = TrainConfig.for_dataset(cfg.dataset, variant=cfg.variant, ablation=cfg.ablation)
+    except DimkitError:
+        return {}
+    mine, want = _comparable(cfg.to_dict()), _comparable(preset.to_dict())
+    return {k: [mine[k], v] for k, v in want.items() if k != "seed" and k in mine and mine[k] != v}
+
+
 _KB_KEYS = ("entity_qids_sha256", "entity_texts_sha256")
 
 
@@ -981,7 +993,7 @@ def _write_metrics(result: RunResult, cfg: TrainConfig, device: str, inputs_key:
         "variant": result.variant, "ablation": result.ablation,
         "protocol": {p: PROTOCOL_NOTES[p] for p in protocols}, "rank_rule": cfg.rank_rule,
         "rank_rules": RULE_NOTES, "metrics_by_rule": result.metrics_by_rule,
-        "procedure": procedure(cfg),
+        "procedure": procedure(cfg), "off_preset": off_preset(cfg),
         "selection": f"best dev H@1 ({cfg.select_protocol} protocol) over all evaluations",
         "metrics": result.metrics, "best": result.best, "config": result.config, "seed": cfg.seed,
         "feature_model": result.feature_model, "weights_real": result.weights_real, "note": result.note,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -33,6 +34,16 @@ def pess(frame: pd.DataFrame) -> pd.DataFrame:
 
 def spec(name: str) -> tables.TableSpec:
     return {s.name: s for s in tables.standard_tables()}[name]
+
+
+def set_off_preset(metrics_file, **settings) -> None:
+    """Record, as dimkit.train does, settings that differ from the preset (``name=[value, preset]``)
+    in a hand-made metrics.json, keeping its time."""
+    st = metrics_file.stat()
+    d = json.loads(metrics_file.read_text())
+    d["off_preset"] = settings
+    metrics_file.write_text(json.dumps(d))
+    os.utime(metrics_file, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_missing_runs_and_missing_reference_are_na(tmp_path, reference):
@@ -134,6 +145,51 @@ def test_several_runs_per_cell_pick_is_deterministic(tmp_path, reference):
     assert f.frame["runs matched"].sum() == 0
     with pytest.raises(Exception, match="pick"):
         tables.build_table(spec("original_dim"), runs, reference, pick="median")
+
+
+def test_a_run_with_the_presets_settings_is_preferred_to_newer_or_better_ones(kit_dirs, reference):
+    """`dimkit train rich+ --variant released --epochs 5 --set lr=1e-4` is newer than the preset run, and a
+    run with the paper's procedure switches has a better dev score: neither fills the released row while
+    the preset run is there; without it, the caption and the summary name the run used and how it differs."""
+    root = kit_dirs["runs"]
+    released = tables.VARIANT_LABELS["released"]
+    write_run(root, "preset", "rich+", variant="released", test_h1=0.5, dev_h1=0.4, mtime=1_000_000)
+    set_off_preset(write_run(root, "short", "rich+", variant="released", test_h1=0.2, mtime=3_000_000),
+                   lr=[1e-4, 5e-5], num_epochs=[5, 300])
+    set_off_preset(write_run(root, "torch-opt", "rich+", variant="released", test_h1=0.9, dev_h1=0.9,
+                             mtime=2_000_000), optimizer=["torch", "released"], patience=[20, 0])
+    write_run(root, "paper", "rich+", test_h1=0.7)  # an older run that does not say counts as a preset run
+    runs = collect(root)
+    for pick in ("latest", "best_dev"):
+        t = tables.build_table(spec("enhanced_dim"), runs, reference, pick=pick)
+        f = pess(t.frame).set_index(["dataset", "method"])
+        assert f.loc[("richpediamel+", released), "run"] == "preset", pick
+        assert f.loc[("richpediamel+", released), "runs matched"] == 3
+        assert f.loc[("richpediamel+", tables.VARIANT_LABELS["paper"]), "run"] == "paper"
+        assert t.off_preset == [] and "preset settings" in t.caption
+    # latest among the preset runs, as before
+    write_run(root, "preset-2", "rich+", variant="released", test_h1=0.6, dev_h1=0.3, mtime=1_500_000)
+    runs = collect(root)
+    pick = {p: pess(tables.build_table(spec("enhanced_dim"), runs, reference, pick=p).frame)
+            .set_index(["dataset", "method"]).loc[("richpediamel+", released), "run"] for p in tables.PICKS}
+    assert pick == {"latest": "preset-2", "best_dev": "preset"}
+
+    for name in ("preset", "preset-2"):
+        (root / name / "metrics.json").unlink()
+    runs = collect(root)
+    t = tables.build_table(spec("enhanced_dim"), runs, reference)
+    assert pess(t.frame).set_index(["dataset", "method"]).loc[("richpediamel+", released), "run"] == "short"
+    assert t.off_preset == [f"richpediamel+ / {released}: short (lr=0.0001 (preset 5e-05), num_epochs=5 (preset 300))"]
+    assert "Not trained with the dataset's preset settings" in t.caption and t.off_preset[0] in t.to_markdown()
+    best = tables.build_table(spec("enhanced_dim"), runs, reference, pick="best_dev")
+    assert best.off_preset == [f"richpediamel+ / {released}: torch-opt (optimizer='torch' (preset 'released'), "
+                               "patience=20 (preset 0))"]
+
+    result = tables.run(tables.TablesConfig.for_dataset("rich"))
+    text = result.summary()
+    assert "1 cell(s) filled by a run not trained with the dataset's preset settings" in text
+    assert f"  {t.off_preset[0]}" in text.splitlines()
+    assert result.to_dict()["off_preset"] == t.off_preset
 
 
 def test_unfinished_and_broken_runs_are_listed_not_used(tmp_path, reference):
@@ -334,3 +390,24 @@ def test_a_dataset_of_ones_own_gets_its_own_table(kit_dirs, capsys):
     assert set(csv["dataset"]) == {"mydata", "mydata+"}
     row = csv[(csv["dataset"] == "mydata+") & (csv["rank rule"] == "pessimistic")]
     assert row["H@1"].iloc[0] == pytest.approx(42.0)
+
+
+def test_a_dataset_of_ones_own_without_runs_says_so(kit_dirs, capsys):
+    """README's `dimkit tables --dataset mydata` before anything was prepared or trained: the paper's
+    tables are still written, and the summary says that no run was found and how to prepare the dataset."""
+    assert cli.main(["tables", "--dataset", "mydata"]) == 0
+    out = capsys.readouterr().out
+    assert f"No run of mydata/mydata+ was found in {kit_dirs['runs']}" in out
+    assert "mydata is not prepared here" in out and "`dimkit prepare SRC --name mydata`" in out
+    assert "mydata+ is not prepared here" in out and "`dimkit augment mydata --out mydata+`" in out
+    assert (tables.tables_dir() / "original_dim.csv").exists()
+    # prepared but not trained: how to train it instead
+    from test_runs import prepare_tiny
+
+    prepare_tiny("mydata")
+    result = tables.run(tables.TablesConfig.for_dataset("mydata"))
+    assert any("mydata is prepared" in n and "`dimkit train mydata`" in n for n in result.notes)
+    # a run of either dataset of the family: nothing to say
+    write_run(kit_dirs["runs"], "mine", "mydata+", test_h1=0.42)
+    assert tables.run(tables.TablesConfig.for_dataset("mydata")).notes == []
+    assert tables.run(tables.TablesConfig.for_dataset("sample")).notes == []

@@ -85,6 +85,14 @@ def test_run_names_follow_the_config_not_the_device():
         assert dataclasses.replace(auto, clip="ViT-B-32:random").name() != auto.name()
 
 
+def test_a_run_records_the_settings_that_differ_from_its_preset():
+    preset = train.TrainConfig.for_dataset("rich+", variant="released")
+    assert train.off_preset(preset) == {}
+    assert train.off_preset(dataclasses.replace(preset, seed=7, clip="default")) == {}  # a repeat, auto's CLIP
+    short = dataclasses.replace(preset, num_epochs=5, lr=1e-4)
+    assert train.off_preset(short) == {"lr": [1e-4, preset.lr], "num_epochs": [5, preset.num_epochs]}
+
+
 def test_cli_registers_train_and_reports_bad_keys(capsys, kit_dirs):
     assert "train" in cli.COMMANDS
     assert cli.main(["train", "rich+", "--variant", "released", "--epochs", "5", "--set", "patience=3",
@@ -449,3 +457,6 @@ def test_a_run_trained_with_clip_auto_is_the_run_of_the_clip_auto_picks(problem,
     capsys.readouterr()
     again = train.run(_cfg(num_epochs=1, clip="default"), dataset=ds, features=fs)
     assert again.run_dir == first.run_dir and "finished earlier" in capsys.readouterr().out
+    recorded = json.loads(first.metrics_path.read_text())["off_preset"]  # what the tables read
+    assert recorded["num_epochs"] == [1, train.TrainConfig.for_dataset("synthetic").num_epochs]
+    assert runs.read(first.run_dir).off_preset == recorded
