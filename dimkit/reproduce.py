@@ -378,7 +378,8 @@ def run(cfg: ReproduceConfig, *, data_dir: str | Path | None = None, progress: b
         print(f"== {ds}: {name}", flush=True)
         t0 = time.perf_counter()
         res = fn()
-        detail = str(res).splitlines()[0] if res is not None else ""
+        detail = (f"{len(res)} tables" if isinstance(res, dict)  # the built tables: their count, not their repr
+                  else str(res).splitlines()[0] if res is not None else "")
         report.done.append((ds, name, time.perf_counter() - t0, detail[:120]))
         return res
 

@@ -54,6 +54,8 @@ concurrency: int = 8  # requests in flight, 1..1024 (32 suits a fast endpoint)
 replay: bool = True  # True: stored answers only, never call the LLM | False: request what is missing
 dry_run: bool = False  # True: count stored answers and estimate the cost; call and write nothing
 n_examples: int = 5  # entities shown before / after
+out: str = ""  # output dataset name (empty: <dataset>+)
+force: bool = False  # True: replace out even if it holds a dataset this notebook did not build
 
 # %%
 from dimkit import augment, datasets
@@ -61,10 +63,11 @@ from dimkit.llm import Endpoint
 
 # One config checks every parameter (types, ranges, the template, source vs output) as `dimkit augment` does.
 cfg = augment.AugmentConfig.for_dataset(datasets.require(dataset), model=model, template=template,
-                                        concurrency=concurrency, replay=replay, dry_run=dry_run)
+                                        concurrency=concurrency, replay=replay, dry_run=dry_run,
+                                        out=out or None, force=force)
 assert isinstance(n_examples, int) and n_examples >= 0, "n_examples must be a non-negative int"
 tmpl = augment.get_template(cfg.template)
-print(f"{cfg.dataset} -> {cfg.dataset}+ | model {cfg.model} | template {cfg.template} | replay {cfg.replay} "
+print(f"{cfg.dataset} -> {cfg.out or cfg.dataset + '+'} | model {cfg.model} | template {cfg.template} | replay {cfg.replay} "
       f"| dry run {cfg.dry_run}")
 if cfg.mode == "live":
     print("endpoint:", Endpoint.resolve())  # the key is shown only as <set> / <missing>
