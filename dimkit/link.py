@@ -66,7 +66,6 @@ class RunInfo:
     synthetic_cues: bool
     missing_description: str
     entity_column: str
-    entity_qids_sha256: str | None
     note: str = ""
 
 
@@ -96,7 +95,7 @@ def read_run(model: Any) -> RunInfo:
                    weights_real=bool(f.get("weights_real")), synthetic_cues=bool(f.get("synthetic_cues")),
                    missing_description=f.get("missing_description") or "name", note=rec.note,
                    **{k: f.get(k) for k in ("clip_spec", "precision", "feature_version", "cue_expert",
-                                            "cue_expert_spec", "cue_prompt_version", "entity_qids_sha256")})
+                                            "cue_expert_spec", "cue_prompt_version")})
 
 
 def _resolve_clip(info: RunInfo):

@@ -889,7 +889,7 @@ def _run(cfg: TrainConfig, dataset: datasets.Dataset | None, features: Any, emit
     _write_predictions(run_dir, ds, {"dev": dev, "test": test}, ranks, tops)
     # the key again: computing the features may have added the image check's columns to mentions.parquet
     _write_metrics(result, cfg, device, _inputs_key(cfg, ds, device) if key is not None else None)
-    write_feature_provenance(run_dir, cfg, ds, features, desc_col)  # what dimkit.link needs
+    write_feature_provenance(run_dir, cfg, ds, features, desc_col, kb_hash)  # what dimkit.link needs
     return result
 
 
@@ -900,7 +900,6 @@ def _inputs_key(cfg: TrainConfig, ds: datasets.Dataset, device: str) -> str:
     from .cues import default_expert
     from .features import resolve_clip_name
     from .images import sha256_file
-    from .store import content_hash
 
     root = Path(ds.root)
     files = {f: sha256_file(root / f) for f in ("mentions.parquet", "entities.parquet", "candidates.parquet")
@@ -1023,17 +1022,17 @@ def _portable_clip_spec(given: str) -> str:
 
 
 def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Dataset, features: Any,
-                             desc_col: str) -> Path:
+                             desc_col: str, kb: dict[str, str] | None = None) -> Path:
     """Write ``runs/<run-name>/features.json`` (read by :mod:`dimkit.link`).
 
     The CLIP and expert specs are those that make these features again, checked against their model ids;
-    a spec that cannot be confirmed (features handed in memory, weights changed since) is None.
+    a spec that cannot be confirmed (features handed in memory, weights changed since) is None. ``kb``:
+    the knowledge base's hashes (:func:`dimkit.datasets.kb_hashes`) when the caller has them.
     """
     from .clip import parse_clip_spec
     from .cues import default_expert
     from .experts import make_expert
     from .features import resolve_clip_name
-    from .store import content_hash
 
     meta = dict(getattr(features, "meta", None) or {})  # features built by hand (as in tests) may have none
     model_id = str(features.model_id)
@@ -1057,5 +1056,5 @@ def write_feature_provenance(run_dir: Path, cfg: TrainConfig, ds: datasets.Datas
         "cue_prompt_version": meta.get("cue_prompt_version"), "synthetic_cues": meta.get("synthetic_cues"),
         "missing_description": meta.get("missing_description", "name"),
         "entity_column": desc_col, "entities": int(len(ds.entities)),
-        **datasets.kb_hashes(ds.entities, desc_col),
+        **(kb or datasets.kb_hashes(ds.entities, desc_col)),
     }, Path(run_dir) / PROVENANCE_FILE)
