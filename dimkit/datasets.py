@@ -201,12 +201,16 @@ def require(name: str, data_dir: str | Path | None = None) -> str:
     if key in BUILDERS:
         BUILDERS[key](Path(data_dir) if data_dir is not None else None)
         return key
-    if key.endswith("+"):
-        hint = (f" Build it with `dimkit augment {key[:-1]} --out {key}` "
-                "or prepare a released '+' dataset with `dimkit prepare SRC --name NAME`.")
-    else:
-        hint = f" Prepare it first: `dimkit prepare SRC --name {key}`."
-    raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing.{hint}")
+    raise DimkitError(f"dataset {key!r} is not prepared: {root / 'meta.json'} is missing. {how_to_prepare(key)}.")
+
+
+def how_to_prepare(name: str) -> str:
+    """The command that makes the dataset ``name`` (canonical) prepared here, as a sentence without its
+    final stop: ``dimkit augment`` for a '+' dataset (or a released one prepared), else ``dimkit prepare``."""
+    if name.endswith("+"):
+        return (f"Build it with `dimkit augment {name[:-1]} --out {name}`, or prepare a released '+' dataset "
+                f"with `dimkit prepare SRC --name {name}`")
+    return f"Prepare it with `dimkit prepare SRC --name {name}`"
 
 
 def kb_hashes(entities: pd.DataFrame, column: str = "description") -> dict[str, str]:

@@ -52,8 +52,7 @@ def check_dataset(dataset: str) -> str:
         return name
     bundled = ", ".join(datasets.BUILDERS) or "sample"
     raise ConfigError(f"{flag}: dataset {name!r} is not prepared here ({root / 'meta.json'} is missing) and is not "
-                      f"a bundled one ({bundled}): prepare it first with `dimkit prepare SRC --name {name}`, or run "
-                      "the notebooks on the sample")
+                      f"a bundled one ({bundled}). {datasets.how_to_prepare(name)}, or run the notebooks on the sample")
 
 
 @dataclass

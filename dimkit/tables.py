@@ -606,13 +606,9 @@ def _no_run_notes(cfg: TablesConfig, runs: pd.DataFrame) -> list[str]:
         root = datasets.dataset_dir(name)
         if (root / "meta.json").exists():
             lines.append(f"  {name} is prepared ({root}); train it with `dimkit train {name}`.")
-        elif name.endswith("+"):
-            lines.append(f"  {name} is not prepared here ({root / 'meta.json'} missing): build it with "
-                         f"`dimkit augment {name[:-1]} --out {name}`, or prepare a released '+' dataset with "
-                         f"`dimkit prepare SRC --name {name}`.")
         else:
-            lines.append(f"  {name} is not prepared here ({root / 'meta.json'} missing): prepare it with "
-                         f"`dimkit prepare SRC --name {name}`.")
+            lines.append(f"  {name} is not prepared here ({root / 'meta.json'} missing). "
+                         f"{datasets.how_to_prepare(name)}.")
     return lines
 
 
